@@ -1,0 +1,309 @@
+"""Adapters: every supported array type in, the same type out, on the caller's device and stream.
+
+A framework is recognised through ``sys.modules`` without importing it.  GPU arrays are described
+to the launchers as raw pointers with strides (zero-copy); CPU arrays are handed to the NumPy
+reference.  Streams are read at every call and never cached:
+
+- torch: ``torch.cuda.current_stream``; outputs come from torch's caching allocator, so calls can
+  be captured in CUDA graphs.
+- CuPy: ``cupy.cuda.get_current_stream``.
+- JAX (and any other DLPack producer on a CUDA device): imported with ``cupy.from_dlpack``, which
+  follows the DLPack stream protocol on CuPy's current stream; JAX results are handed back with
+  ``jax.dlpack.from_dlpack``, which does the same in the other direction.
+"""
+from __future__ import annotations
+
+import sys
+from typing import NamedTuple
+
+import numpy as np
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+INDEX_DTYPES = ("int32", "int64")
+
+# Tests set this to fill every output with NaN before the kernels run, so that an element the
+# kernels fail to write cannot pass as correct.
+POISON_OUTPUTS = False
+_NAN_BITS = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000, "float64": 0x7FF8000000000000}
+
+
+class Arr(NamedTuple):
+    """A GPU tensor as the launchers see it: pointer, shape, strides in elements, dtype name."""
+    ptr: int
+    shape: tuple
+    strides: tuple
+    dtype: str
+
+
+def _np_dtype_name(dt) -> str:
+    name = np.dtype(dt).name
+    return "bfloat16" if name == "bfloat16" else name
+
+
+class Framework:
+    """What the public functions need from an array library."""
+    name = "?"
+
+    def is_gpu(self, a) -> bool: ...
+    def device(self, a): ...
+    def dtype(self, a) -> str: ...
+    def describe(self, a) -> Arr: ...
+    def empty(self, shape, dtype: str, like): ...
+    def astype(self, a, dtype: str): ...
+    def contiguous(self, a): ...
+    def stream(self, like) -> int: ...
+    def to_numpy(self, a) -> np.ndarray: ...
+    def from_numpy(self, a: np.ndarray, like, dtype: str): ...
+    def index_values(self, a) -> np.ndarray: ...
+    def strides(self, a) -> tuple:  # in elements
+        return tuple(s // a.itemsize for s in a.strides)
+    def capturing(self, like) -> bool:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy (CPU only)
+
+def _bfloat16_np():
+    try:
+        import ml_dtypes
+    except ImportError:  # pragma: no cover - ml_dtypes comes with the GPU extras and with JAX
+        return None
+    return ml_dtypes.bfloat16
+
+
+class _Numpy(Framework):
+    name = "numpy"
+
+    def is_gpu(self, a):
+        return False
+
+    def device(self, a):
+        return "cpu"
+
+    def dtype(self, a):
+        return _np_dtype_name(a.dtype)
+
+    def to_numpy(self, a):
+        return a
+
+    def from_numpy(self, a, like, dtype):
+        return a
+
+    def index_values(self, a):
+        return np.asarray(a)
+
+
+# ----------------------------------------------------------------------------------------------
+# CuPy (GPU only)
+
+class _Cupy(Framework):
+    name = "cupy"
+
+    def is_gpu(self, a):
+        return True
+
+    def device(self, a):
+        return a.device.id
+
+    def dtype(self, a):
+        return _np_dtype_name(a.dtype)
+
+    def describe(self, a):
+        item = a.itemsize
+        return Arr(a.data.ptr, a.shape, tuple(s // item for s in a.strides), self.dtype(a))
+
+    def _np_dtype(self, dtype):
+        if dtype == "bfloat16":
+            bf16 = _bfloat16_np()
+            if bf16 is None:
+                raise TypeError("bfloat16 CuPy arrays need the ml_dtypes package")
+            return bf16
+        return np.dtype(dtype)
+
+    def empty(self, shape, dtype, like):
+        import cupy
+
+        with cupy.cuda.Device(like.device.id):
+            out = cupy.empty(shape, self._np_dtype(dtype))
+            if POISON_OUTPUTS and out.size:
+                out.view(f"u{out.itemsize}").fill(_NAN_BITS[dtype])
+        return out
+
+    def astype(self, a, dtype):
+        return a.astype(self._np_dtype(dtype))
+
+    def contiguous(self, a):
+        import cupy
+
+        return cupy.ascontiguousarray(a)
+
+    def stream(self, like):
+        import cupy
+
+        return cupy.cuda.get_current_stream(like.device.id).ptr
+
+    def capturing(self, like):
+        import cupy
+
+        return cupy.cuda.get_current_stream(like.device.id).is_capturing()
+
+    def index_values(self, a):
+        return a.get()
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch (CPU and CUDA)
+
+_TORCH_DTYPES: dict = {}
+
+
+def _torch_dtype_names():
+    if not _TORCH_DTYPES:
+        import torch
+
+        _TORCH_DTYPES.update({torch.float16: "float16", torch.bfloat16: "bfloat16",
+                              torch.float32: "float32", torch.float64: "float64",
+                              torch.int32: "int32", torch.int64: "int64"})
+        _TORCH_DTYPES.update({v: k for k, v in list(_TORCH_DTYPES.items())})
+    return _TORCH_DTYPES
+
+
+class _Torch(Framework):
+    name = "torch"
+
+    def is_gpu(self, a):
+        return a.is_cuda
+
+    def device(self, a):
+        return a.device
+
+    def dtype(self, a):
+        return _torch_dtype_names().get(a.dtype, str(a.dtype).replace("torch.", ""))
+
+    def describe(self, a):
+        return Arr(a.data_ptr(), tuple(a.shape), tuple(a.stride()), self.dtype(a))
+
+    def empty(self, shape, dtype, like):
+        import torch
+
+        tdt = _torch_dtype_names()[dtype]
+        if POISON_OUTPUTS:
+            return torch.full(shape, float("nan"), dtype=tdt, device=like.device)
+        return torch.empty(shape, dtype=tdt, device=like.device)
+
+    def astype(self, a, dtype):
+        return a.to(_torch_dtype_names()[dtype])
+
+    def contiguous(self, a):
+        return a.contiguous()
+
+    def stream(self, like):
+        import torch
+
+        return torch.cuda.current_stream(like.device).cuda_stream
+
+    def capturing(self, like):
+        import torch
+
+        return torch.cuda.is_current_stream_capturing()
+
+    def to_numpy(self, a):
+        import torch
+
+        a = a.detach()
+        if a.dtype == torch.bfloat16:
+            from .naive import bf16_bits_to_float32
+
+            return bf16_bits_to_float32(a.contiguous().view(torch.int16).numpy().view(np.uint16))
+        return a.numpy()
+
+    def from_numpy(self, a, like, dtype):
+        import torch
+
+        if dtype == "bfloat16":
+            from .naive import float32_to_bf16_bits
+
+            bits = float32_to_bf16_bits(np.asarray(a, dtype=np.float32))
+            return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
+
+    def index_values(self, a):
+        return a.detach().cpu().numpy()
+
+    def strides(self, a):
+        return tuple(a.stride())
+
+
+# ----------------------------------------------------------------------------------------------
+# JAX (CPU and GPU).  GPU arrays are converted to CuPy at the boundary (see from_gpu / to_gpu).
+
+class _Jax(Framework):
+    name = "jax"
+
+    def is_gpu(self, a):
+        return any(d.platform != "cpu" for d in a.devices())
+
+    def device(self, a):
+        return next(iter(a.devices()))
+
+    def dtype(self, a):
+        return _np_dtype_name(a.dtype)
+
+    def to_numpy(self, a):
+        out = np.asarray(a)
+        if out.dtype.name == "bfloat16":
+            out = out.astype(np.float32)
+        return out
+
+    def from_numpy(self, a, like, dtype):
+        import jax
+        import jax.numpy as jnp
+
+        target = jnp.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+        return jax.device_put(jnp.asarray(a).astype(target), self.device(like))
+
+    def index_values(self, a):
+        return np.asarray(a)
+
+    def strides(self, a):  # JAX arrays are always dense, row-major
+        out, step = [], 1
+        for n in reversed(a.shape):
+            out.append(step)
+            step *= max(n, 1)
+        return tuple(reversed(out))
+
+    @staticmethod
+    def to_cupy(a):
+        import cupy
+
+        return cupy.from_dlpack(a)
+
+    @staticmethod
+    def from_cupy(a):
+        import jax
+
+        return jax.dlpack.from_dlpack(a)
+
+
+NUMPY, CUPY, TORCH, JAX = _Numpy(), _Cupy(), _Torch(), _Jax()
+_by_type: dict[type, Framework] = {np.ndarray: NUMPY}
+
+
+def framework_of(a) -> Framework | None:
+    """The framework that owns ``a``, or None when it is not an array we support."""
+    t = type(a)
+    fw = _by_type.get(t)
+    if fw is not None:
+        return fw
+    cupy, torch, jax = sys.modules.get("cupy"), sys.modules.get("torch"), sys.modules.get("jax")
+    if cupy is not None and isinstance(a, cupy.ndarray):
+        fw = CUPY
+    elif torch is not None and isinstance(a, torch.Tensor):
+        fw = TORCH
+    elif jax is not None and isinstance(a, getattr(jax, "Array", ())):
+        fw = JAX
+    else:
+        return None
+    _by_type[t] = fw
+    return fw

@@ -1,0 +1,127 @@
+"""Kernel sources, template instantiation names, and the compiled-module cache.
+
+This module is the only place that spells C++ type names or kernel names: everything else asks for
+``(engine, direction, x dtype, g dtype)``.  Sources are read by package name (``kernels_cu``), the
+shared header is folded into the source string before compiling (CuPy's disk cache keys on the
+source string, so a header edit can never reuse a stale binary), and modules are memoised per
+(engine, dtypes, options, device).
+"""
+from __future__ import annotations
+
+import importlib.resources
+import re
+import threading
+
+# The storage type each supported dtype has in kernels_cu/common.cuh.
+C_TYPES = {
+    "float32": "float",
+    "float16": "hc::half_t",
+    "bfloat16": "hc::bfloat16_t",
+    "float64": "double",
+}
+DTYPES = tuple(C_TYPES)
+
+# engine -> (source file, (forward kernel, backward kernel), has a VARLEN template flag)
+ENGINES = {
+    "fused_recurrent": ("fused_recurrent.cu", ("fused_recurrent_fwd", "fused_recurrent_bwd"), False),
+    "chunk": ("chunk.cu", ("chunk_fwd", "chunk_bwd"), True),
+}
+BASE_OPTIONS = ("-std=c++17",)
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+_lock = threading.Lock()
+_sources: dict[str, str] = {}
+_modules: dict[tuple, object] = {}
+_functions: dict[tuple, object] = {}
+
+
+def read_source(name: str) -> str:
+    """The text of ``kernels_cu/<name>`` with every quoted include folded in (once each)."""
+    src = _sources.get(name)
+    if src is None:
+        seen: set[str] = set()
+
+        def expand(fname: str) -> str:
+            if fname in seen:
+                return ""
+            seen.add(fname)
+            text = importlib.resources.files("kernels_cu").joinpath(fname).read_text()
+            return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+        src = _sources[name] = expand(name)
+    return src
+
+
+def accumulation_dtype(x_dtype: str, g_dtype: str) -> str:
+    """float64 when either input is float64, float32 otherwise (DESIGN.md section 1)."""
+    return "float64" if "float64" in (x_dtype, g_dtype) else "float32"
+
+
+def kernel_name(engine: str, direction: int, x_dtype: str, g_dtype: str, varlen: bool = False) -> str:
+    """The name expression of one instantiation, e.g. ``hc::chunk_fwd<float, hc::half_t, false>``."""
+    _, kernels, templated_varlen = ENGINES[engine]
+    flag = f", {'true' if varlen else 'false'}" if templated_varlen else ""
+    return f"hc::{kernels[direction]}<{C_TYPES[x_dtype]}, {C_TYPES[g_dtype]}{flag}>"
+
+
+def name_expressions(engine: str, x_dtype: str, g_dtype: str) -> tuple[str, ...]:
+    """Every kernel of one engine for one dtype pair: they share a module."""
+    flags = (False, True) if ENGINES[engine][2] else (False,)
+    return tuple(kernel_name(engine, k, x_dtype, g_dtype, v) for k in (0, 1) for v in flags)
+
+
+def all_instantiations() -> list[tuple[str, str, str]]:
+    """Every (engine, x dtype, g dtype) the library can request."""
+    return [(e, xd, gd) for e in ENGINES for xd in DTYPES for gd in DTYPES]
+
+
+def get_function(engine: str, direction: int, x_dtype: str, g_dtype: str, device: int, options: tuple = (),
+                 varlen: bool = False):
+    """The compiled kernel (a ``cupy.cuda.Function``) for ``device``; compiles on first use."""
+    key = (engine, direction, x_dtype, g_dtype, device, options, varlen)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    import cupy
+
+    with _lock:
+        mkey = (engine, x_dtype, g_dtype, options)
+        module = _modules.get(mkey)
+        if module is None:
+            names = name_expressions(engine, x_dtype, g_dtype)
+            module = cupy.RawModule(code=read_source(ENGINES[engine][0]),
+                                    options=BASE_OPTIONS + tuple(options), name_expressions=names)
+            _modules[mkey] = module
+        with cupy.cuda.Device(device):
+            try:
+                raw = module.get_function(kernel_name(engine, direction, x_dtype, g_dtype, varlen))
+                fn = raw.kernel
+            except cupy.cuda.compiler.CompileException as e:  # keep NVRTC's log in the message
+                raise RuntimeError(f"hgrn_cupy: compiling {engine} kernels for ({x_dtype}, {g_dtype}) "
+                                   f"failed:\n{e}") from e
+        _functions[key] = fn
+    return fn
+
+
+def compile_for_arch(engine: str, x_dtype: str, g_dtype: str, arch: str, options: tuple = ()) -> str:
+    """Compile one module with NVRTC directly for ``arch`` (e.g. ``"sm_90"``); needs no GPU.
+
+    Returns NVRTC's log; raises ``RuntimeError`` with the log on failure.  Used by the CI test that
+    builds every instantiation.
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    src = read_source(ENGINES[engine][0])
+    prog = nvrtc.createProgram(src, ENGINES[engine][0], [], [])
+    try:
+        for name in name_expressions(engine, x_dtype, g_dtype):
+            nvrtc.addNameExpression(prog, name)
+        opts = [f"--gpu-architecture={arch}", *BASE_OPTIONS, *options]
+        try:
+            nvrtc.compileProgram(prog, opts)
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC failed for {engine} ({x_dtype}, {g_dtype}) on {arch}: {e}\n"
+                               f"{nvrtc.getProgramLog(prog)}") from e
+        return nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)

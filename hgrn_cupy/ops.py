@@ -1,0 +1,388 @@
+"""Public functions: validation at the boundary, CPU/GPU routing, engine dispatch.
+
+The math, with shapes, is in :mod:`hgrn_cupy.naive`.  Every function here accepts NumPy, CuPy,
+PyTorch (CPU or CUDA) and JAX (CPU or GPU) arrays and returns the caller's array type on the
+caller's device; GPU arrays run the CUDA kernels on the caller's current stream, CPU arrays run the
+NumPy reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _backend as bk
+from . import chunk as _chunk
+from . import fused_recurrent as _fused
+from ._compile import accumulation_dtype
+from .naive import naive_recurrent_hgrn, naive_recurrent_hgrn_bwd
+
+
+class Config:
+    """Library switches.
+
+    check_cu_seqlens_values: read ``cu_seqlens`` back to the host to check that it starts at 0, never
+        decreases and ends at T (one small device-to-host copy, hence a synchronisation, for GPU
+        arrays).  Skipped while a CUDA graph is being captured.  The kernels clamp offsets into
+        [0, T] either way, so malformed offsets can give wrong numbers but never touch memory
+        outside the tensors.
+    """
+    check_cu_seqlens_values = True
+
+
+config = Config()
+ENGINES = ("auto", "chunk", "fused_recurrent")
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+def _fw(a, name):
+    fw = bk.framework_of(a)
+    if fw is None:
+        raise TypeError(f"{name} must be a NumPy, CuPy, PyTorch or JAX array, got {type(a).__name__}")
+    return fw
+
+
+def _same_place(a, name, fw, ref, ref_name):
+    other = _fw(a, name)
+    if other is not fw:
+        raise TypeError(f"{name} is a {other.name} array but {ref_name} is a {fw.name} array")
+    if fw.device(a) != fw.device(ref):
+        raise ValueError(f"{name} is on {fw.device(a)} but {ref_name} is on {fw.device(ref)}")
+
+
+def _float_dtype(a, name, fw):
+    dt = fw.dtype(a)
+    if dt not in bk.FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {dt}; supported: {', '.join(bk.FLOAT_DTYPES)}")
+    return dt
+
+
+def _check_btd(a, name, fw, shape=None):
+    if len(a.shape) != 3:
+        raise ValueError(f"{name} must have 3 dimensions [B, T, D], got shape {tuple(a.shape)}")
+    if shape is not None and tuple(a.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} like the other inputs, got {tuple(a.shape)}")
+    if a.shape[2] > 1 and min(a.shape) > 0 and fw.strides(a)[2] != 1:
+        raise ValueError(f"{name} must be contiguous along its last axis (stride 1), "
+                         f"got strides {fw.strides(a)}")
+
+
+def _check_state(a, name, fw, ref, N, D):
+    if a is None:
+        return None
+    _same_place(a, name, fw, ref, "x")
+    _float_dtype(a, name, fw)
+    if tuple(a.shape) != (N, D):
+        raise ValueError(f"{name} must have shape [N, D] = {(N, D)}, got {tuple(a.shape)}")
+    return a
+
+
+def _check_cu_seqlens(cu, fw, ref, B, T):
+    """Returns N, the number of sequences."""
+    if cu is None:
+        return B
+    _same_place(cu, "cu_seqlens", fw, ref, "x")
+    dt = fw.dtype(cu)
+    if len(cu.shape) != 1 or dt not in bk.INDEX_DTYPES:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 array [N+1], got shape "
+                         f"{tuple(cu.shape)} and dtype {dt}")
+    if cu.shape[0] < 1:
+        raise ValueError("cu_seqlens must hold at least one offset (0)")
+    if B != 1:
+        raise ValueError(f"cu_seqlens packs sequences along time and needs B == 1, got B = {B}")
+    if config.check_cu_seqlens_values and not (fw.is_gpu(cu) and fw.capturing(ref)):
+        v = fw.index_values(cu)
+        if v[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {int(v[0])}")
+        if np.any(np.diff(v) < 0):
+            raise ValueError("cu_seqlens must be non-decreasing")
+        if v[-1] != T:
+            raise ValueError(f"cu_seqlens must end at T = {T}, got {int(v[-1])}")
+    return cu.shape[0] - 1
+
+
+def _check_reverse(reverse):
+    if not isinstance(reverse, (bool, np.bool_)):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+
+
+def check_forward(x, g, initial_state, cu_seqlens, reverse):
+    """Validate forward arguments; returns (framework, N)."""
+    fw = _fw(x, "x")
+    _same_place(g, "g", fw, x, "x")
+    _float_dtype(x, "x", fw)
+    _float_dtype(g, "g", fw)
+    _check_btd(x, "x", fw)
+    _check_btd(g, "g", fw, tuple(x.shape))
+    _check_reverse(reverse)
+    B, T, D = x.shape
+    N = _check_cu_seqlens(cu_seqlens, fw, x, B, T)
+    _check_state(initial_state, "initial_state", fw, x, N, D)
+    return fw, N
+
+
+def check_backward(g, o, do, dht, initial_state, cu_seqlens, reverse):
+    """Validate backward arguments; returns (framework, N)."""
+    fw = _fw(o, "o")
+    for a, name in ((g, "g"), (do, "do")):
+        _same_place(a, name, fw, o, "o")
+    for a, name in ((g, "g"), (o, "o"), (do, "do")):
+        _float_dtype(a, name, fw)
+    _check_btd(o, "o", fw)
+    _check_btd(g, "g", fw, tuple(o.shape))
+    _check_btd(do, "do", fw, tuple(o.shape))
+    _check_reverse(reverse)
+    B, T, D = o.shape
+    N = _check_cu_seqlens(cu_seqlens, fw, o, B, T)
+    _check_state(initial_state, "initial_state", fw, o, N, D)
+    _check_state(dht, "dht", fw, o, N, D)
+    return fw, N
+
+
+# ----------------------------------------------------------------------------------------------
+# engine choice
+
+def pick_engine(N, T, D):
+    """The faster engine for a shape: the fused recurrent walk needs many channels to fill the GPU
+    (one thread each); the chunk engine also parallelises over time."""
+    if T <= 64 or N * D >= (1 << 18):
+        return "fused_recurrent"
+    return "chunk"
+
+
+def _engine(engine, N, T, D):
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "auto":
+        engine = pick_engine(N, T, D)
+    if engine == "chunk" and T == 0:  # nothing to split; the walk passes states through
+        engine = "fused_recurrent"
+    return engine
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU plumbing shared by both directions
+
+def _device_index(fw, a):
+    return a.device.id if fw is bk.CUPY else a.device.index
+
+
+def _state_in(fw, a, acc):
+    """An optional [N, D] state as a contiguous array in the accumulation dtype (or None)."""
+    if a is None:
+        return None
+    if fw.dtype(a) != acc:
+        a = fw.astype(a, acc)
+    return fw.contiguous(a)
+
+
+def _cu_arg(fw, cu):
+    if cu is None:
+        return None, None
+    cu = fw.contiguous(cu)
+    return cu, (fw.describe(cu).ptr, int(fw.dtype(cu) == "int64"))
+
+
+def _workspace(fw, like):
+    """Chunk-engine scratch from the caller's allocator (torch's caching allocator or CuPy's pool)."""
+    def alloc(nbytes):
+        if fw is bk.TORCH:
+            import torch
+
+            buf = torch.empty((nbytes,), dtype=torch.uint8, device=like.device)
+            return buf.data_ptr(), buf
+        import cupy
+
+        buf = cupy.empty((nbytes,), dtype=np.uint8)
+        return buf.data.ptr, buf
+    return alloc
+
+
+class _Stream:
+    """The caller's stream as the launchers need it: an object with ``ptr`` (read at each call)."""
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
+def _stream(fw, like):
+    return _Stream(fw.stream(like))
+
+
+def _ptr(fw, a):
+    return 0 if a is None else fw.describe(a).ptr
+
+
+class _DeviceScope:
+    """Make ``device`` current for the launch, only when it is not already."""
+
+    def __init__(self, device):
+        import cupy
+
+        self.device, self.prev = device, cupy.cuda.runtime.getDevice()
+
+    def __enter__(self):
+        if self.prev != self.device:
+            import cupy
+            cupy.cuda.runtime.setDevice(self.device)
+
+    def __exit__(self, *exc):
+        if self.prev != self.device:
+            import cupy
+            cupy.cuda.runtime.setDevice(self.prev)
+
+
+def _gpu_forward(engine, fw, x, g, h0, output_final_state, cu, N, reverse):
+    B, T, D = x.shape
+    xd, gd = fw.dtype(x), fw.dtype(g)
+    acc = accumulation_dtype(xd, gd)
+    h0 = _state_in(fw, h0, acc)
+    cu, cu_arg = _cu_arg(fw, cu)
+    o = fw.empty((B, T, D), xd, x)
+    ht = fw.empty((N, D), acc, x) if output_final_state else None
+    dev = _device_index(fw, x)
+    with _DeviceScope(dev):
+        stream = _stream(fw, x)
+        args = (fw.describe(x), fw.describe(g), fw.describe(o), _ptr(fw, h0), _ptr(fw, ht), cu_arg, N, reverse,
+                dev, stream)
+        if engine == "chunk":
+            _chunk.chunk_fwd(*args, _workspace(fw, x))
+        else:
+            _fused.fused_recurrent_fwd(*args)
+    return o, ht
+
+
+def _gpu_backward(engine, fw, g, o, do, dht, h0, cu, N, reverse):
+    B, T, D = o.shape
+    od, gd = fw.dtype(o), fw.dtype(g)
+    acc = accumulation_dtype(od, gd)
+    if fw.dtype(do) != od:
+        do = fw.astype(do, od)
+    h0_in = _state_in(fw, h0, acc)
+    dht = _state_in(fw, dht, acc)
+    cu, cu_arg = _cu_arg(fw, cu)
+    dx = fw.empty((B, T, D), od, o)
+    dg = fw.empty((B, T, D), gd, o)
+    dh0 = fw.empty((N, D), acc, o) if h0 is not None else None
+    dev = _device_index(fw, o)
+    with _DeviceScope(dev):
+        stream = _stream(fw, o)
+        args = (fw.describe(g), fw.describe(o), fw.describe(do), fw.describe(dx), fw.describe(dg),
+                _ptr(fw, h0_in), _ptr(fw, dht), _ptr(fw, dh0), cu_arg, N, reverse, dev, stream)
+        if engine == "chunk":
+            _chunk.chunk_bwd(*args, _workspace(fw, o))
+        else:
+            _fused.fused_recurrent_bwd(*args)
+    if dh0 is not None and fw.dtype(h0) != acc:
+        dh0 = fw.astype(dh0, fw.dtype(h0))
+    return dx, dg, dh0
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU path: the NumPy reference, in the caller's framework
+
+def _np(fw, a):
+    return None if a is None else fw.to_numpy(a)
+
+
+def _cpu_forward(fw, x, g, h0, output_final_state, cu, reverse):
+    o, ht = naive_recurrent_hgrn(_np(fw, x), _np(fw, g), _np(fw, h0), output_final_state,
+                                 None if cu is None else fw.index_values(cu), reverse)
+    acc = accumulation_dtype(fw.dtype(x), fw.dtype(g))
+    o = fw.from_numpy(o, x, fw.dtype(x))
+    ht = None if ht is None else fw.from_numpy(ht, x, acc)
+    return o, ht
+
+
+def _cpu_backward(fw, g, o, do, dht, h0, cu, reverse):
+    gd, od = fw.dtype(g), fw.dtype(o)
+    acc = accumulation_dtype(od, gd)
+    do_np = _np(fw, do).astype(_np(fw, o).dtype, copy=False)
+    dx, dg, dh0 = naive_recurrent_hgrn_bwd(
+        _np(fw, g), _np(fw, o), do_np, _np(fw, dht), _np(fw, h0),
+        None if cu is None else fw.index_values(cu), reverse,
+        compute_dtype=np.float64 if acc == "float64" else np.float32)
+    dx = fw.from_numpy(dx, o, od)
+    dg = fw.from_numpy(dg, o, gd)
+    dh0 = None if dh0 is None else fw.from_numpy(dh0, o, fw.dtype(h0))
+    return dx, dg, dh0
+
+
+# ----------------------------------------------------------------------------------------------
+# the public functions
+
+def _forward(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
+    fw, N = check_forward(x, g, initial_state, cu_seqlens, reverse)
+    B, T, D = x.shape
+    engine = _engine(engine, N, T, D)
+    if not fw.is_gpu(x):
+        return _cpu_forward(fw, x, g, initial_state, output_final_state, cu_seqlens, reverse)
+    if fw is bk.JAX:
+        c = bk.JAX.to_cupy
+        o, ht = _gpu_forward(engine, bk.CUPY, c(x), c(g), None if initial_state is None else c(initial_state),
+                             output_final_state, None if cu_seqlens is None else c(cu_seqlens), N, reverse)
+        return bk.JAX.from_cupy(o), None if ht is None else bk.JAX.from_cupy(ht)
+    return _gpu_forward(engine, fw, x, g, initial_state, output_final_state, cu_seqlens, N, reverse)
+
+
+def hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False):
+    """HGRN recurrence ``h[t] = exp(g[t]) * h[t-1] + x[t]`` with the faster engine for the shape.
+
+    Args:
+        x: values ``[B, T, D]``.
+        g: forget gates in log space ``[B, T, D]`` (normally ``<= 0``); may differ from x in dtype.
+        initial_state: ``[N, D]`` state before the first step (zeros when None); N = B, or the number
+            of sequences with ``cu_seqlens``.
+        output_final_state: also return the state after the last step.
+        cu_seqlens: ``[N+1]`` int32/int64 offsets of packed sequences along time (needs B == 1).
+        reverse: run time backwards.
+
+    Returns:
+        ``(o, ht)``: o ``[B, T, D]`` in x's dtype; ht ``[N, D]`` in float32 (float64 when an input
+        is float64), or None unless ``output_final_state``.
+
+    The math is in :mod:`hgrn_cupy.naive`.  Arrays may be NumPy, CuPy, PyTorch or JAX; the result is
+    of the same kind on the same device, computed on the caller's current stream.
+    """
+    return _forward("auto", x, g, initial_state, output_final_state, cu_seqlens, reverse)
+
+
+def chunk_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False):
+    """:func:`hgrn` on the chunk engine (time split into chunks scanned in parallel; for long T)."""
+    return _forward("chunk", x, g, initial_state, output_final_state, cu_seqlens, reverse)
+
+
+def fused_recurrent_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False):
+    """:func:`hgrn` on the fused recurrent engine (one thread per channel walks time; for many
+    channels, decoding and varlen)."""
+    return _forward("fused_recurrent", x, g, initial_state, output_final_state, cu_seqlens, reverse)
+
+
+def hgrn_backward(g, o, do, dht=None, initial_state=None, cu_seqlens=None, reverse=False, engine="auto"):
+    """Gradients of :func:`hgrn` from its output.
+
+    Args:
+        g: the forward's gates ``[B, T, D]``.
+        o: the forward's output ``[B, T, D]`` (it holds every state the gradient needs).
+        do: gradient of the loss with respect to o ``[B, T, D]``.
+        dht: gradient with respect to the final state ``[N, D]``, or None.
+        initial_state, cu_seqlens, reverse: as given to the forward.
+        engine: ``"auto"``, ``"chunk"`` or ``"fused_recurrent"``.
+
+    Returns:
+        ``(dx, dg, dh0)``: dx ``[B, T, D]`` in o's dtype, dg in g's dtype, dh0 ``[N, D]`` in
+        initial_state's dtype (None without an initial state).
+    """
+    fw, N = check_backward(g, o, do, dht, initial_state, cu_seqlens, reverse)
+    B, T, D = o.shape
+    engine = _engine(engine, N, T, D)
+    if not fw.is_gpu(o):
+        return _cpu_backward(fw, g, o, do, dht, initial_state, cu_seqlens, reverse)
+    if fw is bk.JAX:
+        c = bk.JAX.to_cupy
+        opt = lambda a: None if a is None else c(a)  # noqa: E731
+        res = _gpu_backward(engine, bk.CUPY, c(g), c(o), c(do), opt(dht), opt(initial_state), opt(cu_seqlens),
+                            N, reverse)
+        return tuple(None if r is None else bk.JAX.from_cupy(r) for r in res)
+    return _gpu_backward(engine, fw, g, o, do, dht, initial_state, cu_seqlens, N, reverse)

@@ -1,0 +1,193 @@
+// Shared pieces of the hgrn_cupy kernels: storage types for 16-bit floats and their
+// conversions, the accumulation type, the affine pair, and the varlen bounds.
+// Compiles with NVRTC alone: no CUDA toolkit header is included anywhere.
+#pragma once
+
+namespace hc {
+
+typedef long long i64;
+
+// 16-bit floats are stored as raw bits; all arithmetic happens after conversion.
+struct half_t { unsigned short bits; };
+struct bfloat16_t { unsigned short bits; };
+
+// ---- conversions to and from the accumulation type ------------------------------------------
+// half: the PTX cvt instructions (exact, round-to-nearest-even, all architectures >= sm_53).
+// bfloat16: bit-level (the upper 16 bits of a float), rounding to nearest even; NaN stays NaN.
+__device__ __forceinline__ float half_bits_to_float(unsigned short b) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
+    return f;
+}
+__device__ __forceinline__ unsigned short float_to_half_bits(float f) {
+    unsigned short b;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(f));
+    return b;
+}
+__device__ __forceinline__ unsigned short double_to_half_bits(double f) {
+    unsigned short b;
+    asm("cvt.rn.f16.f64 %0, %1;" : "=h"(b) : "d"(f));
+    return b;
+}
+__device__ __forceinline__ float bf16_bits_to_float(unsigned short b) {
+    return __uint_as_float(((unsigned int)b) << 16);
+}
+__device__ __forceinline__ unsigned short float_to_bf16_bits(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x0040u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+__device__ __forceinline__ unsigned short double_to_bf16_bits(double f) {
+    // Round to float with round-to-odd first, so the second rounding cannot double-round.
+    float r;
+    asm("cvt.rz.f32.f64 %0, %1;" : "=f"(r) : "d"(f));
+    unsigned int u = __float_as_uint(r);
+    if ((double)r != f && (u & 0x7f800000u) != 0x7f800000u) u |= 1u;
+    return float_to_bf16_bits(__uint_as_float(u));
+}
+
+template <typename Acc, typename T> struct Cvt;
+template <> struct Cvt<float, float> {
+    static __device__ __forceinline__ float load(float v) { return v; }
+    static __device__ __forceinline__ float store(float v) { return v; }
+};
+template <> struct Cvt<float, half_t> {
+    static __device__ __forceinline__ float load(half_t v) { return half_bits_to_float(v.bits); }
+    static __device__ __forceinline__ half_t store(float v) { half_t r; r.bits = float_to_half_bits(v); return r; }
+};
+template <> struct Cvt<float, bfloat16_t> {
+    static __device__ __forceinline__ float load(bfloat16_t v) { return bf16_bits_to_float(v.bits); }
+    static __device__ __forceinline__ bfloat16_t store(float v) { bfloat16_t r; r.bits = float_to_bf16_bits(v); return r; }
+};
+template <> struct Cvt<double, double> {
+    static __device__ __forceinline__ double load(double v) { return v; }
+    static __device__ __forceinline__ double store(double v) { return v; }
+};
+template <> struct Cvt<double, float> {
+    static __device__ __forceinline__ double load(float v) { return (double)v; }
+    static __device__ __forceinline__ float store(double v) { return (float)v; }
+};
+template <> struct Cvt<double, half_t> {
+    static __device__ __forceinline__ double load(half_t v) { return (double)half_bits_to_float(v.bits); }
+    static __device__ __forceinline__ half_t store(double v) { half_t r; r.bits = double_to_half_bits(v); return r; }
+};
+template <> struct Cvt<double, bfloat16_t> {
+    static __device__ __forceinline__ double load(bfloat16_t v) { return (double)bf16_bits_to_float(v.bits); }
+    static __device__ __forceinline__ bfloat16_t store(double v) { bfloat16_t r; r.bits = double_to_bf16_bits(v); return r; }
+};
+template <> struct Cvt<float, double> {  // only used for state in/out of float64 kernels; unused otherwise
+    static __device__ __forceinline__ float load(double v) { return (float)v; }
+    static __device__ __forceinline__ double store(float v) { return (double)v; }
+};
+
+// Accumulate in double when either input is double, in float otherwise (DESIGN.md section 1).
+template <typename A, typename B> struct AccOf { typedef float type; };
+template <typename B> struct AccOf<double, B> { typedef double type; };
+template <typename A> struct AccOf<A, double> { typedef double type; };
+template <> struct AccOf<double, double> { typedef double type; };
+
+// exp(g) as ex2.approx(g * log2(e)): two instructions.  Its relative error is about
+// 2^-22 + |g| * 2^-24, far inside the float32 budget, and exp(-inf) = 0 exactly.
+__device__ __forceinline__ float gate_exp(float g) { return __expf(g); }
+__device__ __forceinline__ double gate_exp(double g) { return exp(g); }
+
+// Loads that should not linger in cache: every input element is read exactly once.
+template <typename T> __device__ __forceinline__ T load_stream(const T* p) { return __ldcs(p); }
+template <> __device__ __forceinline__ half_t load_stream<half_t>(const half_t* p) {
+    half_t r; r.bits = __ldcs(reinterpret_cast<const unsigned short*>(p)); return r;
+}
+template <> __device__ __forceinline__ bfloat16_t load_stream<bfloat16_t>(const bfloat16_t* p) {
+    bfloat16_t r; r.bits = __ldcs(reinterpret_cast<const unsigned short*>(p)); return r;
+}
+template <typename T> __device__ __forceinline__ void store_stream(T* p, T v) { __stcs(p, v); }
+template <> __device__ __forceinline__ void store_stream<half_t>(half_t* p, half_t v) {
+    __stcs(reinterpret_cast<unsigned short*>(p), v.bits);
+}
+template <> __device__ __forceinline__ void store_stream<bfloat16_t>(bfloat16_t* p, bfloat16_t v) {
+    __stcs(reinterpret_cast<unsigned short*>(p), v.bits);
+}
+
+// The bounds [bos, eos) of sequence n. With cu_seqlens, sequences are packed along time of batch 0;
+// the bounds are clamped into [0, T] so that malformed offsets can never address outside the tensor.
+struct SeqBounds { i64 batch, bos, eos; };
+__device__ __forceinline__ i64 load_offset(const void* cu, int cu64, i64 i) {
+    return cu64 ? (i64)(static_cast<const long long*>(cu)[i]) : (i64)(static_cast<const int*>(cu)[i]);
+}
+__device__ __forceinline__ SeqBounds seq_bounds(const void* cu, int cu64, i64 n, i64 T) {
+    SeqBounds s;
+    if (cu == nullptr) { s.batch = n; s.bos = 0; s.eos = T; return s; }
+    i64 a = load_offset(cu, cu64, n), b = load_offset(cu, cu64, n + 1);
+    a = a < 0 ? 0 : (a > T ? T : a);
+    b = b < a ? a : (b > T ? T : b);
+    s.batch = 0; s.bos = a; s.eos = b;
+    return s;
+}
+
+}  // namespace hc
+
+namespace hc {
+
+// The affine map h -> a*h + b of one or more steps.  compose(later, earlier) applies `earlier` first;
+// the operation is associative, which is what lets time be split into chunks.
+template <typename Acc> struct Affine { Acc a, b; };
+template <typename Acc>
+__device__ __forceinline__ Affine<Acc> compose(Affine<Acc> later, Affine<Acc> earlier) {
+    Affine<Acc> r;
+    r.a = later.a * earlier.a;
+    r.b = later.a * earlier.b + later.b;
+    return r;
+}
+
+}  // namespace hc
+
+namespace hc {
+
+// Segments in logical time.  Logical step u is physical step t = u, or t = T - 1 - u in reverse mode,
+// of one batch row (dense) or of the packed row (cu_seqlens).  Segment m covers logical steps
+// [start(m), start(m+1)); it is sequence n = m, or n = N - 1 - m in reverse mode.  A cursor walks the
+// segments as u moves one step at a time.  Dense input is one segment [0, T) per batch row, which the
+// VARLEN = false specialisation knows at compile time.
+template <bool VARLEN> struct SegmentCursor;
+
+template <> struct SegmentCursor<false> {
+    i64 start, end;
+    __device__ __forceinline__ SegmentCursor(const void*, int, i64, i64 T, int) : start(0), end(T) {}
+    __device__ __forceinline__ i64 seq(i64 batch) const { return batch; }
+    __device__ __forceinline__ void seek(i64) {}
+    __device__ __forceinline__ void forward_to(i64) {}
+    __device__ __forceinline__ void backward_to(i64) {}
+};
+
+template <> struct SegmentCursor<true> {
+    const void* cu; int cu64; i64 nseg, T; int reverse;
+    i64 m, start, end;  // current segment and its logical bounds
+
+    __device__ __forceinline__ SegmentCursor(const void* cu_, int cu64_, i64 nseg_, i64 T_, int reverse_)
+        : cu(cu_), cu64(cu64_), nseg(nseg_), T(T_), reverse(reverse_), m(0), start(0), end(0) {}
+    __device__ __forceinline__ i64 phys_offset(i64 i) const {  // cu_seqlens[i], clamped into [0, T]
+        i64 v = load_offset(cu, cu64, i);
+        return v < 0 ? 0 : (v > T ? T : v);
+    }
+    __device__ __forceinline__ i64 logical_start(i64 k) const {
+        return reverse ? T - phys_offset(nseg - k) : phys_offset(k);
+    }
+    __device__ __forceinline__ i64 seq(i64) const { return reverse ? nseg - 1 - m : m; }
+    // Place the cursor on the segment that holds logical step u (0 <= u < T): the last m with start(m) <= u.
+    __device__ __forceinline__ void seek(i64 u) {
+        i64 lo = 0, hi = nseg - 1;
+        while (lo < hi) {
+            const i64 mid = (lo + hi + 1) >> 1;
+            if (logical_start(mid) <= u) lo = mid; else hi = mid - 1;
+        }
+        m = lo; start = logical_start(m); end = logical_start(m + 1);
+    }
+    __device__ __forceinline__ void forward_to(i64 u) {  // u only grows; skips empty segments
+        while (u >= end && m + 1 < nseg) { ++m; start = end; end = logical_start(m + 1); }
+    }
+    __device__ __forceinline__ void backward_to(i64 u) {  // u only shrinks; skips empty segments
+        while (u < start && m > 0) { --m; end = start; start = logical_start(m); }
+    }
+};
+
+}  // namespace hc

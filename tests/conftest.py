@@ -1,0 +1,71 @@
+"""Shared test plumbing: the ``gpu`` marker, NaN-poisoned outputs, and the per-dtype tolerances.
+
+Tests import the helpers directly (``from conftest import TOL, rel_err``): tests/ has no
+``__init__.py``, so pytest puts this folder on ``sys.path`` before collecting.
+"""
+import functools
+
+import numpy as np
+import pytest
+
+# Largest accepted ||out - ref|| / ||ref||, by the dtype of the output under test; the reference is
+# computed in float64 from the same (already rounded) inputs.  The one place tolerances live.
+TOL = {"float32": 2e-5, "float16": 3e-3, "bfloat16": 1.5e-2, "float64": 1e-12}
+
+NO_GPU_REASON = "no CUDA GPU available (cupy cannot see a device)"
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no cupy, no driver, or no device: all mean "no GPU"
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if any(item.get_closest_marker("gpu") for item in items) and not gpu_available():
+        skip = pytest.mark.skip(reason=NO_GPU_REASON)
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def poison():
+    """Fill every output with NaN before the kernels run, so an unwritten element cannot pass."""
+    from hgrn_cupy import _backend
+
+    before = _backend.POISON_OUTPUTS
+    _backend.POISON_OUTPUTS = True
+    try:
+        yield
+    finally:
+        _backend.POISON_OUTPUTS = before
+
+
+def to_numpy(a) -> np.ndarray:
+    """Any supported array (NumPy, CuPy, PyTorch, JAX; bfloat16 included) as a float64 NumPy copy."""
+    if isinstance(a, np.ndarray):
+        return a.astype(np.float64)
+    mod = type(a).__module__.split(".")[0]
+    if mod == "cupy":
+        return a.get().astype(np.float64)
+    if mod == "torch":
+        import torch
+
+        return a.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(a).astype(np.float64)  # JAX and other array-likes
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64; inf when ``out`` holds a NaN (so poisoned outputs fail)."""
+    out, ref = to_numpy(out), to_numpy(ref)
+    assert out.shape == ref.shape, f"shape {out.shape} != reference shape {ref.shape}"
+    if np.isnan(out).any() or np.isnan(ref).any():
+        return float("inf")
+    den = np.linalg.norm(ref)
+    num = np.linalg.norm(out - ref)
+    return float(num / den) if den > 0 else float(num)

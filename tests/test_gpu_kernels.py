@@ -1,0 +1,250 @@
+"""Both CUDA engines against the NumPy reference in float64 (GPU; skipped without one).
+
+Inputs are fresh random numbers each run; outputs are NaN-poisoned before every launch (fixture
+``poison``), so an element a kernel fails to write cannot pass.  Tolerances live in conftest.
+"""
+import numpy as np
+import pytest
+
+from conftest import TOL, rel_err
+
+cupy = pytest.importorskip("cupy")
+import hgrn_cupy as hc  # noqa: E402
+from hgrn_cupy.naive import bf16_bits_to_float32, float32_to_bf16_bits  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison")]
+
+ENGINES = ["chunk", "fused_recurrent"]
+DTYPES = ["float32", "float16", "bfloat16", "float64"]
+FORWARD = {"chunk": hc.chunk_hgrn, "fused_recurrent": hc.fused_recurrent_hgrn}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers: host float64 <-> device arrays of a given dtype
+
+def _rng():
+    return np.random.default_rng()
+
+
+def to_dev(a64, dtype):
+    """A device array of ``dtype`` holding ``a64`` rounded to it."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        bits = float32_to_bf16_bits(np.asarray(a64, np.float32))
+        return cupy.asarray(bits).view(ml_dtypes.bfloat16)
+    return cupy.asarray(np.asarray(a64, dtype))
+
+
+def to_host(a):
+    """float64 NumPy copy of a device array (any supported dtype)."""
+    if a.dtype.name == "bfloat16":
+        return bf16_bits_to_float32(a.view(cupy.uint16).get()).astype(np.float64)
+    return cupy.asnumpy(a).astype(np.float64)
+
+
+def rounded(a64, dtype):
+    """``a64`` as the kernel sees it after rounding to ``dtype``, back in float64."""
+    if dtype == "bfloat16":
+        return bf16_bits_to_float32(float32_to_bf16_bits(np.asarray(a64, np.float32))).astype(np.float64)
+    return np.asarray(a64, dtype).astype(np.float64)
+
+
+def make_inputs(B, T, D, gate="logsigmoid", rng=None):
+    rng = rng or _rng()
+    x = rng.standard_normal((B, T, D))
+    if gate == "logsigmoid":
+        g = -np.log1p(np.exp(-rng.standard_normal((B, T, D)) - 1.0))
+    elif gate == "zero":
+        g = np.zeros((B, T, D)) + 0.0
+    elif gate == "very_negative":
+        g = -50.0 - 10 * rng.random((B, T, D))
+    elif gate == "neg_inf":
+        g = np.where(rng.random((B, T, D)) < 0.3, -np.inf, -rng.random((B, T, D)))
+    return x, g
+
+
+def cu_array(offsets, dtype="int32"):
+    return cupy.asarray(np.asarray(offsets, dtype))
+
+
+def check_forward(engine, x64, g64, dtype, h064=None, cu=None, reverse=False, final=True, gdtype=None,
+                  views=None):
+    gdtype = gdtype or dtype
+    x, g = to_dev(x64, dtype), to_dev(g64, gdtype)
+    if views is not None:
+        x, g = views(x), views(g)
+        x64, g64 = to_host(x), to_host(g)
+    h0 = None if h064 is None else cupy.asarray(h064.astype(np.float32 if dtype != "float64" else np.float64))
+    o, ht = FORWARD[engine](x, g, initial_state=h0, output_final_state=final,
+                            cu_seqlens=None if cu is None else cu_array(cu), reverse=reverse)
+    o_ref, ht_ref = hc.naive_recurrent_hgrn(rounded(x64, dtype), rounded(g64, gdtype),
+                                            None if h0 is None else to_host(h0), True,
+                                            None if cu is None else np.asarray(cu), reverse)
+    tol = max(TOL[dtype], TOL[gdtype])
+    assert o.dtype.name == dtype and o.shape == x.shape
+    assert rel_err(to_host(o), o_ref) < tol, (engine, dtype)
+    if final:
+        assert ht.dtype == (np.float64 if "float64" in (dtype, gdtype) else np.float32)
+        assert rel_err(to_host(ht), ht_ref) < tol
+    else:
+        assert ht is None
+    return o
+
+
+def check_backward(engine, x64, g64, dtype, h064=None, cu=None, reverse=False, with_dht=True):
+    rng = _rng()
+    o_ref, _ = hc.naive_recurrent_hgrn(rounded(x64, dtype), rounded(g64, dtype), h064, False,
+                                       None if cu is None else np.asarray(cu), reverse)
+    o = to_dev(o_ref, dtype)
+    g = to_dev(g64, dtype)
+    do = to_dev(rng.standard_normal(o_ref.shape), dtype)
+    N = o_ref.shape[0] if cu is None else len(cu) - 1
+    D = o_ref.shape[2]
+    acc = np.float64 if dtype == "float64" else np.float32
+    dht = cupy.asarray(rng.standard_normal((N, D)).astype(acc)) if with_dht else None
+    h0 = None if h064 is None else cupy.asarray(h064.astype(acc))
+    dx, dg, dh0 = hc.hgrn_backward(g, o, do, dht=dht, initial_state=h0,
+                                   cu_seqlens=None if cu is None else cu_array(cu, "int64"),
+                                   reverse=reverse, engine=engine)
+    rdx, rdg, rdh0 = hc.naive_recurrent_hgrn_bwd(
+        to_host(g), to_host(o), to_host(do), None if dht is None else to_host(dht),
+        None if h0 is None else to_host(h0), None if cu is None else np.asarray(cu), reverse)
+    tol = TOL[dtype]
+    assert dx.dtype.name == dtype and dg.dtype.name == dtype
+    assert rel_err(to_host(dx), rdx) < tol
+    assert rel_err(to_host(dg), rdg) < tol
+    if h0 is None:
+        assert dh0 is None
+    else:
+        assert rel_err(to_host(dh0), rdh0) < tol
+
+
+# ---------------------------------------------------------------------------------------------
+# the matrix
+
+SHAPES = [  # (B, T, D)
+    (64, 1, 4096), (3, 2, 65), (2, 31, 3), (2, 1000, 65), (1, 20000, 1),
+    (2, 127, 33), (1, 128, 64), (3, 129, 31), (1, 4097, 96),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
+def test_forward_backward(engine, dtype, shape, reverse):
+    B, T, D = shape
+    rng = _rng()
+    x, g = make_inputs(B, T, D, rng=rng)
+    h0 = rng.standard_normal((B, D)) if (T + D) % 2 else None
+    check_forward(engine, x, g, dtype, h0, reverse=reverse)
+    check_backward(engine, x, g, dtype, h0, reverse=reverse, with_dht=T % 2 == 1)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("has_h0", [True, False], ids=["h0", "no_h0"])
+@pytest.mark.parametrize("final", [True, False], ids=["final", "no_final"])
+def test_initial_and_final_state(engine, has_h0, final):
+    rng = _rng()
+    x, g = make_inputs(3, 300, 70, rng=rng)
+    h0 = rng.standard_normal((3, 70)) if has_h0 else None
+    check_forward(engine, x, g, "float32", h0, final=final)
+    check_backward(engine, x, g, "float32", h0, with_dht=final)
+
+
+VARLEN = [
+    [0, 0, 1, 1, 50, 50, 1037, 1300],          # empty and length-1 sequences, one spanning chunks
+    [0, 1300],                                  # one sequence
+    [0, 3, 3, 3, 700, 701, 702, 1299, 1300],   # several empties in a row, T-1 boundaries
+    [0, 0, 0, 1300],
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("cu", VARLEN, ids=lambda c: f"n{len(c) - 1}")
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
+@pytest.mark.parametrize("has_h0", [True, False], ids=["h0", "no_h0"])
+def test_varlen(engine, dtype, cu, reverse, has_h0):
+    rng = _rng()
+    T, D = cu[-1], 67
+    x, g = make_inputs(1, T, D, rng=rng)
+    h0 = rng.standard_normal((len(cu) - 1, D)) if has_h0 else None
+    check_forward(engine, x, g, dtype, h0, cu=cu, reverse=reverse)
+    check_backward(engine, x, g, dtype, h0, cu=cu, reverse=reverse)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("gate", ["zero", "very_negative", "neg_inf"])
+def test_gate_extremes(engine, gate):
+    x, g = make_inputs(2, 700, 40, gate=gate)
+    h0 = _rng().standard_normal((2, 40))
+    o = check_forward(engine, x, g, "float32", h0)
+    assert bool(cupy.isfinite(o).all())
+    check_backward(engine, x, g, "float32", h0)
+
+
+VIEWS = {
+    "time_stride": lambda a: a[:, ::2],                    # every other step: time stride 2*D
+    "batch_slice": lambda a: a[1:],                        # offset base pointer
+    "odd_offset": lambda a: a[:, :, 1:],                   # base pointer misaligned for vectors
+    "channel_slice": lambda a: a[:, 3:, 5:-2],             # sliced D: batch/time strides != D
+    "reversed_time": lambda a: a[:, ::-1],                 # negative time stride
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("view", list(VIEWS), ids=list(VIEWS))
+def test_strided_views(engine, dtype, view):
+    x, g = make_inputs(3, 301, 37)
+    check_forward(engine, x, g, dtype, views=VIEWS[view])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_mixed_dtypes(engine):
+    x, g = make_inputs(2, 500, 48)
+    check_forward(engine, x, g, "bfloat16", gdtype="float32")
+    check_forward(engine, x, g, "float32", gdtype="float16")
+
+
+def test_long_sequence_chunk():
+    """T >= 2**20 with few channels: many chunks joined by look-back."""
+    rng = _rng()
+    T, D = 1 << 20, 5
+    x, g = make_inputs(1, T, D, rng=rng)
+    h0 = rng.standard_normal((1, D))
+    check_forward("chunk", x, g, "float32", h0)
+    check_backward("chunk", x, g, "float32", h0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_deterministic(engine):
+    """A moving error is a race: repeated runs must agree bit for bit."""
+    x, g = make_inputs(1, 70000, 64)
+    xd, gd = to_dev(x, "float32"), to_dev(g, "float32")
+    runs = [FORWARD[engine](xd, gd, output_final_state=True) for _ in range(5)]
+    for o, ht in runs[1:]:
+        assert bool((o == runs[0][0]).all()) and bool((ht == runs[0][1]).all())
+    do = to_dev(_rng().standard_normal(x.shape), "float32")
+    grads = [hc.hgrn_backward(gd, runs[0][0], do, engine=engine) for _ in range(3)]
+    for dx, dg, _ in grads[1:]:
+        assert bool((dx == grads[0][0]).all()) and bool((dg == grads[0][1]).all())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_empty_time(engine):
+    x = cupy.ones((2, 0, 8), cupy.float32)
+    h0 = cupy.asarray(_rng().standard_normal((2, 8)).astype(np.float32))
+    o, ht = FORWARD[engine](x, x, initial_state=h0, output_final_state=True)
+    assert o.shape == (2, 0, 8)
+    assert bool((ht == h0).all())
+
+
+def test_auto_matches_engines():
+    x, g = make_inputs(2, 3000, 64)
+    xd, gd = to_dev(x, "float32"), to_dev(g, "float32")
+    o_auto, _ = hc.hgrn(xd, gd)
+    o_chunk, _ = hc.chunk_hgrn(xd, gd)
+    assert rel_err(to_host(o_auto), to_host(o_chunk)) < TOL["float32"]
