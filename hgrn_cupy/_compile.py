@@ -125,3 +125,47 @@ def compile_for_arch(engine: str, x_dtype: str, g_dtype: str, arch: str, options
         return nvrtc.getProgramLog(prog)
     finally:
         nvrtc.destroyProgram(prog)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching.  cupy's Function.__call__ converts each argument to a temporary object, about 15 us
+# for our 16-25 arguments; here every argument is one 8-byte slot of a reused per-thread buffer
+# (a 4-byte int parameter reads the low half, little-endian) and the driver is called directly.
+
+_tls = threading.local()
+
+
+def _slots(n):
+    cache = getattr(_tls, "slots", None)
+    if cache is None:
+        cache = _tls.slots = {}
+    entry = cache.get(n)
+    if entry is None:
+        import ctypes
+        import struct
+
+        buf = ctypes.create_string_buffer(8 * n)
+        base = ctypes.addressof(buf)
+        params = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
+        entry = cache[n] = (buf, params, ctypes.addressof(params), struct.Struct(f"<{n}q"))
+    return entry
+
+
+def launch(fn, grid, block, stream_ptr, args, device):
+    """Queue ``fn`` (a ``cupy.cuda.Function``) on the stream ``stream_ptr``; ``args`` are Python ints
+    (pointers, 64-bit integers, or 32-bit ints), in the kernel's parameter order."""
+    from cupy_backends.cuda.api import driver
+
+    ready = getattr(_tls, "devices", None)
+    if ready is None:
+        ready = _tls.devices = set()
+    if device not in ready:  # a thread's first launch: make the device's primary context current
+        import cupy
+
+        cupy.cuda.runtime.setDevice(device)
+        ready.add(device)
+    buf, _, params, packer = _slots(len(args))
+    packer.pack_into(buf, 0, *args)
+    gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+    bx, by, bz = (tuple(block) + (1, 1))[:3]
+    driver.launchKernel(fn.ptr, gx, gy, gz, bx, by, bz, 0, stream_ptr, params, 0)

@@ -1,40 +1,32 @@
 """Chunk engine launchers (kernels in ``kernels_cu/chunk.cu``).
 
-Time is split into chunks of ``CHUNK_LEN`` steps scanned in parallel; a block covers 32 channels of
+Time is split into chunks (warps x steps per thread, see ``SHAPES``) scanned in parallel; a block covers 32 channels of
 one chunk, and the chunks of a tile are joined by single-pass decoupled look-back through a small
 workspace (one flag, 32 affine pairs and 32 states per tile and chunk, plus a ticket counter).
 Best for long T with few channels.  Launchers check nothing: the public functions validate.
 """
 from __future__ import annotations
 
-import numpy as np
+from ._compile import get_function, launch
 
-from ._compile import get_function
-
-WARPS = 16
-STEPS = 8
-CHUNK_LEN = WARPS * STEPS
 TILE = 32
-# The kernel's shape is fixed at compile time from these (see kernels_cu/chunk.cu).
-OPTIONS = (f"-DHC_CHUNK_WARPS={WARPS}", f"-DHC_CHUNK_STEPS={STEPS}")
-
-
-def _i64(v):
-    return np.int64(v)
-
-
-def _ptr(v):
-    return np.uint64(v or 0)
+# (warps per block, steps per thread) of the forward and the backward kernel: the forward is lighter
+# per step and gains from longer runs per thread; the backward holds three values per step.
+SHAPES = {0: (4, 16), 1: (16, 8)}
+# The kernels' shapes are fixed at compile time from these (see kernels_cu/chunk.cu).
+OPTIONS = (f"-DHC_FWD_WARPS={SHAPES[0][0]}", f"-DHC_FWD_STEPS={SHAPES[0][1]}",
+           f"-DHC_BWD_WARPS={SHAPES[1][0]}", f"-DHC_BWD_STEPS={SHAPES[1][1]}")
 
 
 def _align(n, a=256):
     return (n + a - 1) // a * a
 
 
-def workspace_layout(N, T, D, varlen, acc_itemsize):
+def workspace_layout(N, T, D, varlen, acc_itemsize, direction=0):
     """(ntiles, nchunks, bytes to zero, total bytes, offset of pairs, offset of states)."""
+    warps, steps = SHAPES[direction]
     ntiles = (1 if varlen else N) * ((D + TILE - 1) // TILE)
-    nchunks = (T + CHUNK_LEN - 1) // CHUNK_LEN
+    nchunks = (T + warps * steps - 1) // (warps * steps)
     slots = ntiles * nchunks
     zero = _align(4 * (1 + slots))
     pairs = _align(slots * TILE * 2 * acc_itemsize)
@@ -45,7 +37,8 @@ def workspace_layout(N, T, D, varlen, acc_itemsize):
 def _launch(direction, tensors, states, dtypes, cu, N, T, D, reverse, device, stream, workspace):
     x_dtype, g_dtype = dtypes
     acc_itemsize = 8 if "float64" in dtypes else 4
-    ntiles, nchunks, zero, total, off_pairs, off_states = workspace_layout(N, T, D, cu is not None, acc_itemsize)
+    ntiles, nchunks, zero, total, off_pairs, off_states = workspace_layout(N, T, D, cu is not None, acc_itemsize,
+                                                                           direction)
     if ntiles * nchunks == 0:
         return
     ws = workspace(total)  # (pointer, owner): the owner keeps the memory alive until we return
@@ -55,15 +48,12 @@ def _launch(direction, tensors, states, dtypes, cu, N, T, D, reverse, device, st
     cupy.cuda.runtime.memsetAsync(base, 0, zero, stream.ptr)
     fn = get_function("chunk", direction, x_dtype, g_dtype, device, OPTIONS, varlen=cu is not None)
     cu_ptr, cu64 = cu if cu is not None else (0, 0)
-    args = []
+    args = [a.ptr for a in tensors]
     for a in tensors:
-        args.append(_ptr(a.ptr))
-    for a in tensors:
-        args += [_i64(a.strides[0]), _i64(a.strides[1])]
-    args += [_ptr(p) for p in states]
-    args += [_ptr(cu_ptr), np.int32(cu64), _i64(N), _i64(T), _i64(D), np.int32(bool(reverse)),
-             _ptr(base), _ptr(base + off_pairs), _ptr(base + off_states), _i64(ntiles), _i64(nchunks)]
-    fn((ntiles * nchunks,), (TILE, WARPS), tuple(args), stream=stream)
+        args += [a.strides[0], a.strides[1]]
+    args += [p or 0 for p in states]
+    args += [cu_ptr, cu64, N, T, D, int(bool(reverse)), base, base + off_pairs, base + off_states, ntiles, nchunks]
+    launch(fn, (ntiles * nchunks,), (TILE, SHAPES[direction][0]), stream.ptr, args, device)
     return ws
 
 

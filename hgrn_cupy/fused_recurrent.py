@@ -5,21 +5,11 @@ decode (T = 1) and for varlen.  Launchers check nothing: the public functions in
 """
 from __future__ import annotations
 
-import numpy as np
-
-from ._compile import get_function
+from ._compile import get_function, launch
 
 BLOCK = 64      # small blocks spread few channels over every multiprocessor
 PREFETCH = 16   # steps per register tile (kernels_cu/fused_recurrent.cu)
 OPTIONS = (f"-DHC_PREFETCH={PREFETCH}",)
-
-
-def _i64(v):
-    return np.int64(v)
-
-
-def _ptr(v):
-    return np.uint64(v or 0)
 
 
 def _grid(N, D):
@@ -35,12 +25,10 @@ def fused_recurrent_fwd(x, g, o, h0, ht, cu, N, reverse, device, stream):
     fn = get_function("fused_recurrent", 0, x.dtype, g.dtype, device, OPTIONS)
     grid, block = _grid(N, D)
     cu_ptr, cu64 = cu if cu is not None else (0, 0)
-    fn(grid, block, (
-        _ptr(x.ptr), _ptr(g.ptr), _ptr(o.ptr),
-        _i64(x.strides[0]), _i64(x.strides[1]), _i64(g.strides[0]), _i64(g.strides[1]),
-        _i64(o.strides[0]), _i64(o.strides[1]),
-        _ptr(h0), _ptr(ht), _ptr(cu_ptr), np.int32(cu64), _i64(T), _i64(D), np.int32(bool(reverse)),
-    ), stream=stream)
+    launch(fn, grid, block, stream.ptr, (
+        x.ptr, g.ptr, o.ptr, x.strides[0], x.strides[1], g.strides[0], g.strides[1], o.strides[0], o.strides[1],
+        h0 or 0, ht or 0, cu_ptr, cu64, T, D, int(bool(reverse)),
+    ), device)
 
 
 def fused_recurrent_bwd(g, o, do, dx, dg, h0, dht, dh0, cu, N, reverse, device, stream):
@@ -52,11 +40,8 @@ def fused_recurrent_bwd(g, o, do, dx, dg, h0, dht, dh0, cu, N, reverse, device, 
     fn = get_function("fused_recurrent", 1, o.dtype, g.dtype, device, OPTIONS)
     grid, block = _grid(N, D)
     cu_ptr, cu64 = cu if cu is not None else (0, 0)
-    fn(grid, block, (
-        _ptr(g.ptr), _ptr(o.ptr), _ptr(do.ptr), _ptr(dx.ptr), _ptr(dg.ptr),
-        _i64(g.strides[0]), _i64(g.strides[1]), _i64(o.strides[0]), _i64(o.strides[1]),
-        _i64(do.strides[0]), _i64(do.strides[1]), _i64(dx.strides[0]), _i64(dx.strides[1]),
-        _i64(dg.strides[0]), _i64(dg.strides[1]),
-        _ptr(h0), _ptr(dht), _ptr(dh0), _ptr(cu_ptr), np.int32(cu64), _i64(T), _i64(D),
-        np.int32(bool(reverse)),
-    ), stream=stream)
+    launch(fn, grid, block, stream.ptr, (
+        g.ptr, o.ptr, do.ptr, dx.ptr, dg.ptr, g.strides[0], g.strides[1], o.strides[0], o.strides[1],
+        do.strides[0], do.strides[1], dx.strides[0], dx.strides[1], dg.strides[0], dg.strides[1],
+        h0 or 0, dht or 0, dh0 or 0, cu_ptr, cu64, T, D, int(bool(reverse)),
+    ), device)

@@ -16,16 +16,20 @@
 
 namespace hc {
 
-// Tuning knobs; the library compiles with the defaults.
-#ifndef HC_CHUNK_WARPS
-#define HC_CHUNK_WARPS 16
+// Block shape of each direction (warps per block, steps per thread); hgrn_cupy/chunk.py passes the
+// values it launches with, so that the two sides cannot disagree.
+#ifndef HC_FWD_WARPS
+#define HC_FWD_WARPS 4
 #endif
-#ifndef HC_CHUNK_STEPS
-#define HC_CHUNK_STEPS 8
+#ifndef HC_FWD_STEPS
+#define HC_FWD_STEPS 16
 #endif
-constexpr int CHUNK_WARPS = HC_CHUNK_WARPS;
-constexpr int CHUNK_STEPS = HC_CHUNK_STEPS;
-constexpr int CHUNK_LEN = CHUNK_WARPS * CHUNK_STEPS;
+#ifndef HC_BWD_WARPS
+#define HC_BWD_WARPS 16
+#endif
+#ifndef HC_BWD_STEPS
+#define HC_BWD_STEPS 8
+#endif
 
 enum { FLAG_NONE = 0, FLAG_AGGREGATE = 1, FLAG_INCLUSIVE = 2 };
 
@@ -84,13 +88,13 @@ struct LookBack {
 
 // The block-level part shared by both directions: take a ticket, combine the warps' aggregates,
 // obtain the chunk's carry-in, and return this warp's own carry-in.
-template <typename Acc>
+template <typename Acc, int CHUNK_WARPS>
 struct ChunkBlock {
     Affine<Acc> part[CHUNK_WARPS][32];
     Acc carry[32];
-    long long ticket;
+    unsigned ticket;
 
-    __device__ __forceinline__ static long long take_ticket(int* flags, ChunkBlock* sm) {
+    __device__ __forceinline__ static unsigned take_ticket(int* flags, ChunkBlock* sm) {
         if (threadIdx.x == 0 && threadIdx.y == 0) sm->ticket = atomicAdd(reinterpret_cast<unsigned int*>(flags), 1u);
         __syncthreads();
         return sm->ticket;
@@ -113,7 +117,7 @@ struct ChunkBlock {
 };
 
 template <typename TX, typename TG, bool VARLEN>
-__global__ void __launch_bounds__(32 * CHUNK_WARPS) chunk_fwd(
+__global__ void __launch_bounds__(32 * HC_FWD_WARPS) chunk_fwd(
     const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o,
     i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
     const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
@@ -121,14 +125,15 @@ __global__ void __launch_bounds__(32 * CHUNK_WARPS) chunk_fwd(
     int* ws_flags, Affine<typename AccOf<TX, TG>::type>* ws_agg, typename AccOf<TX, TG>::type* ws_inc,
     i64 ntiles, i64 nchunks) {
     typedef typename AccOf<TX, TG>::type Acc;
-    __shared__ ChunkBlock<Acc> sm;
-    const long long ticket = ChunkBlock<Acc>::take_ticket(ws_flags, &sm);
-    const i64 chunk = ticket / ntiles, tile = ticket % ntiles;
-    const i64 ntd = (D + 31) / 32;
+    constexpr int CHUNK_WARPS = HC_FWD_WARPS, CHUNK_STEPS = HC_FWD_STEPS, CHUNK_LEN = CHUNK_WARPS * CHUNK_STEPS;
+    __shared__ ChunkBlock<Acc, CHUNK_WARPS> sm;
+    const unsigned ticket = ChunkBlock<Acc, CHUNK_WARPS>::take_ticket(ws_flags, &sm);
+    const unsigned chunk = ticket / (unsigned)ntiles, tile = ticket % (unsigned)ntiles;  // grid < 2^31
+    const unsigned ntd = (unsigned)((D + 31) / 32);
     const i64 batch = tile / ntd;
-    const i64 d = (tile % ntd) * 32 + threadIdx.x;
+    const i64 d = (i64)(tile % ntd) * 32 + threadIdx.x;
     const bool live = d < D;
-    const i64 u0 = chunk * CHUNK_LEN + (i64)threadIdx.y * CHUNK_STEPS;
+    const i64 u0 = (i64)chunk * CHUNK_LEN + (i64)threadIdx.y * CHUNK_STEPS;
 
     SegmentCursor<VARLEN> seg(cu_seqlens, cu64, N, T, reverse);
     if (u0 < T) seg.seek(u0);
@@ -160,7 +165,7 @@ __global__ void __launch_bounds__(32 * CHUNK_WARPS) chunk_fwd(
     }
 
     LookBack<Acc> lb{ws_flags, ws_agg, ws_inc};
-    Acc h = sm.warp_carry_in(lb, tile * nchunks, chunk, mine);
+    Acc h = sm.warp_carry_in(lb, (i64)tile * nchunks, chunk, mine);
 
     if (u0 < T) seg.seek(u0);
 #pragma unroll
@@ -187,7 +192,7 @@ __global__ void __launch_bounds__(32 * CHUNK_WARPS) chunk_fwd(
 // Backward: the same scan over v = T - 1 - u.  With the gate shifted by one step,
 // dh[u] = do[u] + exp(g[u+1]) * dh[u+1], restarting (a = 0, plus dht) at each segment's last step.
 template <typename TX, typename TG, bool VARLEN>
-__global__ void __launch_bounds__(32 * CHUNK_WARPS) chunk_bwd(
+__global__ void __launch_bounds__(32 * HC_BWD_WARPS) chunk_bwd(
     const TG* __restrict__ g, const TX* __restrict__ o, const TX* __restrict__ dout,
     TX* __restrict__ dx, TG* __restrict__ dg,
     i64 sgb, i64 sgt, i64 sob, i64 sot, i64 sdob, i64 sdot, i64 sdxb, i64 sdxt, i64 sdgb, i64 sdgt,
@@ -197,14 +202,15 @@ __global__ void __launch_bounds__(32 * CHUNK_WARPS) chunk_bwd(
     int* ws_flags, Affine<typename AccOf<TX, TG>::type>* ws_agg, typename AccOf<TX, TG>::type* ws_inc,
     i64 ntiles, i64 nchunks) {
     typedef typename AccOf<TX, TG>::type Acc;
-    __shared__ ChunkBlock<Acc> sm;
-    const long long ticket = ChunkBlock<Acc>::take_ticket(ws_flags, &sm);
-    const i64 chunk = ticket / ntiles, tile = ticket % ntiles;
-    const i64 ntd = (D + 31) / 32;
+    constexpr int CHUNK_WARPS = HC_BWD_WARPS, CHUNK_STEPS = HC_BWD_STEPS, CHUNK_LEN = CHUNK_WARPS * CHUNK_STEPS;
+    __shared__ ChunkBlock<Acc, CHUNK_WARPS> sm;
+    const unsigned ticket = ChunkBlock<Acc, CHUNK_WARPS>::take_ticket(ws_flags, &sm);
+    const unsigned chunk = ticket / (unsigned)ntiles, tile = ticket % (unsigned)ntiles;  // grid < 2^31
+    const unsigned ntd = (unsigned)((D + 31) / 32);
     const i64 batch = tile / ntd;
-    const i64 d = (tile % ntd) * 32 + threadIdx.x;
+    const i64 d = (i64)(tile % ntd) * 32 + threadIdx.x;
     const bool live = d < D;
-    const i64 v0 = chunk * CHUNK_LEN + (i64)threadIdx.y * CHUNK_STEPS;  // u = T - 1 - v
+    const i64 v0 = (i64)chunk * CHUNK_LEN + (i64)threadIdx.y * CHUNK_STEPS;  // u = T - 1 - v
 
     SegmentCursor<VARLEN> seg(cu_seqlens, cu64, N, T, reverse);
     if (v0 < T) seg.seek(T - 1 - v0);
@@ -244,7 +250,7 @@ __global__ void __launch_bounds__(32 * CHUNK_WARPS) chunk_bwd(
     }
 
     LookBack<Acc> lb{ws_flags, ws_agg, ws_inc};
-    Acc dh = sm.warp_carry_in(lb, tile * nchunks, chunk, mine);
+    Acc dh = sm.warp_carry_in(lb, (i64)tile * nchunks, chunk, mine);
 
     if (v0 < T) seg.seek(T - 1 - v0);
     const i64 sdx = -tdir * sdxt, sdg = -tdir * sdgt;
