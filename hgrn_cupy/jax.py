@@ -1,0 +1,490 @@
+"""JAX bindings: the HGRN recurrence as a differentiable, jit- and vmap-able JAX operation.
+
+    from hgrn_cupy.jax import hgrn, chunk_hgrn, fused_recurrent_hgrn
+    o, ht = hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False)
+
+The math, with shapes, is in :mod:`hgrn_cupy.naive`.  Gradients flow to ``x``, ``g`` and
+``initial_state`` (and in from both ``o`` and ``ht``) through :func:`jax.custom_vjp`; the backward
+reads the saved output ``o``, never ``x``.  ``cu_seqlens`` and ``reverse`` are not differentiable.
+
+Where the work runs is decided when XLA lowers the program (:func:`jax.lax.platform_dependent`):
+
+- CUDA: our kernels run inside the compiled program through
+  :func:`jax.experimental.buffer_callback`.  The callback receives XLA's own input and output
+  buffers, reads their device pointers from DLPack, and queues the launchers of
+  :mod:`hgrn_cupy.fused_recurrent` / :mod:`hgrn_cupy.chunk` on XLA's stream.  Every buffer is
+  XLA's: the chunk engine's scratch is one more (discarded) output of the call.  No host
+  synchronisation, no allocation outside XLA.
+- anything else (CPU): the NumPy reference through :func:`jax.pure_callback`.
+
+:func:`jax.vmap` over extra leading axes folds them into the batch (or, with ``cu_seqlens``, into
+more packed sequences) and runs one launch.  Forward-mode differentiation (``jax.jvp``) is not
+supported, as with any ``custom_vjp`` function.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _backend as bk
+from . import chunk as _chunk
+from . import fused_recurrent as _fused
+from . import ops as _ops
+from ._compile import accumulation_dtype
+from .naive import naive_recurrent_hgrn, naive_recurrent_hgrn_bwd
+
+__all__ = ["hgrn", "chunk_hgrn", "fused_recurrent_hgrn"]
+
+
+class _Spec(NamedTuple):
+    """What is static about one call (part of the jit cache key)."""
+    engine: str
+    output_final_state: bool
+    reverse: bool
+
+
+def _name(dt) -> str:
+    return bk._np_dtype_name(dt)
+
+
+def _acc(a, b) -> str:
+    return accumulation_dtype(_name(a.dtype), _name(b.dtype))
+
+
+def _nseq(x, cu):
+    return x.shape[0] if cu is None else cu.shape[0] - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# validation (once, at the public boundary; the per-example view under vmap)
+
+def _concrete(a):
+    """``a`` as a NumPy array when its values are known now (not under jit or vmap), else None."""
+    try:
+        return np.asarray(a)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _as_jax(a, name):
+    if a is None or isinstance(a, jax.Array):
+        return a
+    try:
+        return jnp.asarray(a)
+    except TypeError as e:
+        raise TypeError(f"{name} must be a JAX array or array-like, got {type(a).__name__}") from e
+
+
+def _check_float(a, name):
+    dt = _name(a.dtype)
+    if dt not in bk.FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {dt}; supported: {', '.join(bk.FLOAT_DTYPES)}")
+
+
+def _check(x, g, h0, cu, reverse):
+    """Validate the forward arguments; returns N, the number of sequences."""
+    _check_float(x, "x")
+    _check_float(g, "g")
+    if x.ndim != 3:
+        raise ValueError(f"x must have 3 dimensions [B, T, D], got shape {tuple(x.shape)}")
+    if tuple(g.shape) != tuple(x.shape):
+        raise ValueError(f"g must have shape {tuple(x.shape)} like the other inputs, got {tuple(g.shape)}")
+    _ops._check_reverse(reverse)
+    B, T, D = x.shape
+    N = B
+    if cu is not None:
+        dt = _name(cu.dtype)
+        if cu.ndim != 1 or dt not in bk.INDEX_DTYPES:
+            raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 array [N+1], got shape "
+                             f"{tuple(cu.shape)} and dtype {dt}")
+        if cu.shape[0] < 1:
+            raise ValueError("cu_seqlens must hold at least one offset (0)")
+        if B != 1:
+            raise ValueError(f"cu_seqlens packs sequences along time and needs B == 1, got B = {B}")
+        N = cu.shape[0] - 1
+        # Values can be read only when they are concrete (not under jit or vmap); the kernels clamp
+        # offsets into [0, T] either way, so bad values give wrong numbers, never stray accesses.
+        v = _concrete(cu) if _ops.config.check_cu_seqlens_values else None
+        if v is not None:
+            if v[0] != 0:
+                raise ValueError(f"cu_seqlens must start at 0, got {int(v[0])}")
+            if np.any(np.diff(v) < 0):
+                raise ValueError("cu_seqlens must be non-decreasing")
+            if v[-1] != T:
+                raise ValueError(f"cu_seqlens must end at T = {T}, got {int(v[-1])}")
+    if h0 is not None:
+        _check_float(h0, "initial_state")
+        if tuple(h0.shape) != (N, D):
+            raise ValueError(f"initial_state must have shape [N, D] = {(N, D)}, got {tuple(h0.shape)}")
+    return N
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: our launchers on XLA's buffers and stream, inside the compiled program
+
+_PyCapsule_GetPointer = ctypes.pythonapi.PyCapsule_GetPointer
+_PyCapsule_GetPointer.restype = ctypes.c_void_p
+_PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_PyCapsule_GetName = ctypes.pythonapi.PyCapsule_GetName
+_PyCapsule_GetName.restype = ctypes.c_char_p
+_PyCapsule_GetName.argtypes = [ctypes.py_object]
+# Where the DLTensor starts in the capsule's struct: DLManagedTensor opens with it; the versioned one
+# has its version, manager_ctx, deleter and flags first.  DLTensor: data, device, ndim, dtype, shape,
+# strides, byte_offset (at 40).
+_DLTENSOR_AT = {b"dltensor": 0, b"dltensor_versioned": 32}
+_BYTE_OFFSET_AT = 40
+
+
+def _capsule_data_ptr(capsule) -> int:
+    name = _PyCapsule_GetName(capsule)
+    if name not in _DLTENSOR_AT:
+        raise TypeError(f"not an unconsumed DLPack capsule: {name!r}")
+    tensor = _PyCapsule_GetPointer(capsule, name) + _DLTENSOR_AT[name]
+    data = ctypes.c_void_p.from_address(tensor).value or 0
+    return data + ctypes.c_uint64.from_address(tensor + _BYTE_OFFSET_AT).value
+
+
+def _data_ptr(buf) -> int:
+    """Address of the first element of an XLA FFI buffer, read from its DLPack capsule.
+
+    DLPack describes every dtype, bfloat16 included (``__cuda_array_interface__`` does not in every
+    jaxlib).  The capsule keeps its name, so its destructor frees the descriptor: nothing leaks.
+    """
+    return _capsule_data_ptr(buf.__dlpack__())
+
+
+def _device_of(buf) -> int:
+    return int(buf.__dlpack_device__()[1])
+
+
+def _launch_stream(ctx):
+    """XLA's stream for this call as an object with ``.ptr`` (a seam the CPU tests replace)."""
+    return _ops._Stream(int(ctx.stream))
+
+
+def _device_scope(device):
+    return _ops._DeviceScope(device)
+
+
+def _row_major(shape):
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= max(int(n), 1)
+    return tuple(reversed(out))
+
+
+def _arr(shape, dtype) -> bk.Arr:
+    """A launcher descriptor with the pointer left to fill in (XLA buffers are dense, row-major)."""
+    shape = tuple(int(n) for n in shape)
+    return bk.Arr(0, shape, _row_major(shape), _name(dtype))
+
+
+def _workspace_bytes(N, T, D, varlen, acc):
+    """Enough for either direction (their chunk lengths differ)."""
+    return max(_chunk.workspace_layout(N, T, D, varlen, np.dtype(acc).itemsize, d)[3] for d in (0, 1))
+
+
+def _poison(ptrs, bufs, out_names, stream):
+    """Tests: fill the outputs with NaN (all-ones bytes are a NaN in every float dtype) first."""
+    import cupy
+
+    for k in out_names:
+        nbytes = int(np.prod(bufs[k].shape)) * np.dtype(bufs[k].dtype).itemsize
+        if k != "ws" and nbytes:
+            cupy.cuda.runtime.memsetAsync(ptrs[k], 0xFF, nbytes, stream.ptr)
+
+
+def _run_device_kernels(launch, in_names, out_names, ctx, outs, *ins):
+    """The body every buffer callback shares: name the buffers, enter the device, launch."""
+    bufs = dict(zip(in_names, ins))
+    bufs.update(zip(out_names, outs))
+    ptrs = {k: _data_ptr(b) for k, b in bufs.items()}
+    device = _device_of(ins[0])
+    with _device_scope(device):
+        stream = _launch_stream(ctx)
+        if bk.POISON_OUTPUTS:
+            _poison(ptrs, bufs, out_names, stream)
+        launch(ptrs, bufs, device, stream)
+
+
+def _cu_arg(ptrs, cu_dtype):
+    if "cu" not in ptrs:
+        return None
+    return ptrs["cu"], int(cu_dtype == "int64")
+
+
+def _workspace_fn(ptrs, bufs):
+    def workspace(nbytes):
+        ws = bufs["ws"]
+        assert nbytes <= ws.shape[0], (nbytes, ws.shape)  # sized from the same workspace_layout
+        return ptrs["ws"], ws
+    return workspace
+
+
+@functools.lru_cache(maxsize=None)
+def _buffer_callback():
+    """``jax.experimental.buffer_callback.buffer_callback``, or None in a JAX without it (there the
+    NumPy path runs on every platform)."""
+    try:
+        from jax.experimental.buffer_callback import buffer_callback
+    except ImportError:  # pragma: no cover - JAX older than buffer callbacks
+        return None
+    return buffer_callback
+
+
+def _branches(device_fn, host_fn, spec):
+    cuda = {"cuda": functools.partial(device_fn, spec)} if _buffer_callback() is not None else {}
+    return dict(cuda, default=functools.partial(host_fn, spec))
+
+
+def _device_forward(spec, x, g, h0, cu):
+    """o, ht on CUDA through one buffer callback (h0 already in the accumulation dtype)."""
+    B, T, D = x.shape
+    N = _nseq(x, cu)
+    acc = _acc(x, g)
+    engine = _ops._engine(spec.engine, N, T, D)
+    out_shapes = {"o": jax.ShapeDtypeStruct(x.shape, x.dtype)}
+    if spec.output_final_state:
+        out_shapes["ht"] = jax.ShapeDtypeStruct((N, D), jnp.dtype(acc))
+    if engine == "chunk":
+        out_shapes["ws"] = jax.ShapeDtypeStruct((_workspace_bytes(N, T, D, cu is not None, acc),), jnp.uint8)
+    ins = {k: v for k, v in (("x", x), ("g", g), ("h0", h0), ("cu", cu)) if v is not None}
+    xa, ga, oa = _arr(x.shape, x.dtype), _arr(g.shape, g.dtype), _arr(x.shape, x.dtype)
+    cu_dtype = None if cu is None else _name(cu.dtype)
+    reverse = spec.reverse
+
+    def launch(ptrs, bufs, device, stream):
+        args = (xa._replace(ptr=ptrs["x"]), ga._replace(ptr=ptrs["g"]), oa._replace(ptr=ptrs["o"]),
+                ptrs.get("h0", 0), ptrs.get("ht", 0), _cu_arg(ptrs, cu_dtype), N, reverse, device, stream)
+        if engine == "chunk":
+            _chunk.chunk_fwd(*args, _workspace_fn(ptrs, bufs))
+        else:
+            _fused.fused_recurrent_fwd(*args)
+
+    call = _buffer_callback()(
+        functools.partial(_run_device_kernels, launch, tuple(ins), tuple(out_shapes)), tuple(out_shapes.values()))
+    res = dict(zip(out_shapes, call(*ins.values())))
+    return res["o"], res.get("ht")
+
+
+def _device_backward(spec, g, o, do, dht, h0, cu):
+    """dx, dg, dh0 (dh0 in the accumulation dtype) on CUDA through one buffer callback."""
+    B, T, D = o.shape
+    N = _nseq(o, cu)
+    acc = _acc(o, g)
+    engine = _ops._engine(spec.engine, N, T, D)
+    out_shapes = {"dx": jax.ShapeDtypeStruct(o.shape, o.dtype), "dg": jax.ShapeDtypeStruct(g.shape, g.dtype)}
+    if h0 is not None:
+        out_shapes["dh0"] = jax.ShapeDtypeStruct((N, D), jnp.dtype(acc))
+    if engine == "chunk":
+        out_shapes["ws"] = jax.ShapeDtypeStruct((_workspace_bytes(N, T, D, cu is not None, acc),), jnp.uint8)
+    ins = {k: v for k, v in (("g", g), ("o", o), ("do", do), ("dht", dht), ("h0", h0), ("cu", cu))
+           if v is not None}
+    ga, oa = _arr(g.shape, g.dtype), _arr(o.shape, o.dtype)
+    cu_dtype = None if cu is None else _name(cu.dtype)
+    reverse = spec.reverse
+
+    def launch(ptrs, bufs, device, stream):
+        args = (ga._replace(ptr=ptrs["g"]), oa._replace(ptr=ptrs["o"]), oa._replace(ptr=ptrs["do"]),
+                oa._replace(ptr=ptrs["dx"]), ga._replace(ptr=ptrs["dg"]),
+                ptrs.get("h0", 0), ptrs.get("dht", 0), ptrs.get("dh0", 0), _cu_arg(ptrs, cu_dtype), N, reverse,
+                device, stream)
+        if engine == "chunk":
+            _chunk.chunk_bwd(*args, _workspace_fn(ptrs, bufs))
+        else:
+            _fused.fused_recurrent_bwd(*args)
+
+    call = _buffer_callback()(
+        functools.partial(_run_device_kernels, launch, tuple(ins), tuple(out_shapes)), tuple(out_shapes.values()))
+    res = dict(zip(out_shapes, call(*ins.values())))
+    return res["dx"], res["dg"], res.get("dh0")
+
+
+# ----------------------------------------------------------------------------------------------
+# any other platform: the NumPy reference on the host
+
+def _host_forward(spec, x, g, h0, cu):
+    N, D = _nseq(x, cu), x.shape[2]
+    acc = _acc(x, g)
+    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype),
+              jax.ShapeDtypeStruct((N, D), jnp.dtype(acc)) if spec.output_final_state else None)
+
+    def host(x, g, h0, cu):
+        o, ht = naive_recurrent_hgrn(np.asarray(x), np.asarray(g), None if h0 is None else np.asarray(h0),
+                                     spec.output_final_state, None if cu is None else np.asarray(cu),
+                                     spec.reverse, compute_dtype=acc)
+        return o.astype(shapes[0].dtype, copy=False), ht
+
+    return jax.pure_callback(host, shapes, x, g, h0, cu)
+
+
+def _host_backward(spec, g, o, do, dht, h0, cu):
+    N, D = _nseq(o, cu), o.shape[2]
+    acc = _acc(o, g)
+    shapes = (jax.ShapeDtypeStruct(o.shape, o.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
+              None if h0 is None else jax.ShapeDtypeStruct((N, D), jnp.dtype(acc)))
+
+    def host(g, o, do, dht, h0, cu):
+        opt = lambda a: None if a is None else np.asarray(a)  # noqa: E731
+        dx, dg, dh0 = naive_recurrent_hgrn_bwd(np.asarray(g), np.asarray(o), np.asarray(do), opt(dht), opt(h0),
+                                               opt(cu), spec.reverse, compute_dtype=acc)
+        return (dx.astype(shapes[0].dtype, copy=False), dg.astype(shapes[1].dtype, copy=False),
+                None if dh0 is None else dh0.astype(acc, copy=False))
+
+    return jax.pure_callback(host, shapes, g, o, do, dht, h0, cu)
+
+
+# ----------------------------------------------------------------------------------------------
+# one op per direction: platform choice at lowering, vmap folded into the batch
+
+def _fold_batch(axis_size, in_batched, arrays, cu):
+    """Broadcast the unbatched arrays to the batch, then merge it into B (dense) or into packed
+    sequences (varlen: time becomes V*T and the offsets of copy v are shifted by v*T).
+
+    ``arrays``: {name: (array or None, is [B, T, D] (else [N, D]))}, in argument order, cu last in
+    ``in_batched``.  Returns (folded arrays, folded cu)."""
+    V = axis_size
+    full = {}
+    for (k, (a, _)), b in zip(arrays.items(), in_batched):
+        full[k] = None if a is None else (a if b else jnp.broadcast_to(a, (V,) + a.shape))
+    merge = lambda a: a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])  # noqa: E731
+    if cu is None:
+        folded = {k: None if a is None else merge(a) for k, a in full.items()}
+    else:  # [V, 1, T, D] -> [1, V*T, D]; states [V, N, D] -> [V*N, D]
+        folded = {k: None if a is None else (merge(a[:, 0])[None] if arrays[k][1] else merge(a))
+                  for k, a in full.items()}
+        T = next(full[k] for k, (_, btd) in arrays.items() if btd).shape[2]
+        cuv = cu if in_batched[-1] else jnp.broadcast_to(cu, (V,) + cu.shape)
+        starts = cuv[:, :-1] + (jnp.arange(V, dtype=cu.dtype) * T)[:, None]
+        cu = jnp.concatenate([starts.reshape(-1), jnp.full((1,), V * T, cu.dtype)])
+    return folded, cu
+
+
+def _unfold(a, V, btd, varlen):
+    """Split the folded leading axis (or, varlen, the packed time axis) of an output back into V."""
+    if a is None:
+        return None
+    if btd and varlen:
+        return a.reshape((V, 1, a.shape[1] // V) + a.shape[2:])
+    return a.reshape((V, a.shape[0] // V) + a.shape[1:])
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_op(spec):
+    @jax.custom_batching.custom_vmap
+    def forward(x, g, h0, cu):
+        return lax.platform_dependent(x, g, h0, cu, **_branches(_device_forward, _host_forward, spec))
+
+    @forward.def_vmap
+    def forward_vmap(axis_size, in_batched, x, g, h0, cu):
+        arrays = {"x": (x, True), "g": (g, True), "h0": (h0, False)}
+        f, cu_f = _fold_batch(axis_size, in_batched, arrays, cu)
+        o, ht = forward(f["x"], f["g"], f["h0"], cu_f)
+        out = (_unfold(o, axis_size, True, cu is not None), _unfold(ht, axis_size, False, cu is not None))
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return forward
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_op(spec):
+    @jax.custom_batching.custom_vmap
+    def backward(g, o, do, dht, h0, cu):
+        return lax.platform_dependent(g, o, do, dht, h0, cu, **_branches(_device_backward, _host_backward, spec))
+
+    @backward.def_vmap
+    def backward_vmap(axis_size, in_batched, g, o, do, dht, h0, cu):
+        arrays = {"g": (g, True), "o": (o, True), "do": (do, True), "dht": (dht, False), "h0": (h0, False)}
+        f, cu_f = _fold_batch(axis_size, in_batched, arrays, cu)
+        res = backward(f["g"], f["o"], f["do"], f["dht"], f["h0"], cu_f)
+        varlen = cu is not None
+        out = tuple(_unfold(a, axis_size, btd, varlen) for a, btd in zip(res, (True, True, False)))
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return backward
+
+
+# ----------------------------------------------------------------------------------------------
+# differentiation
+
+def _forward(spec, x, g, h0, cu):
+    if h0 is not None:
+        h0 = h0.astype(_acc(x, g))
+    return _forward_op(spec)(x, g, h0, cu)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _hgrn(spec, x, g, h0, cu):
+    return _forward(spec, x, g, h0, cu)
+
+
+def _hgrn_fwd(spec, x, g, h0, cu):
+    o, ht = _forward(spec, x, g, h0, cu)
+    return (o, ht), (g, o, h0, cu)  # the output holds every state the backward needs; x is not kept
+
+
+def _hgrn_bwd(spec, res, cts):
+    g, o, h0, cu = res
+    do, dht = cts
+    acc = _acc(o, g)
+    do = do.astype(o.dtype)
+    dht = None if dht is None else dht.astype(acc)
+    h0_acc = None if h0 is None else h0.astype(acc)
+    dx, dg, dh0 = _backward_op(spec)(g, o, do, dht, h0_acc, cu)
+    return dx, dg, None if dh0 is None else dh0.astype(h0.dtype), None
+
+
+_hgrn.defvjp(_hgrn_fwd, _hgrn_bwd)
+# Compiled even when called eagerly, so that the platform is that of the arguments' device.
+_hgrn_jit = jax.jit(_hgrn, static_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------------------------
+# the public functions
+
+def _apply(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
+    x, g = _as_jax(x, "x"), _as_jax(g, "g")
+    h0, cu = _as_jax(initial_state, "initial_state"), _as_jax(cu_seqlens, "cu_seqlens")
+    _check(x, g, h0, cu, reverse)
+    spec = _Spec(engine, bool(output_final_state), bool(reverse))
+    o, ht = _hgrn_jit(spec, x, g, h0, cu)
+    return o, ht
+
+
+def hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False):
+    """HGRN recurrence ``h[t] = exp(g[t]) * h[t-1] + x[t]`` on JAX arrays, with the faster engine.
+
+    Args:
+        x: values ``[B, T, D]``.
+        g: forget gates in log space ``[B, T, D]`` (normally ``<= 0``); may differ from x in dtype.
+        initial_state: ``[N, D]`` state before the first step (zeros when None); N = B, or the number
+            of sequences with ``cu_seqlens``.
+        output_final_state: also return the state after the last step (static).
+        cu_seqlens: ``[N+1]`` int32/int64 offsets of packed sequences along time (needs B == 1).
+        reverse: run time backwards (static).
+
+    Returns:
+        ``(o, ht)``: o ``[B, T, D]`` in x's dtype; ht ``[N, D]`` in float32 (float64 when an input
+        is float64), or None unless ``output_final_state``.
+
+    Differentiable (reverse mode) in x, g and initial_state; works under ``jax.jit`` and
+    ``jax.vmap``.  The math is in :mod:`hgrn_cupy.naive`.
+    """
+    return _apply("auto", x, g, initial_state, output_final_state, cu_seqlens, reverse)
+
+
+def chunk_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False):
+    """:func:`hgrn` on the chunk engine (on CUDA; elsewhere every engine is the NumPy reference)."""
+    return _apply("chunk", x, g, initial_state, output_final_state, cu_seqlens, reverse)
+
+
+def fused_recurrent_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False):
+    """:func:`hgrn` on the fused recurrent engine (on CUDA; elsewhere the NumPy reference)."""
+    return _apply("fused_recurrent", x, g, initial_state, output_final_state, cu_seqlens, reverse)
