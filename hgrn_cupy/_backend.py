@@ -179,7 +179,8 @@ class _Torch(Framework):
         return a.device
 
     def dtype(self, a):
-        return _torch_dtype_names().get(a.dtype, str(a.dtype).replace("torch.", ""))
+        name = _torch_dtype_names().get(a.dtype)
+        return name if name is not None else str(a.dtype).replace("torch.", "")
 
     def describe(self, a):
         return Arr(a.data_ptr(), tuple(a.shape), tuple(a.stride()), self.dtype(a))
@@ -310,3 +311,10 @@ def framework_of(a) -> Framework | None:
         return None
     _by_type[t] = fw
     return fw
+
+
+def is_jax_tracer(a) -> bool:
+    """True for an abstract JAX value (under jit, grad or vmap), which has no buffer to hand out."""
+    jax = sys.modules.get("jax")
+    tracer = getattr(getattr(jax, "core", None), "Tracer", None)
+    return tracer is not None and isinstance(a, tracer)

@@ -37,6 +37,9 @@ ENGINES = ("auto", "chunk", "fused_recurrent")
 
 def _fw(a, name):
     fw = bk.framework_of(a)
+    if fw is bk.JAX and bk.is_jax_tracer(a):  # inside jax.jit / grad / vmap
+        raise TypeError(f"{name} is a traced JAX value; inside jax.jit, grad or vmap use hgrn_cupy.jax.hgrn "
+                        "(and friends), which run inside the compiled program")
     if fw is None:
         raise TypeError(f"{name} must be a NumPy, CuPy, PyTorch or JAX array, got {type(a).__name__}")
     return fw
