@@ -18,6 +18,11 @@ OPTIONS = (f"-DHC_FWD_WARPS={SHAPES[0][0]}", f"-DHC_FWD_STEPS={SHAPES[0][1]}",
            f"-DHC_BWD_WARPS={SHAPES[1][0]}", f"-DHC_BWD_STEPS={SHAPES[1][1]}")
 
 
+def options(x_dtype, g_dtype):
+    """Compile options for one dtype pair (the same for all)."""
+    return OPTIONS
+
+
 def _align(n, a=256):
     return (n + a - 1) // a * a
 

@@ -8,8 +8,17 @@ from __future__ import annotations
 from ._compile import get_function, launch
 
 BLOCK = 64      # small blocks spread few channels over every multiprocessor
-PREFETCH = 16   # steps per register tile (kernels_cu/fused_recurrent.cu)
-OPTIONS = (f"-DHC_PREFETCH={PREFETCH}",)
+
+
+def options(x_dtype, g_dtype):
+    """Compile options for one dtype pair: steps per register tile (two tiles in flight).
+
+    32-step tiles when both inputs are float32, 16 otherwise: on an H100 at 16K channels the longer
+    tiles took float32 from 1.41x to 1.32x of the floor (forward) and 1.23x to 1.19x (backward),
+    while bfloat16 gained nothing in the forward and lost at 128K channels.
+    """
+    steps = 32 if x_dtype == g_dtype == "float32" else 16
+    return (f"-DHC_PREFETCH={steps}",)
 
 
 def _grid(N, D):
@@ -22,7 +31,7 @@ def fused_recurrent_fwd(x, g, o, h0, ht, cu, N, reverse, device, stream):
     B, T, D = x.shape
     if N == 0 or D == 0:
         return
-    fn = get_function("fused_recurrent", 0, x.dtype, g.dtype, device, OPTIONS)
+    fn = get_function("fused_recurrent", 0, x.dtype, g.dtype, device, options(x.dtype, g.dtype))
     grid, block = _grid(N, D)
     cu_ptr, cu64 = cu if cu is not None else (0, 0)
     launch(fn, grid, block, stream.ptr, (
@@ -37,7 +46,7 @@ def fused_recurrent_bwd(g, o, do, dx, dg, h0, dht, dh0, cu, N, reverse, device, 
     B, T, D = g.shape
     if N == 0 or D == 0:
         return
-    fn = get_function("fused_recurrent", 1, o.dtype, g.dtype, device, OPTIONS)
+    fn = get_function("fused_recurrent", 1, o.dtype, g.dtype, device, options(o.dtype, g.dtype))
     grid, block = _grid(N, D)
     cu_ptr, cu64 = cu if cu is not None else (0, 0)
     launch(fn, grid, block, stream.ptr, (

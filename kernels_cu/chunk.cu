@@ -33,10 +33,27 @@ namespace hc {
 
 enum { FLAG_NONE = 0, FLAG_AGGREGATE = 1, FLAG_INCLUSIVE = 2 };
 
-// Workspace view of one launch: ws_flags[0] is the ticket counter, ws_flags[1 + slot] the flags.
+// Affine pairs move through L2 as one 8-byte (float) or 16-byte (double) access.
+__device__ __forceinline__ Affine<float> load_pair(const Affine<float>* p) {
+    const float2 v = __ldcg(reinterpret_cast<const float2*>(p));
+    Affine<float> r; r.a = v.x; r.b = v.y; return r;
+}
+__device__ __forceinline__ Affine<double> load_pair(const Affine<double>* p) {
+    const double2 v = __ldcg(reinterpret_cast<const double2*>(p));
+    Affine<double> r; r.a = v.x; r.b = v.y; return r;
+}
+__device__ __forceinline__ void store_pair(Affine<float>* p, Affine<float> v) {
+    __stcg(reinterpret_cast<float2*>(p), make_float2(v.a, v.b));
+}
+__device__ __forceinline__ void store_pair(Affine<double>* p, Affine<double> v) {
+    __stcg(reinterpret_cast<double2*>(p), make_double2(v.a, v.b));
+}
+
+// Workspace view of one launch: flags[0] is the ticket counter, flags[1 + slot] the flags.
 template <typename Acc>
 struct LookBack {
     int* flags; Affine<Acc>* agg; Acc* inc;
+    static constexpr int BATCH = 4;  // predecessor aggregates loaded together per round trip
 
     __device__ __forceinline__ void publish(i64 slot, int flag, int lane) {
         __threadfence();
@@ -51,8 +68,7 @@ struct LookBack {
             publish(slot, FLAG_INCLUSIVE, lane);
             return Acc(0);
         }
-        __stcg(&agg[slot * 32 + lane].a, total.a);
-        __stcg(&agg[slot * 32 + lane].b, total.b);
+        store_pair(agg + slot * 32 + lane, total);
         publish(slot, FLAG_AGGREGATE, lane);
 
         Affine<Acc> acc; acc.a = Acc(1); acc.b = Acc(0);
@@ -66,15 +82,24 @@ struct LookBack {
             const int nready = ready == 0xffffffffu ? 32 : __ffs(~ready) - 1;
             const int first_inc = incl ? __ffs(incl) - 1 : 32;
             __threadfence();
-            const int nfold = first_inc < nready ? first_inc : nready;
-            for (int k = 0; k < nfold; ++k) {
-                Affine<Acc> e;
-                e.a = __ldcg(&agg[(slot0 + j - k) * 32 + lane].a);
-                e.b = __ldcg(&agg[(slot0 + j - k) * 32 + lane].b);
-                acc = compose(acc, e);
+            const bool found = first_inc < nready;
+            const int nfold = found ? first_inc : nready;
+            Acc h = Acc(0);
+            if (found) h = __ldcg(inc + (slot0 + j - first_inc) * 32 + lane);
+            // Fold chunks j, j-1, ..., j-nfold+1 (latest first), BATCH loads in flight at a time.
+            const Affine<Acc>* p = agg + (slot0 + j) * 32 + lane;
+#pragma unroll 1
+            for (int k0 = 0; k0 < nfold; k0 += BATCH) {
+                Affine<Acc> e[BATCH];
+#pragma unroll
+                for (int k = 0; k < BATCH; ++k)
+                    if (k0 + k < nfold) e[k] = load_pair(p - k * 32);
+#pragma unroll
+                for (int k = 0; k < BATCH; ++k)
+                    if (k0 + k < nfold) acc = compose(acc, e[k]);
+                p -= BATCH * 32;
             }
-            if (first_inc < nready) {
-                const Acc h = __ldcg(inc + (slot0 + j - first_inc) * 32 + lane);
+            if (found) {
                 const Acc carry = acc.a * h + acc.b;
                 __stcg(inc + slot * 32 + lane, total.a * carry + total.b);
                 publish(slot, FLAG_INCLUSIVE, lane);
