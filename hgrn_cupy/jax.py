@@ -459,23 +459,13 @@ def _apply(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse)
 
 
 def hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False):
-    """HGRN recurrence ``h[t] = exp(g[t]) * h[t-1] + x[t]`` on JAX arrays, with the faster engine.
+    """:func:`hgrn_cupy.hgrn` for JAX arrays, eagerly or inside ``jax.jit`` / ``grad`` / ``vmap``.
 
-    Args:
-        x: values ``[B, T, D]``.
-        g: forget gates in log space ``[B, T, D]`` (normally ``<= 0``); may differ from x in dtype.
-        initial_state: ``[N, D]`` state before the first step (zeros when None); N = B, or the number
-            of sequences with ``cu_seqlens``.
-        output_final_state: also return the state after the last step (static).
-        cu_seqlens: ``[N+1]`` int32/int64 offsets of packed sequences along time (needs B == 1).
-        reverse: run time backwards (static).
-
-    Returns:
-        ``(o, ht)``: o ``[B, T, D]`` in x's dtype; ht ``[N, D]`` in float32 (float64 when an input
-        is float64), or None unless ``output_final_state``.
-
-    Differentiable (reverse mode) in x, g and initial_state; works under ``jax.jit`` and
-    ``jax.vmap``.  The math is in :mod:`hgrn_cupy.naive`.
+    Arguments and results as :func:`hgrn_cupy.hgrn` (``output_final_state`` and ``reverse`` are
+    static).  Differentiable in reverse mode in x, g and initial_state, with the final state's
+    gradient flowing back; ``jax.vmap`` folds extra leading axes into the batch.  On GPU the kernels
+    run inside the compiled program (``jax.experimental.buffer_callback`` on XLA's stream); on CPU
+    the NumPy reference runs through ``jax.pure_callback``.
     """
     return _apply("auto", x, g, initial_state, output_final_state, cu_seqlens, reverse)
 
