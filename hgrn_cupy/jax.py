@@ -99,25 +99,12 @@ def _check(x, g, h0, cu, reverse):
     B, T, D = x.shape
     N = B
     if cu is not None:
-        dt = _name(cu.dtype)
-        if cu.ndim != 1 or dt not in bk.INDEX_DTYPES:
-            raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 array [N+1], got shape "
-                             f"{tuple(cu.shape)} and dtype {dt}")
-        if cu.shape[0] < 1:
-            raise ValueError("cu_seqlens must hold at least one offset (0)")
-        if B != 1:
-            raise ValueError(f"cu_seqlens packs sequences along time and needs B == 1, got B = {B}")
-        N = cu.shape[0] - 1
+        N = _ops.check_cu_seqlens_layout(cu.shape, _name(cu.dtype), B)
         # Values can be read only when they are concrete (not under jit or vmap); the kernels clamp
         # offsets into [0, T] either way, so bad values give wrong numbers, never stray accesses.
         v = _concrete(cu) if _ops.config.check_cu_seqlens_values else None
         if v is not None:
-            if v[0] != 0:
-                raise ValueError(f"cu_seqlens must start at 0, got {int(v[0])}")
-            if np.any(np.diff(v) < 0):
-                raise ValueError("cu_seqlens must be non-decreasing")
-            if v[-1] != T:
-                raise ValueError(f"cu_seqlens must end at T = {T}, got {int(v[-1])}")
+            _ops.check_cu_seqlens_values(v, T)
     if h0 is not None:
         _check_float(h0, "initial_state")
         if tuple(h0.shape) != (N, D):

@@ -80,28 +80,37 @@ def _check_state(a, name, fw, ref, N, D):
     return a
 
 
+def check_cu_seqlens_layout(shape, dtype, B):
+    """The checks on cu_seqlens that need no values; returns N, the number of sequences."""
+    if len(shape) != 1 or dtype not in bk.INDEX_DTYPES:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 array [N+1], got shape "
+                         f"{tuple(shape)} and dtype {dtype}")
+    if shape[0] < 1:
+        raise ValueError("cu_seqlens must hold at least one offset (0)")
+    if B != 1:
+        raise ValueError(f"cu_seqlens packs sequences along time and needs B == 1, got B = {B}")
+    return shape[0] - 1
+
+
+def check_cu_seqlens_values(v, T):
+    """cu_seqlens (host values) starts at 0, never decreases and ends at T."""
+    if v[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(v[0])}")
+    if np.any(np.diff(v) < 0):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if v[-1] != T:
+        raise ValueError(f"cu_seqlens must end at T = {T}, got {int(v[-1])}")
+
+
 def _check_cu_seqlens(cu, fw, ref, B, T):
     """Returns N, the number of sequences."""
     if cu is None:
         return B
     _same_place(cu, "cu_seqlens", fw, ref, "x")
-    dt = fw.dtype(cu)
-    if len(cu.shape) != 1 or dt not in bk.INDEX_DTYPES:
-        raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 array [N+1], got shape "
-                         f"{tuple(cu.shape)} and dtype {dt}")
-    if cu.shape[0] < 1:
-        raise ValueError("cu_seqlens must hold at least one offset (0)")
-    if B != 1:
-        raise ValueError(f"cu_seqlens packs sequences along time and needs B == 1, got B = {B}")
+    N = check_cu_seqlens_layout(cu.shape, fw.dtype(cu), B)
     if config.check_cu_seqlens_values and not (fw.is_gpu(cu) and fw.capturing(ref)):
-        v = fw.index_values(cu)
-        if v[0] != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {int(v[0])}")
-        if np.any(np.diff(v) < 0):
-            raise ValueError("cu_seqlens must be non-decreasing")
-        if v[-1] != T:
-            raise ValueError(f"cu_seqlens must end at T = {T}, got {int(v[-1])}")
-    return cu.shape[0] - 1
+        check_cu_seqlens_values(fw.index_values(cu), T)
+    return N
 
 
 def _check_reverse(reverse):
