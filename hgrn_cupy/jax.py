@@ -255,10 +255,15 @@ def _device_forward(spec, x, g, h0, cu):
         else:
             _fused.fused_recurrent_fwd(*args)
 
+    res = _call_device(launch, ins, out_shapes)
+    return res["o"], res.get("ht")
+
+
+def _call_device(launch, ins, out_shapes):
+    """Run ``launch`` inside the compiled program on the named inputs; the named outputs, by name."""
     call = _buffer_callback()(
         functools.partial(_run_device_kernels, launch, tuple(ins), tuple(out_shapes)), tuple(out_shapes.values()))
-    res = dict(zip(out_shapes, call(*ins.values())))
-    return res["o"], res.get("ht")
+    return dict(zip(out_shapes, call(*ins.values())))
 
 
 def _device_backward(spec, g, o, do, dht, h0, cu):
@@ -288,9 +293,7 @@ def _device_backward(spec, g, o, do, dht, h0, cu):
         else:
             _fused.fused_recurrent_bwd(*args)
 
-    call = _buffer_callback()(
-        functools.partial(_run_device_kernels, launch, tuple(ins), tuple(out_shapes)), tuple(out_shapes.values()))
-    res = dict(zip(out_shapes, call(*ins.values())))
+    res = _call_device(launch, ins, out_shapes)
     return res["dx"], res["dg"], res.get("dh0")
 
 
