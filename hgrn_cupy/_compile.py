@@ -20,8 +20,9 @@ C_TYPES = {
     "float64": "double",
 }
 DTYPES = tuple(C_TYPES)
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
-# engine -> (source file, (forward kernel, backward kernel), has a VARLEN template flag)
+# engine -> (source file, (forward kernel, backward kernel), has VARLEN and VEC template parameters)
 ENGINES = {
     "fused_recurrent": ("fused_recurrent.cu", ("fused_recurrent_fwd", "fused_recurrent_bwd"), False),
     "chunk": ("chunk.cu", ("chunk_fwd", "chunk_bwd"), True),
@@ -57,17 +58,24 @@ def accumulation_dtype(x_dtype: str, g_dtype: str) -> str:
     return "float64" if "float64" in (x_dtype, g_dtype) else "float32"
 
 
-def kernel_name(engine: str, direction: int, x_dtype: str, g_dtype: str, varlen: bool = False) -> str:
-    """The name expression of one instantiation, e.g. ``hc::chunk_fwd<float, hc::half_t, false>``."""
-    _, kernels, templated_varlen = ENGINES[engine]
-    flag = f", {'true' if varlen else 'false'}" if templated_varlen else ""
-    return f"hc::{kernels[direction]}<{C_TYPES[x_dtype]}, {C_TYPES[g_dtype]}{flag}>"
+def vector_width(x_dtype: str, g_dtype: str) -> int:
+    """Elements per 16-byte access of the wider of the two storage types (chunk engine's VEC)."""
+    return 16 // max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype])
+
+
+def kernel_name(engine: str, direction: int, x_dtype: str, g_dtype: str, varlen: bool = False, vec: int = 1) -> str:
+    """The name expression of one instantiation, e.g. ``hc::chunk_fwd<float, hc::half_t, false, 4>``."""
+    _, kernels, templated = ENGINES[engine]
+    extra = f", {'true' if varlen else 'false'}, {vec}" if templated else ""
+    return f"hc::{kernels[direction]}<{C_TYPES[x_dtype]}, {C_TYPES[g_dtype]}{extra}>"
 
 
 def name_expressions(engine: str, x_dtype: str, g_dtype: str) -> tuple[str, ...]:
     """Every kernel of one engine for one dtype pair: they share a module."""
-    flags = (False, True) if ENGINES[engine][2] else (False,)
-    return tuple(kernel_name(engine, k, x_dtype, g_dtype, v) for k in (0, 1) for v in flags)
+    if not ENGINES[engine][2]:
+        return tuple(kernel_name(engine, k, x_dtype, g_dtype) for k in (0, 1))
+    vecs = sorted({1, vector_width(x_dtype, g_dtype)})
+    return tuple(kernel_name(engine, k, x_dtype, g_dtype, v, w) for k in (0, 1) for v in (False, True) for w in vecs)
 
 
 def all_instantiations() -> list[tuple[str, str, str]]:
@@ -76,9 +84,9 @@ def all_instantiations() -> list[tuple[str, str, str]]:
 
 
 def get_function(engine: str, direction: int, x_dtype: str, g_dtype: str, device: int, options: tuple = (),
-                 varlen: bool = False):
+                 varlen: bool = False, vec: int = 1):
     """The compiled kernel (a ``cupy.cuda.Function``) for ``device``; compiles on first use."""
-    key = (engine, direction, x_dtype, g_dtype, device, options, varlen)
+    key = (engine, direction, x_dtype, g_dtype, device, options, varlen, vec)
     fn = _functions.get(key)
     if fn is not None:
         return fn
@@ -94,7 +102,7 @@ def get_function(engine: str, direction: int, x_dtype: str, g_dtype: str, device
             _modules[mkey] = module
         with cupy.cuda.Device(device):
             try:
-                raw = module.get_function(kernel_name(engine, direction, x_dtype, g_dtype, varlen))
+                raw = module.get_function(kernel_name(engine, direction, x_dtype, g_dtype, varlen, vec))
                 fn = raw.kernel
             except cupy.cuda.compiler.CompileException as e:  # keep NVRTC's log in the message
                 raise RuntimeError(f"hgrn_cupy: compiling {engine} kernels for ({x_dtype}, {g_dtype}) "

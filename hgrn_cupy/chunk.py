@@ -1,21 +1,23 @@
 """Chunk engine launchers (kernels in ``kernels_cu/chunk.cu``).
 
-Time is split into chunks (warps x steps per thread, see ``SHAPES``) scanned in parallel; a block covers 32 channels of
-one chunk, and the chunks of a tile are joined by single-pass decoupled look-back through a small
-workspace (one flag, 32 affine pairs and 32 states per tile and chunk, plus a ticket counter).
-Best for long T with few channels.  Launchers check nothing: the public functions validate.
+Time is split into chunks (warps x steps per thread, see ``SHAPES``) scanned in parallel; a block covers
+32 x VEC channels of one chunk, and the chunks of a tile are joined by single-pass decoupled look-back
+through a small workspace (one flag, 32 x VEC affine pairs and 32 x VEC states per tile and chunk, plus a
+ticket counter).  VEC is the number of channels one thread moves per access: 16 bytes' worth where
+every tensor's pointer, channel count and strides allow it, 1 otherwise.  Best for long T with few
+channels.  Launchers check nothing: the public functions validate.
 """
 from __future__ import annotations
 
-from ._compile import get_function, launch
+from ._compile import ITEMSIZE, get_function, launch, vector_width
 
-TILE = 32
-# (warps per block, steps per thread) of the forward and the backward kernel: the forward is lighter
-# per step and gains from longer runs per thread; the backward holds three values per step.
-SHAPES = {0: (4, 16), 1: (16, 8)}
+LANES = 32
+# (warps per block, steps per thread) per (direction, vector kernel?).  The scalar kernels keep the
+# shapes tuned before vectorisation; the vector kernels hold 16 bytes per tensor and step in registers.
+SHAPES = {(0, False): (4, 16), (1, False): (16, 8), (0, True): (8, 8), (1, True): (8, 4)}
 # The kernels' shapes are fixed at compile time from these (see kernels_cu/chunk.cu).
-OPTIONS = (f"-DHC_FWD_WARPS={SHAPES[0][0]}", f"-DHC_FWD_STEPS={SHAPES[0][1]}",
-           f"-DHC_BWD_WARPS={SHAPES[1][0]}", f"-DHC_BWD_STEPS={SHAPES[1][1]}")
+OPTIONS = tuple(f"-DHC_{'FWD' if d == 0 else 'BWD'}_{what}_{'V' if v else '1'}={SHAPES[d, v][i]}"
+                for (d, v) in SHAPES for i, what in enumerate(("WARPS", "STEPS")))
 
 
 def options(x_dtype, g_dtype):
@@ -27,23 +29,46 @@ def _align(n, a=256):
     return (n + a - 1) // a * a
 
 
-def workspace_layout(N, T, D, varlen, acc_itemsize, direction=0):
+def workspace_layout(N, T, D, varlen, acc_itemsize, direction=0, vec=1):
     """(ntiles, nchunks, bytes to zero, total bytes, offset of pairs, offset of states)."""
-    warps, steps = SHAPES[direction]
-    ntiles = (1 if varlen else N) * ((D + TILE - 1) // TILE)
+    warps, steps = SHAPES[direction, vec > 1]
+    tile = LANES * vec
+    ntiles = (1 if varlen else N) * ((D + tile - 1) // tile)
     nchunks = (T + warps * steps - 1) // (warps * steps)
     slots = ntiles * nchunks
     zero = _align(4 * (1 + slots))
-    pairs = _align(slots * TILE * 2 * acc_itemsize)
-    states = _align(slots * TILE * acc_itemsize)
+    pairs = _align(slots * tile * 2 * acc_itemsize)
+    states = _align(slots * tile * acc_itemsize)
     return ntiles, nchunks, zero, zero + pairs + states, zero, zero + pairs
+
+
+def max_workspace_bytes(N, T, D, varlen, acc_itemsize, x_dtype, g_dtype):
+    """The largest workspace either direction can ask for, whichever VEC the pointers allow."""
+    vecs = {1, vector_width(x_dtype, g_dtype)}
+    return max(workspace_layout(N, T, D, varlen, acc_itemsize, d, v)[3] for d in (0, 1) for v in vecs)
+
+
+def pick_vec(D, tensors):
+    """The widest VEC every tensor allows: D, the pointers (in bytes) and the strides of the axes that
+    have more than one index (in elements) must all be multiples of it."""
+    vec = vector_width(tensors[0].dtype, tensors[1].dtype)
+    if vec == 1 or D % vec:
+        return 1
+    for a in tensors:
+        if a.ptr % (vec * ITEMSIZE[a.dtype]):
+            return 1
+        for n, s in zip(a.shape[:2], a.strides[:2]):
+            if n > 1 and s % vec:
+                return 1
+    return vec
 
 
 def _launch(direction, tensors, states, dtypes, cu, N, T, D, reverse, device, stream, workspace):
     x_dtype, g_dtype = dtypes
     acc_itemsize = 8 if "float64" in dtypes else 4
+    vec = pick_vec(D, tensors)
     ntiles, nchunks, zero, total, off_pairs, off_states = workspace_layout(N, T, D, cu is not None, acc_itemsize,
-                                                                           direction)
+                                                                           direction, vec)
     if ntiles * nchunks == 0:
         return
     ws = workspace(total)  # (pointer, owner): the owner keeps the memory alive until we return
@@ -51,14 +76,14 @@ def _launch(direction, tensors, states, dtypes, cu, N, T, D, reverse, device, st
     import cupy
 
     cupy.cuda.runtime.memsetAsync(base, 0, zero, stream.ptr)
-    fn = get_function("chunk", direction, x_dtype, g_dtype, device, OPTIONS, varlen=cu is not None)
+    fn = get_function("chunk", direction, x_dtype, g_dtype, device, OPTIONS, varlen=cu is not None, vec=vec)
     cu_ptr, cu64 = cu if cu is not None else (0, 0)
     args = [a.ptr for a in tensors]
     for a in tensors:
         args += [a.strides[0], a.strides[1]]
     args += [p or 0 for p in states]
     args += [cu_ptr, cu64, N, T, D, int(bool(reverse)), base, base + off_pairs, base + off_states, ntiles, nchunks]
-    launch(fn, (ntiles * nchunks,), (TILE, SHAPES[direction][0]), stream.ptr, args, device)
+    launch(fn, (ntiles * nchunks,), (LANES, SHAPES[direction, vec > 1][0]), stream.ptr, args, device)
     return ws
 
 

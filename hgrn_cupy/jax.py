@@ -173,9 +173,9 @@ def _arr(shape, dtype) -> bk.Arr:
     return bk.Arr(0, shape, _row_major(shape), _name(dtype))
 
 
-def _workspace_bytes(N, T, D, varlen, acc):
-    """Enough for either direction (their chunk lengths differ)."""
-    return max(_chunk.workspace_layout(N, T, D, varlen, np.dtype(acc).itemsize, d)[3] for d in (0, 1))
+def _workspace_bytes(N, T, D, varlen, acc, x_dtype, g_dtype):
+    """Enough for either direction and either access width (their chunk lengths and tiles differ)."""
+    return _chunk.max_workspace_bytes(N, T, D, varlen, np.dtype(acc).itemsize, _name(x_dtype), _name(g_dtype))
 
 
 def _poison(ptrs, bufs, out_names, stream):
@@ -236,12 +236,13 @@ def _device_forward(spec, x, g, h0, cu):
     B, T, D = x.shape
     N = _nseq(x, cu)
     acc = _acc(x, g)
-    engine = _ops._engine(spec.engine, N, T, D)
+    engine = _ops._engine(spec.engine, N, T, D, (_name(x.dtype), _name(g.dtype)), 0)
     out_shapes = {"o": jax.ShapeDtypeStruct(x.shape, x.dtype)}
     if spec.output_final_state:
         out_shapes["ht"] = jax.ShapeDtypeStruct((N, D), jnp.dtype(acc))
     if engine == "chunk":
-        out_shapes["ws"] = jax.ShapeDtypeStruct((_workspace_bytes(N, T, D, cu is not None, acc),), jnp.uint8)
+        out_shapes["ws"] = jax.ShapeDtypeStruct((_workspace_bytes(N, T, D, cu is not None, acc, x.dtype, g.dtype),),
+                                               jnp.uint8)
     ins = {k: v for k, v in (("x", x), ("g", g), ("h0", h0), ("cu", cu)) if v is not None}
     xa, ga, oa = _arr(x.shape, x.dtype), _arr(g.shape, g.dtype), _arr(x.shape, x.dtype)
     cu_dtype = None if cu is None else _name(cu.dtype)
@@ -271,12 +272,13 @@ def _device_backward(spec, g, o, do, dht, h0, cu):
     B, T, D = o.shape
     N = _nseq(o, cu)
     acc = _acc(o, g)
-    engine = _ops._engine(spec.engine, N, T, D)
+    engine = _ops._engine(spec.engine, N, T, D, (_name(o.dtype), _name(g.dtype)), 1)
     out_shapes = {"dx": jax.ShapeDtypeStruct(o.shape, o.dtype), "dg": jax.ShapeDtypeStruct(g.shape, g.dtype)}
     if h0 is not None:
         out_shapes["dh0"] = jax.ShapeDtypeStruct((N, D), jnp.dtype(acc))
     if engine == "chunk":
-        out_shapes["ws"] = jax.ShapeDtypeStruct((_workspace_bytes(N, T, D, cu is not None, acc),), jnp.uint8)
+        out_shapes["ws"] = jax.ShapeDtypeStruct((_workspace_bytes(N, T, D, cu is not None, acc, o.dtype, g.dtype),),
+                                               jnp.uint8)
     ins = {k: v for k, v in (("g", g), ("o", o), ("do", do), ("dht", dht), ("h0", h0), ("cu", cu))
            if v is not None}
     ga, oa = _arr(g.shape, g.dtype), _arr(o.shape, o.dtype)

@@ -12,7 +12,7 @@ import numpy as np
 from . import _backend as bk
 from . import chunk as _chunk
 from . import fused_recurrent as _fused
-from ._compile import accumulation_dtype
+from ._compile import ITEMSIZE, accumulation_dtype
 from .naive import naive_recurrent_hgrn, naive_recurrent_hgrn_bwd
 
 
@@ -154,19 +154,27 @@ def check_backward(g, o, do, dht, initial_state, cu_seqlens, reverse):
 # ----------------------------------------------------------------------------------------------
 # engine choice
 
-def pick_engine(N, T, D):
+# The chunk engine wins below this many channels (N * D), the fused walk from there on, per (bytes per
+# element of the wider input, direction); measured on an H100 (benchmarks/NOTES.md, engine crossover).
+CHUNK_BELOW = {(2, 0): 1 << 17, (2, 1): 1 << 15, (4, 0): 1 << 15, (4, 1): 1 << 14}
+FUSED_MAX_T = 32  # at most this many steps, the walk is shorter than the chunk engine's look-back
+
+
+def pick_engine(N, T, D, dtypes=("float32",), direction=0):
     """The faster engine for a shape: the fused recurrent walk needs many channels to fill the GPU
-    (one thread each); the chunk engine also parallelises over time."""
-    if T <= 64 or N * D >= (1 << 14):  # measured on an H100 (benchmarks/)
+    (one thread each); the chunk engine also parallelises over time.  ``dtypes``: the inputs'
+    dtype names; ``direction``: 0 forward, 1 backward."""
+    if T <= FUSED_MAX_T:
         return "fused_recurrent"
-    return "chunk"
+    size = 2 if max(ITEMSIZE[d] for d in dtypes) <= 2 else 4
+    return "chunk" if N * D < CHUNK_BELOW[size, direction] else "fused_recurrent"
 
 
-def _engine(engine, N, T, D):
+def _engine(engine, N, T, D, dtypes=("float32",), direction=0):
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "auto":
-        engine = pick_engine(N, T, D)
+        engine = pick_engine(N, T, D, dtypes, direction)
     if engine == "chunk" and T == 0:  # nothing to split; the walk passes states through
         engine = "fused_recurrent"
     return engine
@@ -327,7 +335,7 @@ def _cpu_backward(fw, g, o, do, dht, h0, cu, reverse):
 def _forward(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
     fw, N = check_forward(x, g, initial_state, cu_seqlens, reverse)
     B, T, D = x.shape
-    engine = _engine(engine, N, T, D)
+    engine = _engine(engine, N, T, D, (fw.dtype(x), fw.dtype(g)), 0)
     if not fw.is_gpu(x):
         return _cpu_forward(fw, x, g, initial_state, output_final_state, cu_seqlens, reverse)
     if fw is bk.JAX:
@@ -388,7 +396,7 @@ def hgrn_backward(g, o, do, dht=None, initial_state=None, cu_seqlens=None, rever
     """
     fw, N = check_backward(g, o, do, dht, initial_state, cu_seqlens, reverse)
     B, T, D = o.shape
-    engine = _engine(engine, N, T, D)
+    engine = _engine(engine, N, T, D, (fw.dtype(o), fw.dtype(g)), 1)
     if not fw.is_gpu(o):
         return _cpu_backward(fw, g, o, do, dht, initial_state, cu_seqlens, reverse)
     if fw is bk.JAX:

@@ -55,3 +55,39 @@ def test_kernel_sources_ship():
     names = {f.name for f in _kernel_files()}
     assert {_compile.ENGINES[e][0] for e in _compile.ENGINES} <= names
     assert any(n.endswith(".cuh") for n in names)
+
+
+def test_chunk_access_width():
+    """16-byte accesses only where D, every pointer and every stride of a non-trivial axis allow them."""
+    from hgrn_cupy._backend import Arr
+
+    def arr(dtype, shape=(2, 10, 64), strides=None, offset=0):
+        strides = strides or (shape[1] * shape[2], shape[2], 1)
+        return Arr(1 << 20 | offset, shape, strides, dtype)
+
+    assert chunk.pick_vec(64, [arr("bfloat16"), arr("bfloat16")]) == 8
+    assert chunk.pick_vec(64, [arr("float32"), arr("float32")]) == 4
+    assert chunk.pick_vec(64, [arr("bfloat16"), arr("float32")]) == 4
+    assert chunk.pick_vec(64, [arr("float64"), arr("float16")]) == 2
+    assert chunk.pick_vec(60, [arr("bfloat16", (2, 10, 60)), arr("bfloat16", (2, 10, 60))]) == 1
+    assert chunk.pick_vec(64, [arr("bfloat16"), arr("bfloat16", offset=2)]) == 1   # misaligned pointer
+    assert chunk.pick_vec(64, [arr("bfloat16"), arr("bfloat16", offset=16)]) == 8  # 16-byte aligned
+    odd_time = (10 * 68, 68, 1)
+    assert chunk.pick_vec(64, [arr("bfloat16"), arr("bfloat16", strides=odd_time)]) == 1
+    one_step = (2, 1, 64)  # a stride of an axis of length 1 never moves a pointer
+    assert chunk.pick_vec(64, [arr("bfloat16", one_step, (72, 3, 1)), arr("bfloat16", one_step)]) == 8
+    assert chunk.pick_vec(64, [arr("bfloat16", strides=(-640, -64, 1)), arr("bfloat16")]) == 8
+
+
+def test_engine_choice():
+    """The measured crossover (benchmarks/NOTES.md): short T walks; otherwise the chunk engine below a
+    channel count that depends on the element size and the direction."""
+    from hgrn_cupy import ops
+
+    assert ops.pick_engine(64, 1, 4096, ("bfloat16",)) == "fused_recurrent"
+    assert ops.pick_engine(1, 32768, 1024, ("bfloat16", "bfloat16"), 1) == "chunk"
+    assert ops.pick_engine(8, 4096, 2048, ("bfloat16",), 0) == "chunk"
+    assert ops.pick_engine(32, 2048, 4096, ("bfloat16",), 0) == "fused_recurrent"
+    assert ops.pick_engine(8, 4096, 2048, ("float32",), 1) == "fused_recurrent"
+    assert ops.pick_engine(8, 4096, 2048, ("bfloat16", "float32"), 1) == "fused_recurrent"
+    assert ops.pick_engine(2, 8192, 512, ("float64",), 1) == "chunk"

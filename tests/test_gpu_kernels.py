@@ -166,9 +166,10 @@ VARLEN = [
 @pytest.mark.parametrize("cu", VARLEN, ids=lambda c: f"n{len(c) - 1}")
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
 @pytest.mark.parametrize("has_h0", [True, False], ids=["h0", "no_h0"])
-def test_varlen(engine, dtype, cu, reverse, has_h0):
+@pytest.mark.parametrize("D", [67, 264])  # 264: the chunk engine's 16-byte path, a tile and a sliver
+def test_varlen(engine, dtype, cu, reverse, has_h0, D):
     rng = _rng()
-    T, D = cu[-1], 67
+    T = cu[-1]
     x, g = make_inputs(1, T, D, rng=rng)
     h0 = rng.standard_normal((len(cu) - 1, D)) if has_h0 else None
     check_forward(engine, x, g, dtype, h0, cu=cu, reverse=reverse)
@@ -209,14 +210,46 @@ def test_mixed_dtypes(engine):
     check_forward(engine, x, g, "float32", gdtype="float16")
 
 
-def test_long_sequence_chunk():
-    """T >= 2**20 with few channels: many chunks joined by look-back."""
+@pytest.mark.parametrize("dtype,D", [("float32", 5), ("bfloat16", 16)], ids=["f32-scalar", "bf16-vector"])
+def test_long_sequence_chunk(dtype, D):
+    """T >= 2**20 with few channels: many chunks joined by look-back (both access widths)."""
     rng = _rng()
-    T, D = 1 << 20, 5
+    T = 1 << 20
     x, g = make_inputs(1, T, D, rng=rng)
     h0 = rng.standard_normal((1, D))
-    check_forward("chunk", x, g, "float32", h0)
-    check_backward("chunk", x, g, "float32", h0)
+    check_forward("chunk", x, g, dtype, h0)
+    check_backward("chunk", x, g, dtype, h0)
+
+
+VECTOR_VIEWS = {  # (view, whether the chunk engine can still use 16-byte accesses on it)
+    "dense": (lambda a: a, True),
+    "time_stride": (lambda a: a[:, ::3], True),
+    "batch_slice": (lambda a: a[1:], True),
+    "channel_slice_aligned": (lambda a: a[:, 5:, 8:-16], True),
+    "reversed_time": (lambda a: a[:, ::-1], True),
+    "odd_offset": (lambda a: a[:, :, 1:-7], False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("view", ["dense", "time_stride", "batch_slice", "channel_slice_aligned", "reversed_time",
+                                  "odd_offset"])
+def test_chunk_access_width(dtype, view):
+    """The chunk engine reads 16 bytes per access where pointers, D and strides allow, one element
+    otherwise; both paths, across tile boundaries (D = 264 + 16 + 8 before slicing)."""
+    from hgrn_cupy import _backend, chunk
+
+    fn, vector = VECTOR_VIEWS[view]
+    rng = _rng()
+    x, g = make_inputs(3, 700, 288, rng=rng)
+    xv = fn(to_dev(x, dtype))
+    expect = chunk.vector_width(dtype, dtype) if vector else 1
+    arrs = [_backend.CUPY.describe(a) for a in (xv, fn(to_dev(g, dtype)))]
+    assert chunk.pick_vec(xv.shape[2], arrs) == expect
+    h0 = rng.standard_normal((xv.shape[0], xv.shape[2]))
+    check_forward("chunk", x, g, dtype, h0, views=fn, reverse=view == "dense")
+    xs, gs = to_host(fn(to_dev(x, dtype))), to_host(fn(to_dev(g, dtype)))
+    check_backward("chunk", xs, gs, dtype, h0, reverse=view == "batch_slice")
 
 
 @pytest.mark.parametrize("engine", ENGINES)
