@@ -59,6 +59,11 @@ class Framework:
         return tuple(s // a.itemsize for s in a.strides)
     def capturing(self, like) -> bool:
         return False
+    def signature(self, x, g, h, head) -> tuple | None:
+        """``head`` plus everything the checks and the launch read from x, g and the optional state h
+        (framework, device, dtype, shape, strides), or None when they are not all of x's exact type.
+        Equal signatures pass or fail the checks alike (``ops._lookup``)."""
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,6 +97,16 @@ class _Numpy(Framework):
 
     def index_values(self, a):
         return np.asarray(a)
+
+    def signature(self, x, g, h, head):
+        t = type(x)
+        if type(g) is not t:
+            return None
+        if h is None:
+            return head, x.dtype, x.shape, x.strides, g.dtype, g.shape, g.strides
+        if type(h) is not t:
+            return None
+        return head, x.dtype, x.shape, x.strides, g.dtype, g.shape, g.strides, h.dtype, h.shape, h.strides
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,6 +165,18 @@ class _Cupy(Framework):
 
     def index_values(self, a):
         return a.get()
+
+    def signature(self, x, g, h, head):
+        t = type(x)
+        if type(g) is not t:
+            return None
+        if h is None:
+            return (head, x.data.device_id, x.dtype, x.shape, x.strides,
+                    g.data.device_id, g.dtype, g.shape, g.strides)
+        if type(h) is not t:
+            return None
+        return (head, x.data.device_id, x.dtype, x.shape, x.strides, g.data.device_id, g.dtype, g.shape, g.strides,
+                h.data.device_id, h.dtype, h.shape, h.strides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,6 +265,21 @@ class _Torch(Framework):
     def strides(self, a):
         return tuple(a.stride())
 
+    def signature(self, x, g, h, head):
+        t = type(x)
+        if type(g) is not t or (h is not None and type(h) is not t):
+            return None
+        # CUDA devices by index (an int hashes and compares faster than a torch.device); any other
+        # placement by its torch.device, which never equals an int.
+        if x.is_cuda and g.is_cuda and (h is None or h.is_cuda):
+            xp, gp, hp = x.get_device(), g.get_device(), None if h is None else h.get_device()
+        else:
+            xp, gp, hp = x.device, g.device, None if h is None else h.device
+        if h is None:
+            return head, xp, x.dtype, x.shape, x.stride(), gp, g.dtype, g.shape, g.stride()
+        return (head, xp, x.dtype, x.shape, x.stride(), gp, g.dtype, g.shape, g.stride(),
+                hp, h.dtype, h.shape, h.stride())
+
 
 # ----------------------------------------------------------------------------------------------
 # JAX (CPU and GPU).  GPU arrays are converted to CuPy at the boundary (see from_gpu / to_gpu).
@@ -292,6 +334,9 @@ class _Jax(Framework):
 
 NUMPY, CUPY, TORCH, JAX = _Numpy(), _Cupy(), _Torch(), _Jax()
 _by_type: dict[type, Framework] = {np.ndarray: NUMPY}
+# The exact array types whose calls ops may plan (see Framework.signature); subclasses are not, as
+# they may redefine what the signature reads.
+PLANNABLE: dict[type, Framework] = {np.ndarray: NUMPY}
 
 
 def framework_of(a) -> Framework | None:
@@ -303,8 +348,12 @@ def framework_of(a) -> Framework | None:
     cupy, torch, jax = sys.modules.get("cupy"), sys.modules.get("torch"), sys.modules.get("jax")
     if cupy is not None and isinstance(a, cupy.ndarray):
         fw = CUPY
+        if t is cupy.ndarray:
+            PLANNABLE[t] = fw
     elif torch is not None and isinstance(a, torch.Tensor):
         fw = TORCH
+        if t is torch.Tensor:
+            PLANNABLE[t] = fw
     elif jax is not None and isinstance(a, getattr(jax, "Array", ())):
         fw = JAX
     else:

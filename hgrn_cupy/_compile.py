@@ -143,37 +143,48 @@ def compile_for_arch(engine: str, x_dtype: str, g_dtype: str, arch: str, options
 _tls = threading.local()
 
 
-def _slots(n):
-    cache = getattr(_tls, "slots", None)
-    if cache is None:
-        cache = _tls.slots = {}
-    entry = cache.get(n)
-    if entry is None:
-        import ctypes
-        import struct
+def _thread_slots(n, device):
+    """This thread's parameter buffer for ``n`` arguments: ``(buffer, address of the pointer array,
+    packer)``.  Made on a thread's first launch on ``device``, which also makes that device's primary
+    context current (a new thread has none)."""
+    try:
+        return _tls.slots[n, device]
+    except AttributeError:
+        _tls.slots = {}
+    except KeyError:
+        pass
+    import ctypes
+    import struct
 
-        buf = ctypes.create_string_buffer(8 * n)
-        base = ctypes.addressof(buf)
-        params = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
-        entry = cache[n] = (buf, params, ctypes.addressof(params), struct.Struct(f"<{n}q"))
+    import cupy
+
+    cupy.cuda.runtime.setDevice(device)
+    buf = ctypes.create_string_buffer(8 * n)
+    base = ctypes.addressof(buf)
+    params = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
+    entry = _tls.slots[n, device] = (buf, ctypes.addressof(params), struct.Struct(f"<{n}q"), params)
     return entry
 
 
-def launch(fn, grid, block, stream_ptr, args, device):
-    """Queue ``fn`` (a ``cupy.cuda.Function``) on the stream ``stream_ptr``; ``args`` are Python ints
+def bind(fn, grid, block, device):
+    """``fn`` (a ``cupy.cuda.Function`` of ``device``) with its grid and block fixed: a function
+    ``kernel(stream_ptr, *args)`` that queues it on the stream ``stream_ptr``.  ``args`` are Python ints
     (pointers, 64-bit integers, or 32-bit ints), in the kernel's parameter order."""
     from cupy_backends.cuda.api import driver
 
-    ready = getattr(_tls, "devices", None)
-    if ready is None:
-        ready = _tls.devices = set()
-    if device not in ready:  # a thread's first launch: make the device's primary context current
-        import cupy
-
-        cupy.cuda.runtime.setDevice(device)
-        ready.add(device)
-    buf, _, params, packer = _slots(len(args))
-    packer.pack_into(buf, 0, *args)
+    launch_kernel, fn_ptr = driver.launchKernel, fn.ptr
     gx, gy, gz = (tuple(grid) + (1, 1))[:3]
     bx, by, bz = (tuple(block) + (1, 1))[:3]
-    driver.launchKernel(fn.ptr, gx, gy, gz, bx, by, bz, 0, stream_ptr, params, 0)
+
+    def kernel(stream_ptr, *args):
+        buf, params, packer, _ = _thread_slots(len(args), device)
+        packer.pack_into(buf, 0, *args)
+        launch_kernel(fn_ptr, gx, gy, gz, bx, by, bz, 0, stream_ptr, params, 0)
+
+    kernel.function = fn  # the module stays loaded while the binding lives
+    return kernel
+
+
+def launch(fn, grid, block, stream_ptr, args, device):
+    """Queue ``fn`` once on the stream ``stream_ptr`` (see :func:`bind`)."""
+    bind(fn, grid, block, device)(stream_ptr, *args)

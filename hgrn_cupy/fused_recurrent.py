@@ -5,7 +5,7 @@ decode (T = 1) and for varlen.  Launchers check nothing: the public functions in
 """
 from __future__ import annotations
 
-from ._compile import get_function, launch
+from ._compile import bind, get_function, launch
 
 BLOCK = 64      # small blocks spread few channels over every multiprocessor
 
@@ -25,19 +25,32 @@ def _grid(N, D):
     return ((D + BLOCK - 1) // BLOCK, N), (BLOCK,)
 
 
+def prepare_fwd(x, g, o, cu, N, reverse, device):
+    """The forward launch for one layout, as a function ``launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr,
+    ht_ptr)`` (pointer 0: state absent), or None when there is nothing to compute.  x, g, o: ``Arr``
+    [B, T, D] whose shapes, strides and dtypes the launch keeps (their pointers are not read); cu:
+    ``(pointer, is_int64)`` of cu_seqlens or None.  Decoding reuses one across calls."""
+    B, T, D = x.shape
+    if N == 0 or D == 0:
+        return None
+    fn = get_function("fused_recurrent", 0, x.dtype, g.dtype, device, options(x.dtype, g.dtype))
+    kernel = bind(fn, *_grid(N, D), device)
+    (sxb, sxt), (sgb, sgt), (sob, sot) = x.strides[:2], g.strides[:2], o.strides[:2]
+    cu_ptr, cu64 = cu if cu is not None else (0, 0)
+    rev = int(bool(reverse))
+
+    def launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
+        kernel(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sxt, sgb, sgt, sob, sot, h0_ptr, ht_ptr, cu_ptr, cu64, T, D, rev)
+
+    return launch
+
+
 def fused_recurrent_fwd(x, g, o, h0, ht, cu, N, reverse, device, stream):
     """x, g, o: ``Arr`` [B, T, D]; h0, ht: pointers to [N, D] in the accumulation dtype (0: absent);
     cu: ``(pointer, is_int64)`` of cu_seqlens or None.  Queues the kernel on ``stream``."""
-    B, T, D = x.shape
-    if N == 0 or D == 0:
-        return
-    fn = get_function("fused_recurrent", 0, x.dtype, g.dtype, device, options(x.dtype, g.dtype))
-    grid, block = _grid(N, D)
-    cu_ptr, cu64 = cu if cu is not None else (0, 0)
-    launch(fn, grid, block, stream.ptr, (
-        x.ptr, g.ptr, o.ptr, x.strides[0], x.strides[1], g.strides[0], g.strides[1], o.strides[0], o.strides[1],
-        h0 or 0, ht or 0, cu_ptr, cu64, T, D, int(bool(reverse)),
-    ), device)
+    launch_ = prepare_fwd(x, g, o, cu, N, reverse, device)
+    if launch_ is not None:
+        launch_(stream.ptr, x.ptr, g.ptr, o.ptr, h0 or 0, ht or 0)
 
 
 def fused_recurrent_bwd(g, o, do, dx, dg, h0, dht, dh0, cu, N, reverse, device, stream):

@@ -330,12 +330,142 @@ def _cpu_backward(fw, g, o, do, dht, h0, cu, reverse):
 
 
 # ----------------------------------------------------------------------------------------------
+# plans: a call whose arrays match an earlier valid call in framework, device, dtype, shape and
+# strides (its key) skips the checks and every per-call decision.  Decoding repeats one key at every
+# step; there the checks and lookups cost more than the launch.
+
+MAX_PLANS = 256  # keys kept before the cache starts over (shapes that keep changing, such as T)
+_plans: dict = {}
+
+
+def _lookup(engine, x, g, h0, output_final_state, cu_seqlens, reverse):
+    """``(plan, key)``: the plan for this call's key (None when there is none yet) and the key (None when
+    the call cannot be planned: varlen offsets must be checked at every call, JAX arrays are converted,
+    and a ``reverse`` that is not a bool must be rejected)."""
+    fw = bk.PLANNABLE.get(type(x))
+    if fw is None and bk.framework_of(x) is not None:  # a type not seen before may be plannable
+        fw = bk.PLANNABLE.get(type(x))
+    if fw is None or cu_seqlens is not None or (reverse is not True and reverse is not False):
+        return None, None
+    try:
+        key = fw.signature(x, g, h0, (engine, True if output_final_state else False, reverse))
+        return _plans.get(key), key
+    except Exception:  # an array without strides, and the like: the checks will say what is wrong
+        return None, None
+
+
+def _plan_forward(engine, fw, x, g, h0, output_final_state, N, reverse):
+    """A function ``(x, g, initial_state) -> (o, ht)`` for the calls of one key, made from a call that
+    has passed :func:`check_forward`; ``engine`` is resolved."""
+    if not fw.is_gpu(x):
+        return lambda x, g, h0: _cpu_forward(fw, x, g, h0, output_final_state, None, reverse)
+    if engine != "fused_recurrent":  # chunk launches depend on pointers (alignment) and need scratch
+        return lambda x, g, h0: _gpu_forward(engine, fw, x, g, h0, output_final_state, None, N, reverse)
+    return (_torch_fused_plan if fw is bk.TORCH else _cupy_fused_plan)(fw, x, g, h0, output_final_state, N, reverse)
+
+
+def _fused_launch(fw, x, g, o_strides, N, reverse, device):
+    B, T, D = x.shape
+    o = bk.Arr(0, (B, T, D), o_strides, fw.dtype(x))
+    return _fused.prepare_fwd(fw.describe(x), fw.describe(g), o, None, N, reverse, device)
+
+
+def _row_major(shape):
+    B, T, D = shape
+    return (T * D, D, 1)
+
+
+def _torch_fused_plan(fw, x, g, h0, output_final_state, N, reverse):
+    """Outputs from torch's caching allocator (``empty_like`` where the layout allows: it parses no
+    arguments), the launch prepared, the current stream read at each call."""
+    import cupy
+    import torch
+
+    B, T, D = x.shape
+    acc = accumulation_dtype(fw.dtype(x), fw.dtype(g))
+    device, dev = x.device, x.device.index
+    o_like_x = x.is_contiguous()  # empty_like(x) then keeps x's strides
+    launch = _fused_launch(fw, x, g, x.stride() if o_like_x else _row_major(x.shape), N, reverse, dev)
+    direct = h0 is not None and fw.dtype(h0) == acc and h0.is_contiguous()  # h0 read in place, ht like it
+    shape, o_dtype, acc_dtype = (B, T, D), x.dtype, bk._torch_dtype_names()[acc]
+    empty, empty_like = torch.empty, torch.empty_like
+    stream = (getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what torch.cuda.current_stream reads
+              or (lambda i: torch.cuda.current_stream(i).cuda_stream))
+    get_device = cupy.cuda.runtime.getDevice
+
+    def plan(x, g, h0):
+        if bk.POISON_OUTPUTS:
+            return _gpu_forward("fused_recurrent", fw, x, g, h0, output_final_state, None, N, reverse)
+        o = empty_like(x) if o_like_x else empty(shape, dtype=o_dtype, device=device)
+        if direct:
+            ht = empty_like(h0) if output_final_state else None
+        else:
+            h0 = _state_in(fw, h0, acc)
+            ht = empty((N, D), dtype=acc_dtype, device=device) if output_final_state else None
+        if launch is not None:
+            args = (x.data_ptr(), g.data_ptr(), o.data_ptr(), 0 if h0 is None else h0.data_ptr(),
+                    0 if ht is None else ht.data_ptr())
+            if get_device() == dev:
+                launch(stream(dev), *args)
+            else:
+                with _DeviceScope(dev):
+                    launch(stream(dev), *args)
+        return o, ht
+
+    return plan
+
+
+def _cupy_fused_plan(fw, x, g, h0, output_final_state, N, reverse):
+    """Outputs from CuPy's pool on x's device, the launch prepared, the current stream read at each call."""
+    import cupy
+
+    B, T, D = x.shape
+    acc = accumulation_dtype(fw.dtype(x), fw.dtype(g))
+    dev = x.data.device_id
+    launch = _fused_launch(fw, x, g, _row_major(x.shape), N, reverse, dev)
+    direct = h0 is not None and fw.dtype(h0) == acc and h0.flags.c_contiguous
+    shape, o_dtype, acc_dtype = (B, T, D), fw._np_dtype(fw.dtype(x)), fw._np_dtype(acc)
+    empty, current_stream = cupy.empty, cupy.cuda.get_current_stream
+    get_device, set_device = cupy.cuda.runtime.getDevice, cupy.cuda.runtime.setDevice
+
+    def plan(x, g, h0):
+        if bk.POISON_OUTPUTS:
+            return _gpu_forward("fused_recurrent", fw, x, g, h0, output_final_state, None, N, reverse)
+        prev = get_device()
+        if prev != dev:
+            set_device(dev)
+        try:
+            o = empty(shape, o_dtype)
+            ht = empty((N, D), acc_dtype) if output_final_state else None
+            if not direct:
+                h0 = _state_in(fw, h0, acc)
+            if launch is not None:
+                launch(current_stream(dev).ptr, x.data.ptr, g.data.ptr, o.data.ptr,
+                       0 if h0 is None else h0.data.ptr, 0 if ht is None else ht.data.ptr)
+        finally:
+            if prev != dev:
+                set_device(prev)
+        return o, ht
+
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------
 # the public functions
 
 def _forward(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
+    plan, key = _lookup(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse)
+    if plan is not None:
+        return plan(x, g, initial_state)
     fw, N = check_forward(x, g, initial_state, cu_seqlens, reverse)
     B, T, D = x.shape
     engine = _engine(engine, N, T, D, (fw.dtype(x), fw.dtype(g)), 0)
+    if key is not None:
+        plan = _plan_forward(engine, fw, x, g, initial_state, output_final_state, N, reverse)
+        if len(_plans) >= MAX_PLANS:
+            _plans.clear()
+        _plans[key] = plan
+        return plan(x, g, initial_state)
     if not fw.is_gpu(x):
         return _cpu_forward(fw, x, g, initial_state, output_final_state, cu_seqlens, reverse)
     if fw is bk.JAX:

@@ -162,6 +162,9 @@ def _plain_eager(x, g, initial_state):
 
 def _apply(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
     if _plain_eager(x, g, initial_state):
+        plan, _ = ops._lookup(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse)
+        if plan is not None:  # a layout that passed before: its last axes are dense already
+            return plan(x, g, initial_state)
         return ops._forward(engine, _last_axis_dense(x), _last_axis_dense(g), initial_state,
                             output_final_state, cu_seqlens, reverse)
     o, ht = _fwd_op(x, g, initial_state, cu_seqlens, output_final_state, reverse, engine)
