@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Side-by-side timing of hgrn_cupy against its peers and against the device-memory floor.
 
-    python benchmarks/bench.py --out DIR [--quick] [--only fwd,bwd,fwdbwd,decode] [--dry-run]
+    python benchmarks/bench.py --out DIR [--quick] [--only fwd,bwd,fwdbwd,decode] [--dtypes ...] [--dry-run]
 
 Writes DIR/results.md (Markdown tables), DIR/results.json (every number, the device, the date and
 the versions) and DIR/bw_vs_T.png, DIR/bw_vs_channels.png; prints the tables at the end, the
@@ -10,14 +10,22 @@ still leaves what it measured.
 
 What is measured
 ----------------
-Sections (``--only`` picks passes and sections; see ``--help``):
+Sections, in run order (``--only`` picks passes and sections, ``--dtypes`` the headline's dtypes):
 
 * headline: fixed model-like shapes [B, T, D], float32 and bfloat16, passes fwd / bwd / fwdbwd.
-* tsweep:   B=4, D=1024, bfloat16, T from 1 to 2^20 (fwd, fwdbwd).
-* channels: T=4096, bfloat16, B*D channels from 256 to 2^18 with D = min(channels, 1024) (fwd, fwdbwd).
 * decode:   host-inclusive time per call of one decode step (B=1, T=1, D=1024, state in and out,
             2000 calls, one synchronisation at the end), and device time of a wide decode step
             (B=64, T=1, D=4096, state in and out).
+* tsweep:   B=4, D=1024, bfloat16, T from 1 to 2^20 (fwd, fwdbwd).
+* channels: T=4096, bfloat16, B*D channels from 256 to 2^18 with D = min(channels, 1024) (fwd, fwdbwd).
+
+``--quick`` (meant to finish within 2 minutes on an H100): the headline in bfloat16 plus float32
+8x4096x2048 (fwd, fwdbwd), decode, and 3-point sweeps whose T and D values are the headline's (so they
+compile and tune nothing new), fla on the headline shapes only, shorter warm-up and repetitions, and
+a time budget (``--budget``, 100 s): after it, cells of peers not yet started are skipped and marked
+``skipped: time budget`` (ours keep running; they take seconds).  The log carries the time of every
+section, the time spent per implementation (first calls, i.e. compile and autotuning, shown apart) and
+the total wall time at the end.
 
 Passes: fwd = ``o = hgrn(x, g)``; bwd = the gradients (dx, dg) from a saved forward; fwdbwd = both,
 timed as one function.
@@ -44,13 +52,20 @@ Implementations (each optional: one that does not import or fails is reported an
   torch tensors; backward ``hgrn_cupy.hgrn_backward(g, o, do, engine=...)``.
 * fla-chunk, fla-fused: ``fla.ops.hgrn.chunk_hgrn`` / ``fused_recurrent_hgrn``; backward through
   ``torch.autograd.grad``.  fla autotunes per (D, dtype) on first use, so each D is tuned on the
-  first shape in run order that has it (the headline shapes run first).
+  first shape in run order that has it (the headline shapes run first; fla asks triton to keep the
+  choice on disk where triton can, so a later run or piece on the same machine reuses it).
 * ascan-triton, ascan-warp: accelerated-scan's ``scalar.scan`` (Triton) and ``warp.scan`` (CUDA
   extension compiled at import by torch's load_inline: built first in a subprocess under
   ``--warp-timeout``), on their own layout [B, D, T] with linear gates a = exp(g) prepared outside the
   timing; the ``+T`` columns time what a [B, T, D] model pays: exp, transposes in and out, the scan.
   Power-of-two T only (warp: 32 <= T <= 65536).
 * torch-loop: ``for t in range(T): h = exp(g[:, t]) * h + x[:, t]`` in float32, T <= 512 only.
+
+Triton precompile (``--precompile``, on by default): fla's autotuner compiles each of its 12 configs
+before timing it, one after the other, for every (D, dtype) and kernel.  While this script imports,
+child processes compile those kernels (and accelerated-scan's) into triton's on-disk cache, running
+each config once on a tiny input with the timing replaced and the tuning result never stored; the
+first calls here then only time the configs, on the real shapes, as before.  Nothing timed changes.
 """
 from __future__ import annotations
 
@@ -82,9 +97,11 @@ TOL = {"float64": 1e-6, "float32": 1e-3, "bfloat16": 2e-2, "float16": 5e-3}
 
 HEADLINE_SHAPES = [(8, 4096, 2048), (1, 32768, 1024), (32, 2048, 4096), (1, 262144, 256), (4, 2048, 512),
                    (64, 1, 4096)]
-TSWEEP = {"full": [1, 16, 256, 1024, 4096, 16384, 65536, 262144, 1048576], "quick": [16, 1024, 16384, 65536]}
+# The quick sweeps reuse the headline's T and D values: accelerated-scan compiles per dtype and T class
+# (T = 1, T % 16 = 0) and fla tunes per (D, dtype), so these points cost only their own timing.
+TSWEEP = {"full": [1, 16, 256, 1024, 4096, 16384, 65536, 262144, 1048576], "quick": [16, 2048, 32768]}
 TSWEEP_BD = (4, 1024)
-CHANNELS = {"full": [256 << k for k in range(11)], "quick": [256, 2048, 16384, 131072]}
+CHANNELS = {"full": [256 << k for k in range(11)], "quick": [256, 4096, 65536]}
 CHANNELS_T = 4096
 CHANNELS_MAX_D = 1024
 DECODE_HOST_SHAPE = (1, 1, 1024)
@@ -99,6 +116,12 @@ REF_ORDER = ("ours-chunk", "ours-fused", "fla-chunk", "fla-fused")
 # fla's fused recurrent walk over very long T (a fraction of a microsecond per step, and 12
 # autotuning configs timed on that shape) takes about a minute per dtype at T = 2^18: --quick skips it.
 QUICK_FLA_FUSED_MAX_T = 65536
+# --quick runs fla on the headline shapes only: its sweep cells (fla-fused walks T sequentially, 29-62
+# ms a call at the long-T points) cost more than they add to the headline rows; the full run has them.
+QUICK_HEADLINE_ONLY = ("fla-chunk", "fla-fused")
+QUICK_BUDGET_S = 100.0
+BUDGET_NOTE = "skipped: time budget"
+PRECOMPILE_T = 64  # T of fla's precompile calls: its kernels do not specialise on T
 
 
 def log(msg: str) -> None:
@@ -139,15 +162,24 @@ def parse_only(text):
     return passes, sections, "decode" in tokens
 
 
+def parse_dtypes(text):
+    dtypes = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in dtypes if t not in ("bfloat16", "float32")]
+    if bad or not dtypes:
+        raise SystemExit(f"--dtypes: unknown or no dtype(s) {bad}; use bfloat16, float32")
+    return dtypes
+
+
 def build_plan(args):
     """Cases per sweep section: dicts with B, T, D, dtype and passes."""
     passes, sections, _ = parse_only(args.only)
+    dtypes = parse_dtypes(args.dtypes)
     mode = "quick" if args.quick else "full"
     plan = {s: [] for s in sections}
 
     def add(section, B, T, D, dtype, allowed):
         ps = [p for p in passes if p in allowed]
-        if ps:
+        if ps and dtype in dtypes:
             plan[section].append(dict(B=B, T=T, D=D, dtype=dtype, passes=ps))
 
     if "headline" in plan:
@@ -174,28 +206,68 @@ def too_big(args, case, pazz):
     return min_bytes(case["B"], case["T"], case["D"], case["dtype"], case["dtype"], pazz) > args.max_gb * 1e9
 
 
-def print_plan(args, plan):
+def print_plan(args, plan, groups=()):
     _, _, decode = parse_only(args.only)
-    log(f"mode: {'quick' if args.quick else 'full'}; size cap {args.max_gb:g} GB of minimal traffic per pass")
-    for section, cases in plan.items():
-        log(f"[{section}]")
-        for c in cases:
+    log(f"mode: {'quick' if args.quick else 'full'}; size cap {args.max_gb:g} GB of minimal traffic per pass; "
+        f"warm-up {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms; budget for peers "
+        + (f"{args.budget:g} s" if args.budget else "none") + "; time limit for new shapes "
+        + (f"{args.time_limit:g} s" if args.time_limit else "none"))
+    for section in ("headline", "decode", "tsweep", "channels"):  # the run order
+        if section == "decode" and decode:
+            log("[decode] host time per call at {}x{}x{}; device time at {}x{}x{}".format(*DECODE_HOST_SHAPE,
+                                                                                          *DECODE_DEVICE_SHAPE))
+        for i, c in enumerate(plan.get(section, ())):
+            if i == 0:
+                off = [n for n in IMPLS if impl_selected(args, n) and plan_skip_reason(args, n, section)]
+                log(f"[{section}]" + (f" without {', '.join(off)} ({plan_skip_reason(args, off[0], section)})"
+                                      if off else ""))
             parts = []
             for p in c["passes"]:
                 gb = min_bytes(c["B"], c["T"], c["D"], c["dtype"], c["dtype"], p) / 1e9
                 parts.append(f"{p} {gb:.3g} GB" + (" (skipped: size)" if too_big(args, c, p) else ""))
             log(f"  {c['B']}x{c['T']}x{c['D']} {c['dtype']}: " + ", ".join(parts))
-    if decode:
-        log("[decode] host time per call at {}x{}x{}; device time at {}x{}x{}".format(*DECODE_HOST_SHAPE,
-                                                                                      *DECODE_DEVICE_SHAPE))
     names = [n for n in IMPLS if impl_selected(args, n) and (args.warp or not n.startswith("ascan-warp"))]
     log("implementations: " + ", ".join(names) + ("" if args.warp else " (ascan-warp off: --no-warp)"))
+    fla = [k for grp in groups for k in grp.get("fla", ())]
+    ascan = [k for grp in groups for k in grp.get("ascan", ())]
+    parts = [f"fla {len(fla)} tuning keys (" + ", ".join(f"{e} D={D} {dt}{' +state' if st else ''}"
+                                                      for e, D, dt, st in fla) + ")"] if fla else []
+    parts += [f"accelerated-scan {len(ascan)} compile keys (" + ", ".join(
+        f"{dt} T{'=1' if T == 1 else '%16=0' if T == 16 else f'={T}'}" for dt, T in ascan) + ")"] if ascan else []
+    log("triton precompile: " + ("; ".join(parts) or "off"))
 
 
 def impl_selected(args, name):
     if not args.impls:
         return True
     return any(name.startswith(tok.strip()) for tok in args.impls.split(",") if tok.strip())
+
+
+def plan_skip_reason(args, name, section):
+    if args.quick and section != "headline" and name in QUICK_HEADLINE_ONLY:
+        return "--quick: headline shapes only"
+    return None
+
+
+def fla_skip_reason(args, name, T):
+    cap = args.fla_fused_max_t
+    if name == "fla-fused" and cap and T > cap:
+        return f"T > {cap} (--fla-fused-max-t: slow sequential walk plus autotuning)"
+    return None
+
+
+def ascan_skip_reason(variant, B, T, D, dtype):
+    if T < 1 or T & (T - 1):
+        return "T not a power of two"
+    if variant == "warp" and not 32 <= T <= 65536:
+        return "warp kernel needs 32 <= T <= 65536"
+    if D > 65535:
+        return "D > 65535 (grid y dimension)"
+    if B * D * T >= 2 ** 31:
+        return "B*D*T >= 2^31 (32-bit offsets)"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        return f"{dtype} unsupported"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,10 +476,7 @@ class Fla(Autograd):
         self.fn, self.name = fn, name
 
     def skip_reason(self, B, T, D, dtype):
-        cap = self.ctx.args.fla_fused_max_t
-        if self.name == "fla-fused" and cap and T > cap:
-            return f"T > {cap} (--fla-fused-max-t: slow sequential walk plus autotuning)"
-        return None
+        return fla_skip_reason(self.ctx.args, self.name, T)
 
     def model(self, x, g):
         return self.fn(x, g)[0]
@@ -445,17 +514,7 @@ class Ascan(Impl):
         self.name = f"ascan-{variant}" + ("+T" if transposed else "")
 
     def skip_reason(self, B, T, D, dtype):
-        if T < 1 or T & (T - 1):
-            return "T not a power of two"
-        if self.variant == "warp" and not 32 <= T <= 65536:
-            return "warp kernel needs 32 <= T <= 65536"
-        if D > 65535:
-            return "D > 65535 (grid y dimension)"
-        if B * D * T >= 2 ** 31:
-            return "B*D*T >= 2^31 (32-bit offsets)"
-        if dtype not in ("float32", "bfloat16", "float16"):
-            return f"{dtype} unsupported"
-        return None
+        return ascan_skip_reason(self.variant, B, T, D, dtype)
 
     def native(self, s):
         """(a, x, do) in [B, D, T], shared by both variants through the input set."""
@@ -657,6 +716,143 @@ def version_of(dist, module):
 
 
 # ----------------------------------------------------------------------------------------------
+# triton precompile: the peers' Triton kernels compile in child processes while this one imports
+
+def precompile_plan(args, plan, decode):
+    """Precompile groups, one per fla tuning key (engine, D, dtype, state in and out?) and one for
+    accelerated-scan's compile keys (dtype, T class), from the cells the plan will run."""
+    fla, ascan = [], []
+
+    def add(keys, key):
+        if key not in keys:
+            keys.append(key)
+
+    for section, cases in plan.items():
+        for c in cases:
+            for name, engine in (("fla-chunk", "chunk"), ("fla-fused", "fused")):
+                if (impl_selected(args, name) and not plan_skip_reason(args, name, section)
+                        and not fla_skip_reason(args, name, c["T"])):
+                    add(fla, [engine, c["D"], c["dtype"], False])
+            if (any(impl_selected(args, n) for n in ("ascan-triton", "ascan-triton+T"))
+                    and not ascan_skip_reason("triton", c["B"], c["T"], c["D"], c["dtype"])):
+                add(ascan, [c["dtype"], c["T"] if c["T"] == 1 or c["T"] % 16 else 16])
+    if decode and impl_selected(args, "fla-fused"):
+        for _, _, D in (DECODE_HOST_SHAPE, DECODE_DEVICE_SHAPE):
+            add(fla, ["fused", D, "bfloat16", True])
+    return [{"fla": [k]} for k in fla] + ([{"ascan": ascan}] if ascan else [])
+
+
+def start_precompile(groups):
+    """Start the precompile children (at most one per spare core); returns [(process, output file)]."""
+    import tempfile
+
+    have = {"fla": importlib.util.find_spec("fla"), "ascan": importlib.util.find_spec("accelerated_scan")}
+    groups = [{k: v for k, v in grp.items() if have[k]} for grp in groups]
+    groups = [grp for grp in groups if grp]
+    n = min(len(groups), max(1, min(16, (os.cpu_count() or 4) - 2)))
+    env = dict(os.environ, FLA_CACHE_RESULTS="0", TRITON_CACHE_AUTOTUNING="0")
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import bench; bench.precompile_worker(sys.argv[2])"
+    procs = []
+    for i in range(n):
+        spec = {"fla": [], "ascan": []}
+        for grp in groups[i::n]:
+            for k, v in grp.items():
+                spec[k] += v
+        out = tempfile.TemporaryFile(mode="w+")
+        procs.append((subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).resolve().parent),
+                                        json.dumps(spec)], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True), out))
+    return procs
+
+
+def wait_precompile(procs, timeout, quiet=False):
+    """Wait for the precompile children (``timeout`` seconds in all), kill those still running; one
+    line per failure: their kernels then compile on first use, as without --precompile."""
+    deadline = time.perf_counter() + timeout
+    failed = []
+    for proc, out in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(Exception):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            failed.append(f"not done after {timeout:g} s (--precompile-timeout)")
+        else:
+            if proc.returncode:
+                out.seek(0)
+                lines = [ln.strip() for ln in out.read().splitlines() if ln.strip()]
+                failed.append(f"exit {proc.returncode}: " + ((lines or ["?"])[-1])[:200])
+        out.close()
+    for why in dict.fromkeys([] if quiet else failed):
+        log(f"triton precompile: {failed.count(why)} of {len(procs)} processes failed ({why})")
+    return len(procs) - len(failed)
+
+
+def compile_only_autotuners(prefix):
+    """In a precompile child: every triton autotuner in the modules under ``prefix`` runs each config
+    once (which compiles it) instead of timing it, and neither reads nor writes tuning results on
+    disk, so the parent still tunes on its own shapes."""
+    from triton.runtime.autotuner import Autotuner
+
+    def run_once(fn, *args, quantiles=None, **kwargs):
+        fn()
+        return [0.0] * len(quantiles) if quantiles else 0.0
+
+    def no_disk_cache(tuning_key, configs, bench_fn):
+        bench_fn()
+        return False
+
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(prefix):
+            continue
+        for obj in list(vars(module).values()):
+            while type(obj).__module__.startswith("triton"):  # Heuristics -> Autotuner -> JITFunction
+                if isinstance(obj, Autotuner):
+                    obj.cache_results = False
+                    obj.do_bench = run_once
+                    obj.check_disk_cache = no_disk_cache
+                    break
+                obj = getattr(obj, "fn", None)
+
+
+def precompile_worker(spec_json):
+    """Body of one precompile child: the fla and accelerated-scan calls of the parent's plan on tiny
+    inputs (same dtypes, D, state arguments and T class), forward and backward."""
+    import torch
+    spec = json.loads(spec_json)
+    F = torch.nn.functional
+
+    def inputs(shape, dtype):
+        dt = getattr(torch, dtype)
+        x = torch.randn(shape, device="cuda", dtype=dt)
+        return x, F.logsigmoid(torch.randn(shape, device="cuda", dtype=dt))
+
+    if spec.get("fla"):
+        mod, _ = import_fla_hgrn()
+        compile_only_autotuners("fla.")
+        for engine, D, dtype, state in spec["fla"]:
+            fn = mod.chunk_hgrn if engine == "chunk" else mod.fused_recurrent_hgrn
+            x, g = leaves(*inputs((1, PRECOMPILE_T, D), dtype))
+            if state:
+                with torch.no_grad():
+                    h = torch.randn(1, D, device="cuda")
+                    for _ in range(2):  # the second call takes the state in the dtype fla hands back
+                        h = fn(x, g, initial_state=h, output_final_state=True)[1]
+            else:
+                o = fn(x, g)[0]
+                torch.autograd.grad(o, (x, g), torch.randn_like(o))
+    if spec.get("ascan"):
+        from accelerated_scan.scalar import scan
+        for dtype, T in spec["ascan"]:
+            x, g = inputs((1, 4, T), dtype)
+            a, x = leaves(g.exp(), x)
+            h = scan(a, x)
+            torch.autograd.grad(h, (a, x), torch.randn_like(h))
+    torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------
 # correctness
 
 def rel_err(ctx, out, ref):
@@ -687,6 +883,13 @@ def loop_prefix(ctx, x, g, steps):
         h = a[:, t] * h + xv[:, t]
         outs.append(h)
     return torch.stack(outs, 1)
+
+
+def note_first_call(name, kind, ms):
+    """Log first calls that compile or autotune for long, so the log shows where a run's time goes."""
+    if ms > 2000:
+        log(f"  {name}: first {'forward' if kind == 'out' else 'forward+backward'} call {ms / 1e3:.1f} s "
+            "(compile, autotuning)")
 
 
 class Checker:
@@ -720,6 +923,7 @@ class Checker:
                 self.results[(name, "out")] = dict(ok=False, error=one_line(e))
                 self.ctx.after_error()
                 continue
+            note_first_call(name, "out", first)
             if err <= self.tol:
                 self.ref_name, self._out, self.ref_prefix_err = name, o, err
                 self.results[(name, "out")] = dict(ok=True, err=err, first_ms=first, note="reference")
@@ -760,6 +964,7 @@ class Checker:
                 ref = self._grads
             self.ctx.sync()
             first = (time.perf_counter() - t0) * 1e3
+            note_first_call(impl.name, kind, first)
             err = max(rel_err(self.ctx, a, b) for a, b in zip(got, ref))
             del got
             res = dict(ok=err <= self.tol, err=err, first_ms=first)
@@ -774,14 +979,15 @@ class Checker:
 # running
 
 class Context:
-    def __init__(self, args):
+    def __init__(self, args, t0):
         self.args = args
-        self.t0 = time.perf_counter()
+        self.t0 = t0
         self.versions = {"python": platform.python_version()}
-        self.results = {"sections": {}, "decode": None}
+        self.results = {"sections": {}, "decode": None, "seconds": {}, "seconds_by_impl": {}}
         self.impls, self.missing = {}, {}
         self.hc = self.fla = None
         self.broken = False
+        self.budget_spent = False
         import numpy
         self.versions["numpy"] = numpy.__version__
         try:
@@ -802,6 +1008,29 @@ class Context:
 
     def elapsed(self):
         return time.perf_counter() - self.t0
+
+    def phase_done(self, name, since):
+        """Record and log the seconds of one section of the run (``since``: its perf_counter start)."""
+        dt = time.perf_counter() - since
+        self.results["seconds"][name] = self.results["seconds"].get(name, 0.0) + dt
+        log(f"[{self.elapsed():6.0f}s] {name}: {dt:.1f} s")
+
+    def account(self, name, check_s=0.0, timing_s=0.0):
+        """Seconds spent per implementation: checks (first calls, so compile and autotuning,
+        included) and timing."""
+        acc = self.results["seconds_by_impl"].setdefault(name, {"check": 0.0, "timing": 0.0})
+        acc["check"] += check_s
+        acc["timing"] += timing_s
+
+    def over_budget(self):
+        """True once --budget seconds have passed: peer cells not yet started are skipped."""
+        if not self.args.budget or self.elapsed() <= self.args.budget:
+            return False
+        if not self.budget_spent:
+            self.budget_spent = True
+            log(f"[{self.elapsed():6.0f}s] --budget {self.args.budget:g} s spent: peer cells not started yet are "
+                f"skipped ({BUDGET_NOTE})")
+        return True
 
     def sync(self):
         if self.device == "cuda":
@@ -886,22 +1115,28 @@ def summarize_row(row):
     row["speedup"] = (peers[row["peer_best"]] / ours[row["ours_best"]]) if ours and peers else None
 
 
-def run_cell(ctx, impl, pazz, case, sets, checker):
+def run_cell(ctx, impl, pazz, section, case, sets, checker):
     B, T, D, dtype = case["B"], case["T"], case["D"], case["dtype"]
-    why = impl.skip_reason(B, T, D, dtype)
+    why = plan_skip_reason(ctx.args, impl.name, section) or impl.skip_reason(B, T, D, dtype)
     if why:
         return dict(status="skip", note=why)
+    if impl.name not in OURS and ctx.over_budget():
+        return dict(status="skip", note=BUDGET_NOTE)
     kinds = {"fwd": ("out",), "bwd": ("grad",), "fwdbwd": ("out", "grad")}[pazz]
     errs, first = {}, None
+    t0 = time.perf_counter()
     for kind in kinds:
         chk = checker.check(impl, kind)
         if "error" in chk:
+            ctx.account(impl.name, check_s=time.perf_counter() - t0)
             return dict(status="error", note=chk["error"])
         errs[kind] = chk["err"]
         first = chk.get("first_ms") if first is None else first
         if not chk["ok"]:
+            ctx.account(impl.name, check_s=time.perf_counter() - t0)
             return dict(status="mismatch", err=errs, note=chk.get("note") or
                         f"{'output' if kind == 'out' else 'gradients'} rel err {chk['err']:.2e} > {checker.tol:g}")
+    t1 = time.perf_counter()
     fns = None
     try:
         fns = [impl.make(pazz, s) for s in sets]
@@ -912,6 +1147,7 @@ def run_cell(ctx, impl, pazz, case, sets, checker):
         return dict(status="error", note=one_line(e))
     finally:
         del fns
+        ctx.account(impl.name, check_s=t1 - t0, timing_s=time.perf_counter() - t1)
     return dict(status="ok", ms=ms, err=errs, first_call_ms=first)
 
 
@@ -940,7 +1176,7 @@ def run_case(ctx, section, case, copy_gbps):
                 for name, impl in ctx.impls.items():
                     if ctx.broken:
                         break
-                    row["results"][name] = run_cell(ctx, impl, p, case, sets, checker)
+                    row["results"][name] = run_cell(ctx, impl, p, section, case, sets, checker)
                 row["reference"] = checker.ref_name
                 row["reference_prefix_err"] = checker.ref_prefix_err
                 summarize_row(row)
@@ -968,6 +1204,8 @@ def progress_text(row):
             parts.append(f"{name} {fmt_ms(c['ms'])}")
         elif c["status"] in ("mismatch", "error"):
             parts.append(f"{name} {c['status'].upper()}")
+        elif c.get("note") == BUDGET_NOTE:
+            parts.append(f"{name} {BUDGET_NOTE}")
     sp = f"; x{row['speedup']:.2f} vs {row['peer_best']}" if row.get("speedup") else ""
     return f"floor {fmt_ms(row['floor_ms'])} | " + ", ".join(parts) + sp
 
@@ -1023,23 +1261,32 @@ def run_decode(ctx, copy_gbps):
         ref = eager(x, g, h0)
         for name, step in steps.items():
             r = res["impls"][name] = {}
+            if not name.startswith("ours") and ctx.over_budget():
+                r.update(status="skip", note=BUDGET_NOTE)
+                continue
             try:
+                t0 = time.perf_counter()
                 o, ht = step(x, g, h0)
+                ctx.sync()
+                note_first_call(name, "out", (time.perf_counter() - t0) * 1e3)
                 err = max(rel_err(ctx, o, ref[0]), rel_err(ctx, ht, ref[1]))
                 r["err"] = err
+                ctx.account(name, check_s=time.perf_counter() - t0)
                 if err > TOL[dtype]:
                     r.update(status="mismatch", note=f"rel err {err:.2e}")
                     continue
                 h = h0
+                t0 = time.perf_counter()
                 for _ in range(args.decode_warmup):
                     h = step(x, g, h)[1]
                 ctx.sync()
-                t0 = time.perf_counter()
+                t1 = time.perf_counter()
                 for _ in range(args.decode_calls):
                     h = step(x, g, h)[1]
                 ctx.sync()
-                r["host_us"] = (time.perf_counter() - t0) / args.decode_calls * 1e6
+                r["host_us"] = (time.perf_counter() - t1) / args.decode_calls * 1e6
                 r["status"] = "ok"
+                ctx.account(name, timing_s=time.perf_counter() - t0)
             except Exception as e:
                 r.update(status="error", note=one_line(e))
                 ctx.after_error()
@@ -1060,8 +1307,14 @@ def run_decode(ctx, copy_gbps):
             if r.get("status") != "ok":
                 continue
             try:
+                t0 = time.perf_counter()
+                step(*sets[0])  # the wide shape's first call (fla tunes again for this D)
+                ctx.sync()
+                note_first_call(name, "out", (time.perf_counter() - t0) * 1e3)
+                t1 = time.perf_counter()
                 fns = [(lambda s=s, step=step: step(*s)) for s in sets]
                 r["device_ms"] = ctx.timer(rotating(fns))
+                ctx.account(name, check_s=t1 - t0, timing_s=time.perf_counter() - t1)
             except Exception as e:
                 r["device_note"] = one_line(e)
                 ctx.after_error()
@@ -1195,7 +1448,7 @@ def render_md(ctx):
                "on the first 128 steps) must be under 1e-3 (float32) / 2e-2 (bfloat16), else MISMATCH, untimed")
     if ctx.missing:
         out.append("- not run: " + "; ".join(f"{n} ({why})" for n, why in ctx.missing.items()))
-    out.append(f"- elapsed: {R.get('elapsed_s', 0):.0f} s")
+    out.append(f"- elapsed: {R.get('elapsed_s', 0):.0f} s; " + seconds_text(R).replace("\n", "; "))
     if R.get("not_started"):
         out.append(f"- not started (--time-limit): {'; '.join(R['not_started'])}")
     titles = {"headline": "Headline shapes", "tsweep": f"T sweep (B={TSWEEP_BD[0]}, D={TSWEEP_BD[1]})",
@@ -1260,22 +1513,21 @@ def json_safe(v):
     return str(v)
 
 
-def save(ctx, plots=False):
+def save(ctx, plot=None):
+    """Rewrite results.json and results.md; ``plot``: a sweep section whose plot to draw (once, when
+    the section is done)."""
     out = Path(ctx.args.out)
     out.mkdir(parents=True, exist_ok=True)
     ctx.results["elapsed_s"] = ctx.elapsed()
     ctx.results["not_run"] = ctx.missing
     (out / "results.json").write_text(json.dumps(json_safe(ctx.results), indent=1))
     (out / "results.md").write_text(render_md(ctx))
-    if plots:
-        secs = ctx.results["sections"]
-        if secs.get("tsweep"):
-            r0 = secs["tsweep"][0]
-            plot_sweep(ctx, secs["tsweep"], lambda r: r["T"], f"T (B={r0['B']}, D={r0['D']})", out / "bw_vs_T.png")
-        if secs.get("channels"):
-            r0 = secs["channels"][0]
-            plot_sweep(ctx, secs["channels"], lambda r: r["B"] * r["D"],
-                       f"channels B*D (T={r0['T']}, D=min(channels, {CHANNELS_MAX_D}))", out / "bw_vs_channels.png")
+    rows = ctx.results["sections"].get(plot)
+    if plot == "tsweep" and rows:
+        plot_sweep(ctx, rows, lambda r: r["T"], f"T (B={rows[0]['B']}, D={rows[0]['D']})", out / "bw_vs_T.png")
+    if plot == "channels" and rows:
+        plot_sweep(ctx, rows, lambda r: r["B"] * r["D"],
+                   f"channels B*D (T={rows[0]['T']}, D=min(channels, {CHANNELS_MAX_D}))", out / "bw_vs_channels.png")
 
 
 def print_tables(ctx):
@@ -1300,6 +1552,15 @@ def print_tables(ctx):
         log(compact_table(R["sections"]["headline"]))
 
 
+def seconds_text(R):
+    """Where the run's time went: per section, then per implementation (checks, which include the
+    first calls and so compilation and autotuning, / timing), largest first."""
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in R.get("seconds", {}).items())
+    by_impl = sorted(R.get("seconds_by_impl", {}).items(), key=lambda kv: -sum(kv[1].values()))
+    impls = ", ".join(f"{n} {v['check']:.1f}/{v['timing']:.1f} s" for n, v in by_impl)
+    return f"time by section: {parts or '-'}\ntime by implementation (checks incl. first calls/timing): {impls or '-'}"
+
+
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -1308,20 +1569,24 @@ def parse_args(argv=None):
                     "device-memory floor (copy bandwidth) as the yardstick.",
         epilog="--only takes a comma list of passes (fwd, bwd, fwdbwd), sweep sections (headline, tsweep, "
                "channels) and 'decode'.  Passes alone run every sweep section with those passes; sections alone "
-               "run every pass; decode runs only when named.  Without --only, everything runs.")
+               "run every pass; decode runs only when named.  Without --only, everything runs.  Pieces of a full "
+               "run (each under 9 minutes on an H100): see benchmarks/README.md.")
     ap.add_argument("--out", required=True, help="output folder (results.md, results.json, *.png)")
     ap.add_argument("--quick", action="store_true",
-                    help="headline shapes in bf16 (+ fp32 8x4096x2048 fwd/fwdbwd), 4-point sweeps, decode; "
-                         "no accelerated-scan warp build")
+                    help="headline shapes in bf16 (+ fp32 8x4096x2048 fwd/fwdbwd), decode, 3-point sweeps on the "
+                         "headline's T and D values without fla, warm-up 5 ms / rep 25 ms, --budget "
+                         f"{QUICK_BUDGET_S:g}; no accelerated-scan warp build")
     ap.add_argument("--only", default="", help="e.g. fwd,fwdbwd or headline,decode (see below)")
+    ap.add_argument("--dtypes", default="bfloat16,float32",
+                    help="dtypes of the headline shapes (the sweeps and decode are bfloat16), default both")
     ap.add_argument("--impls", default="",
                     help="comma list of implementation name prefixes to run, e.g. ours,fla (default: all of "
                          + ", ".join(IMPLS) + "; decode adds ours-torch, torch-eager)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit (no torch, no GPU)")
     ap.add_argument("--timer", choices=("auto", "do_bench", "events"), default="auto",
                     help="auto: triton's do_bench when triton imports, else CUDA events")
-    ap.add_argument("--warmup-ms", type=float, default=None, help="default 25 (quick: 10)")
-    ap.add_argument("--rep-ms", type=float, default=None, help="default 100 (quick: 40)")
+    ap.add_argument("--warmup-ms", type=float, default=None, help="default 25 (quick: 5)")
+    ap.add_argument("--rep-ms", type=float, default=None, help="default 100 (quick: 25)")
     ap.add_argument("--max-gb", type=float, default=12.0,
                     help="skip a pass whose minimal traffic (3, 5 or 8 tensors) exceeds this many GB (default 12)")
     ap.add_argument("--rotate-mb", type=float, default=200.0,
@@ -1338,7 +1603,18 @@ def parse_args(argv=None):
                          "else no limit)")
     ap.add_argument("--time-limit", type=float, default=0.0,
                     help="seconds after which no new shape is started (0: none); decode and the final "
-                         "tables still run, e.g. 540 under a 600 s job limit")
+                         "tables still run, e.g. 420 for a piece that must end within 9 minutes")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds after which cells of peers not yet started are skipped and marked "
+                         f"'{BUDGET_NOTE}'; ours still run (0: none; default {QUICK_BUDGET_S:g} in --quick, "
+                         "else none)")
+    pc = ap.add_mutually_exclusive_group()
+    pc.add_argument("--precompile", dest="precompile", action="store_true", default=True,
+                     help="compile fla's and accelerated-scan's Triton kernels in child processes while this "
+                          "one imports, so first calls only tune (default)")
+    pc.add_argument("--no-precompile", dest="precompile", action="store_false", help="compile on first use")
+    ap.add_argument("--precompile-timeout", type=float, default=60.0,
+                    help="seconds the run waits for the precompile children (default 60)")
     ap.add_argument("--decode-calls", type=int, default=2000)
     ap.add_argument("--decode-warmup", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
@@ -1348,9 +1624,11 @@ def parse_args(argv=None):
     if args.warp is None:
         args.warp = not args.quick
     if args.warmup_ms is None:
-        args.warmup_ms = 10.0 if args.quick else 25.0
+        args.warmup_ms = 5.0 if args.quick else 25.0
     if args.rep_ms is None:
-        args.rep_ms = 40.0 if args.quick else 100.0
+        args.rep_ms = 25.0 if args.quick else 100.0
+    if args.budget is None:
+        args.budget = QUICK_BUDGET_S if args.quick else 0.0
     if args.fla_fused_max_t is None:
         args.fla_fused_max_t = QUICK_FLA_FUSED_MAX_T if args.quick else 0
     return args
@@ -1370,19 +1648,30 @@ def smoke_plan(plan):
 
 
 def main(argv=None):
+    t_start = time.perf_counter()
     args = parse_args(argv)
     plan = build_plan(args)
     _, _, decode = parse_only(args.only)
+    groups = precompile_plan(args, plan, decode) if args.precompile and not args.cpu_smoke else []
     if args.dry_run:
-        print_plan(args, smoke_plan(plan) if args.cpu_smoke else plan)
+        print_plan(args, smoke_plan(plan) if args.cpu_smoke else plan, groups)
         return 0
+    children = start_precompile(groups) if groups else []
+    try:
+        return run_benchmark(args, plan, decode, t_start, children)
+    finally:
+        if children:  # an early exit (no CUDA, an exception) leaves no child behind
+            wait_precompile(children, 0, quiet=True)
+
+
+def run_benchmark(args, plan, decode, t_start, children):
     if args.cpu_smoke:
         plan = smoke_plan(plan)
         args.copy_mb = min(args.copy_mb, 64)
         args.rotate_mb = min(args.rotate_mb, 1.0)
     if not plan:
         args.warp = False  # decode alone never uses the warp scan: don't build it
-    ctx = Context(args)
+    ctx = Context(args, t_start)
     torch = ctx.torch
     torch.manual_seed(args.seed)
     info = device_info(ctx)
@@ -1393,8 +1682,8 @@ def main(argv=None):
                                device=info, versions=ctx.versions,
                                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                                timer=ctx.timer.kind, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-                               rotate_mb=ctx.rotate_bytes / 1e6, max_gb=args.max_gb, argv=sys.argv[1:],
-                               tolerances=TOL)
+                               rotate_mb=ctx.rotate_bytes / 1e6, max_gb=args.max_gb, budget_s=args.budget,
+                               time_limit_s=args.time_limit, argv=sys.argv[1:], tolerances=TOL)
     with contextlib.suppress(Exception):
         rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10)
@@ -1405,15 +1694,34 @@ def main(argv=None):
     load_impls(ctx)
     ctx.results["meta"]["timer"] = ctx.timer.kind
     log(f"implementations: {', '.join(ctx.impls) or 'none'}")
+    ctx.phase_done("start-up (imports, implementations)", t_start)
+    if children:
+        t = time.perf_counter()
+        ok = wait_precompile(children, max(0.0, args.precompile_timeout - (t - t_start)))
+        log(f"triton precompile: {ok} of {len(children)} child processes compiled their kernels")
+        children.clear()
+        ctx.phase_done("triton precompile", t)
 
+    t = time.perf_counter()
     copy = ctx.results["copy"] = measure_copy(ctx)
     log(f"copy bandwidth: {copy['gbps']:.0f} GB/s ({copy['bytes'] >> 20} MiB in {fmt_ms(copy['ms'])} ms)")
     save(ctx)
+    ctx.phase_done("copy bandwidth", t)
 
     skipped = []
-    for section, cases in plan.items():
+    order = [s for s in ("headline",) if s in plan] + (["decode"] if decode else []) + \
+        [s for s in ("tsweep", "channels") if s in plan]
+    for section in order:
+        if ctx.broken:
+            break
+        t = time.perf_counter()
+        if section == "decode":
+            ctx.results["decode"] = run_decode(ctx, copy["gbps"])
+            save(ctx)
+            ctx.phase_done("decode", t)
+            continue
         rows = ctx.results["sections"].setdefault(section, [])
-        for case in cases:
+        for case in plan[section]:
             if ctx.broken:
                 break
             if args.time_limit and ctx.elapsed() > args.time_limit:
@@ -1421,15 +1729,18 @@ def main(argv=None):
                 continue
             rows.extend(run_case(ctx, section, case, copy["gbps"]))
             save(ctx)
-        save(ctx, plots=section != "headline")
+        save(ctx, plot=section)
+        ctx.phase_done(section, t)
     if skipped:
         ctx.results["not_started"] = skipped
         log(f"--time-limit {args.time_limit:g} s reached; not started: " + "; ".join(skipped))
-    if decode and not ctx.broken:
-        ctx.results["decode"] = run_decode(ctx, copy["gbps"])
     ctx.results["meta"]["timer"] = ctx.timer.kind
-    save(ctx, plots=True)
+    save(ctx)
     print_tables(ctx)
+    log("\n" + seconds_text(ctx.results))
+    ctx.results["wall_s"] = ctx.elapsed()
+    save(ctx)
+    log(f"total wall time: {ctx.results['wall_s']:.1f} s (from the script's start)")
     return 1 if ctx.broken else 0
 
 
