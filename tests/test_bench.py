@@ -1,6 +1,7 @@
 """benchmarks/bench.py without a GPU: the plan of --quick and of the full run's pieces, the Triton
 precompile plan and its compile-only autotuners, and a --cpu-smoke run under a spent time budget."""
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -118,6 +119,7 @@ def test_cpu_smoke_under_a_spent_budget_skips_peers_and_logs_the_time(tmp_path):
     assert res["decode"]["impls"]["torch-eager"]["note"] == bench.BUDGET_NOTE
     assert list(res["seconds"])[-4:] == ["headline", "decode", "tsweep", "channels"]
     assert res["wall_s"] >= sum(res["seconds"].values()) - 1e-6
-    assert (out / "bw_vs_T.png").exists() and (out / "bw_vs_channels.png").exists()
+    if importlib.util.find_spec("matplotlib") is not None:  # plots are optional (CI installs no matplotlib)
+        assert (out / "bw_vs_T.png").exists() and (out / "bw_vs_channels.png").exists()
     assert f"torch-loop {bench.BUDGET_NOTE}" in run.stdout
     assert run.stdout.rstrip().splitlines()[-1].startswith("total wall time:")
