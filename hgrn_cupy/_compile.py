@@ -21,10 +21,13 @@ C_TYPES = {
 }
 DTYPES = tuple(C_TYPES)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+STEP = 2  # the "direction" of an engine's single-step (decode) kernel, after forward 0 and backward 1
 
-# engine -> (source file, (forward kernel, backward kernel), has VARLEN and VEC template parameters)
+# engine -> (source file, (forward kernel, backward kernel[, single-step kernel]), has VARLEN and VEC
+# template parameters).  The single-step kernel (decoding) is templated on VEC alone.
 ENGINES = {
-    "fused_recurrent": ("fused_recurrent.cu", ("fused_recurrent_fwd", "fused_recurrent_bwd"), False),
+    "fused_recurrent": ("fused_recurrent.cu", ("fused_recurrent_fwd", "fused_recurrent_bwd", "fused_recurrent_step"),
+                        False),
     "chunk": ("chunk.cu", ("chunk_fwd", "chunk_bwd"), True),
 }
 BASE_OPTIONS = ("-std=c++17",)
@@ -66,14 +69,17 @@ def vector_width(x_dtype: str, g_dtype: str) -> int:
 def kernel_name(engine: str, direction: int, x_dtype: str, g_dtype: str, varlen: bool = False, vec: int = 1) -> str:
     """The name expression of one instantiation, e.g. ``hc::chunk_fwd<float, hc::half_t, false, 4>``."""
     _, kernels, templated = ENGINES[engine]
-    extra = f", {'true' if varlen else 'false'}, {vec}" if templated else ""
+    extra = f", {'true' if varlen else 'false'}, {vec}" if templated else (f", {vec}" if direction == STEP else "")
     return f"hc::{kernels[direction]}<{C_TYPES[x_dtype]}, {C_TYPES[g_dtype]}{extra}>"
 
 
 def name_expressions(engine: str, x_dtype: str, g_dtype: str) -> tuple[str, ...]:
     """Every kernel of one engine for one dtype pair: they share a module."""
     if not ENGINES[engine][2]:
-        return tuple(kernel_name(engine, k, x_dtype, g_dtype) for k in (0, 1))
+        names = tuple(kernel_name(engine, k, x_dtype, g_dtype) for k in (0, 1))
+        if len(ENGINES[engine][1]) > STEP:
+            names += (kernel_name(engine, STEP, x_dtype, g_dtype, vec=vector_width(x_dtype, g_dtype)),)
+        return names
     vecs = sorted({1, vector_width(x_dtype, g_dtype)})
     return tuple(kernel_name(engine, k, x_dtype, g_dtype, v, w) for k in (0, 1) for v in (False, True) for w in vecs)
 

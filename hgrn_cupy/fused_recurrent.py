@@ -5,9 +5,10 @@ decode (T = 1) and for varlen.  Launchers check nothing: the public functions in
 """
 from __future__ import annotations
 
-from ._compile import bind, get_function, launch
+from ._compile import ITEMSIZE, STEP, bind, get_function, launch, vector_width
 
 BLOCK = 64      # small blocks spread few channels over every multiprocessor
+STEP_BLOCK = 128  # threads per block of the single-step kernel (VEC channels each)
 
 
 def options(x_dtype, g_dtype):
@@ -33,7 +34,8 @@ def prepare_fwd(x, g, o, cu, N, reverse, device):
     B, T, D = x.shape
     if N == 0 or D == 0:
         return None
-    fn = get_function("fused_recurrent", 0, x.dtype, g.dtype, device, options(x.dtype, g.dtype))
+    opts = options(x.dtype, g.dtype)
+    fn = get_function("fused_recurrent", 0, x.dtype, g.dtype, device, opts)
     kernel = bind(fn, *_grid(N, D), device)
     (sxb, sxt), (sgb, sgt), (sob, sot) = x.strides[:2], g.strides[:2], o.strides[:2]
     cu_ptr, cu64 = cu if cu is not None else (0, 0)
@@ -42,7 +44,22 @@ def prepare_fwd(x, g, o, cu, N, reverse, device):
     def launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
         kernel(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sxt, sgb, sgt, sob, sot, h0_ptr, ht_ptr, cu_ptr, cu64, T, D, rev)
 
-    return launch
+    vec = vector_width(x.dtype, g.dtype)
+    if T != 1 or cu is not None or D % vec or (B > 1 and (sxb % vec or sgb % vec or sob % vec)):
+        return launch
+    # One step (decoding): 16-byte accesses where this call's pointers allow them.
+    step_fn = get_function("fused_recurrent", STEP, x.dtype, g.dtype, device, opts, vec=vec)
+    threads = N * D // vec
+    step = bind(step_fn, ((threads + STEP_BLOCK - 1) // STEP_BLOCK,), (STEP_BLOCK,), device)
+    ax, ag = vec * ITEMSIZE[x.dtype] - 1, vec * ITEMSIZE[g.dtype] - 1  # h0 and ht are read element-wise
+
+    def launch_step(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
+        if (x_ptr | o_ptr) & ax or g_ptr & ag:
+            launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)
+        else:
+            step(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sgb, sob, h0_ptr, ht_ptr, N, D)
+
+    return launch_step
 
 
 def fused_recurrent_fwd(x, g, o, h0, ht, cu, N, reverse, device, stream):

@@ -196,3 +196,71 @@ template <> struct SegmentCursor<true> {
 };
 
 }  // namespace hc
+
+namespace hc {
+
+// VEC consecutive elements moved as one access (2, 4, 8 or 16 bytes; the caller guarantees alignment),
+// held as 32-bit words in registers, and converted element by element.
+template <int BYTES> struct Word;
+template <> struct Word<2> {
+    static __device__ __forceinline__ void load(unsigned* u, const void* p) { u[0] = __ldcs(static_cast<const unsigned short*>(p)); }
+    static __device__ __forceinline__ void store(void* p, const unsigned* u) { __stcs(static_cast<unsigned short*>(p), (unsigned short)u[0]); }
+};
+template <> struct Word<4> {
+    static __device__ __forceinline__ void load(unsigned* u, const void* p) { u[0] = __ldcs(static_cast<const unsigned*>(p)); }
+    static __device__ __forceinline__ void store(void* p, const unsigned* u) { __stcs(static_cast<unsigned*>(p), u[0]); }
+};
+template <> struct Word<8> {
+    static __device__ __forceinline__ void load(unsigned* u, const void* p) {
+        const uint2 v = __ldcs(static_cast<const uint2*>(p)); u[0] = v.x; u[1] = v.y;
+    }
+    static __device__ __forceinline__ void store(void* p, const unsigned* u) { __stcs(static_cast<uint2*>(p), make_uint2(u[0], u[1])); }
+};
+template <> struct Word<16> {
+    static __device__ __forceinline__ void load(unsigned* u, const void* p) {
+        const uint4 v = __ldcs(static_cast<const uint4*>(p)); u[0] = v.x; u[1] = v.y; u[2] = v.z; u[3] = v.w;
+    }
+    static __device__ __forceinline__ void store(void* p, const unsigned* u) {
+        __stcs(static_cast<uint4*>(p), make_uint4(u[0], u[1], u[2], u[3]));
+    }
+};
+
+// Element k of a packed word, and back.
+template <typename T> struct Lane;
+template <> struct Lane<float> {
+    static __device__ __forceinline__ float get(const unsigned* u, int k) { return __uint_as_float(u[k]); }
+    static __device__ __forceinline__ void set(unsigned* u, int k, float v) { u[k] = __float_as_uint(v); }
+};
+template <> struct Lane<double> {
+    static __device__ __forceinline__ double get(const unsigned* u, int k) { return __hiloint2double((int)u[2 * k + 1], (int)u[2 * k]); }
+    static __device__ __forceinline__ void set(unsigned* u, int k, double v) {
+        u[2 * k] = (unsigned)__double2loint(v); u[2 * k + 1] = (unsigned)__double2hiint(v);
+    }
+};
+template <typename Bits> struct Lane16 {
+    static __device__ __forceinline__ Bits get(const unsigned* u, int k) {
+        Bits r; r.bits = (unsigned short)(u[k >> 1] >> (16 * (k & 1))); return r;
+    }
+    static __device__ __forceinline__ void set(unsigned* u, int k, Bits v) {
+        if (k & 1) u[k >> 1] = (u[k >> 1] & 0xffffu) | ((unsigned)v.bits << 16);
+        else u[k >> 1] = (u[k >> 1] & 0xffff0000u) | v.bits;
+    }
+};
+template <> struct Lane<half_t> : Lane16<half_t> {};
+template <> struct Lane<bfloat16_t> : Lane16<bfloat16_t> {};
+
+template <typename T, int VEC> struct Pack {
+    static constexpr int BYTES = (int)sizeof(T) * VEC;
+    static constexpr int WORDS = BYTES >= 4 ? BYTES / 4 : 1;
+    unsigned u[WORDS];
+    __device__ __forceinline__ void clear() {
+#pragma unroll
+        for (int i = 0; i < WORDS; ++i) u[i] = 0u;
+    }
+    __device__ __forceinline__ void load(const T* p) { Word<BYTES>::load(u, p); }
+    __device__ __forceinline__ void store(T* p) const { Word<BYTES>::store(p, u); }
+    template <typename Acc> __device__ __forceinline__ Acc get(int k) const { return Cvt<Acc, T>::load(Lane<T>::get(u, k)); }
+    template <typename Acc> __device__ __forceinline__ void set(int k, Acc v) { Lane<T>::set(u, k, Cvt<Acc, T>::store(v)); }
+};
+
+}  // namespace hc

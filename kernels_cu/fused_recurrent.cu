@@ -3,6 +3,8 @@
 // grid  (ceil(D / blockDim.x), N)   N = sequences (B, or len(cu_seqlens) - 1)
 // block (BLOCK,)                    one thread per channel; a warp reads 32 adjacent channels
 // traffic per element: forward reads x, g and writes o; backward reads g, o, do and writes dx, dg.
+// fused_recurrent_step is the forward of a single step (T = 1, dense: decoding) with VEC channels per
+// thread and 16-byte accesses, over a flat grid of N * D / VEC threads.
 //
 // The loads of future steps do not depend on the state, so each thread keeps two tiles of PREFETCH
 // steps in registers: while it scans one tile, the loads of the next are in flight.  Reverse mode and
@@ -158,6 +160,33 @@ __global__ void __launch_bounds__(256) fused_recurrent_bwd(
         b.scan(dh, a_next, h_init, dxp, dgp, sdxt, sdgt, hi - PREFETCH);
     }
     if (dh0) dh0[n * D + d] = a_next * dh;
+}
+
+// One step of every sequence, o = exp(g) * h0 + x and ht = o in the accumulation type (T = 1, dense).
+// Thread i owns channels [VEC * i, VEC * i + VEC) of the flattened [N, D]; D is a multiple of VEC, and
+// x, g, o are VEC-aligned with batch strides that are multiples of VEC (the host checks).
+template <typename TX, typename TG, int VEC>
+__global__ void __launch_bounds__(128) fused_recurrent_step(
+    const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o, i64 sxb, i64 sgb, i64 sob,
+    const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
+    i64 N, i64 D) {
+    typedef typename AccOf<TX, TG>::type Acc;
+    const i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    if (i >= N * D) return;
+    const i64 n = i / D, d = i - n * D;
+    Pack<TX, VEC> xr, out;
+    Pack<TG, VEC> gr;
+    xr.load(x + n * sxb + d);
+    gr.load(g + n * sgb + d);
+    out.clear();
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        Acc h = xr.template get<Acc>(k);
+        if (h0) h += gate_exp(gr.template get<Acc>(k)) * h0[i + k];
+        out.template set<Acc>(k, h);
+        if (ht) ht[i + k] = h;
+    }
+    out.store(o + n * sob + d);
 }
 
 }  // namespace hc

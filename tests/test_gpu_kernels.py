@@ -203,6 +203,21 @@ def test_strided_views(engine, dtype, view):
     check_forward(engine, x, g, dtype, views=VIEWS[view])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("has_h0,final", [(True, True), (True, False), (False, True)], ids=["h0-ht", "h0", "ht"])
+@pytest.mark.parametrize("view", ["dense", "batch_slice", "channel_slice", "odd_offset", "odd_batch_stride"])
+def test_decode_step(dtype, has_h0, final, view):
+    """T = 1 (decoding): the single-step kernel where 16-byte accesses are possible, the walk otherwise."""
+    fn = {"dense": lambda a: a, "batch_slice": lambda a: a[1:], "channel_slice": lambda a: a[:, :, 8:-16],
+          "odd_offset": lambda a: a[:, :, 1:-7], "odd_batch_stride": lambda a: a[:, :, :-1]}[view]
+    rng = _rng()
+    x, g = make_inputs(9, 1, 4128, rng=rng)
+    B, D = fn(np.empty((9, 1, 4128)))[:, 0].shape
+    h0 = rng.standard_normal((B, D)) if has_h0 else None
+    check_forward("fused_recurrent", x, g, dtype, h0, final=final, views=fn)
+    check_forward("fused_recurrent", x, g, dtype, h0, final=final, views=fn, gdtype="float32")
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_mixed_dtypes(engine):
     x, g = make_inputs(2, 500, 48)

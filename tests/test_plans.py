@@ -15,6 +15,7 @@ from conftest import TOL, rel_err, to_numpy
 
 import hgrn_cupy as hc
 from hgrn_cupy import _backend as bk
+from hgrn_cupy._compile import ITEMSIZE, STEP
 from hgrn_cupy import fused_recurrent, ops
 from hgrn_cupy.naive import bf16_bits_to_float32, float32_to_bf16_bits
 
@@ -107,6 +108,7 @@ def test_numpy_bool_reverse_is_checked_and_equal(fresh_plans):
 
 NP_STORAGE = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": np.uint16}
 FWD_ARGS = ("x", "g", "o", "sxb", "sxt", "sgb", "sgt", "sob", "sot", "h0", "ht", "cu", "cu64", "T", "D", "reverse")
+STEP_ARGS = ("x", "g", "o", "sxb", "sgb", "sob", "h0", "ht", "N", "D")  # fused_recurrent_step (T = 1)
 POINTERS = ("x", "g", "o", "h0", "ht")
 
 
@@ -146,7 +148,9 @@ class RecordingDriver:
     def launch_kernel(self, fn_ptr, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
         (key,) = [k for k, f in self.functions.items() if f.ptr == fn_ptr]
         engine, direction, xd, gd = key[:4]
-        assert (engine, direction) == ("fused_recurrent", 0)
+        assert engine == "fused_recurrent" and direction in (0, STEP)
+        if direction == STEP:
+            return self.launch_step(key, gx, gy, gz, bx, by, bz, stream, params)
         slots = (ctypes.c_void_p * len(FWD_ARGS)).from_address(params)
         a = dict(zip(FWD_ARGS, (ctypes.c_int64.from_address(p).value for p in slots)))
         self.launches.append({"fn": key, "grid": (gx, gy, gz), "block": (bx, by, bz), "stream": stream, **a})
@@ -158,6 +162,25 @@ class RecordingDriver:
         h0 = _view(a["h0"], (N, D), (D, 1), acc) if a["h0"] else None
         o, ht = hc.naive_recurrent_hgrn(x, g, h0, True, None, bool(a["reverse"]))
         _store(_view(a["o"], (N, T, D), (a["sob"], a["sot"], 1), xd), o, xd)
+        if a["ht"]:
+            _view(a["ht"], (N, D), (D, 1), acc)[...] = ht
+
+
+    def launch_step(self, key, gx, gy, gz, bx, by, bz, stream, params):
+        """The single-step (T = 1) kernel: VEC channels per thread over the flattened [N, D]."""
+        xd, gd, vec = key[2], key[3], key[7]
+        slots = (ctypes.c_void_p * len(STEP_ARGS)).from_address(params)
+        a = dict(zip(STEP_ARGS, (ctypes.c_int64.from_address(p).value for p in slots)))
+        self.launches.append({"fn": key, "grid": (gx, gy, gz), "block": (bx, by, bz), "stream": stream, **a})
+        acc = "float64" if "float64" in (xd, gd) else "float32"
+        N, D = a["N"], a["D"]
+        assert (gy, gz, by, bz) == (1, 1, 1, 1) and D % vec == 0 and gx * bx * vec >= N * D
+        assert a["x"] % (vec * ITEMSIZE[xd]) == 0 and a["g"] % (vec * ITEMSIZE[gd]) == 0
+        x = _load(_view(a["x"], (N, 1, D), (a["sxb"], 1, 1), xd), xd)
+        g = _load(_view(a["g"], (N, 1, D), (a["sgb"], 1, 1), gd), gd)
+        h0 = _view(a["h0"], (N, D), (D, 1), acc) if a["h0"] else None
+        o, ht = hc.naive_recurrent_hgrn(x, g, h0, True)
+        _store(_view(a["o"], (N, 1, D), (a["sob"], 1, 1), xd), o, xd)
         if a["ht"]:
             _view(a["ht"], (N, D), (D, 1), acc)[...] = ht
 
