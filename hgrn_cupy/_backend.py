@@ -229,10 +229,7 @@ class _Torch(Framework):
     def stream(self, like):
         import torch
 
-        get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # the fast path; same value
-        if get_raw is not None:
-            return get_raw(like.device.index)
-        return torch.cuda.current_stream(like.device).cuda_stream
+        return torch_stream_reader(torch)(like.device.index)
 
     def capturing(self, like):
         import torch
@@ -360,6 +357,13 @@ def framework_of(a) -> Framework | None:
         return None
     _by_type[t] = fw
     return fw
+
+
+def torch_stream_reader(torch):
+    """``read(device_index) -> pointer`` of torch's current CUDA stream on that device: torch's own
+    raw accessor where it has one (what ``torch.cuda.current_stream`` reads, without the object)."""
+    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return get_raw if get_raw is not None else (lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
 def is_jax_tracer(a) -> bool:

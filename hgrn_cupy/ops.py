@@ -389,8 +389,7 @@ def _torch_fused_plan(fw, x, g, h0, output_final_state, N, reverse):
     direct = h0 is not None and fw.dtype(h0) == acc and h0.is_contiguous()  # h0 read in place, ht like it
     shape, o_dtype, acc_dtype = (B, T, D), x.dtype, bk._torch_dtype_names()[acc]
     empty, empty_like = torch.empty, torch.empty_like
-    stream = (getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what torch.cuda.current_stream reads
-              or (lambda i: torch.cuda.current_stream(i).cuda_stream))
+    stream = bk.torch_stream_reader(torch)
     get_device = cupy.cuda.runtime.getDevice
 
     def plan(x, g, h0):
