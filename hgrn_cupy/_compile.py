@@ -66,6 +66,20 @@ def vector_width(x_dtype: str, g_dtype: str) -> int:
     return 16 // max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype])
 
 
+def layout_vector_width(D, arrs) -> int:
+    """The widest VEC (at most ``vector_width`` of the first two arrays' dtypes) that D and the strides
+    of every axis of ``arrs`` (``Arr`` [B, T, D]) longer than one allow; pointers are the caller's to
+    check (a prepared launch checks them at each call)."""
+    vec = vector_width(arrs[0].dtype, arrs[1].dtype)
+    if D % vec:
+        return 1
+    for a in arrs:
+        for n, s in zip(a.shape[:2], a.strides[:2]):
+            if n > 1 and s % vec:
+                return 1
+    return vec
+
+
 def kernel_name(engine: str, direction: int, x_dtype: str, g_dtype: str, varlen: bool = False, vec: int = 1) -> str:
     """The name expression of one instantiation, e.g. ``hc::chunk_fwd<float, hc::half_t, false, 4>``."""
     _, kernels, templated = ENGINES[engine]

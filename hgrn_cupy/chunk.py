@@ -9,7 +9,7 @@ channels.  Launchers check nothing: the public functions validate.
 """
 from __future__ import annotations
 
-from ._compile import ITEMSIZE, get_function, launch, vector_width
+from ._compile import ITEMSIZE, get_function, launch, layout_vector_width, vector_width
 
 LANES = 32
 # (warps per block, steps per thread) per (direction, vector kernel?).  The scalar kernels keep the
@@ -51,15 +51,9 @@ def max_workspace_bytes(N, T, D, varlen, acc_itemsize, x_dtype, g_dtype):
 def pick_vec(D, tensors):
     """The widest VEC every tensor allows: D, the pointers (in bytes) and the strides of the axes that
     have more than one index (in elements) must all be multiples of it."""
-    vec = vector_width(tensors[0].dtype, tensors[1].dtype)
-    if vec == 1 or D % vec:
+    vec = layout_vector_width(D, tensors)
+    if any(a.ptr % (vec * ITEMSIZE[a.dtype]) for a in tensors):
         return 1
-    for a in tensors:
-        if a.ptr % (vec * ITEMSIZE[a.dtype]):
-            return 1
-        for n, s in zip(a.shape[:2], a.strides[:2]):
-            if n > 1 and s % vec:
-                return 1
     return vec
 
 

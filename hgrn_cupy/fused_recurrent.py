@@ -5,7 +5,7 @@ decode (T = 1) and for varlen.  Launchers check nothing: the public functions in
 """
 from __future__ import annotations
 
-from ._compile import ITEMSIZE, STEP, bind, get_function, launch, vector_width
+from ._compile import ITEMSIZE, STEP, bind, get_function, launch, layout_vector_width
 
 BLOCK = 64      # small blocks spread few channels over every multiprocessor
 STEP_BLOCK = 128  # threads per block of the single-step kernel (VEC channels each)
@@ -44,8 +44,8 @@ def prepare_fwd(x, g, o, cu, N, reverse, device):
     def launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
         kernel(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sxt, sgb, sgt, sob, sot, h0_ptr, ht_ptr, cu_ptr, cu64, T, D, rev)
 
-    vec = vector_width(x.dtype, g.dtype)
-    if T != 1 or cu is not None or D % vec or (B > 1 and (sxb % vec or sgb % vec or sob % vec)):
+    vec = layout_vector_width(D, (x, g, o))
+    if T != 1 or cu is not None or vec == 1:
         return launch
     # One step (decoding): 16-byte accesses where this call's pointers allow them.
     step_fn = get_function("fused_recurrent", STEP, x.dtype, g.dtype, device, opts, vec=vec)
