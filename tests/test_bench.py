@@ -123,3 +123,23 @@ def test_cpu_smoke_under_a_spent_budget_skips_peers_and_logs_the_time(tmp_path):
         assert (out / "bw_vs_T.png").exists() and (out / "bw_vs_channels.png").exists()
     assert f"torch-loop {bench.BUDGET_NOTE}" in run.stdout
     assert run.stdout.rstrip().splitlines()[-1].startswith("total wall time:")
+
+
+def test_decode_table_shows_back_to_back_device_time_and_the_empty_kernel():
+    dec = {"host_shape": [1, 1, 1024], "device_shape": [64, 1, 4096], "dtype": "bfloat16", "calls": 10,
+           "device_min_bytes": 3670016, "device_floor_ms": 0.001,
+           "impls": {"(empty kernel)": {"status": "ok", "device_ms": 0.004, "b2b_ms": 0.0012},
+                     "ours-fused": {"status": "ok", "host_us": 11.5, "device_ms": 0.0062, "b2b_ms": 0.0031},
+                     "fla-fused": {"status": "skip", "note": bench.BUDGET_NOTE}}}
+    table = bench.decode_table(dec)
+    header = table.splitlines()[0]
+    assert "per call" in header and "back to back" in header
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]
+            if line.startswith("|")}
+    assert rows["ours-fused"] == ["11.5", "0.0062 (6.20x)", "0.0031 (3.10x)"]
+    assert rows["(empty kernel)"][0] == "-" and rows["(empty kernel)"][2] == "0.0012 (1.20x)"
+    assert rows["fla-fused"][0].startswith("SKIP") and rows["fla-fused"][2] == "-"
+    # without back-to-back figures (CPU runs, older results) the column is left out
+    for r in dec["impls"].values():
+        r.pop("b2b_ms", None)
+    assert "back to back" not in bench.decode_table(dec).splitlines()[0]
