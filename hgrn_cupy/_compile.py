@@ -22,9 +22,10 @@ C_TYPES = {
 DTYPES = tuple(C_TYPES)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 STEP = 2  # the "direction" of an engine's single-step (decode) kernel, after forward 0 and backward 1
+FUSED_VECS = (1, 2)  # channels per thread the fused engine's walks are built for
 
-# engine -> (source file, (forward kernel, backward kernel[, single-step kernel]), has VARLEN and VEC
-# template parameters).  The single-step kernel (decoding) is templated on VEC alone.
+# engine -> (source file, (forward kernel, backward kernel[, single-step kernel]), has a VARLEN template
+# parameter besides VEC).  The fused engine's kernels are templated on VEC alone.
 ENGINES = {
     "fused_recurrent": ("fused_recurrent.cu", ("fused_recurrent_fwd", "fused_recurrent_bwd", "fused_recurrent_step"),
                         False),
@@ -83,14 +84,14 @@ def layout_vector_width(D, arrs) -> int:
 def kernel_name(engine: str, direction: int, x_dtype: str, g_dtype: str, varlen: bool = False, vec: int = 1) -> str:
     """The name expression of one instantiation, e.g. ``hc::chunk_fwd<float, hc::half_t, false, 4>``."""
     _, kernels, templated = ENGINES[engine]
-    extra = f", {'true' if varlen else 'false'}, {vec}" if templated else (f", {vec}" if direction == STEP else "")
+    extra = f", {'true' if varlen else 'false'}, {vec}" if templated else f", {vec}"
     return f"hc::{kernels[direction]}<{C_TYPES[x_dtype]}, {C_TYPES[g_dtype]}{extra}>"
 
 
 def name_expressions(engine: str, x_dtype: str, g_dtype: str) -> tuple[str, ...]:
     """Every kernel of one engine for one dtype pair: they share a module."""
     if not ENGINES[engine][2]:
-        names = tuple(kernel_name(engine, k, x_dtype, g_dtype) for k in (0, 1))
+        names = tuple(kernel_name(engine, k, x_dtype, g_dtype, vec=v) for k in (0, 1) for v in FUSED_VECS)
         if len(ENGINES[engine][1]) > STEP:
             names += (kernel_name(engine, STEP, x_dtype, g_dtype, vec=vector_width(x_dtype, g_dtype)),)
         return names

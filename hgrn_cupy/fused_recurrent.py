@@ -9,21 +9,50 @@ from ._compile import ITEMSIZE, STEP, bind, get_function, launch, layout_vector_
 
 BLOCK = 64      # small blocks spread few channels over every multiprocessor
 STEP_BLOCK = 128  # threads per block of the single-step kernel (VEC channels each)
+# Channels per thread of the walks, per storage size of the wider input, where there are at least
+# WALK_VEC_MIN_CHANNELS (sequences x D) and the layout allows it; and the steps per register tile then.
+# Two 16-bit channels make a warp's access 128 bytes instead of 64: on an H100 (bf16, 32-step tiles)
+# that took 16x2048x4096 from 1.59x to 1.14x of the floor forward (1.57x to 1.14x backward) and
+# 32x2048x4096 from 1.31x to 1.11x (1.36x to 1.12x); float32 gained 1-3% from 64K channels on. At 16K
+# channels both lost (half the threads), hence the threshold.
+WALK_VEC = {2: 2, 4: 2, 8: 1}
+PREFETCH_V = {2: 32, 4: 16, 8: 16}
+WALK_VEC_MIN_CHANNELS = 1 << 16
 
 
 def options(x_dtype, g_dtype):
-    """Compile options for one dtype pair: steps per register tile (two tiles in flight).
+    """Compile options for one dtype pair: steps per register tile (two tiles in flight), with one channel
+    per thread and with two.
 
     32-step tiles when both inputs are float32, 16 otherwise: on an H100 at 16K channels the longer
     tiles took float32 from 1.41x to 1.32x of the floor (forward) and 1.23x to 1.19x (backward),
     while bfloat16 gained nothing in the forward and lost at 128K channels.
     """
     steps = 32 if x_dtype == g_dtype == "float32" else 16
-    return (f"-DHC_PREFETCH={steps}",)
+    size = max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype])
+    return (f"-DHC_PREFETCH={steps}", f"-DHC_PREFETCH_V={PREFETCH_V[size]}")
 
 
-def _grid(N, D):
-    return ((D + BLOCK - 1) // BLOCK, N), (BLOCK,)
+def walk_vec(N, D, arrs):
+    """Channels per thread of the walks for N sequences of this layout: ``WALK_VEC`` of the wider dtype
+    where N * D reaches ``WALK_VEC_MIN_CHANNELS`` and D and the strides of every axis of ``arrs`` longer
+    than one are multiples of it, else 1 (pointers are the caller's to check)."""
+    vec = WALK_VEC[max(ITEMSIZE[arrs[0].dtype], ITEMSIZE[arrs[1].dtype])]
+    if vec == 1 or N * D < WALK_VEC_MIN_CHANNELS or D % vec:
+        return 1
+    for a in arrs:
+        for n, s in zip(a.shape[:2], a.strides[:2]):
+            if n > 1 and s % vec:
+                return 1
+    return vec
+
+
+def _aligned(vec, arrs):
+    return all(a.ptr % (vec * ITEMSIZE[a.dtype]) == 0 for a in arrs)
+
+
+def _grid(N, D, vec=1):
+    return ((D // vec + BLOCK - 1) // BLOCK, N), (BLOCK,)
 
 
 def prepare_fwd(x, g, o, cu, N, reverse, device):
@@ -41,8 +70,22 @@ def prepare_fwd(x, g, o, cu, N, reverse, device):
     cu_ptr, cu64 = cu if cu is not None else (0, 0)
     rev = int(bool(reverse))
 
-    def launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
+    def launch_1(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
         kernel(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sxt, sgb, sgt, sob, sot, h0_ptr, ht_ptr, cu_ptr, cu64, T, D, rev)
+
+    launch = launch_1
+    wvec = walk_vec(N, D, (x, g, o))
+    if wvec > 1:  # VEC channels per thread where this call's pointers allow them
+        fn_v = get_function("fused_recurrent", 0, x.dtype, g.dtype, device, opts, vec=wvec)
+        kernel_v = bind(fn_v, *_grid(N, D, wvec), device)
+        wx, wg = wvec * ITEMSIZE[x.dtype] - 1, wvec * ITEMSIZE[g.dtype] - 1
+
+        def launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
+            if (x_ptr | o_ptr) & wx or g_ptr & wg:
+                launch_1(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)
+            else:
+                kernel_v(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sxt, sgb, sgt, sob, sot, h0_ptr, ht_ptr, cu_ptr, cu64,
+                         T, D, rev)
 
     vec = layout_vector_width(D, (x, g, o))
     if T != 1 or cu is not None or vec == 1:
@@ -76,8 +119,11 @@ def fused_recurrent_bwd(g, o, do, dx, dg, h0, dht, dh0, cu, N, reverse, device, 
     B, T, D = g.shape
     if N == 0 or D == 0:
         return
-    fn = get_function("fused_recurrent", 1, o.dtype, g.dtype, device, options(o.dtype, g.dtype))
-    grid, block = _grid(N, D)
+    vec = walk_vec(N, D, (o, g, do, dx, dg))
+    if vec > 1 and not _aligned(vec, (o, g, do, dx, dg)):
+        vec = 1
+    fn = get_function("fused_recurrent", 1, o.dtype, g.dtype, device, options(o.dtype, g.dtype), vec=vec)
+    grid, block = _grid(N, D, vec)
     cu_ptr, cu64 = cu if cu is not None else (0, 0)
     launch(fn, grid, block, stream.ptr, (
         g.ptr, o.ptr, do.ptr, dx.ptr, dg.ptr, g.strides[0], g.strides[1], o.strides[0], o.strides[1],

@@ -1,7 +1,9 @@
-// Fused recurrent engine: one thread owns one (sequence, channel) and walks time.
+// Fused recurrent engine: one thread owns VEC channels of one sequence and walks time.
 //
-// grid  (ceil(D / blockDim.x), N)   N = sequences (B, or len(cu_seqlens) - 1)
-// block (BLOCK,)                    one thread per channel; a warp reads 32 adjacent channels
+// grid  (ceil(D / (VEC * blockDim.x)), N)   N = sequences (B, or len(cu_seqlens) - 1)
+// block (BLOCK,)                            VEC adjacent channels per thread (1, or 2 where the host
+//                                           finds D, pointers and strides aligned): a warp reads
+//                                           32 * VEC adjacent channels per step
 // traffic per element: forward reads x, g and writes o; backward reads g, o, do and writes dx, dg.
 // fused_recurrent_step is the forward of a single step (T = 1, dense: decoding) with VEC channels per
 // thread and 16-byte accesses, over a flat grid of N * D / VEC threads.
@@ -13,49 +15,64 @@
 
 namespace hc {
 
-// Steps each thread loads ahead per tile (two tiles in flight); a tuning knob.
+// Steps each thread loads ahead per tile (two tiles in flight), with one channel per thread and with
+// VEC > 1 channels per thread; tuning knobs.
 #ifndef HC_PREFETCH
 #define HC_PREFETCH 16
 #endif
-constexpr int PREFETCH = HC_PREFETCH;
+#ifndef HC_PREFETCH_V
+#define HC_PREFETCH_V HC_PREFETCH
+#endif
+template <int VEC> struct Prefetch { static constexpr int STEPS = VEC == 1 ? HC_PREFETCH : HC_PREFETCH_V; };
 
-template <typename TX, typename TG>
+template <typename TX, typename TG, int VEC>
 struct FwdTile {
     typedef typename AccOf<TX, TG>::type Acc;
-    TX x[PREFETCH];
-    TG g[PREFETCH];
+    static constexpr int P = Prefetch<VEC>::STEPS;
+    Pack<TX, VEC> x[P];
+    Pack<TG, VEC> g[P];
 
-    // Loads steps s0 .. s0 + PREFETCH - 1 and advances the pointers past them.
+    // Loads steps s0 .. s0 + P - 1 and advances the pointers past them.
     __device__ __forceinline__ void load(const TX*& xp, const TG*& gp, i64 sxt, i64 sgt, i64 s0, i64 len) {
 #pragma unroll
-        for (int j = 0; j < PREFETCH; ++j) {
+        for (int j = 0; j < P; ++j) {
             if (s0 + j < len) {
-                x[j] = load_stream(xp);
-                g[j] = load_stream(gp);
+                x[j].load(xp);
+                g[j].load(gp);
             }
             xp += sxt; gp += sgt;
         }
     }
-    __device__ __forceinline__ void scan(Acc& h, TX*& op, i64 sot, i64 s0, i64 len) const {
+    __device__ __forceinline__ void scan(Acc* h, TX*& op, i64 sot, i64 s0, i64 len) const {
 #pragma unroll
-        for (int j = 0; j < PREFETCH; ++j) {
+        for (int j = 0; j < P; ++j) {
             if (s0 + j < len) {
-                h = gate_exp(Cvt<Acc, TG>::load(g[j])) * h + Cvt<Acc, TX>::load(x[j]);
-                store_stream(op, Cvt<Acc, TX>::store(h));
+                Pack<TX, VEC> out;
+                out.clear();
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    h[k] = gate_exp(g[j].template get<Acc>(k)) * h[k] + x[j].template get<Acc>(k);
+                    out.template set<Acc>(k, h[k]);
+                }
+                out.store(op);
             }
             op += sot;
         }
     }
 };
 
-template <typename TX, typename TG>
+// Thread (blockIdx.x * blockDim.x + threadIdx.x) owns channels [VEC * i, VEC * i + VEC) of sequence
+// blockIdx.y; with VEC > 1, D is a multiple of VEC and every pointer and stride is VEC-aligned (the
+// host checks).
+template <typename TX, typename TG, int VEC>
 __global__ void __launch_bounds__(256) fused_recurrent_fwd(
     const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o,
     i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
     const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
     const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
     typedef typename AccOf<TX, TG>::type Acc;
-    const i64 d = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    constexpr int P = Prefetch<VEC>::STEPS;
+    const i64 d = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     const i64 n = blockIdx.y;
     if (d >= D) return;
     const SeqBounds sb = seq_bounds(cu_seqlens, cu64, n, T);
@@ -67,62 +84,76 @@ __global__ void __launch_bounds__(256) fused_recurrent_fwd(
     TX* op = o + sb.batch * sob + t0 * sot + d;
     sxt *= dir; sgt *= dir; sot *= dir;
 
-    Acc h = h0 ? h0[n * D + d] : Acc(0);
-    FwdTile<TX, TG> a, b;
+    Acc h[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) h[k] = h0 ? h0[n * D + d + k] : Acc(0);
+    FwdTile<TX, TG, VEC> a, b;
     a.load(xp, gp, sxt, sgt, 0, len);
-    for (i64 s = 0; s < len; s += 2 * PREFETCH) {
-        b.load(xp, gp, sxt, sgt, s + PREFETCH, len);
+    for (i64 s = 0; s < len; s += 2 * P) {
+        b.load(xp, gp, sxt, sgt, s + P, len);
         a.scan(h, op, sot, s, len);
-        if (s + PREFETCH >= len) break;
-        a.load(xp, gp, sxt, sgt, s + 2 * PREFETCH, len);
-        b.scan(h, op, sot, s + PREFETCH, len);
+        if (s + P >= len) break;
+        a.load(xp, gp, sxt, sgt, s + 2 * P, len);
+        b.scan(h, op, sot, s + P, len);
     }
-    if (ht) ht[n * D + d] = h;
+    if (ht) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) ht[n * D + d + k] = h[k];
+    }
 }
 
 // Backward walks logical time from the end.  At logical step s it needs g[s], do[s] and the previous
 // state o[s-1] (h0 at s = 0); it carries dh[s+1] and exp(g[s+1]).
-template <typename TX, typename TG>
+template <typename TX, typename TG, int VEC>
 struct BwdTile {
     typedef typename AccOf<TX, TG>::type Acc;
-    TG g[PREFETCH];
-    TX dout[PREFETCH];
-    TX hprev[PREFETCH];
+    static constexpr int P = Prefetch<VEC>::STEPS;
+    Pack<TG, VEC> g[P];
+    Pack<TX, VEC> dout[P];
+    Pack<TX, VEC> hprev[P];
 
-    // A tile holds logical steps s = hi - j, j = 0..PREFETCH-1 (only s >= 0 are loaded); the pointers
-    // address step hi on entry and step hi - PREFETCH on return (op is one step behind: o[s-1]).
+    // A tile holds logical steps s = hi - j, j = 0..P-1 (only s >= 0 are loaded); the pointers address
+    // step hi on entry and step hi - P on return (op is one step behind: o[s-1]).
     __device__ __forceinline__ void load(const TG*& gp, const TX*& op, const TX*& dop,
                                          i64 sgt, i64 sot, i64 sdot, i64 hi) {
 #pragma unroll
-        for (int j = 0; j < PREFETCH; ++j) {
+        for (int j = 0; j < P; ++j) {
             const i64 s = hi - j;
             if (s >= 0) {
-                g[j] = load_stream(gp);
-                dout[j] = load_stream(dop);
-                if (s >= 1) hprev[j] = load_stream(op);
+                g[j].load(gp);
+                dout[j].load(dop);
+                if (s >= 1) hprev[j].load(op);
             }
             gp -= sgt; op -= sot; dop -= sdot;
         }
     }
-    __device__ __forceinline__ void scan(Acc& dh, Acc& a_next, Acc h_init, TX*& dxp, TG*& dgp,
+    __device__ __forceinline__ void scan(Acc* dh, Acc* a_next, const Acc* h_init, TX*& dxp, TG*& dgp,
                                          i64 sdxt, i64 sdgt, i64 hi) const {
 #pragma unroll
-        for (int j = 0; j < PREFETCH; ++j) {
+        for (int j = 0; j < P; ++j) {
             const i64 s = hi - j;
             if (s >= 0) {
-                dh = Cvt<Acc, TX>::load(dout[j]) + a_next * dh;
-                const Acc a = gate_exp(Cvt<Acc, TG>::load(g[j]));
-                const Acc hp = s >= 1 ? Cvt<Acc, TX>::load(hprev[j]) : h_init;
-                store_stream(dxp, Cvt<Acc, TX>::store(dh));
-                store_stream(dgp, Cvt<Acc, TG>::store(dh * a * hp));
-                a_next = a;
+                Pack<TX, VEC> dxo;
+                Pack<TG, VEC> dgo;
+                dxo.clear(); dgo.clear();
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    dh[k] = dout[j].template get<Acc>(k) + a_next[k] * dh[k];
+                    const Acc a = gate_exp(g[j].template get<Acc>(k));
+                    const Acc hp = s >= 1 ? hprev[j].template get<Acc>(k) : h_init[k];
+                    dxo.template set<Acc>(k, dh[k]);
+                    dgo.template set<Acc>(k, dh[k] * a * hp);
+                    a_next[k] = a;
+                }
+                dxo.store(dxp);
+                dgo.store(dgp);
             }
             dxp -= sdxt; dgp -= sdgt;
         }
     }
 };
 
-template <typename TX, typename TG>
+template <typename TX, typename TG, int VEC>
 __global__ void __launch_bounds__(256) fused_recurrent_bwd(
     const TG* __restrict__ g, const TX* __restrict__ o, const TX* __restrict__ dout,
     TX* __restrict__ dx, TG* __restrict__ dg,
@@ -131,7 +162,8 @@ __global__ void __launch_bounds__(256) fused_recurrent_bwd(
     typename AccOf<TX, TG>::type* __restrict__ dh0,
     const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
     typedef typename AccOf<TX, TG>::type Acc;
-    const i64 d = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    constexpr int P = Prefetch<VEC>::STEPS;
+    const i64 d = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     const i64 n = blockIdx.y;
     if (d >= D) return;
     const SeqBounds sb = seq_bounds(cu_seqlens, cu64, n, T);
@@ -147,19 +179,26 @@ __global__ void __launch_bounds__(256) fused_recurrent_bwd(
     TX* dxp = dx + sb.batch * sdxb + t0 * dir * sdxt + last * sdxt + d;
     TG* dgp = dg + sb.batch * sdgb + t0 * dir * sdgt + last * sdgt + d;
 
-    const Acc h_init = h0 ? h0[n * D + d] : Acc(0);
-    Acc dh = dht ? dht[n * D + d] : Acc(0);
-    Acc a_next = Acc(1);
-    BwdTile<TX, TG> a, b;
-    a.load(gp, op, dop, sgt, sot, sdot, last);
-    for (i64 hi = last; hi >= 0; hi -= 2 * PREFETCH) {
-        b.load(gp, op, dop, sgt, sot, sdot, hi - PREFETCH);
-        a.scan(dh, a_next, h_init, dxp, dgp, sdxt, sdgt, hi);
-        if (hi - PREFETCH < 0) break;
-        a.load(gp, op, dop, sgt, sot, sdot, hi - 2 * PREFETCH);
-        b.scan(dh, a_next, h_init, dxp, dgp, sdxt, sdgt, hi - PREFETCH);
+    Acc h_init[VEC], dh[VEC], a_next[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        h_init[k] = h0 ? h0[n * D + d + k] : Acc(0);
+        dh[k] = dht ? dht[n * D + d + k] : Acc(0);
+        a_next[k] = Acc(1);
     }
-    if (dh0) dh0[n * D + d] = a_next * dh;
+    BwdTile<TX, TG, VEC> a, b;
+    a.load(gp, op, dop, sgt, sot, sdot, last);
+    for (i64 hi = last; hi >= 0; hi -= 2 * P) {
+        b.load(gp, op, dop, sgt, sot, sdot, hi - P);
+        a.scan(dh, a_next, h_init, dxp, dgp, sdxt, sdgt, hi);
+        if (hi - P < 0) break;
+        a.load(gp, op, dop, sgt, sot, sdot, hi - 2 * P);
+        b.scan(dh, a_next, h_init, dxp, dgp, sdxt, sdgt, hi - P);
+    }
+    if (dh0) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) dh0[n * D + d + k] = a_next[k] * dh[k];
+    }
 }
 
 // One step of every sequence, o = exp(g) * h0 + x and ht = o in the accumulation type (T = 1, dense).

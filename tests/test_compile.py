@@ -88,6 +88,8 @@ def test_engine_choice():
     assert ops.pick_engine(1, 32768, 1024, ("bfloat16", "bfloat16"), 1) == "chunk"
     assert ops.pick_engine(8, 4096, 2048, ("bfloat16",), 0) == "chunk"
     assert ops.pick_engine(32, 2048, 4096, ("bfloat16",), 0) == "fused_recurrent"
+    assert ops.pick_engine(16, 2048, 4096, ("bfloat16",), 0) == "fused_recurrent"  # 64K: two channels a thread
+    assert ops.pick_engine(16, 2048, 2048, ("bfloat16",), 0) == "chunk"
     assert ops.pick_engine(8, 4096, 2048, ("float32",), 1) == "fused_recurrent"
     assert ops.pick_engine(8, 4096, 2048, ("bfloat16", "float32"), 1) == "fused_recurrent"
     assert ops.pick_engine(2, 8192, 512, ("float64",), 1) == "chunk"

@@ -14,9 +14,31 @@ from hgrn_cupy.naive import bf16_bits_to_float32, float32_to_bf16_bits  # noqa: 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison")]
 
-ENGINES = ["chunk", "fused_recurrent"]
+# "fused_recurrent_2ch": the fused engine with two channels per thread wherever the layout allows it
+# (the library does so from 64K channels; the fixture below lowers that threshold to 0).
+ENGINES = ["chunk", "fused_recurrent", "fused_recurrent_2ch"]
 DTYPES = ["float32", "float16", "bfloat16", "float64"]
-FORWARD = {"chunk": hc.chunk_hgrn, "fused_recurrent": hc.fused_recurrent_hgrn}
+FORWARD = {"chunk": hc.chunk_hgrn, "fused_recurrent": hc.fused_recurrent_hgrn,
+           "fused_recurrent_2ch": hc.fused_recurrent_hgrn}
+
+
+def lib_engine(engine):
+    return "fused_recurrent" if engine == "fused_recurrent_2ch" else engine
+
+
+@pytest.fixture(autouse=True)
+def walk_channels(request, monkeypatch):
+    """Two channels per thread in the fused walks for the ``fused_recurrent_2ch`` cases."""
+    spec = getattr(request.node, "callspec", None)
+    if spec is None or spec.params.get("engine") != "fused_recurrent_2ch":
+        yield
+        return
+    from hgrn_cupy import fused_recurrent, ops
+
+    monkeypatch.setattr(fused_recurrent, "WALK_VEC_MIN_CHANNELS", 0)
+    ops._plans.clear()  # plans made under the usual threshold
+    yield
+    ops._plans.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +128,7 @@ def check_backward(engine, x64, g64, dtype, h064=None, cu=None, reverse=False, w
     h0 = None if h064 is None else cupy.asarray(h064.astype(acc))
     dx, dg, dh0 = hc.hgrn_backward(g, o, do, dht=dht, initial_state=h0,
                                    cu_seqlens=None if cu is None else cu_array(cu, "int64"),
-                                   reverse=reverse, engine=engine)
+                                   reverse=reverse, engine=lib_engine(engine))
     rdx, rdg, rdh0 = hc.naive_recurrent_hgrn_bwd(
         to_host(g), to_host(o), to_host(do), None if dht is None else to_host(dht),
         None if h0 is None else to_host(h0), None if cu is None else np.asarray(cu), reverse)
@@ -276,7 +298,7 @@ def test_deterministic(engine):
     for o, ht in runs[1:]:
         assert bool((o == runs[0][0]).all()) and bool((ht == runs[0][1]).all())
     do = to_dev(_rng().standard_normal(x.shape), "float32")
-    grads = [hc.hgrn_backward(gd, runs[0][0], do, engine=engine) for _ in range(3)]
+    grads = [hc.hgrn_backward(gd, runs[0][0], do, engine=lib_engine(engine)) for _ in range(3)]
     for dx, dg, _ in grads[1:]:
         assert bool((dx == grads[0][0]).all()) and bool((dg == grads[0][1]).all())
 

@@ -156,7 +156,11 @@ class RecordingDriver:
         self.launches.append({"fn": key, "grid": (gx, gy, gz), "block": (bx, by, bz), "stream": stream, **a})
         acc = "float64" if "float64" in (xd, gd) else "float32"
         N, T, D = gy, a["T"], a["D"]
-        assert a["cu"] == 0 and gx * bx >= D
+        vec = key[7]  # channels per thread: D, pointers and strides are multiples of it
+        assert a["cu"] == 0 and gx * bx * vec >= D > (gx - 1) * bx * vec and D % vec == 0
+        assert a["x"] % (vec * ITEMSIZE[xd]) == 0 and a["o"] % (vec * ITEMSIZE[xd]) == 0
+        assert a["g"] % (vec * ITEMSIZE[gd]) == 0
+        assert all(a[k] % vec == 0 for k in ("sxb", "sxt", "sgb", "sgt", "sob", "sot"))
         x = _load(_view(a["x"], (N, T, D), (a["sxb"], a["sxt"], 1), xd), xd)
         g = _load(_view(a["g"], (N, T, D), (a["sgb"], a["sgt"], 1), gd), gd)
         h0 = _view(a["h0"], (N, D), (D, 1), acc) if a["h0"] else None
@@ -358,3 +362,25 @@ def test_planned_torch_call_on_a_side_stream():
         s.synchronize()
     ref = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), to_numpy(h0), True)
     assert rel_err(o, ref[0]) <= TOL["float32"] and rel_err(ht, ref[1]) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("layout", ["dense", "odd_offset", "odd_d"])
+def test_two_channels_per_thread_where_the_layout_allows(layout, fake_cuda, monkeypatch):
+    """The fused walk takes two channels per thread from WALK_VEC_MIN_CHANNELS on (lowered to 0 here)
+    where D, strides and this call's pointers allow it, and one otherwise, planned or not."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(fused_recurrent, "WALK_VEC_MIN_CHANNELS", 0)
+    gen = torch.Generator().manual_seed(7)
+    D = 35 if layout == "odd_d" else 34
+    x, g, h0 = _torch_case(gen, (3, 5, D + 2, "bfloat16", "bfloat16", "float32", "dense"))
+    if layout == "odd_offset":  # even strides (D + 2), pointers one element off: checked at each call
+        x, g, h0 = x[..., 1:D + 1], g[..., 1:D + 1], h0[:, 1:D + 1].contiguous()
+    else:
+        x, g, h0 = x[..., :D].contiguous(), g[..., :D].contiguous(), h0[:, :D].contiguous()
+    ref_o, ref_ht = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), to_numpy(h0), True)
+    for _ in range(3):  # checked, plan made, planned
+        o, ht = hc.fused_recurrent_hgrn(x, g, h0, True)
+        assert rel_err(o, ref_o) <= TOL["bfloat16"] and rel_err(ht, ref_ht) <= TOL["bfloat16"]
+    assert len(ops._plans) == 1
+    vecs = [ln["fn"][7] for ln in fake_cuda.launches]
+    assert vecs == [2, 2, 2] if layout == "dense" else vecs == [1, 1, 1]
