@@ -16,12 +16,12 @@ Sections, in run order (``--only`` picks passes and sections, ``--dtypes`` the h
 * decode:   host-inclusive time per call of one decode step (B=1, T=1, D=1024, state in and out,
             2000 calls, one synchronisation at the end), and device time of a wide decode step
             (B=64, T=1, D=4096, state in and out).
-* tsweep:   B=1, D=1024, bfloat16, T from 1 to 2^20 (fwd, fwdbwd).
-* channels: T=4096, bfloat16, B*D channels from 256 to 2^18 with D = min(channels, 1024) (fwd, fwdbwd).
+* tsweep:   B=1, D=1024, T from 1 to 2^20 (fwd, bwd, fwdbwd; bfloat16 and float32, ``--sweep-dtypes``).
+* channels: T=4096, B*D channels from 256 to 2^18 with D = min(channels, 1024) (the same passes and dtypes).
 
 ``--quick`` (meant to finish within 2 minutes on an H100): the headline in bfloat16 plus float32
-8x4096x2048 (fwd, fwdbwd), decode, and 3-point sweeps whose T and D values are the headline's (so they
-compile and tune nothing new), fla on the headline shapes only, shorter warm-up and repetitions, and
+8x4096x2048 (fwd, fwdbwd), decode, and 3-point bfloat16 sweeps (fwd, fwdbwd) whose T and D values are the
+headline's (so they compile and tune nothing new), fla on the headline shapes only, shorter warm-up and repetitions, and
 a time budget (``--budget``, 100 s): after it, cells of peers not yet started are skipped and marked
 ``skipped: time budget`` (ours keep running; they take seconds).  The log carries the time of every
 section, the time spent per implementation (first calls, i.e. compile and autotuning, shown apart) and
@@ -175,11 +175,13 @@ def build_plan(args):
     passes, sections, _ = parse_only(args.only)
     dtypes = parse_dtypes(args.dtypes)
     mode = "quick" if args.quick else "full"
+    sweep_dtypes = parse_dtypes(args.sweep_dtypes or ("bfloat16" if args.quick else "bfloat16,float32"))
+    sweep_passes = ("fwd", "fwdbwd") if args.quick else PASSES
     plan = {s: [] for s in sections}
 
     def add(section, B, T, D, dtype, allowed):
         ps = [p for p in passes if p in allowed]
-        if ps and dtype in dtypes:
+        if ps and dtype in (dtypes if section == "headline" else sweep_dtypes):
             plan[section].append(dict(B=B, T=T, D=D, dtype=dtype, passes=ps))
 
     if "headline" in plan:
@@ -191,14 +193,15 @@ def build_plan(args):
                     add("headline", B, T, D, "float32", ("fwd", "fwdbwd"))
             else:
                 add("headline", B, T, D, "float32", PASSES)
-    if "tsweep" in plan:
-        B, D = TSWEEP_BD
-        for T in TSWEEP[mode]:
-            add("tsweep", B, T, D, "bfloat16", ("fwd", "fwdbwd"))
-    if "channels" in plan:
-        for C in CHANNELS[mode]:
-            D = min(C, CHANNELS_MAX_D)
-            add("channels", C // D, CHANNELS_T, D, "bfloat16", ("fwd", "fwdbwd"))
+    for dtype in ("bfloat16", "float32"):
+        if "tsweep" in plan:
+            B, D = TSWEEP_BD
+            for T in TSWEEP[mode]:
+                add("tsweep", B, T, D, dtype, sweep_passes)
+        if "channels" in plan:
+            for C in CHANNELS[mode]:
+                D = min(C, CHANNELS_MAX_D)
+                add("channels", C // D, CHANNELS_T, D, dtype, sweep_passes)
     return {k: v for k, v in plan.items() if v}
 
 
@@ -1499,12 +1502,18 @@ def plot_sweep(ctx, rows, xkey, xlabel, path):
         log(f"no plot {path.name}: {one_line(e)}")
         return
     passes = [p for p in PASSES if any(r["pass"] == p for r in rows)]
+    dtypes = [d for d in ("bfloat16", "float32") if any(r["dtype"] == d for r in rows)]
     if not passes:
         return
-    fig, axes = plt.subplots(1, len(passes), figsize=(6.5 * len(passes), 4.8), squeeze=False)
+    fig, axes = plt.subplots(len(dtypes), len(passes), figsize=(6.5 * len(passes), 4.8 * len(dtypes)),
+                             squeeze=False)
     copy_bw = ctx.results.get("copy", {}).get("gbps")
-    for ax, p in zip(axes[0], passes):
-        prow = [r for r in rows if r["pass"] == p]
+    panels = [(axes[i][j], p, d) for i, d in enumerate(dtypes) for j, p in enumerate(passes)]
+    for ax, p, d in panels:
+        prow = [r for r in rows if r["pass"] == p and r["dtype"] == d]
+        if not prow:
+            ax.set_visible(False)
+            continue
         for name in used_impls(prow):
             pts = sorted((xkey(r), r["min_bytes"] / (r["results"][name]["ms"] * 1e-3) / 1e9) for r in prow
                          if r["results"].get(name, {}).get("status") == "ok")
@@ -1605,7 +1614,9 @@ def parse_args(argv=None):
                          f"{QUICK_BUDGET_S:g}; no accelerated-scan warp build")
     ap.add_argument("--only", default="", help="e.g. fwd,fwdbwd or headline,decode (see below)")
     ap.add_argument("--dtypes", default="bfloat16,float32",
-                    help="dtypes of the headline shapes (the sweeps and decode are bfloat16), default both")
+                    help="dtypes of the headline shapes (decode is bfloat16), default both")
+    ap.add_argument("--sweep-dtypes", default=None,
+                    help="dtypes of the T and channel sweeps (default both; --quick: bfloat16)")
     ap.add_argument("--impls", default="",
                     help="comma list of implementation name prefixes to run, e.g. ours,fla (default: all of "
                          + ", ".join(IMPLS) + "; decode adds ours-torch, torch-eager)")

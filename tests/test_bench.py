@@ -58,6 +58,20 @@ def test_full_run_pieces_cover_the_full_plan():
         plan_of("--dtypes", "float16")
 
 
+def test_full_sweeps_cover_both_dtypes_and_every_pass():
+    _, full = plan_of("--only", "tsweep,channels")
+    for section, count in (("tsweep", len(bench.TSWEEP["full"])), ("channels", len(bench.CHANNELS["full"]))):
+        cases = full[section]
+        assert sorted({c["dtype"] for c in cases}) == ["bfloat16", "float32"]
+        assert len(cases) == 2 * count and all(c["passes"] == ["fwd", "bwd", "fwdbwd"] for c in cases)
+    assert max(c["T"] for c in full["tsweep"]) == 1 << 20
+    assert {c["B"] * c["D"] for c in full["channels"]} == {256 << k for k in range(11)}
+    _, f32 = plan_of("--only", "tsweep", "--sweep-dtypes", "float32")
+    assert {c["dtype"] for c in f32["tsweep"]} == {"float32"}
+    _, quick = plan_of("--quick", "--only", "tsweep,channels")
+    assert all(c["dtype"] == "bfloat16" and c["passes"] == ["fwd", "fwdbwd"] for s in quick.values() for c in s)
+
+
 def test_precompile_plan_of_quick_names_each_tuning_key_once():
     args, plan = plan_of("--quick")
     groups = bench.precompile_plan(args, plan, decode=True)
