@@ -67,11 +67,11 @@ def vector_width(x_dtype: str, g_dtype: str) -> int:
     return 16 // max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype])
 
 
-def layout_vector_width(D, arrs) -> int:
-    """The widest VEC (at most ``vector_width`` of the first two arrays' dtypes) that D and the strides
-    of every axis of ``arrs`` (``Arr`` [B, T, D]) longer than one allow; pointers are the caller's to
-    check (a prepared launch checks them at each call)."""
-    vec = vector_width(arrs[0].dtype, arrs[1].dtype)
+def layout_vector_width(D, arrs, vec=None) -> int:
+    """``vec`` (by default ``vector_width`` of the first two arrays' dtypes) where D and the strides of
+    every axis of ``arrs`` (``Arr`` [B, T, D]) longer than one are multiples of it, else 1; pointers
+    are the caller's to check (a prepared launch checks them at each call)."""
+    vec = vec or vector_width(arrs[0].dtype, arrs[1].dtype)
     if D % vec:
         return 1
     for a in arrs:

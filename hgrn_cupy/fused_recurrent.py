@@ -38,13 +38,9 @@ def walk_vec(N, D, arrs):
     where N * D reaches ``WALK_VEC_MIN_CHANNELS`` and D and the strides of every axis of ``arrs`` longer
     than one are multiples of it, else 1 (pointers are the caller's to check)."""
     vec = WALK_VEC[max(ITEMSIZE[arrs[0].dtype], ITEMSIZE[arrs[1].dtype])]
-    if vec == 1 or N * D < WALK_VEC_MIN_CHANNELS or D % vec:
+    if vec == 1 or N * D < WALK_VEC_MIN_CHANNELS:
         return 1
-    for a in arrs:
-        for n, s in zip(a.shape[:2], a.strides[:2]):
-            if n > 1 and s % vec:
-                return 1
-    return vec
+    return layout_vector_width(D, arrs, vec)
 
 
 def _aligned(vec, arrs):
