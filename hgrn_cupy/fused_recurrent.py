@@ -1,7 +1,8 @@
 """Fused recurrent engine launchers (kernels in ``kernels_cu/fused_recurrent.cu``).
 
-One thread owns one (sequence, channel) and walks time; best with many sequences times wide D, for
-decode (T = 1) and for varlen.  Launchers check nothing: the public functions in ``ops`` validate.
+A thread owns one or two channels of one sequence and walks time (two from 64K channels where the
+layout allows: see ``WALK_VEC``); best with many sequences times wide D, for decode (T = 1) and for
+varlen.  Launchers check nothing: the public functions in ``ops`` validate.
 """
 from __future__ import annotations
 

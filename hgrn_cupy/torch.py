@@ -197,6 +197,6 @@ def chunk_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=No
 
 def fused_recurrent_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None,
                          reverse=False):
-    """:func:`hgrn` on the fused recurrent engine (one thread per channel walks time; for many
-    channels, decoding with T = 1 and varlen)."""
+    """:func:`hgrn` on the fused recurrent engine (each thread walks time for one or two channels;
+    for many channels, decoding with T = 1 and varlen)."""
     return _apply("fused_recurrent", x, g, initial_state, output_final_state, cu_seqlens, reverse)
