@@ -117,10 +117,16 @@ def scan_hgrn(x, g, h0=None, cu=None, reverse=False):
 # ----------------------------------------------------------------------------------------------
 # values and gradients against the float64 reference (CPU: the NumPy path under pure_callback)
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("varlen", VARLEN)
-@pytest.mark.parametrize("reverse", REVERSE)
-@pytest.mark.parametrize("dtype", DTYPES)
+def reference_matrix(test):
+    """The matrix the reference tests share: every dtype, both time directions, dense and varlen, eager
+    and jitted (the same parameters, in the same order, as four stacked parametrize marks)."""
+    for mark in (pytest.mark.parametrize("dtype", DTYPES), pytest.mark.parametrize("reverse", REVERSE),
+                 pytest.mark.parametrize("varlen", VARLEN), pytest.mark.parametrize("mode", MODES)):
+        test = mark(test)
+    return test
+
+
+@reference_matrix
 def test_forward_matches_reference(rng, dtype, reverse, varlen, mode):
     x, g, h0, cu = make_inputs(rng, varlen, dtype)
     o, ht = call(hj.hgrn, mode, x, g, h0, cu, reverse)
@@ -139,10 +145,7 @@ def test_every_engine_and_no_final_state(rng, name):
     assert rel_err(o, reference(x, g, None, None, False)[0]) <= TOL["float32"]
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("varlen", VARLEN)
-@pytest.mark.parametrize("reverse", REVERSE)
-@pytest.mark.parametrize("dtype", DTYPES)
+@reference_matrix
 def test_vjp_matches_reference(rng, dtype, reverse, varlen, mode):
     x, g, h0, cu = make_inputs(rng, varlen, dtype)
 
