@@ -22,7 +22,9 @@ C_TYPES = {
 DTYPES = tuple(C_TYPES)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 STEP = 2  # the "direction" of an engine's single-step (decode) kernel, after forward 0 and backward 1
-FUSED_VECS = (1, 2)  # channels per thread the fused engine's walks are built for
+# Channels per thread of the fused engine's walks, per storage size of the wider input: the width built
+# besides 1 (hgrn_cupy/fused_recurrent.py says when it is used and why these values).
+WALK_VEC = {2: 2, 4: 2, 8: 1}
 
 # engine -> (source file, (forward kernel, backward kernel[, single-step kernel]), has a VARLEN template
 # parameter besides VEC).  The fused engine's kernels are templated on VEC alone.
@@ -81,6 +83,11 @@ def layout_vector_width(D, arrs, vec=None) -> int:
     return vec
 
 
+def pointers_aligned(vec, arrs) -> bool:
+    """Whether every ``Arr`` in ``arrs`` starts on a multiple of ``vec`` elements (in bytes)."""
+    return all(a.ptr % (vec * ITEMSIZE[a.dtype]) == 0 for a in arrs)
+
+
 def kernel_name(engine: str, direction: int, x_dtype: str, g_dtype: str, varlen: bool = False, vec: int = 1) -> str:
     """The name expression of one instantiation, e.g. ``hc::chunk_fwd<float, hc::half_t, false, 4>``."""
     _, kernels, templated = ENGINES[engine]
@@ -91,7 +98,8 @@ def kernel_name(engine: str, direction: int, x_dtype: str, g_dtype: str, varlen:
 def name_expressions(engine: str, x_dtype: str, g_dtype: str) -> tuple[str, ...]:
     """Every kernel of one engine for one dtype pair: they share a module."""
     if not ENGINES[engine][2]:
-        names = tuple(kernel_name(engine, k, x_dtype, g_dtype, vec=v) for k in (0, 1) for v in FUSED_VECS)
+        walks = sorted({1, WALK_VEC[max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype])]})
+        names = tuple(kernel_name(engine, k, x_dtype, g_dtype, vec=v) for k in (0, 1) for v in walks)
         if len(ENGINES[engine][1]) > STEP:
             names += (kernel_name(engine, STEP, x_dtype, g_dtype, vec=vector_width(x_dtype, g_dtype)),)
         return names

@@ -9,7 +9,7 @@ channels.  Launchers check nothing: the public functions validate.
 """
 from __future__ import annotations
 
-from ._compile import ITEMSIZE, get_function, launch, layout_vector_width, vector_width
+from ._compile import get_function, launch, layout_vector_width, pointers_aligned, vector_width
 
 LANES = 32
 # (warps per block, steps per thread) per (direction, vector kernel?).  The scalar kernels keep the
@@ -52,9 +52,7 @@ def pick_vec(D, tensors):
     """The widest VEC every tensor allows: D, the pointers (in bytes) and the strides of the axes that
     have more than one index (in elements) must all be multiples of it."""
     vec = layout_vector_width(D, tensors)
-    if any(a.ptr % (vec * ITEMSIZE[a.dtype]) for a in tensors):
-        return 1
-    return vec
+    return vec if pointers_aligned(vec, tensors) else 1
 
 
 def _launch(direction, tensors, states, dtypes, cu, N, T, D, reverse, device, stream, workspace):

@@ -6,17 +6,16 @@ varlen.  Launchers check nothing: the public functions in ``ops`` validate.
 """
 from __future__ import annotations
 
-from ._compile import ITEMSIZE, STEP, bind, get_function, launch, layout_vector_width
+from ._compile import ITEMSIZE, STEP, WALK_VEC, bind, get_function, launch, layout_vector_width, pointers_aligned
 
 BLOCK = 64      # small blocks spread few channels over every multiprocessor
 STEP_BLOCK = 128  # threads per block of the single-step kernel (VEC channels each)
-# Channels per thread of the walks, per storage size of the wider input, where there are at least
-# WALK_VEC_MIN_CHANNELS (sequences x D) and the layout allows it; and the steps per register tile then.
-# Two 16-bit channels make a warp's access 128 bytes instead of 64: on an H100 (bf16, 32-step tiles)
+# Channels per thread of the walks (``WALK_VEC``, per storage size of the wider input) where there are at
+# least WALK_VEC_MIN_CHANNELS (sequences x D) and the layout allows it; and the steps per register tile
+# then.  Two 16-bit channels make a warp's access 128 bytes instead of 64: on an H100 (bf16, 32-step tiles)
 # that took 16x2048x4096 from 1.59x to 1.14x of the floor forward (1.57x to 1.14x backward) and
 # 32x2048x4096 from 1.31x to 1.11x (1.36x to 1.12x); float32 gained 1-3% from 64K channels on. At 16K
 # channels both lost (half the threads), hence the threshold.
-WALK_VEC = {2: 2, 4: 2, 8: 1}
 PREFETCH_V = {2: 32, 4: 16, 8: 16}
 WALK_VEC_MIN_CHANNELS = 1 << 16
 
@@ -44,10 +43,6 @@ def walk_vec(N, D, arrs):
     return layout_vector_width(D, arrs, vec)
 
 
-def _aligned(vec, arrs):
-    return all(a.ptr % (vec * ITEMSIZE[a.dtype]) == 0 for a in arrs)
-
-
 def _grid(N, D, vec=1):
     return ((D // vec + BLOCK - 1) // BLOCK, N), (BLOCK,)
 
@@ -67,35 +62,39 @@ def prepare_fwd(x, g, o, cu, N, reverse, device):
     cu_ptr, cu64 = cu if cu is not None else (0, 0)
     rev = int(bool(reverse))
 
-    def launch_1(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
+    def masks(vec):  # pointer bits that must be clear for VEC-wide accesses: x and o, then g
+        return vec * ITEMSIZE[x.dtype] - 1, vec * ITEMSIZE[g.dtype] - 1
+
+    def walk_1(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
         kernel(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sxt, sgb, sgt, sob, sot, h0_ptr, ht_ptr, cu_ptr, cu64, T, D, rev)
 
-    launch = launch_1
     wvec = walk_vec(N, D, (x, g, o))
-    if wvec > 1:  # VEC channels per thread where this call's pointers allow them
+    if wvec == 1:
+        walk = walk_1
+    else:  # VEC channels per thread where this call's pointers allow them
         fn_v = get_function("fused_recurrent", 0, x.dtype, g.dtype, device, opts, vec=wvec)
         kernel_v = bind(fn_v, *_grid(N, D, wvec), device)
-        wx, wg = wvec * ITEMSIZE[x.dtype] - 1, wvec * ITEMSIZE[g.dtype] - 1
+        wx, wg = masks(wvec)
 
-        def launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
+        def walk(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
             if (x_ptr | o_ptr) & wx or g_ptr & wg:
-                launch_1(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)
+                walk_1(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)
             else:
                 kernel_v(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sxt, sgb, sgt, sob, sot, h0_ptr, ht_ptr, cu_ptr, cu64,
                          T, D, rev)
 
     vec = layout_vector_width(D, (x, g, o))
     if T != 1 or cu is not None or vec == 1:
-        return launch
+        return walk
     # One step (decoding): 16-byte accesses where this call's pointers allow them.
     step_fn = get_function("fused_recurrent", STEP, x.dtype, g.dtype, device, opts, vec=vec)
     threads = N * D // vec
     step = bind(step_fn, ((threads + STEP_BLOCK - 1) // STEP_BLOCK,), (STEP_BLOCK,), device)
-    ax, ag = vec * ITEMSIZE[x.dtype] - 1, vec * ITEMSIZE[g.dtype] - 1  # h0 and ht are read element-wise
+    ax, ag = masks(vec)  # h0 and ht are read element-wise
 
     def launch_step(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
         if (x_ptr | o_ptr) & ax or g_ptr & ag:
-            launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)
+            walk(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)
         else:
             step(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sgb, sob, h0_ptr, ht_ptr, N, D)
 
@@ -117,7 +116,7 @@ def fused_recurrent_bwd(g, o, do, dx, dg, h0, dht, dh0, cu, N, reverse, device, 
     if N == 0 or D == 0:
         return
     vec = walk_vec(N, D, (o, g, do, dx, dg))
-    if vec > 1 and not _aligned(vec, (o, g, do, dx, dg)):
+    if vec > 1 and not pointers_aligned(vec, (o, g, do, dx, dg)):
         vec = 1
     fn = get_function("fused_recurrent", 1, o.dtype, g.dtype, device, options(o.dtype, g.dtype), vec=vec)
     grid, block = _grid(N, D, vec)
