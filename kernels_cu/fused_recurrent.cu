@@ -25,6 +25,16 @@ namespace hc {
 #endif
 template <int VEC> struct Prefetch { static constexpr int STEPS = VEC == 1 ? HC_PREFETCH : HC_PREFETCH_V; };
 
+// Whether a walk's main loop has a fast path for tiles wholly inside the sequence (no per-step bounds
+// checks: a quarter fewer instructions per step).  It lengthens live ranges, so it is taken where it
+// measured faster: every forward walk, and the backward walk with one 16-bit channel per thread.  On an
+// H100 at 16K channels: bf16 forward 2.19x -> 1.73x of the floor, backward 1.86x -> 1.66x; float32
+// forward 1.31x -> 1.27x (though it spills 16 bytes).  The backward with two bf16 channels per thread
+// or with float32 spilled more and lost 5%, so it keeps the checked loop alone.
+#ifndef HC_WALK_FAST_BWD
+#define HC_WALK_FAST_BWD(TX, TG, VEC) (VEC == 1 && sizeof(TX) == 2 && sizeof(TG) == 2)
+#endif
+
 template <typename TX, typename TG, int VEC>
 struct FwdTile {
     typedef typename AccOf<TX, TG>::type Acc;
@@ -32,21 +42,24 @@ struct FwdTile {
     Pack<TX, VEC> x[P];
     Pack<TG, VEC> g[P];
 
-    // Loads steps s0 .. s0 + P - 1 and advances the pointers past them.
+    // Loads steps s0 .. s0 + P - 1 (all of them when FULL: the caller knows s0 + P <= len) and
+    // advances the pointers past them.
+    template <bool FULL>
     __device__ __forceinline__ void load(const TX*& xp, const TG*& gp, i64 sxt, i64 sgt, i64 s0, i64 len) {
 #pragma unroll
         for (int j = 0; j < P; ++j) {
-            if (s0 + j < len) {
+            if (FULL || s0 + j < len) {
                 x[j].load(xp);
                 g[j].load(gp);
             }
             xp += sxt; gp += sgt;
         }
     }
+    template <bool FULL>
     __device__ __forceinline__ void scan(Acc* h, TX*& op, i64 sot, i64 s0, i64 len) const {
 #pragma unroll
         for (int j = 0; j < P; ++j) {
-            if (s0 + j < len) {
+            if (FULL || s0 + j < len) {
                 Pack<TX, VEC> out;
                 out.clear();
 #pragma unroll
@@ -88,13 +101,20 @@ __global__ void __launch_bounds__(256) fused_recurrent_fwd(
 #pragma unroll
     for (int k = 0; k < VEC; ++k) h[k] = h0 ? h0[n * D + d + k] : Acc(0);
     FwdTile<TX, TG, VEC> a, b;
-    a.load(xp, gp, sxt, sgt, 0, len);
-    for (i64 s = 0; s < len; s += 2 * P) {
-        b.load(xp, gp, sxt, sgt, s + P, len);
-        a.scan(h, op, sot, s, len);
+    a.template load<false>(xp, gp, sxt, sgt, 0, len);
+    i64 s = 0;
+    for (; s + 3 * P <= len; s += 2 * P) {  // every step of the four tiles touched is inside the sequence
+        b.template load<true>(xp, gp, sxt, sgt, s + P, len);
+        a.template scan<true>(h, op, sot, s, len);
+        a.template load<true>(xp, gp, sxt, sgt, s + 2 * P, len);
+        b.template scan<true>(h, op, sot, s + P, len);
+    }
+    for (; s < len; s += 2 * P) {
+        b.template load<false>(xp, gp, sxt, sgt, s + P, len);
+        a.template scan<false>(h, op, sot, s, len);
         if (s + P >= len) break;
-        a.load(xp, gp, sxt, sgt, s + 2 * P, len);
-        b.scan(h, op, sot, s + P, len);
+        a.template load<false>(xp, gp, sxt, sgt, s + 2 * P, len);
+        b.template scan<false>(h, op, sot, s + P, len);
     }
     if (ht) {
 #pragma unroll
@@ -112,27 +132,30 @@ struct BwdTile {
     Pack<TX, VEC> dout[P];
     Pack<TX, VEC> hprev[P];
 
-    // A tile holds logical steps s = hi - j, j = 0..P-1 (only s >= 0 are loaded); the pointers address
-    // step hi on entry and step hi - P on return (op is one step behind: o[s-1]).
+    // A tile holds logical steps s = hi - j, j = 0..P-1 (only s >= 0 are loaded; all of them, each with
+    // s >= 1, when FULL: the caller knows hi >= P); the pointers address step hi on entry and step
+    // hi - P on return (op is one step behind: o[s-1]).
+    template <bool FULL>
     __device__ __forceinline__ void load(const TG*& gp, const TX*& op, const TX*& dop,
                                          i64 sgt, i64 sot, i64 sdot, i64 hi) {
 #pragma unroll
         for (int j = 0; j < P; ++j) {
             const i64 s = hi - j;
-            if (s >= 0) {
+            if (FULL || s >= 0) {
                 g[j].load(gp);
                 dout[j].load(dop);
-                if (s >= 1) hprev[j].load(op);
+                if (FULL || s >= 1) hprev[j].load(op);
             }
             gp -= sgt; op -= sot; dop -= sdot;
         }
     }
+    template <bool FULL>
     __device__ __forceinline__ void scan(Acc* dh, Acc* a_next, const Acc* h_init, TX*& dxp, TG*& dgp,
                                          i64 sdxt, i64 sdgt, i64 hi) const {
 #pragma unroll
         for (int j = 0; j < P; ++j) {
             const i64 s = hi - j;
-            if (s >= 0) {
+            if (FULL || s >= 0) {
                 Pack<TX, VEC> dxo;
                 Pack<TG, VEC> dgo;
                 dxo.clear(); dgo.clear();
@@ -140,7 +163,7 @@ struct BwdTile {
                 for (int k = 0; k < VEC; ++k) {
                     dh[k] = dout[j].template get<Acc>(k) + a_next[k] * dh[k];
                     const Acc a = gate_exp(g[j].template get<Acc>(k));
-                    const Acc hp = s >= 1 ? hprev[j].template get<Acc>(k) : h_init[k];
+                    const Acc hp = (FULL || s >= 1) ? hprev[j].template get<Acc>(k) : h_init[k];
                     dxo.template set<Acc>(k, dh[k]);
                     dgo.template set<Acc>(k, dh[k] * a * hp);
                     a_next[k] = a;
@@ -187,13 +210,21 @@ __global__ void __launch_bounds__(256) fused_recurrent_bwd(
         a_next[k] = Acc(1);
     }
     BwdTile<TX, TG, VEC> a, b;
-    a.load(gp, op, dop, sgt, sot, sdot, last);
-    for (i64 hi = last; hi >= 0; hi -= 2 * P) {
-        b.load(gp, op, dop, sgt, sot, sdot, hi - P);
-        a.scan(dh, a_next, h_init, dxp, dgp, sdxt, sdgt, hi);
+    a.template load<false>(gp, op, dop, sgt, sot, sdot, last);
+    i64 hi = last;
+    constexpr bool fast = HC_WALK_FAST_BWD(TX, TG, VEC);
+    for (; fast && hi >= 3 * P; hi -= 2 * P) {  // every tile touched holds P steps, each with a previous state
+        b.template load<true>(gp, op, dop, sgt, sot, sdot, hi - P);
+        a.template scan<true>(dh, a_next, h_init, dxp, dgp, sdxt, sdgt, hi);
+        a.template load<true>(gp, op, dop, sgt, sot, sdot, hi - 2 * P);
+        b.template scan<true>(dh, a_next, h_init, dxp, dgp, sdxt, sdgt, hi - P);
+    }
+    for (; hi >= 0; hi -= 2 * P) {
+        b.template load<false>(gp, op, dop, sgt, sot, sdot, hi - P);
+        a.template scan<false>(dh, a_next, h_init, dxp, dgp, sdxt, sdgt, hi);
         if (hi - P < 0) break;
-        a.load(gp, op, dop, sgt, sot, sdot, hi - 2 * P);
-        b.scan(dh, a_next, h_init, dxp, dgp, sdxt, sdgt, hi - P);
+        a.template load<false>(gp, op, dop, sgt, sot, sdot, hi - 2 * P);
+        b.template scan<false>(dh, a_next, h_init, dxp, dgp, sdxt, sdgt, hi - P);
     }
     if (dh0) {
 #pragma unroll
