@@ -157,3 +157,17 @@ def test_decode_table_shows_back_to_back_device_time_and_the_empty_kernel():
     for r in dec["impls"].values():
         r.pop("b2b_ms", None)
     assert "back to back" not in bench.decode_table(dec).splitlines()[0]
+
+
+def test_ascan_triton_backward_is_skipped_where_it_reads_out_of_bounds():
+    ctx = type("Ctx", (), {"torch": None})()
+    tri, warp = bench.Ascan(ctx, None, "triton", False), bench.Ascan(ctx, None, "warp", False)
+    block = bench.ASCAN_TRITON_BLOCK
+    for pazz in ("bwd", "fwdbwd"):
+        for T in (1, 16, 256, block // 2):
+            assert "past the end" in tri.pass_skip_reason(pazz, T)
+        for T in (block, 4 * block):
+            assert tri.pass_skip_reason(pazz, T) is None
+        assert warp.pass_skip_reason(pazz, 256) is None
+    assert tri.pass_skip_reason("fwd", 256) is None
+    assert bench.Impl(ctx).pass_skip_reason("bwd", 256) is None
