@@ -232,6 +232,144 @@ __global__ void __launch_bounds__(256) fused_recurrent_bwd(
     }
 }
 
+// The block walk (forward): a block of BLOCK_WARPS warps owns C = 32 * VEC channels of one sequence
+// for the whole sequence and walks time in windows of BLOCK_WARPS * BLOCK_STEPS steps.  Warp w folds
+// steps [w * S, w * S + S) of a window into one affine map per channel, the warps' maps meet in shared
+// memory (one barrier per window; the buffer alternates between windows), every thread composes the
+// window's carry-in with the maps of the warps before it, and scans its steps again from the raw
+// words.  The next window's loads are in flight while the current one is scanned.  Against the walk
+// above it puts BLOCK_WARPS times more threads on the same channels, which is what fills the GPU from
+// a few thousand channels on; against the chunk engine it needs no look-back and no workspace.
+//
+// grid  (ceil(D / (32 * VEC)), N)   block (32, BLOCK_WARPS)
+// VEC: 8 bytes of the wider type per lane where the host finds D, pointers and strides aligned.
+#ifndef HC_BLOCK_WARPS
+#define HC_BLOCK_WARPS 8
+#endif
+#ifndef HC_BLOCK_STEPS
+#define HC_BLOCK_STEPS 8
+#endif
+// Resident blocks per SM the register allocation must allow: two keeps every instantiation within 128
+// registers without spilling (three spilled 184-256 bytes).
+#ifndef HC_BLOCK_MIN_BLOCKS
+#define HC_BLOCK_MIN_BLOCKS 2
+#endif
+
+template <typename TX, typename TG, int VEC>
+struct BlockWalkFwd {
+    typedef typename AccOf<TX, TG>::type Acc;
+    static constexpr int W = HC_BLOCK_WARPS, S = HC_BLOCK_STEPS, C = 32 * VEC;
+    Pack<TX, VEC> x[S];
+    Pack<TG, VEC> g[S];
+
+    // Loads this thread's steps u0 .. u0 + S - 1 of a window (those inside the sequence) and moves the
+    // pointers to the same steps of the next window (skip: the other warps' steps).
+    __device__ __forceinline__ void load(const TX*& xp, const TG*& gp, i64 sxt, i64 sgt, i64 skip_x, i64 skip_g,
+                                         i64 u0, i64 len, bool live) {
+#pragma unroll
+        for (int j = 0; j < S; ++j) {
+            if (live && u0 + j < len) { x[j].load(xp); g[j].load(gp); }
+            xp += sxt; gp += sgt;
+        }
+        xp += skip_x; gp += skip_g;
+    }
+
+    // Scans the window whose first step is u0 - w * S; hin: the state before it, on return the state
+    // after it (the same in every warp).
+    __device__ __forceinline__ void scan(Affine<Acc> (*part)[C], Acc* hin, TX*& op, i64 sot, i64 skip_o,
+                                         i64 u0, i64 len, bool live) const {
+        const int lane = threadIdx.x, w = threadIdx.y;
+        Affine<Acc> m[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) { m[k].a = Acc(1); m[k].b = Acc(0); }
+#pragma unroll
+        for (int j = 0; j < S; ++j) {
+            if (u0 + j < len) {
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    const Acc a = gate_exp(g[j].template get<Acc>(k));
+                    m[k].b = a * m[k].b + x[j].template get<Acc>(k);
+                    m[k].a = a * m[k].a;
+                }
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) part[w][k * 32 + lane] = m[k];
+        __syncthreads();
+        Acc h[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            Acc hh = hin[k], mine = hin[k];
+#pragma unroll
+            for (int q = 0; q < W; ++q) {
+                if (q == w) mine = hh;
+                const Affine<Acc> p = part[q][k * 32 + lane];
+                hh = p.a * hh + p.b;
+            }
+            hin[k] = hh;
+            h[k] = mine;
+        }
+#pragma unroll
+        for (int j = 0; j < S; ++j) {
+            if (live && u0 + j < len) {
+                Pack<TX, VEC> out;
+                out.clear();
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    h[k] = gate_exp(g[j].template get<Acc>(k)) * h[k] + x[j].template get<Acc>(k);
+                    out.template set<Acc>(k, h[k]);
+                }
+                out.store(op);
+            }
+            op += sot;
+        }
+        op += skip_o;
+    }
+};
+
+template <typename TX, typename TG, int VEC>
+__global__ void __launch_bounds__(32 * HC_BLOCK_WARPS, HC_BLOCK_MIN_BLOCKS) fused_recurrent_block_fwd(
+    const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o,
+    i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
+    const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
+    const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
+    typedef BlockWalkFwd<TX, TG, VEC> Walk;
+    typedef typename Walk::Acc Acc;
+    constexpr int W = Walk::W, S = Walk::S, C = Walk::C, WIN = W * S;
+    __shared__ Affine<Acc> part[2][W][C];
+    const int lane = threadIdx.x, w = threadIdx.y;
+    const i64 d = (i64)blockIdx.x * C + lane * VEC;
+    const i64 n = blockIdx.y;
+    const bool live = d < D;  // every thread takes part in the barriers
+    const SeqBounds sb = seq_bounds(cu_seqlens, cu64, n, T);
+    const i64 len = sb.eos - sb.bos;
+    const i64 t0 = reverse ? sb.eos - 1 : sb.bos;
+    const i64 dir = reverse ? -1 : 1;
+    sxt *= dir; sgt *= dir; sot *= dir;
+    const i64 first = (i64)w * S;  // this warp's first logical step of window 0
+    const TX* xp = x + sb.batch * sxb + t0 * dir * sxt + first * sxt + d;
+    const TG* gp = g + sb.batch * sgb + t0 * dir * sgt + first * sgt + d;
+    TX* op = o + sb.batch * sob + t0 * dir * sot + first * sot + d;
+    const i64 skx = (WIN - S) * sxt, skg = (WIN - S) * sgt, sko = (WIN - S) * sot;
+
+    Acc hin[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) hin[k] = h0 && live ? h0[n * D + d + k] : Acc(0);
+    Walk a, b;
+    a.load(xp, gp, sxt, sgt, skx, skg, first, len, live);
+    for (i64 u = first; u - first < len; u += 2 * WIN) {
+        b.load(xp, gp, sxt, sgt, skx, skg, u + WIN, len, live);
+        a.scan(part[0], hin, op, sot, sko, u, len, live);
+        if (u - first + WIN >= len) break;
+        a.load(xp, gp, sxt, sgt, skx, skg, u + 2 * WIN, len, live);
+        b.scan(part[1], hin, op, sot, sko, u + WIN, len, live);
+    }
+    if (ht && live && w == 0) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) ht[n * D + d + k] = hin[k];
+    }
+}
+
 // One step of every sequence, o = exp(g) * h0 + x and ht = o in the accumulation type (T = 1, dense).
 // Thread i owns channels [VEC * i, VEC * i + VEC) of the flattened [N, D]; D is a multiple of VEC, and
 // x, g, o are VEC-aligned with batch strides that are multiples of VEC (the host checks).

@@ -15,28 +15,36 @@ from hgrn_cupy.naive import bf16_bits_to_float32, float32_to_bf16_bits  # noqa: 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison")]
 
 # "fused_recurrent_2ch": the fused engine with two channels per thread wherever the layout allows it
-# (the library does so from 64K channels; the fixture below lowers that threshold to 0).
-ENGINES = ["chunk", "fused_recurrent", "fused_recurrent_2ch"]
+# (the library does so from 64K channels; the fixture below lowers that threshold to 0);
+# "fused_recurrent_block": the fused engine's forward as a block walk wherever the layout allows it (the
+# library does so for T > 64 in a band of channel counts; the fixture opens both to everything).
+ENGINES = ["chunk", "fused_recurrent", "fused_recurrent_2ch", "fused_recurrent_block"]
 DTYPES = ["float32", "float16", "bfloat16", "float64"]
 FORWARD = {"chunk": hc.chunk_hgrn, "fused_recurrent": hc.fused_recurrent_hgrn,
-           "fused_recurrent_2ch": hc.fused_recurrent_hgrn}
+           "fused_recurrent_2ch": hc.fused_recurrent_hgrn, "fused_recurrent_block": hc.fused_recurrent_hgrn}
 
 
 def lib_engine(engine):
-    return "fused_recurrent" if engine == "fused_recurrent_2ch" else engine
+    return "fused_recurrent" if engine.startswith("fused_recurrent") else engine
 
 
 @pytest.fixture(autouse=True)
 def walk_channels(request, monkeypatch):
-    """Two channels per thread in the fused walks for the ``fused_recurrent_2ch`` cases."""
+    """Two channels per thread in the fused walks for the ``fused_recurrent_2ch`` cases, the block walk
+    for the ``fused_recurrent_block`` cases."""
     spec = getattr(request.node, "callspec", None)
-    if spec is None or spec.params.get("engine") != "fused_recurrent_2ch":
+    engine = spec.params.get("engine") if spec is not None else None
+    if engine not in ("fused_recurrent_2ch", "fused_recurrent_block"):
         yield
         return
     from hgrn_cupy import fused_recurrent, ops
 
-    monkeypatch.setattr(fused_recurrent, "WALK_VEC_MIN_CHANNELS", 0)
-    ops._plans.clear()  # plans made under the usual threshold
+    if engine == "fused_recurrent_2ch":
+        monkeypatch.setattr(fused_recurrent, "WALK_VEC_MIN_CHANNELS", 0)
+    else:
+        monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_CHANNELS", {s: (0, 1 << 62) for s in (2, 4, 8)})
+        monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_MIN_T", 0)
+    ops._plans.clear()  # plans made under the usual thresholds
     yield
     ops._plans.clear()
 

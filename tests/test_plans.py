@@ -15,7 +15,7 @@ from conftest import TOL, rel_err, to_numpy
 
 import hgrn_cupy as hc
 from hgrn_cupy import _backend as bk
-from hgrn_cupy._compile import ITEMSIZE, STEP
+from hgrn_cupy._compile import BLOCK_FWD, ITEMSIZE, STEP
 from hgrn_cupy import fused_recurrent, ops
 from hgrn_cupy.naive import bf16_bits_to_float32, float32_to_bf16_bits
 
@@ -148,7 +148,8 @@ class RecordingDriver:
     def launch_kernel(self, fn_ptr, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
         (key,) = [k for k, f in self.functions.items() if f.ptr == fn_ptr]
         engine, direction, xd, gd = key[:4]
-        assert engine == "fused_recurrent" and direction in (0, STEP)
+        assert engine == "fused_recurrent" and direction in (0, STEP, BLOCK_FWD)
+        # the block walk: (32, BLOCK_WARPS) threads share 32 * VEC channels, the same arguments
         if direction == STEP:
             return self.launch_step(key, gx, gy, gz, bx, by, bz, stream, params)
         slots = (ctypes.c_void_p * len(FWD_ARGS)).from_address(params)
@@ -384,3 +385,30 @@ def test_two_channels_per_thread_where_the_layout_allows(layout, fake_cuda, monk
     assert len(ops._plans) == 1
     vecs = [ln["fn"][7] for ln in fake_cuda.launches]
     assert vecs == [2, 2, 2] if layout == "dense" else vecs == [1, 1, 1]
+
+
+@pytest.mark.parametrize("layout", ["dense", "odd_offset", "odd_d"])
+def test_block_walk_where_the_layout_allows(layout, fake_cuda, monkeypatch):
+    """The fused forward runs as a block walk (32 x BLOCK_WARPS threads on 32 * VEC channels, 8-byte
+    lanes) where its channel band and T allow (opened to everything here) and D, strides and this
+    call's pointers allow 4 bf16 channels a lane; the thread walk otherwise, planned or not."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_CHANNELS", {s: (0, 1 << 62) for s in (2, 4, 8)})
+    monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_MIN_T", 0)
+    gen = torch.Generator().manual_seed(8)
+    D = 35 if layout == "odd_d" else 36
+    x, g, h0 = _torch_case(gen, (3, 5, D + 4, "bfloat16", "bfloat16", "float32", "dense"))
+    if layout == "odd_offset":  # strides a multiple of 4 (D + 4), pointers one element off
+        x, g, h0 = x[..., 1:D + 1], g[..., 1:D + 1], h0[:, 1:D + 1].contiguous()
+    else:
+        x, g, h0 = x[..., :D].contiguous(), g[..., :D].contiguous(), h0[:, :D].contiguous()
+    ref_o, ref_ht = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), to_numpy(h0), True)
+    for _ in range(3):  # checked, plan made, planned
+        o, ht = hc.fused_recurrent_hgrn(x, g, h0, True)
+        assert rel_err(o, ref_o) <= TOL["bfloat16"] and rel_err(ht, ref_ht) <= TOL["bfloat16"]
+    assert len(ops._plans) == 1
+    got = [(ln["fn"][1], ln["fn"][7], ln["grid"], ln["block"]) for ln in fake_cuda.launches]
+    if layout == "dense":
+        assert got == [(BLOCK_FWD, 4, (1, 3, 1), (32, fused_recurrent.BLOCK_WARPS, 1))] * 3
+    else:
+        assert [k[:2] for k in got] == [(0, 1)] * 3
