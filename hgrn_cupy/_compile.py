@@ -22,7 +22,8 @@ C_TYPES = {
 DTYPES = tuple(C_TYPES)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 STEP = 2  # the "direction" of an engine's single-step (decode) kernel, after forward 0 and backward 1
-BLOCK_FWD = 3  # the "direction" of the fused engine's block-walk forward (kernels_cu/fused_recurrent.cu)
+BLOCK_FWD = 3  # the "directions" of the fused engine's block walks (kernels_cu/fused_recurrent.cu)
+BLOCK_BWD = 4
 # Channels per thread of the fused engine's walks, per storage size of the wider input: the width built
 # besides 1 (hgrn_cupy/fused_recurrent.py says when it is used and why these values).
 WALK_VEC = {2: 2, 4: 2, 8: 1}
@@ -31,7 +32,7 @@ WALK_VEC = {2: 2, 4: 2, 8: 1}
 # parameter besides VEC).  The fused engine's kernels are templated on VEC alone.
 ENGINES = {
     "fused_recurrent": ("fused_recurrent.cu", ("fused_recurrent_fwd", "fused_recurrent_bwd", "fused_recurrent_step",
-                                               "fused_recurrent_block_fwd"), False),
+                                               "fused_recurrent_block_fwd", "fused_recurrent_block_bwd"), False),
     "chunk": ("chunk.cu", ("chunk_fwd", "chunk_bwd"), True),
 }
 BASE_OPTIONS = ("-std=c++17",)
@@ -70,9 +71,10 @@ def vector_width(x_dtype: str, g_dtype: str) -> int:
     return 16 // max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype])
 
 
-def block_walk_width(x_dtype: str, g_dtype: str) -> int:
-    """Channels per lane of the fused engine's block walk: 8 bytes of the wider storage type."""
-    return max(1, 8 // max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype]))
+def block_walk_width(x_dtype: str, g_dtype: str, direction: int = 0) -> int:
+    """Channels per lane of the fused engine's block walks: 8 bytes of the wider storage type forward, 4
+    backward (it holds three tensors' steps; 8 bytes spilled), at least one channel."""
+    return max(1, (8 if direction == 0 else 4) // max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype]))
 
 
 def layout_vector_width(D, arrs, vec=None) -> int:
@@ -108,8 +110,8 @@ def name_expressions(engine: str, x_dtype: str, g_dtype: str) -> tuple[str, ...]
         names = tuple(kernel_name(engine, k, x_dtype, g_dtype, vec=v) for k in (0, 1) for v in walks)
         if len(ENGINES[engine][1]) > STEP:
             names += (kernel_name(engine, STEP, x_dtype, g_dtype, vec=vector_width(x_dtype, g_dtype)),)
-        if len(ENGINES[engine][1]) > BLOCK_FWD:
-            names += (kernel_name(engine, BLOCK_FWD, x_dtype, g_dtype, vec=block_walk_width(x_dtype, g_dtype)),)
+        names += tuple(kernel_name(engine, k, x_dtype, g_dtype, vec=block_walk_width(x_dtype, g_dtype, k - BLOCK_FWD))
+                       for k in (BLOCK_FWD, BLOCK_BWD) if k < len(ENGINES[engine][1]))
         return names
     vecs = sorted({1, vector_width(x_dtype, g_dtype)})
     return tuple(kernel_name(engine, k, x_dtype, g_dtype, v, w) for k in (0, 1) for v in (False, True) for w in vecs)

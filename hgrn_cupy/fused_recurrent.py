@@ -2,13 +2,13 @@
 
 A thread owns one or two channels of one sequence and walks time (two from 64K channels where the
 layout allows: see ``WALK_VEC``); best with many sequences times wide D, for decode (T = 1) and for
-varlen.  The forward runs as a block walk from 8K-16K channels on where the layout allows (see
-``BLOCK_WALK_CHANNELS``): a block of warps shares the channels of one sequence and splits each window
-of time between its warps.  Launchers check nothing: the public functions in ``ops`` validate.
+varlen.  From 8K-16K channels on (the backward up to 64K) they run as block walks where the layout
+allows (see ``BLOCK_WALK_CHANNELS``): a block of warps shares a group of channels of one sequence and
+splits each window of time between its warps.  Launchers check nothing: the public functions in ``ops`` validate.
 """
 from __future__ import annotations
 
-from ._compile import (BLOCK_FWD, ITEMSIZE, STEP, WALK_VEC, bind, block_walk_width, get_function, launch,
+from ._compile import (BLOCK_BWD, BLOCK_FWD, ITEMSIZE, STEP, WALK_VEC, bind, block_walk_width, get_function, launch,
                        layout_vector_width, pointers_aligned)
 
 BLOCK = 64      # small blocks spread few channels over every multiprocessor
@@ -21,16 +21,20 @@ STEP_BLOCK = 128  # threads per block of the single-step kernel (VEC channels ea
 # channels both lost (half the threads), hence the threshold.
 PREFETCH_V = {2: 32, 4: 16, 8: 16}
 WALK_VEC_MIN_CHANNELS = 1 << 16
-# The block walk (forward): BLOCK_WARPS warps share 8 bytes of channels per lane of one sequence and split
-# each window of BLOCK_WARPS * BLOCK_STEPS steps between them (kernels_cu/fused_recurrent.cu).  It is
-# taken where N * D lies in BLOCK_WALK_CHANNELS[storage size of the wider input], T exceeds BLOCK_WALK_MIN_T
-# and the layout allows 8-byte lanes.  H100, do_bench, forward x floor (thread walk / block walk; chunk):
-# bf16 8K channels 2.86 / 2.00 (chunk 1.51), 16K 1.72 / 1.29 (1.36), 32K 1.36 / 1.15, 64K 1.15 / 1.12,
-# 128K 1.12 / 1.08; float32 8K 1.65 / 1.17 (1.32), 16K 1.29 / 1.09 (1.22), 32K 1.13 / 1.08, 64K 1.08 /
-# 1.07, 128K 1.07 / 1.06.  float64 was not timed: it keeps the thread walk.
+# The block walks: BLOCK_WARPS warps share a group of channels of one sequence (8 bytes of them per lane
+# forward, 4 backward) and split each window of BLOCK_WARPS * BLOCK_STEPS steps between them
+# (kernels_cu/fused_recurrent.cu).  One is taken where N * D lies in BLOCK_WALK_CHANNELS[storage size of
+# the wider input, direction], T exceeds BLOCK_WALK_MIN_T and the layout allows the lanes.  H100, do_bench,
+# x floor, thread walk / block walk (chunk engine), forward then backward:
+#   bf16    8K: 2.87 / 2.00 (1.50), 2.63 / 1.52 (1.61);  16K: 1.72 / 1.28 (1.36), 1.65 / 1.20 (1.52);
+#          32K: 1.37 / 1.15, 1.37 / 1.18;  64K: 1.15 / 1.12, 1.15 / 1.17;  128K: 1.11 / 1.08, 1.12 / 1.14.
+#   float32 8K: 1.65 / 1.16 (1.30), 1.59 / 1.18 (1.37);  16K: 1.28 / 1.09 (1.21), 1.19 / 1.14 (1.33);
+#          32K: 1.13 / 1.08, 1.15 / 1.13;  64K: 1.08 / 1.07, 1.08 / 1.15;  128K: 1.07 / 1.05, 1.07 / 1.12.
+# float64 was not timed: it keeps the thread walk.
 BLOCK_WARPS = 8
 BLOCK_STEPS = 8
-BLOCK_WALK_CHANNELS = {2: (1 << 14, 1 << 62), 4: (1 << 13, 1 << 62), 8: (1 << 62, 1 << 62)}
+BLOCK_WALK_CHANNELS = {(2, 0): (1 << 14, 1 << 62), (4, 0): (1 << 13, 1 << 62), (8, 0): (1 << 62, 1 << 62),
+                       (2, 1): (1 << 13, 1 << 16), (4, 1): (1 << 13, 1 << 16), (8, 1): (1 << 62, 1 << 62)}
 BLOCK_WALK_MIN_T = BLOCK_WARPS * BLOCK_STEPS
 
 
@@ -48,19 +52,19 @@ def options(x_dtype, g_dtype):
             f"-DHC_BLOCK_STEPS={BLOCK_STEPS}")
 
 
-def block_walk_fits(N, T, D, x_dtype, g_dtype):
-    """Channels per lane of the block walk where N sequences of T steps and D channels call for it and D
-    is a multiple of them, else 0 (strides and pointers not considered)."""
-    lo, hi = BLOCK_WALK_CHANNELS[max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype])]
-    vec = block_walk_width(x_dtype, g_dtype)
+def block_walk_fits(N, T, D, x_dtype, g_dtype, direction=0):
+    """Channels per lane of the block walk (0 forward, 1 backward) where N sequences of T steps and D
+    channels call for it and D is a multiple of them, else 0 (strides and pointers not considered)."""
+    lo, hi = BLOCK_WALK_CHANNELS[max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype]), direction]
+    vec = block_walk_width(x_dtype, g_dtype, direction)
     return vec if T > BLOCK_WALK_MIN_T and lo <= N * D < hi and D % vec == 0 else 0
 
 
-def block_walk_vec(N, T, D, arrs):
-    """Channels per lane of the block walk for N sequences of T steps in this layout (``Arr`` x, g, ...),
-    or 0 where the walk of one or two channels per thread runs instead (pointers are the caller's to
-    check)."""
-    vec = block_walk_fits(N, T, D, arrs[0].dtype, arrs[1].dtype)
+def block_walk_vec(N, T, D, arrs, direction=0):
+    """Channels per lane of the block walk for N sequences of T steps in this layout (``Arr`` x and g
+    first, forward; o and g first, backward), or 0 where the walk of one or two channels per thread runs
+    instead (pointers are the caller's to check)."""
+    vec = block_walk_fits(N, T, D, arrs[0].dtype, arrs[1].dtype, direction)
     return vec if vec and layout_vector_width(D, arrs, vec) == vec else 0
 
 
@@ -160,14 +164,19 @@ def fused_recurrent_bwd(g, o, do, dx, dg, h0, dht, dh0, cu, N, reverse, device, 
     B, T, D = g.shape
     if N == 0 or D == 0:
         return
-    vec = walk_vec(N, D, (o, g, do, dx, dg))
+    arrs = (o, g, do, dx, dg)
+    cu_ptr, cu64 = cu if cu is not None else (0, 0)
+    args = (g.ptr, o.ptr, do.ptr, dx.ptr, dg.ptr, g.strides[0], g.strides[1], o.strides[0], o.strides[1],
+            do.strides[0], do.strides[1], dx.strides[0], dx.strides[1], dg.strides[0], dg.strides[1],
+            h0 or 0, dht or 0, dh0 or 0, cu_ptr, cu64, T, D, int(bool(reverse)))
+    opts = options(o.dtype, g.dtype)
+    bvec = block_walk_vec(N, T, D, arrs, 1)
+    if bvec and pointers_aligned(bvec, arrs):
+        fn = get_function("fused_recurrent", BLOCK_BWD, o.dtype, g.dtype, device, opts, vec=bvec)
+        launch(fn, ((D + 32 * bvec - 1) // (32 * bvec), N), (32, BLOCK_WARPS), stream.ptr, args, device)
+        return
+    vec = walk_vec(N, D, arrs)
     if vec > 1 and not pointers_aligned(vec, (o, g, do, dx, dg)):
         vec = 1
-    fn = get_function("fused_recurrent", 1, o.dtype, g.dtype, device, options(o.dtype, g.dtype), vec=vec)
-    grid, block = _grid(N, D, vec)
-    cu_ptr, cu64 = cu if cu is not None else (0, 0)
-    launch(fn, grid, block, stream.ptr, (
-        g.ptr, o.ptr, do.ptr, dx.ptr, dg.ptr, g.strides[0], g.strides[1], o.strides[0], o.strides[1],
-        do.strides[0], do.strides[1], dx.strides[0], dx.strides[1], dg.strides[0], dg.strides[1],
-        h0 or 0, dht or 0, dh0 or 0, cu_ptr, cu64, T, D, int(bool(reverse)),
-    ), device)
+    fn = get_function("fused_recurrent", 1, o.dtype, g.dtype, device, opts, vec=vec)
+    launch(fn, *_grid(N, D, vec), stream.ptr, args, device)

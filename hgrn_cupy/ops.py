@@ -156,8 +156,9 @@ def check_backward(g, o, do, dht, initial_state, cu_seqlens, reverse):
 
 # The chunk engine wins below this many channels (N * D), the fused walk from there on, per (bytes per
 # element of the wider input, direction); measured on an H100 (benchmarks/NOTES.md, engine crossover).
-# The fused forward's block walk (fused_recurrent.BLOCK_WALK_CHANNELS) beats the chunk engine wherever it
-# applies, from 16K channels (16-bit) and 8K (float32) on; these thresholds are for the thread walk.
+# The fused engine's block walks (fused_recurrent.BLOCK_WALK_CHANNELS) beat the chunk engine wherever they
+# apply (forward from 16K channels for 16-bit types and 8K for float32, backward from 8K); these
+# thresholds are for the thread walk.
 CHUNK_BELOW = {(2, 0): 1 << 16, (2, 1): 1 << 15, (4, 0): 1 << 15, (4, 1): 1 << 14}
 FUSED_MAX_T = 32  # at most this many steps, the walk is shorter than the chunk engine's look-back
 
@@ -169,7 +170,7 @@ def pick_engine(N, T, D, dtypes=("float32",), direction=0):
     0 forward, 1 backward."""
     if T <= FUSED_MAX_T:
         return "fused_recurrent"
-    if direction == 0 and _fused.block_walk_fits(N, T, D, dtypes[0], dtypes[-1]):
+    if _fused.block_walk_fits(N, T, D, dtypes[0], dtypes[-1], direction):
         return "fused_recurrent"
     size = 2 if max(ITEMSIZE[d] for d in dtypes) <= 2 else 4
     return "chunk" if N * D < CHUNK_BELOW[size, direction] else "fused_recurrent"
@@ -510,7 +511,7 @@ def chunk_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=No
 def fused_recurrent_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False):
     """:func:`hgrn` on the fused recurrent engine (each thread walks time for one or two channels, or,
     from 8K-16K channels with T > 64, a block of warps shares a group of channels and splits each window
-    of time; for many channels, decoding and varlen)."""
+    of time between them; for many channels, decoding and varlen)."""
     return _forward("fused_recurrent", x, g, initial_state, output_final_state, cu_seqlens, reverse)
 
 

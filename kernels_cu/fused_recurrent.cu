@@ -370,6 +370,161 @@ __global__ void __launch_bounds__(32 * HC_BLOCK_WARPS, HC_BLOCK_MIN_BLOCKS) fuse
     }
 }
 
+// The block walk (backward): the same split of time as the forward's, walked from the last window to
+// the first.  The gradient obeys dh[s] = A[s] dh[s+1] + do[s] with A[s] = exp(g[s+1]) (A = 1 at the last
+// step, where dh[len] = dht), so a warp folds its steps into one map dh[u0] = alpha dh[u0+S] + beta, the
+// warps' maps meet in shared memory, and every thread composes the carry from the later warps before it
+// scans its steps again writing dx = dh and dg = dh exp(g[s]) h[s-1] (h[-1] = h0).  Each thread loads
+// S + 1 gate rows (its steps and the next one), do, and o one step behind.
+// grid  (ceil(D / (32 * VEC)), N)   block (32, BLOCK_WARPS)   VEC: 4 bytes of the wider type per lane.
+template <typename TX, typename TG, int VEC>
+struct BlockWalkBwd {
+    typedef typename AccOf<TX, TG>::type Acc;
+    static constexpr int W = HC_BLOCK_WARPS, S = HC_BLOCK_STEPS, C = 32 * VEC, WIN = W * S;
+    Pack<TG, VEC> g[S + 1];
+    Pack<TX, VEC> dout[S];
+    Pack<TX, VEC> hprev[S];
+
+    // Loads logical steps u0 .. u0 + S - 1 of a window (and gate row u0 + S), then moves the pointers
+    // to the same steps of the window before (op stays one step behind).
+    __device__ __forceinline__ void load(const TG*& gp, const TX*& op, const TX*& dop, i64 sgt, i64 sot, i64 sdot,
+                                         i64 u0, i64 len, bool live) {
+#pragma unroll
+        for (int j = 0; j <= S; ++j) {
+            if (live && u0 + j < len) g[j].load(gp);
+            gp += sgt;
+        }
+#pragma unroll
+        for (int j = 0; j < S; ++j) {
+            if (live && u0 + j < len) {
+                dout[j].load(dop);
+                if (u0 + j >= 1) hprev[j].load(op);
+            }
+            dop += sdot; op += sot;
+        }
+        gp -= (WIN + S + 1) * sgt; dop -= (WIN + S) * sdot; op -= (WIN + S) * sot;
+    }
+
+    // A[s] for step u0 + j: exp(g[s+1]), or 1 at the last step of the sequence.
+    __device__ __forceinline__ Acc shifted_gate(int j, int k, i64 u0, i64 len) const {
+        return u0 + j + 1 < len ? gate_exp(g[j + 1].template get<Acc>(k)) : Acc(1);
+    }
+
+    // Scans the window whose steps this thread holds from u0 on; dhc: dh after the window on entry (dh at
+    // the window's first step + 1 ... i.e. dh[first step of the next window]), dh at its first step on
+    // return.  dxp, dgp address step u0 + S - 1 on entry and the same step of the window before on return.
+    __device__ __forceinline__ void scan(Affine<Acc> (*part)[C], Acc* dhc, const Acc* h_init, TX*& dxp, TG*& dgp,
+                                         i64 sdxt, i64 sdgt, i64 u0, i64 len, bool live) const {
+        const int lane = threadIdx.x, w = threadIdx.y;
+        Affine<Acc> m[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) { m[k].a = Acc(1); m[k].b = Acc(0); }
+#pragma unroll
+        for (int j = S - 1; j >= 0; --j) {
+            if (u0 + j < len) {
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    const Acc A = shifted_gate(j, k, u0, len);
+                    m[k].b = A * m[k].b + dout[j].template get<Acc>(k);
+                    m[k].a = A * m[k].a;
+                }
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) part[w][k * 32 + lane] = m[k];
+        __syncthreads();
+        Acc dh[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            Acc hh = dhc[k], mine = dhc[k];
+#pragma unroll
+            for (int q = W - 1; q >= 0; --q) {
+                if (q == w) mine = hh;
+                const Affine<Acc> p = part[q][k * 32 + lane];
+                hh = p.a * hh + p.b;
+            }
+            dhc[k] = hh;
+            dh[k] = mine;
+        }
+#pragma unroll
+        for (int j = S - 1; j >= 0; --j) {
+            if (live && u0 + j < len) {
+                Pack<TX, VEC> dxo;
+                Pack<TG, VEC> dgo;
+                dxo.clear(); dgo.clear();
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    dh[k] = shifted_gate(j, k, u0, len) * dh[k] + dout[j].template get<Acc>(k);
+                    const Acc a = gate_exp(g[j].template get<Acc>(k));
+                    const Acc hp = u0 + j >= 1 ? hprev[j].template get<Acc>(k) : h_init[k];
+                    dxo.template set<Acc>(k, dh[k]);
+                    dgo.template set<Acc>(k, dh[k] * a * hp);
+                }
+                dxo.store(dxp);
+                dgo.store(dgp);
+            }
+            dxp -= sdxt; dgp -= sdgt;
+        }
+        dxp -= (WIN - S) * sdxt; dgp -= (WIN - S) * sdgt;
+    }
+};
+
+template <typename TX, typename TG, int VEC>
+__global__ void __launch_bounds__(32 * HC_BLOCK_WARPS, HC_BLOCK_MIN_BLOCKS) fused_recurrent_block_bwd(
+    const TG* __restrict__ g, const TX* __restrict__ o, const TX* __restrict__ dout,
+    TX* __restrict__ dx, TG* __restrict__ dg,
+    i64 sgb, i64 sgt, i64 sob, i64 sot, i64 sdob, i64 sdot, i64 sdxb, i64 sdxt, i64 sdgb, i64 sdgt,
+    const typename AccOf<TX, TG>::type* __restrict__ h0, const typename AccOf<TX, TG>::type* __restrict__ dht,
+    typename AccOf<TX, TG>::type* __restrict__ dh0,
+    const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
+    typedef BlockWalkBwd<TX, TG, VEC> Walk;
+    typedef typename Walk::Acc Acc;
+    constexpr int W = Walk::W, S = Walk::S, C = Walk::C, WIN = W * S;
+    __shared__ Affine<Acc> part[2][W][C];
+    const int lane = threadIdx.x, w = threadIdx.y;
+    const i64 d = (i64)blockIdx.x * C + lane * VEC;
+    const i64 n = blockIdx.y;
+    const bool live = d < D;  // every thread takes part in the barriers
+    const SeqBounds sb = seq_bounds(cu_seqlens, cu64, n, T);
+    const i64 len = sb.eos - sb.bos;
+    const i64 t0 = reverse ? sb.eos - 1 : sb.bos;
+    const i64 dir = reverse ? -1 : 1;
+    sgt *= dir; sot *= dir; sdot *= dir; sdxt *= dir; sdgt *= dir;
+    const i64 nwin = (len + WIN - 1) / WIN;
+    i64 u0 = (nwin - 1) * WIN + (i64)w * S;  // this thread's first step in the last window
+    const TG* g0 = g + sb.batch * sgb + t0 * dir * sgt + d;  // logical step 0
+    const TG* gp = g0 + u0 * sgt;
+    const TX* op = o + sb.batch * sob + t0 * dir * sot + (u0 - 1) * sot + d;
+    const TX* dop = dout + sb.batch * sdob + t0 * dir * sdot + u0 * sdot + d;
+    TX* dxp = dx + sb.batch * sdxb + t0 * dir * sdxt + (u0 + S - 1) * sdxt + d;
+    TG* dgp = dg + sb.batch * sdgb + t0 * dir * sdgt + (u0 + S - 1) * sdgt + d;
+
+    Acc h_init[VEC], dhc[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        h_init[k] = h0 && live ? h0[n * D + d + k] : Acc(0);
+        dhc[k] = dht && live ? dht[n * D + d + k] : Acc(0);
+    }
+    Walk a, b;
+    if (nwin > 0) a.load(gp, op, dop, sgt, sot, sdot, u0, len, live);
+    for (i64 k = nwin - 1; k >= 0; k -= 2) {
+        if (k >= 1) b.load(gp, op, dop, sgt, sot, sdot, u0 - WIN, len, live);
+        a.scan(part[k & 1], dhc, h_init, dxp, dgp, sdxt, sdgt, u0, len, live);
+        if (k == 0) break;
+        if (k >= 2) a.load(gp, op, dop, sgt, sot, sdot, u0 - 2 * WIN, len, live);
+        b.scan(part[(k - 1) & 1], dhc, h_init, dxp, dgp, sdxt, sdgt, u0 - WIN, len, live);
+        u0 -= 2 * WIN;
+    }
+    if (dh0 && live && w == 0) {  // dh0 = exp(g[0]) dh[0]; dht itself for an empty sequence
+        Pack<TG, VEC> g_first;
+        g_first.clear();
+        if (len > 0) g_first.load(g0);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+            dh0[n * D + d + k] = (len > 0 ? gate_exp(g_first.template get<Acc>(k)) : Acc(1)) * dhc[k];
+    }
+}
+
 // One step of every sequence, o = exp(g) * h0 + x and ht = o in the accumulation type (T = 1, dense).
 // Thread i owns channels [VEC * i, VEC * i + VEC) of the flattened [N, D]; D is a multiple of VEC, and
 // x, g, o are VEC-aligned with batch strides that are multiples of VEC (the host checks).

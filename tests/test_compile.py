@@ -96,6 +96,9 @@ def test_engine_choice():
     assert ops.pick_engine(16, 2048, 4096, ("bfloat16",), 0) == "fused_recurrent"  # 64K: two channels a thread
     assert ops.pick_engine(16, 2048, 2048, ("bfloat16",), 0) == "fused_recurrent"
     assert ops.pick_engine(16, 2048, 2048, ("bfloat16",), 1) == "fused_recurrent"
+    assert ops.pick_engine(8, 4096, 1024, ("bfloat16",), 1) == "fused_recurrent"  # 8K backward: the block walk
+    assert ops.pick_engine(8, 4096, 1023, ("bfloat16",), 1) == "chunk"  # D odd: no block walk
+    assert ops.pick_engine(4, 4096, 1024, ("float32",), 1) == "chunk"  # 4K
     assert ops.pick_engine(8, 4096, 2048, ("float32",), 1) == "fused_recurrent"
     assert ops.pick_engine(8, 4096, 2048, ("bfloat16", "float32"), 1) == "fused_recurrent"
     assert ops.pick_engine(2, 8192, 512, ("float64",), 1) == "chunk"

@@ -42,7 +42,7 @@ def walk_channels(request, monkeypatch):
     if engine == "fused_recurrent_2ch":
         monkeypatch.setattr(fused_recurrent, "WALK_VEC_MIN_CHANNELS", 0)
     else:
-        monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_CHANNELS", {s: (0, 1 << 62) for s in (2, 4, 8)})
+        monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_CHANNELS", {(s, d): (0, 1 << 62) for s in (2, 4, 8) for d in (0, 1)})
         monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_MIN_T", 0)
     ops._plans.clear()  # plans made under the usual thresholds
     yield

@@ -393,7 +393,7 @@ def test_block_walk_where_the_layout_allows(layout, fake_cuda, monkeypatch):
     lanes) where its channel band and T allow (opened to everything here) and D, strides and this
     call's pointers allow 4 bf16 channels a lane; the thread walk otherwise, planned or not."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_CHANNELS", {s: (0, 1 << 62) for s in (2, 4, 8)})
+    monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_CHANNELS", {(s, d): (0, 1 << 62) for s in (2, 4, 8) for d in (0, 1)})
     monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_MIN_T", 0)
     gen = torch.Generator().manual_seed(8)
     D = 35 if layout == "odd_d" else 36
