@@ -78,6 +78,19 @@ def walk_vec(N, D, arrs):
     return layout_vector_width(D, arrs, vec)
 
 
+def _by_alignment(bits, fast, slow):
+    """A launch ``(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)`` that runs ``fast`` where this call's
+    pointers clear ``bits`` (a mask for x and o, one for g) and ``slow`` otherwise."""
+    bx, bg = bits
+
+    def run(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
+        if (x_ptr | o_ptr) & bx or g_ptr & bg:
+            slow(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)
+        else:
+            fast(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)
+    return run
+
+
 def _grid(N, D, vec=1):
     return ((D // vec + BLOCK - 1) // BLOCK, N), (BLOCK,)
 
@@ -100,37 +113,22 @@ def prepare_fwd(x, g, o, cu, N, reverse, device):
     def masks(vec):  # pointer bits that must be clear for VEC-wide accesses: x and o, then g
         return vec * ITEMSIZE[x.dtype] - 1, vec * ITEMSIZE[g.dtype] - 1
 
-    def walk_1(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
-        kernel(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sxt, sgb, sgt, sob, sot, h0_ptr, ht_ptr, cu_ptr, cu64, T, D, rev)
+    def walk_with(kern):  # a bound walk kernel with this layout's arguments
+        def run(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
+            kern(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sxt, sgb, sgt, sob, sot, h0_ptr, ht_ptr, cu_ptr, cu64, T, D,
+                   rev)
+        return run
 
+    walk = walk_with(kernel)
     wvec = walk_vec(N, D, (x, g, o))
-    if wvec == 1:
-        walk = walk_1
-    else:  # VEC channels per thread where this call's pointers allow them
+    if wvec > 1:  # VEC channels per thread where this call's pointers allow them
         fn_v = get_function("fused_recurrent", 0, x.dtype, g.dtype, device, opts, vec=wvec)
-        kernel_v = bind(fn_v, *_grid(N, D, wvec), device)
-        wx, wg = masks(wvec)
-
-        def walk(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
-            if (x_ptr | o_ptr) & wx or g_ptr & wg:
-                walk_1(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)
-            else:
-                kernel_v(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sxt, sgb, sgt, sob, sot, h0_ptr, ht_ptr, cu_ptr, cu64,
-                         T, D, rev)
-
+        walk = _by_alignment(masks(wvec), walk_with(bind(fn_v, *_grid(N, D, wvec), device)), walk)
     bvec = block_walk_vec(N, T, D, (x, g, o))
     if bvec:  # the block walk where this call's pointers allow its lanes
         fn_b = get_function("fused_recurrent", BLOCK_FWD, x.dtype, g.dtype, device, opts, vec=bvec)
         kernel_b = bind(fn_b, ((D + 32 * bvec - 1) // (32 * bvec), N), (32, BLOCK_WARPS), device)
-        bx, bg = masks(bvec)
-        thread_walk = walk
-
-        def walk(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
-            if (x_ptr | o_ptr) & bx or g_ptr & bg:
-                thread_walk(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)
-            else:
-                kernel_b(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sxt, sgb, sgt, sob, sot, h0_ptr, ht_ptr, cu_ptr, cu64,
-                         T, D, rev)
+        walk = _by_alignment(masks(bvec), walk_with(kernel_b), walk)
 
     vec = layout_vector_width(D, (x, g, o))
     if T != 1 or cu is not None or vec == 1:
@@ -139,15 +137,11 @@ def prepare_fwd(x, g, o, cu, N, reverse, device):
     step_fn = get_function("fused_recurrent", STEP, x.dtype, g.dtype, device, opts, vec=vec)
     threads = N * D // vec
     step = bind(step_fn, ((threads + STEP_BLOCK - 1) // STEP_BLOCK,), (STEP_BLOCK,), device)
-    ax, ag = masks(vec)  # h0 and ht are read element-wise
 
     def launch_step(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
-        if (x_ptr | o_ptr) & ax or g_ptr & ag:
-            walk(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)
-        else:
-            step(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sgb, sob, h0_ptr, ht_ptr, N, D)
+        step(stream_ptr, x_ptr, g_ptr, o_ptr, sxb, sgb, sob, h0_ptr, ht_ptr, N, D)
 
-    return launch_step
+    return _by_alignment(masks(vec), launch_step, walk)  # h0 and ht are read element-wise
 
 
 def fused_recurrent_fwd(x, g, o, h0, ht, cu, N, reverse, device, stream):

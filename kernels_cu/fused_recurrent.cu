@@ -35,6 +35,19 @@ template <int VEC> struct Prefetch { static constexpr int STEPS = VEC == 1 ? HC_
 #define HC_WALK_FAST_BWD(TX, TG, VEC) (VEC == 1 && sizeof(TX) == 2 && sizeof(TG) == 2)
 #endif
 
+// One forward step of VEC channels: h = exp(g) h + x, stored at op.
+template <typename Acc, typename TX, typename TG, int VEC>
+__device__ __forceinline__ void forward_step(Acc* h, const Pack<TX, VEC>& x, const Pack<TG, VEC>& g, TX* op) {
+    Pack<TX, VEC> out;
+    out.clear();
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        h[k] = gate_exp(g.template get<Acc>(k)) * h[k] + x.template get<Acc>(k);
+        out.template set<Acc>(k, h[k]);
+    }
+    out.store(op);
+}
+
 template <typename TX, typename TG, int VEC>
 struct FwdTile {
     typedef typename AccOf<TX, TG>::type Acc;
@@ -60,14 +73,7 @@ struct FwdTile {
 #pragma unroll
         for (int j = 0; j < P; ++j) {
             if (FULL || s0 + j < len) {
-                Pack<TX, VEC> out;
-                out.clear();
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) {
-                    h[k] = gate_exp(g[j].template get<Acc>(k)) * h[k] + x[j].template get<Acc>(k);
-                    out.template set<Acc>(k, h[k]);
-                }
-                out.store(op);
+                forward_step(h, x[j], g[j], op);
             }
             op += sot;
         }
@@ -255,6 +261,50 @@ __global__ void __launch_bounds__(256) fused_recurrent_bwd(
 #define HC_BLOCK_MIN_BLOCKS 2
 #endif
 
+// Where a block walk's warps meet: every thread publishes its maps m (one per channel) of the window to
+// `part` (row = warp; the buffer alternates between windows, so one barrier a window suffices), then
+// composes `carry` (the value entering the window, per channel) with the maps of the warps that come
+// before its own -- in warp order, or from the last warp when REVERSE -- into `mine`, and advances
+// `carry` past the whole window.
+template <typename Acc, int W, int VEC, bool REVERSE>
+__device__ __forceinline__ void block_carry(Affine<Acc> (*part)[32 * VEC], const Affine<Acc>* m, Acc* carry, Acc* mine) {
+    const int lane = threadIdx.x, w = threadIdx.y;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) part[w][k * 32 + lane] = m[k];
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        Acc h = carry[k];
+        mine[k] = h;
+#pragma unroll
+        for (int i = 0; i < W; ++i) {
+            const int q = REVERSE ? W - 1 - i : i;
+            if (q == w) mine[k] = h;
+            const Affine<Acc> p = part[q][k * 32 + lane];
+            h = p.a * h + p.b;
+        }
+        carry[k] = h;
+    }
+}
+
+// Where a block-walk thread sits: its first channel d (live: d < D; every thread takes part in the
+// barriers), its sequence n with bounds sb and length len, and the physical time t0 of logical step 0
+// with the direction dir of logical time.
+struct BlockPlace {
+    i64 d, n, len, t0, dir;
+    SeqBounds sb;
+    bool live;
+    __device__ __forceinline__ BlockPlace(int vec, const void* cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
+        d = ((i64)blockIdx.x * 32 + threadIdx.x) * vec;
+        n = blockIdx.y;
+        live = d < D;
+        sb = seq_bounds(cu_seqlens, cu64, n, T);
+        len = sb.eos - sb.bos;
+        t0 = reverse ? sb.eos - 1 : sb.bos;
+        dir = reverse ? -1 : 1;
+    }
+};
+
 template <typename TX, typename TG, int VEC>
 struct BlockWalkFwd {
     typedef typename AccOf<TX, TG>::type Acc;
@@ -278,7 +328,6 @@ struct BlockWalkFwd {
     // after it (the same in every warp).
     __device__ __forceinline__ void scan(Affine<Acc> (*part)[C], Acc* hin, TX*& op, i64 sot, i64 skip_o,
                                          i64 u0, i64 len, bool live) const {
-        const int lane = threadIdx.x, w = threadIdx.y;
         Affine<Acc> m[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) { m[k].a = Acc(1); m[k].b = Acc(0); }
@@ -293,33 +342,12 @@ struct BlockWalkFwd {
                 }
             }
         }
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) part[w][k * 32 + lane] = m[k];
-        __syncthreads();
         Acc h[VEC];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            Acc hh = hin[k], mine = hin[k];
-#pragma unroll
-            for (int q = 0; q < W; ++q) {
-                if (q == w) mine = hh;
-                const Affine<Acc> p = part[q][k * 32 + lane];
-                hh = p.a * hh + p.b;
-            }
-            hin[k] = hh;
-            h[k] = mine;
-        }
+        block_carry<Acc, W, VEC, false>(part, m, hin, h);
 #pragma unroll
         for (int j = 0; j < S; ++j) {
             if (live && u0 + j < len) {
-                Pack<TX, VEC> out;
-                out.clear();
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) {
-                    h[k] = gate_exp(g[j].template get<Acc>(k)) * h[k] + x[j].template get<Acc>(k);
-                    out.template set<Acc>(k, h[k]);
-                }
-                out.store(op);
+                forward_step(h, x[j], g[j], op);
             }
             op += sot;
         }
@@ -337,19 +365,15 @@ __global__ void __launch_bounds__(32 * HC_BLOCK_WARPS, HC_BLOCK_MIN_BLOCKS) fuse
     typedef typename Walk::Acc Acc;
     constexpr int W = Walk::W, S = Walk::S, C = Walk::C, WIN = W * S;
     __shared__ Affine<Acc> part[2][W][C];
-    const int lane = threadIdx.x, w = threadIdx.y;
-    const i64 d = (i64)blockIdx.x * C + lane * VEC;
-    const i64 n = blockIdx.y;
-    const bool live = d < D;  // every thread takes part in the barriers
-    const SeqBounds sb = seq_bounds(cu_seqlens, cu64, n, T);
-    const i64 len = sb.eos - sb.bos;
-    const i64 t0 = reverse ? sb.eos - 1 : sb.bos;
-    const i64 dir = reverse ? -1 : 1;
-    sxt *= dir; sgt *= dir; sot *= dir;
-    const i64 first = (i64)w * S;  // this warp's first logical step of window 0
-    const TX* xp = x + sb.batch * sxb + t0 * dir * sxt + first * sxt + d;
-    const TG* gp = g + sb.batch * sgb + t0 * dir * sgt + first * sgt + d;
-    TX* op = o + sb.batch * sob + t0 * dir * sot + first * sot + d;
+    const BlockPlace at(VEC, cu_seqlens, cu64, T, D, reverse);
+    const i64 d = at.d, n = at.n, len = at.len, b0 = at.sb.batch, t0 = at.t0;
+    const bool live = at.live;
+    const i64 first = (i64)threadIdx.y * S;  // this warp's first logical step of window 0
+    const TX* xp = x + b0 * sxb + t0 * sxt + d;
+    const TG* gp = g + b0 * sgb + t0 * sgt + d;
+    TX* op = o + b0 * sob + t0 * sot + d;
+    sxt *= at.dir; sgt *= at.dir; sot *= at.dir;
+    xp += first * sxt; gp += first * sgt; op += first * sot;
     const i64 skx = (WIN - S) * sxt, skg = (WIN - S) * sgt, sko = (WIN - S) * sot;
 
     Acc hin[VEC];
@@ -364,7 +388,7 @@ __global__ void __launch_bounds__(32 * HC_BLOCK_WARPS, HC_BLOCK_MIN_BLOCKS) fuse
         a.load(xp, gp, sxt, sgt, skx, skg, u + 2 * WIN, len, live);
         b.scan(part[1], hin, op, sot, sko, u + WIN, len, live);
     }
-    if (ht && live && w == 0) {
+    if (ht && live && threadIdx.y == 0) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) ht[n * D + d + k] = hin[k];
     }
@@ -410,12 +434,11 @@ struct BlockWalkBwd {
         return u0 + j + 1 < len ? gate_exp(g[j + 1].template get<Acc>(k)) : Acc(1);
     }
 
-    // Scans the window whose steps this thread holds from u0 on; dhc: dh after the window on entry (dh at
-    // the window's first step + 1 ... i.e. dh[first step of the next window]), dh at its first step on
-    // return.  dxp, dgp address step u0 + S - 1 on entry and the same step of the window before on return.
+    // Scans the window whose steps this thread holds from u0 on; dhc: dh at the first step of the next
+    // window on entry (dht after the last), dh at this window's first step on return.  dxp, dgp address
+    // step u0 + S - 1 on entry and the same step of the window before on return.
     __device__ __forceinline__ void scan(Affine<Acc> (*part)[C], Acc* dhc, const Acc* h_init, TX*& dxp, TG*& dgp,
                                          i64 sdxt, i64 sdgt, i64 u0, i64 len, bool live) const {
-        const int lane = threadIdx.x, w = threadIdx.y;
         Affine<Acc> m[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) { m[k].a = Acc(1); m[k].b = Acc(0); }
@@ -430,22 +453,8 @@ struct BlockWalkBwd {
                 }
             }
         }
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) part[w][k * 32 + lane] = m[k];
-        __syncthreads();
         Acc dh[VEC];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            Acc hh = dhc[k], mine = dhc[k];
-#pragma unroll
-            for (int q = W - 1; q >= 0; --q) {
-                if (q == w) mine = hh;
-                const Affine<Acc> p = part[q][k * 32 + lane];
-                hh = p.a * hh + p.b;
-            }
-            dhc[k] = hh;
-            dh[k] = mine;
-        }
+        block_carry<Acc, W, VEC, true>(part, m, dhc, dh);
 #pragma unroll
         for (int j = S - 1; j >= 0; --j) {
             if (live && u0 + j < len) {
@@ -481,23 +490,22 @@ __global__ void __launch_bounds__(32 * HC_BLOCK_WARPS, HC_BLOCK_MIN_BLOCKS) fuse
     typedef typename Walk::Acc Acc;
     constexpr int W = Walk::W, S = Walk::S, C = Walk::C, WIN = W * S;
     __shared__ Affine<Acc> part[2][W][C];
-    const int lane = threadIdx.x, w = threadIdx.y;
-    const i64 d = (i64)blockIdx.x * C + lane * VEC;
-    const i64 n = blockIdx.y;
-    const bool live = d < D;  // every thread takes part in the barriers
-    const SeqBounds sb = seq_bounds(cu_seqlens, cu64, n, T);
-    const i64 len = sb.eos - sb.bos;
-    const i64 t0 = reverse ? sb.eos - 1 : sb.bos;
-    const i64 dir = reverse ? -1 : 1;
-    sgt *= dir; sot *= dir; sdot *= dir; sdxt *= dir; sdgt *= dir;
+    const BlockPlace at(VEC, cu_seqlens, cu64, T, D, reverse);
+    const i64 d = at.d, n = at.n, len = at.len, b0 = at.sb.batch, t0 = at.t0;
+    const bool live = at.live;
+    const TG* g0 = g + b0 * sgb + t0 * sgt + d;  // logical step 0 of each tensor
+    const TX* op = o + b0 * sob + t0 * sot + d;
+    const TX* dop = dout + b0 * sdob + t0 * sdot + d;
+    TX* dxp = dx + b0 * sdxb + t0 * sdxt + d;
+    TG* dgp = dg + b0 * sdgb + t0 * sdgt + d;
+    sgt *= at.dir; sot *= at.dir; sdot *= at.dir; sdxt *= at.dir; sdgt *= at.dir;
     const i64 nwin = (len + WIN - 1) / WIN;
-    i64 u0 = (nwin - 1) * WIN + (i64)w * S;  // this thread's first step in the last window
-    const TG* g0 = g + sb.batch * sgb + t0 * dir * sgt + d;  // logical step 0
+    i64 u0 = (nwin - 1) * WIN + (i64)threadIdx.y * S;  // this thread's first step in the last window
     const TG* gp = g0 + u0 * sgt;
-    const TX* op = o + sb.batch * sob + t0 * dir * sot + (u0 - 1) * sot + d;
-    const TX* dop = dout + sb.batch * sdob + t0 * dir * sdot + u0 * sdot + d;
-    TX* dxp = dx + sb.batch * sdxb + t0 * dir * sdxt + (u0 + S - 1) * sdxt + d;
-    TG* dgp = dg + sb.batch * sdgb + t0 * dir * sdgt + (u0 + S - 1) * sdgt + d;
+    op += (u0 - 1) * sot;
+    dop += u0 * sdot;
+    dxp += (u0 + S - 1) * sdxt;
+    dgp += (u0 + S - 1) * sdgt;
 
     Acc h_init[VEC], dhc[VEC];
 #pragma unroll
@@ -515,7 +523,7 @@ __global__ void __launch_bounds__(32 * HC_BLOCK_WARPS, HC_BLOCK_MIN_BLOCKS) fuse
         b.scan(part[(k - 1) & 1], dhc, h_init, dxp, dgp, sdxt, sdgt, u0 - WIN, len, live);
         u0 -= 2 * WIN;
     }
-    if (dh0 && live && w == 0) {  // dh0 = exp(g[0]) dh[0]; dht itself for an empty sequence
+    if (dh0 && live && threadIdx.y == 0) {  // dh0 = exp(g[0]) dh[0]; dht itself for an empty sequence
         Pack<TG, VEC> g_first;
         g_first.clear();
         if (len > 0) g_first.load(g0);

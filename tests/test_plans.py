@@ -365,24 +365,30 @@ def test_planned_torch_call_on_a_side_stream():
     assert rel_err(o, ref[0]) <= TOL["float32"] and rel_err(ht, ref[1]) <= TOL["float32"]
 
 
+def _three_bf16_calls(gen, layout, vec):
+    """Three fused forward calls (checked, plan made, planned) on 3 x 5 x D bfloat16 inputs against the
+    reference: D = 36 ("dense": contiguous; "odd_offset": views one element off a tensor of D + vec
+    columns, so the strides are multiples of ``vec`` and the pointers are checked at each call) or 35."""
+    D = 35 if layout == "odd_d" else 36
+    x, g, h0 = _torch_case(gen, (3, 5, D + vec, "bfloat16", "bfloat16", "float32", "dense"))
+    if layout == "odd_offset":
+        x, g, h0 = x[..., 1:D + 1], g[..., 1:D + 1], h0[:, 1:D + 1].contiguous()
+    else:
+        x, g, h0 = x[..., :D].contiguous(), g[..., :D].contiguous(), h0[:, :D].contiguous()
+    ref_o, ref_ht = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), to_numpy(h0), True)
+    for _ in range(3):
+        o, ht = hc.fused_recurrent_hgrn(x, g, h0, True)
+        assert rel_err(o, ref_o) <= TOL["bfloat16"] and rel_err(ht, ref_ht) <= TOL["bfloat16"]
+    assert len(ops._plans) == 1
+
+
 @pytest.mark.parametrize("layout", ["dense", "odd_offset", "odd_d"])
 def test_two_channels_per_thread_where_the_layout_allows(layout, fake_cuda, monkeypatch):
     """The fused walk takes two channels per thread from WALK_VEC_MIN_CHANNELS on (lowered to 0 here)
     where D, strides and this call's pointers allow it, and one otherwise, planned or not."""
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(fused_recurrent, "WALK_VEC_MIN_CHANNELS", 0)
-    gen = torch.Generator().manual_seed(7)
-    D = 35 if layout == "odd_d" else 34
-    x, g, h0 = _torch_case(gen, (3, 5, D + 2, "bfloat16", "bfloat16", "float32", "dense"))
-    if layout == "odd_offset":  # even strides (D + 2), pointers one element off: checked at each call
-        x, g, h0 = x[..., 1:D + 1], g[..., 1:D + 1], h0[:, 1:D + 1].contiguous()
-    else:
-        x, g, h0 = x[..., :D].contiguous(), g[..., :D].contiguous(), h0[:, :D].contiguous()
-    ref_o, ref_ht = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), to_numpy(h0), True)
-    for _ in range(3):  # checked, plan made, planned
-        o, ht = hc.fused_recurrent_hgrn(x, g, h0, True)
-        assert rel_err(o, ref_o) <= TOL["bfloat16"] and rel_err(ht, ref_ht) <= TOL["bfloat16"]
-    assert len(ops._plans) == 1
+    _three_bf16_calls(torch.Generator().manual_seed(7), layout, 2)
     vecs = [ln["fn"][7] for ln in fake_cuda.launches]
     assert vecs == [2, 2, 2] if layout == "dense" else vecs == [1, 1, 1]
 
@@ -395,18 +401,7 @@ def test_block_walk_where_the_layout_allows(layout, fake_cuda, monkeypatch):
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_CHANNELS", {(s, d): (0, 1 << 62) for s in (2, 4, 8) for d in (0, 1)})
     monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_MIN_T", 0)
-    gen = torch.Generator().manual_seed(8)
-    D = 35 if layout == "odd_d" else 36
-    x, g, h0 = _torch_case(gen, (3, 5, D + 4, "bfloat16", "bfloat16", "float32", "dense"))
-    if layout == "odd_offset":  # strides a multiple of 4 (D + 4), pointers one element off
-        x, g, h0 = x[..., 1:D + 1], g[..., 1:D + 1], h0[:, 1:D + 1].contiguous()
-    else:
-        x, g, h0 = x[..., :D].contiguous(), g[..., :D].contiguous(), h0[:, :D].contiguous()
-    ref_o, ref_ht = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), to_numpy(h0), True)
-    for _ in range(3):  # checked, plan made, planned
-        o, ht = hc.fused_recurrent_hgrn(x, g, h0, True)
-        assert rel_err(o, ref_o) <= TOL["bfloat16"] and rel_err(ht, ref_ht) <= TOL["bfloat16"]
-    assert len(ops._plans) == 1
+    _three_bf16_calls(torch.Generator().manual_seed(8), layout, 4)
     got = [(ln["fn"][1], ln["fn"][7], ln["grid"], ln["block"]) for ln in fake_cuda.launches]
     if layout == "dense":
         assert got == [(BLOCK_FWD, 4, (1, 3, 1), (32, fused_recurrent.BLOCK_WARPS, 1))] * 3
