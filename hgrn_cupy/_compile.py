@@ -71,10 +71,13 @@ def vector_width(x_dtype: str, g_dtype: str) -> int:
     return 16 // max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype])
 
 
-def block_walk_width(x_dtype: str, g_dtype: str, direction: int = 0) -> int:
-    """Channels per lane of the fused engine's block walks: 8 bytes of the wider storage type forward, 4
-    backward (it holds three tensors' steps; 8 bytes spilled), at least one channel."""
-    return max(1, (8 if direction == 0 else 4) // max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype]))
+def block_walk_width(x_dtype: str, g_dtype: str, direction: int = 0, narrow: bool = False) -> int:
+    """Channels per lane of the fused engine's block walks: 8 bytes of the wider storage type forward (4
+    for 16-bit types where ``narrow``), 4 backward (it holds three tensors' steps; 8 bytes spilled), at
+    least one channel."""
+    size = max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype])
+    nbytes = 4 if direction == 1 or (narrow and size == 2) else 8
+    return max(1, nbytes // size)
 
 
 def layout_vector_width(D, arrs, vec=None) -> int:
@@ -110,8 +113,10 @@ def name_expressions(engine: str, x_dtype: str, g_dtype: str) -> tuple[str, ...]
         names = tuple(kernel_name(engine, k, x_dtype, g_dtype, vec=v) for k in (0, 1) for v in walks)
         if len(ENGINES[engine][1]) > STEP:
             names += (kernel_name(engine, STEP, x_dtype, g_dtype, vec=vector_width(x_dtype, g_dtype)),)
-        names += tuple(kernel_name(engine, k, x_dtype, g_dtype, vec=block_walk_width(x_dtype, g_dtype, k - BLOCK_FWD))
-                       for k in (BLOCK_FWD, BLOCK_BWD) if k < len(ENGINES[engine][1]))
+        for k in (BLOCK_FWD, BLOCK_BWD):
+            if k < len(ENGINES[engine][1]):
+                widths = sorted({block_walk_width(x_dtype, g_dtype, k - BLOCK_FWD, narrow) for narrow in (False, True)})
+                names += tuple(kernel_name(engine, k, x_dtype, g_dtype, vec=v) for v in widths)
         return names
     vecs = sorted({1, vector_width(x_dtype, g_dtype)})
     return tuple(kernel_name(engine, k, x_dtype, g_dtype, v, w) for k in (0, 1) for v in (False, True) for w in vecs)

@@ -30,9 +30,12 @@ WALK_VEC_MIN_CHANNELS = 1 << 16
 #          32K: 1.37 / 1.15, 1.37 / 1.18;  64K: 1.15 / 1.12, 1.15 / 1.17;  128K: 1.11 / 1.08, 1.12 / 1.14.
 #   float32 8K: 1.65 / 1.16 (1.30), 1.59 / 1.18 (1.37);  16K: 1.28 / 1.09 (1.21), 1.19 / 1.14 (1.33);
 #          32K: 1.13 / 1.08, 1.15 / 1.13;  64K: 1.08 / 1.07, 1.08 / 1.15;  128K: 1.07 / 1.05, 1.07 / 1.12.
-# float64 was not timed: it keeps the thread walk.
+# float64 was not timed: it keeps the thread walk.  16-bit forward below BLOCK_WALK_NARROW_BELOW channels
+# takes 4-byte lanes (twice the blocks): bf16 8K 2.02 -> 1.72, 16K 1.29 -> 1.21, while 32K lost (1.15 ->
+# 1.18) and float32 lost everywhere (16K 1.09 -> 1.15).  8 steps a warp: 16 spilled (1.2-2x slower).
 BLOCK_WARPS = 8
 BLOCK_STEPS = 8
+BLOCK_WALK_NARROW_BELOW = 1 << 15
 BLOCK_WALK_CHANNELS = {(2, 0): (1 << 14, 1 << 62), (4, 0): (1 << 13, 1 << 62), (8, 0): (1 << 62, 1 << 62),
                        (2, 1): (1 << 13, 1 << 16), (4, 1): (1 << 13, 1 << 16), (8, 1): (1 << 62, 1 << 62)}
 BLOCK_WALK_MIN_T = BLOCK_WARPS * BLOCK_STEPS
@@ -55,8 +58,9 @@ def options(x_dtype, g_dtype):
 def block_walk_fits(N, T, D, x_dtype, g_dtype, direction=0):
     """Channels per lane of the block walk (0 forward, 1 backward) where N sequences of T steps and D
     channels call for it and D is a multiple of them, else 0 (strides and pointers not considered)."""
-    lo, hi = BLOCK_WALK_CHANNELS[max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype]), direction]
-    vec = block_walk_width(x_dtype, g_dtype, direction)
+    size = max(ITEMSIZE[x_dtype], ITEMSIZE[g_dtype])
+    lo, hi = BLOCK_WALK_CHANNELS[size, direction]
+    vec = block_walk_width(x_dtype, g_dtype, direction, N * D < BLOCK_WALK_NARROW_BELOW)
     return vec if T > BLOCK_WALK_MIN_T and lo <= N * D < hi and D % vec == 0 else 0
 
 

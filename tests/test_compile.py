@@ -87,7 +87,10 @@ def test_engine_choice():
     assert ops.pick_engine(64, 1, 4096, ("bfloat16",)) == "fused_recurrent"
     assert ops.pick_engine(1, 32768, 1024, ("bfloat16", "bfloat16"), 1) == "chunk"
     assert ops.pick_engine(8, 4096, 2048, ("bfloat16",), 0) == "fused_recurrent"  # 16K: the block walk
-    assert ops.pick_engine(8, 4096, 2050, ("bfloat16",), 0) == "chunk"  # D not a multiple of 4: no block walk
+    assert ops.pick_engine(8, 4096, 2050, ("bfloat16",), 0) == "fused_recurrent"  # 16K: 4-byte lanes, D even
+    assert ops.pick_engine(8, 4096, 2049, ("bfloat16",), 0) == "chunk"  # D odd: no block walk
+    assert ops.pick_engine(16, 4096, 2050, ("bfloat16",), 0) == "chunk"  # 32K: 8-byte lanes, D not a multiple of 4
+    assert ops.pick_engine(16, 4096, 2050, ("bfloat16",), 1) == "fused_recurrent"
     assert ops.pick_engine(8, 4096, 1024, ("bfloat16",), 0) == "chunk"  # 8K
     assert ops.pick_engine(8, 4096, 1024, ("float32",), 0) == "fused_recurrent"  # 8K float32: the block walk
     assert ops.pick_engine(8, 64, 2048, ("bfloat16",), 0) == "chunk"  # T <= BLOCK_WALK_MIN_T

@@ -16,12 +16,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison")]
 
 # "fused_recurrent_2ch": the fused engine with two channels per thread wherever the layout allows it
 # (the library does so from 64K channels; the fixture below lowers that threshold to 0);
-# "fused_recurrent_block": the fused engine's forward as a block walk wherever the layout allows it (the
-# library does so for T > 64 in a band of channel counts; the fixture opens both to everything).
-ENGINES = ["chunk", "fused_recurrent", "fused_recurrent_2ch", "fused_recurrent_block"]
+# "fused_recurrent_block": the fused engine's block walks wherever the layout allows them (the library
+# takes them for T > 64 in bands of channel counts; the fixture opens both to everything), with 8-byte
+# lanes forward; "fused_recurrent_block4": the same with 4-byte lanes forward (16-bit types below 32K
+# channels).
+ENGINES = ["chunk", "fused_recurrent", "fused_recurrent_2ch", "fused_recurrent_block", "fused_recurrent_block4"]
 DTYPES = ["float32", "float16", "bfloat16", "float64"]
-FORWARD = {"chunk": hc.chunk_hgrn, "fused_recurrent": hc.fused_recurrent_hgrn,
-           "fused_recurrent_2ch": hc.fused_recurrent_hgrn, "fused_recurrent_block": hc.fused_recurrent_hgrn}
+FORWARD = {"chunk": hc.chunk_hgrn, **{e: hc.fused_recurrent_hgrn for e in ENGINES[1:]}}
 
 
 def lib_engine(engine):
@@ -30,11 +31,11 @@ def lib_engine(engine):
 
 @pytest.fixture(autouse=True)
 def walk_channels(request, monkeypatch):
-    """Two channels per thread in the fused walks for the ``fused_recurrent_2ch`` cases, the block walk
-    for the ``fused_recurrent_block`` cases."""
+    """Two channels per thread in the fused walks for the ``fused_recurrent_2ch`` cases, the block walks
+    for the ``fused_recurrent_block`` and ``fused_recurrent_block4`` cases."""
     spec = getattr(request.node, "callspec", None)
     engine = spec.params.get("engine") if spec is not None else None
-    if engine not in ("fused_recurrent_2ch", "fused_recurrent_block"):
+    if engine not in ("fused_recurrent_2ch", "fused_recurrent_block", "fused_recurrent_block4"):
         yield
         return
     from hgrn_cupy import fused_recurrent, ops
@@ -44,6 +45,7 @@ def walk_channels(request, monkeypatch):
     else:
         monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_CHANNELS", {(s, d): (0, 1 << 62) for s in (2, 4, 8) for d in (0, 1)})
         monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_MIN_T", 0)
+        monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_NARROW_BELOW", 1 << 62 if engine.endswith("4") else 0)
     ops._plans.clear()  # plans made under the usual thresholds
     yield
     ops._plans.clear()

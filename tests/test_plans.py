@@ -393,17 +393,21 @@ def test_two_channels_per_thread_where_the_layout_allows(layout, fake_cuda, monk
     assert vecs == [2, 2, 2] if layout == "dense" else vecs == [1, 1, 1]
 
 
+@pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("layout", ["dense", "odd_offset", "odd_d"])
-def test_block_walk_where_the_layout_allows(layout, fake_cuda, monkeypatch):
-    """The fused forward runs as a block walk (32 x BLOCK_WARPS threads on 32 * VEC channels, 8-byte
-    lanes) where its channel band and T allow (opened to everything here) and D, strides and this
-    call's pointers allow 4 bf16 channels a lane; the thread walk otherwise, planned or not."""
+def test_block_walk_where_the_layout_allows(layout, narrow, fake_cuda, monkeypatch):
+    """The fused forward runs as a block walk (32 x BLOCK_WARPS threads on 32 * VEC channels; 8-byte
+    lanes, or 4-byte ones below BLOCK_WALK_NARROW_BELOW channels) where its channel band and T allow
+    (opened to everything here) and D, strides and this call's pointers allow the lanes; the thread walk
+    otherwise, planned or not."""
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_CHANNELS", {(s, d): (0, 1 << 62) for s in (2, 4, 8) for d in (0, 1)})
     monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_MIN_T", 0)
-    _three_bf16_calls(torch.Generator().manual_seed(8), layout, 4)
+    monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_NARROW_BELOW", 1 << 62 if narrow else 0)
+    vec = 2 if narrow else 4
+    _three_bf16_calls(torch.Generator().manual_seed(8), layout, vec)
     got = [(ln["fn"][1], ln["fn"][7], ln["grid"], ln["block"]) for ln in fake_cuda.launches]
     if layout == "dense":
-        assert got == [(BLOCK_FWD, 4, (1, 3, 1), (32, fused_recurrent.BLOCK_WARPS, 1))] * 3
+        assert got == [(BLOCK_FWD, vec, (1, 3, 1), (32, fused_recurrent.BLOCK_WARPS, 1))] * 3
     else:
         assert [k[:2] for k in got] == [(0, 1)] * 3
