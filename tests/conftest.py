@@ -60,6 +60,16 @@ def to_numpy(a) -> np.ndarray:
     return np.asarray(a).astype(np.float64)  # JAX and other array-likes
 
 
+def force_block_walks(monkeypatch, narrow):
+    """The fused engine's block walks for every channel count and every T where the layout allows them,
+    with 4-byte forward lanes (``narrow``) or 8-byte ones."""
+    from hgrn_cupy import fused_recurrent
+
+    monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_CHANNELS", {(s, d): (0, 1 << 62) for s in (2, 4, 8) for d in (0, 1)})
+    monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_MIN_T", 0)
+    monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_NARROW_BELOW", 1 << 62 if narrow else 0)
+
+
 def rel_err(out, ref) -> float:
     """||out - ref|| / ||ref|| in float64; inf when ``out`` holds a NaN (so poisoned outputs fail)."""
     out, ref = to_numpy(out), to_numpy(ref)

@@ -6,7 +6,7 @@ Inputs are fresh random numbers each run; outputs are NaN-poisoned before every 
 import numpy as np
 import pytest
 
-from conftest import TOL, rel_err
+from conftest import TOL, force_block_walks, rel_err
 
 cupy = pytest.importorskip("cupy")
 import hgrn_cupy as hc  # noqa: E402
@@ -43,9 +43,7 @@ def walk_channels(request, monkeypatch):
     if engine == "fused_recurrent_2ch":
         monkeypatch.setattr(fused_recurrent, "WALK_VEC_MIN_CHANNELS", 0)
     else:
-        monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_CHANNELS", {(s, d): (0, 1 << 62) for s in (2, 4, 8) for d in (0, 1)})
-        monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_MIN_T", 0)
-        monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_NARROW_BELOW", 1 << 62 if engine.endswith("4") else 0)
+        force_block_walks(monkeypatch, narrow=engine.endswith("4"))
     ops._plans.clear()  # plans made under the usual thresholds
     yield
     ops._plans.clear()

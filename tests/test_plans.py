@@ -11,7 +11,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import TOL, rel_err, to_numpy
+from conftest import TOL, force_block_walks, rel_err, to_numpy
 
 import hgrn_cupy as hc
 from hgrn_cupy import _backend as bk
@@ -401,9 +401,7 @@ def test_block_walk_where_the_layout_allows(layout, narrow, fake_cuda, monkeypat
     (opened to everything here) and D, strides and this call's pointers allow the lanes; the thread walk
     otherwise, planned or not."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_CHANNELS", {(s, d): (0, 1 << 62) for s in (2, 4, 8) for d in (0, 1)})
-    monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_MIN_T", 0)
-    monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_NARROW_BELOW", 1 << 62 if narrow else 0)
+    force_block_walks(monkeypatch, narrow)
     vec = 2 if narrow else 4
     _three_bf16_calls(torch.Generator().manual_seed(8), layout, vec)
     got = [(ln["fn"][1], ln["fn"][7], ln["grid"], ln["block"]) for ln in fake_cuda.launches]
