@@ -255,10 +255,17 @@ __global__ void __launch_bounds__(256) fused_recurrent_bwd(
 #ifndef HC_BLOCK_STEPS
 #define HC_BLOCK_STEPS 8
 #endif
-// Resident blocks per SM the register allocation must allow: two keeps every instantiation within 128
-// registers without spilling (three spilled 184-256 bytes).
+// Resident blocks per SM the register allocation must allow: two gives 128 registers, within which only
+// the 16-bit backward's fast form spills (8 bytes, ptxas -v); three spilled 80-340 bytes.
 #ifndef HC_BLOCK_MIN_BLOCKS
 #define HC_BLOCK_MIN_BLOCKS 2
+#endif
+// Whether a block walk's lanes are narrow enough (4 bytes of each input) for its fast form: windows
+// wholly inside the sequence skip the per-step bounds checks, and the gates computed by the first pass
+// over a window serve the second (the backward's second pass also takes exp(g[s]) from them).  With
+// 8-byte lanes it spilled 200-600 bytes under the register bound above and ran 1.3-1.4x slower.
+#ifndef HC_BLOCK_FAST
+#define HC_BLOCK_FAST(TX, TG, VEC) (sizeof(TX) * VEC <= 4 && sizeof(TG) * VEC <= 4)
 #endif
 
 // Where a block walk's warps meet: every thread publishes its maps m (one per channel) of the window to
@@ -308,37 +315,41 @@ struct BlockPlace {
 template <typename TX, typename TG, int VEC>
 struct BlockWalkFwd {
     typedef typename AccOf<TX, TG>::type Acc;
-    static constexpr int W = HC_BLOCK_WARPS, S = HC_BLOCK_STEPS, C = 32 * VEC;
+    static constexpr int W = HC_BLOCK_WARPS, S = HC_BLOCK_STEPS, C = 32 * VEC, WIN = W * S;
+    static constexpr bool FAST = HC_BLOCK_FAST(TX, TG, VEC);
     Pack<TX, VEC> x[S];
     Pack<TG, VEC> g[S];
 
-    // Loads this thread's steps u0 .. u0 + S - 1 of a window (those inside the sequence) and moves the
-    // pointers to the same steps of the next window (skip: the other warps' steps).
-    __device__ __forceinline__ void load(const TX*& xp, const TG*& gp, i64 sxt, i64 sgt, i64 skip_x, i64 skip_g,
-                                         i64 u0, i64 len, bool live) {
+    // Loads this thread's steps u0 .. u0 + S - 1 of a window (those inside the sequence; all of them when
+    // FULL: the caller knows the window lies inside it) and moves the pointers to the same steps of the
+    // next window.
+    template <bool FULL>
+    __device__ __forceinline__ void load(const TX*& xp, const TG*& gp, i64 sxt, i64 sgt, i64 u0, i64 len, bool live) {
 #pragma unroll
         for (int j = 0; j < S; ++j) {
-            if (live && u0 + j < len) { x[j].load(xp); g[j].load(gp); }
+            if (live && (FULL || u0 + j < len)) { x[j].load(xp); g[j].load(gp); }
             xp += sxt; gp += sgt;
         }
-        xp += skip_x; gp += skip_g;
+        xp += (WIN - S) * sxt; gp += (WIN - S) * sgt;
     }
 
-    // Scans the window whose first step is u0 - w * S; hin: the state before it, on return the state
-    // after it (the same in every warp).
-    __device__ __forceinline__ void scan(Affine<Acc> (*part)[C], Acc* hin, TX*& op, i64 sot, i64 skip_o,
-                                         i64 u0, i64 len, bool live) const {
+    // Scans the window whose first step is u0 - w * S (FULL as in load); hin: the state before it, on
+    // return the state after it (the same in every warp).
+    template <bool FULL>
+    __device__ __forceinline__ void scan(Affine<Acc> (*part)[C], Acc* hin, TX*& op, i64 sot, i64 u0, i64 len,
+                                         bool live) const {
         Affine<Acc> m[VEC];
+        Acc a[S][VEC];  // the gates, kept for the second pass where FAST
 #pragma unroll
         for (int k = 0; k < VEC; ++k) { m[k].a = Acc(1); m[k].b = Acc(0); }
 #pragma unroll
         for (int j = 0; j < S; ++j) {
-            if (u0 + j < len) {
+            if (FULL || u0 + j < len) {
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {
-                    const Acc a = gate_exp(g[j].template get<Acc>(k));
-                    m[k].b = a * m[k].b + x[j].template get<Acc>(k);
-                    m[k].a = a * m[k].a;
+                    a[j][k] = gate_exp(g[j].template get<Acc>(k));
+                    m[k].b = a[j][k] * m[k].b + x[j].template get<Acc>(k);
+                    m[k].a = a[j][k] * m[k].a;
                 }
             }
         }
@@ -346,12 +357,19 @@ struct BlockWalkFwd {
         block_carry<Acc, W, VEC, false>(part, m, hin, h);
 #pragma unroll
         for (int j = 0; j < S; ++j) {
-            if (live && u0 + j < len) {
-                forward_step(h, x[j], g[j], op);
+            if (live && (FULL || u0 + j < len)) {
+                Pack<TX, VEC> out;
+                out.clear();
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    h[k] = (FAST ? a[j][k] : gate_exp(g[j].template get<Acc>(k))) * h[k] + x[j].template get<Acc>(k);
+                    out.template set<Acc>(k, h[k]);
+                }
+                out.store(op);
             }
             op += sot;
         }
-        op += skip_o;
+        op += (WIN - S) * sot;
     }
 };
 
@@ -374,19 +392,50 @@ __global__ void __launch_bounds__(32 * HC_BLOCK_WARPS, HC_BLOCK_MIN_BLOCKS) fuse
     TX* op = o + b0 * sob + t0 * sot + d;
     sxt *= at.dir; sgt *= at.dir; sot *= at.dir;
     xp += first * sxt; gp += first * sgt; op += first * sot;
-    const i64 skx = (WIN - S) * sxt, skg = (WIN - S) * sgt, sko = (WIN - S) * sot;
 
     Acc hin[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) hin[k] = h0 && live ? h0[n * D + d + k] : Acc(0);
     Walk a, b;
-    a.load(xp, gp, sxt, sgt, skx, skg, first, len, live);
-    for (i64 u = first; u - first < len; u += 2 * WIN) {
-        b.load(xp, gp, sxt, sgt, skx, skg, u + WIN, len, live);
-        a.scan(part[0], hin, op, sot, sko, u, len, live);
-        if (u - first + WIN >= len) break;
-        a.load(xp, gp, sxt, sgt, skx, skg, u + 2 * WIN, len, live);
-        b.scan(part[1], hin, op, sot, sko, u + WIN, len, live);
+    // Windows wholly inside the sequence (the test is the same for the whole block) skip the per-step
+    // bounds checks in the fast form.  Two equivalent loop shapes: the fast form runs the windows in two
+    // loops (while the next three windows are whole, then the rest), the other form tests each window
+    // (always false without FAST, and folded away).  Each shape is the one that scheduled better on an
+    // H100 for its lanes (benchmarks/NOTES.md, 2026-11-26 day).
+    if constexpr (Walk::FAST) {
+        a.template load<false>(xp, gp, sxt, sgt, first, len, live);
+        i64 u = first;  // this thread's first step of the window in a
+        for (; u - first + 3 * WIN <= len; u += 2 * WIN) {
+            b.template load<true>(xp, gp, sxt, sgt, u + WIN, len, live);
+            a.template scan<true>(part[0], hin, op, sot, u, len, live);
+            a.template load<true>(xp, gp, sxt, sgt, u + 2 * WIN, len, live);
+            b.template scan<true>(part[1], hin, op, sot, u + WIN, len, live);
+        }
+        for (; u - first < len; u += 2 * WIN) {
+            b.template load<false>(xp, gp, sxt, sgt, u + WIN, len, live);
+            a.template scan<false>(part[0], hin, op, sot, u, len, live);
+            if (u - first + WIN >= len) break;
+            a.template load<false>(xp, gp, sxt, sgt, u + 2 * WIN, len, live);
+            b.template scan<false>(part[1], hin, op, sot, u + WIN, len, live);
+        }
+    } else {
+        const auto full = [&](i64 u) { return Walk::FAST && u - first + WIN <= len; };
+        const auto load = [&](Walk& w, i64 u) {
+            if (full(u)) w.template load<true>(xp, gp, sxt, sgt, u, len, live);
+            else w.template load<false>(xp, gp, sxt, sgt, u, len, live);
+        };
+        const auto scan = [&](const Walk& w, Affine<Acc> (*p)[C], i64 u) {
+            if (full(u)) w.template scan<true>(p, hin, op, sot, u, len, live);
+            else w.template scan<false>(p, hin, op, sot, u, len, live);
+        };
+        load(a, first);
+        for (i64 u = first; u - first < len; u += 2 * WIN) {
+            load(b, u + WIN);
+            scan(a, part[0], u);
+            if (u - first + WIN >= len) break;
+            load(a, u + 2 * WIN);
+            scan(b, part[1], u + WIN);
+        }
     }
     if (ht && live && threadIdx.y == 0) {
 #pragma unroll
@@ -405,24 +454,27 @@ template <typename TX, typename TG, int VEC>
 struct BlockWalkBwd {
     typedef typename AccOf<TX, TG>::type Acc;
     static constexpr int W = HC_BLOCK_WARPS, S = HC_BLOCK_STEPS, C = 32 * VEC, WIN = W * S;
+    static constexpr bool FAST = HC_BLOCK_FAST(TX, TG, VEC);
     Pack<TG, VEC> g[S + 1];
     Pack<TX, VEC> dout[S];
     Pack<TX, VEC> hprev[S];
 
     // Loads logical steps u0 .. u0 + S - 1 of a window (and gate row u0 + S), then moves the pointers
-    // to the same steps of the window before (op stays one step behind).
+    // to the same steps of the window before (op stays one step behind).  FULL: the caller knows that
+    // the window is neither the first nor the last of the sequence, so every row exists.
+    template <bool FULL>
     __device__ __forceinline__ void load(const TG*& gp, const TX*& op, const TX*& dop, i64 sgt, i64 sot, i64 sdot,
                                          i64 u0, i64 len, bool live) {
 #pragma unroll
         for (int j = 0; j <= S; ++j) {
-            if (live && u0 + j < len) g[j].load(gp);
+            if (live && (FULL || u0 + j < len)) g[j].load(gp);
             gp += sgt;
         }
 #pragma unroll
         for (int j = 0; j < S; ++j) {
-            if (live && u0 + j < len) {
+            if (live && (FULL || u0 + j < len)) {
                 dout[j].load(dop);
-                if (u0 + j >= 1) hprev[j].load(op);
+                if (FULL || u0 + j >= 1) hprev[j].load(op);
             }
             dop += sdot; op += sot;
         }
@@ -430,26 +482,29 @@ struct BlockWalkBwd {
     }
 
     // A[s] for step u0 + j: exp(g[s+1]), or 1 at the last step of the sequence.
+    template <bool FULL>
     __device__ __forceinline__ Acc shifted_gate(int j, int k, i64 u0, i64 len) const {
-        return u0 + j + 1 < len ? gate_exp(g[j + 1].template get<Acc>(k)) : Acc(1);
+        return FULL || u0 + j + 1 < len ? gate_exp(g[j + 1].template get<Acc>(k)) : Acc(1);
     }
 
-    // Scans the window whose steps this thread holds from u0 on; dhc: dh at the first step of the next
-    // window on entry (dht after the last), dh at this window's first step on return.  dxp, dgp address
-    // step u0 + S - 1 on entry and the same step of the window before on return.
+    // Scans the window whose steps this thread holds from u0 on (FULL as in load); dhc: dh at the first
+    // step of the next window on entry (dht after the last), dh at this window's first step on return.
+    // dxp, dgp address step u0 + S - 1 on entry and the same step of the window before on return.
+    template <bool FULL>
     __device__ __forceinline__ void scan(Affine<Acc> (*part)[C], Acc* dhc, const Acc* h_init, TX*& dxp, TG*& dgp,
                                          i64 sdxt, i64 sdgt, i64 u0, i64 len, bool live) const {
         Affine<Acc> m[VEC];
+        Acc A[S][VEC];  // A[j]: shifted_gate of step u0 + j, kept for the second pass where FAST
 #pragma unroll
         for (int k = 0; k < VEC; ++k) { m[k].a = Acc(1); m[k].b = Acc(0); }
 #pragma unroll
         for (int j = S - 1; j >= 0; --j) {
-            if (u0 + j < len) {
+            if (FULL || u0 + j < len) {
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {
-                    const Acc A = shifted_gate(j, k, u0, len);
-                    m[k].b = A * m[k].b + dout[j].template get<Acc>(k);
-                    m[k].a = A * m[k].a;
+                    A[j][k] = shifted_gate<FULL>(j, k, u0, len);
+                    m[k].b = A[j][k] * m[k].b + dout[j].template get<Acc>(k);
+                    m[k].a = A[j][k] * m[k].a;
                 }
             }
         }
@@ -457,15 +512,17 @@ struct BlockWalkBwd {
         block_carry<Acc, W, VEC, true>(part, m, dhc, dh);
 #pragma unroll
         for (int j = S - 1; j >= 0; --j) {
-            if (live && u0 + j < len) {
+            if (live && (FULL || u0 + j < len)) {
                 Pack<TX, VEC> dxo;
                 Pack<TG, VEC> dgo;
                 dxo.clear(); dgo.clear();
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {
-                    dh[k] = shifted_gate(j, k, u0, len) * dh[k] + dout[j].template get<Acc>(k);
-                    const Acc a = gate_exp(g[j].template get<Acc>(k));
-                    const Acc hp = u0 + j >= 1 ? hprev[j].template get<Acc>(k) : h_init[k];
+                    // exp(g[j]) is A[j - 1] when FAST (step u0 + j exists, so A[j - 1] is not the 1 of a
+                    // sequence's last step)
+                    dh[k] = (FAST ? A[j][k] : shifted_gate<FULL>(j, k, u0, len)) * dh[k] + dout[j].template get<Acc>(k);
+                    const Acc a = FAST && j >= 1 ? A[j - 1][k] : gate_exp(g[j].template get<Acc>(k));
+                    const Acc hp = FULL || u0 + j >= 1 ? hprev[j].template get<Acc>(k) : h_init[k];
                     dxo.template set<Acc>(k, dh[k]);
                     dgo.template set<Acc>(k, dh[k] * a * hp);
                 }
@@ -514,13 +571,25 @@ __global__ void __launch_bounds__(32 * HC_BLOCK_WARPS, HC_BLOCK_MIN_BLOCKS) fuse
         dhc[k] = dht && live ? dht[n * D + d + k] : Acc(0);
     }
     Walk a, b;
-    if (nwin > 0) a.load(gp, op, dop, sgt, sot, sdot, u0, len, live);
+    // In the fast form, window k skips the per-step bounds checks when every row it reads or writes
+    // exists: it is neither the last window (partial, and no gate row after it) nor the first (no step
+    // before it).  The test is the same for the whole block.
+    const auto full = [&](i64 k) { return Walk::FAST && k >= 1 && k <= nwin - 2; };
+    const auto load = [&](Walk& w, i64 k, i64 u) {
+        if (full(k)) w.template load<true>(gp, op, dop, sgt, sot, sdot, u, len, live);
+        else w.template load<false>(gp, op, dop, sgt, sot, sdot, u, len, live);
+    };
+    const auto scan = [&](const Walk& w, i64 k, i64 u) {
+        if (full(k)) w.template scan<true>(part[k & 1], dhc, h_init, dxp, dgp, sdxt, sdgt, u, len, live);
+        else w.template scan<false>(part[k & 1], dhc, h_init, dxp, dgp, sdxt, sdgt, u, len, live);
+    };
+    if (nwin > 0) load(a, nwin - 1, u0);
     for (i64 k = nwin - 1; k >= 0; k -= 2) {
-        if (k >= 1) b.load(gp, op, dop, sgt, sot, sdot, u0 - WIN, len, live);
-        a.scan(part[k & 1], dhc, h_init, dxp, dgp, sdxt, sdgt, u0, len, live);
+        if (k >= 1) load(b, k - 1, u0 - WIN);
+        scan(a, k, u0);
         if (k == 0) break;
-        if (k >= 2) a.load(gp, op, dop, sgt, sot, sdot, u0 - 2 * WIN, len, live);
-        b.scan(part[(k - 1) & 1], dhc, h_init, dxp, dgp, sdxt, sdgt, u0 - WIN, len, live);
+        if (k >= 2) load(a, k - 2, u0 - 2 * WIN);
+        scan(b, k - 1, u0 - WIN);
         u0 -= 2 * WIN;
     }
     if (dh0 && live && threadIdx.y == 0) {  // dh0 = exp(g[0]) dh[0]; dht itself for an empty sequence
