@@ -2,9 +2,9 @@
 
 A thread owns one or two channels of one sequence and walks time (two from 64K channels where the
 layout allows: see ``WALK_VEC``); best with many sequences times wide D, for decode (T = 1) and for
-varlen.  From 8K-16K channels on (the backward up to 64K) they run as block walks where the layout
-allows (see ``BLOCK_WALK_CHANNELS``): a block of warps shares a group of channels of one sequence and
-splits each window of time between its warps.  Launchers check nothing: the public functions in ``ops`` validate.
+varlen.  From 4K-8K channels on (the float32 backward up to 64K) they run as block walks where the
+layout allows (see ``BLOCK_WALK_CHANNELS``): a block of warps shares a group of channels of one sequence
+and splits each window of time between its warps.  Launchers check nothing: the public functions in ``ops`` validate.
 """
 from __future__ import annotations
 
@@ -25,22 +25,21 @@ WALK_VEC_MIN_CHANNELS = 1 << 16
 # forward, 4 backward) and split each window of BLOCK_WARPS * BLOCK_STEPS steps between them
 # (kernels_cu/fused_recurrent.cu).  One is taken where N * D lies in BLOCK_WALK_CHANNELS[storage size of
 # the wider input, direction], T exceeds BLOCK_WALK_MIN_T and the layout allows the lanes.  H100, do_bench,
-# x floor, thread walk / block walk (chunk engine), forward then backward:
-#   bf16    8K: 2.87 / 2.00 (1.50), 2.63 / 1.52 (1.61);  16K: 1.72 / 1.28 (1.36), 1.65 / 1.20 (1.52);
-#          32K: 1.37 / 1.15, 1.37 / 1.18;  64K: 1.15 / 1.12, 1.15 / 1.17;  128K: 1.11 / 1.08, 1.12 / 1.14.
-#   float32 8K: 1.65 / 1.16 (1.30), 1.59 / 1.18 (1.37);  16K: 1.28 / 1.09 (1.21), 1.19 / 1.14 (1.33);
-#          32K: 1.13 / 1.08, 1.15 / 1.13;  64K: 1.08 / 1.07, 1.08 / 1.15;  128K: 1.07 / 1.05, 1.07 / 1.12.
+# x floor, forward / backward, block walk (thread walk; chunk engine) with the kernels' fast form and L2
+# prefetch (2026-11-26 day):
+#   bf16     8K: 1.25 / 1.12 (2.84 fwd; 1.49 / 1.62);  16K: 1.06-1.08 / 1.13 (chunk 1.39 / 1.56);
+#           32K: 1.09 / 1.11;  64K: 1.06 / 1.10 (1.14 bwd);  128K: 1.04 / 1.09 (1.11 bwd).
+#   float32  4K: 1.32 / 1.10 (2.72 / 2.75; 1.42 / 1.45);  8K: 1.06 / 1.12 (chunk 1.29 / 1.41);
+#           16K: 1.06 / 1.08;  64K: 1.03 / 1.08 (1.07 bwd).
 # float64 was not timed: it keeps the thread walk.  16-bit forward below BLOCK_WALK_NARROW_BELOW channels
-# takes 4-byte lanes (twice the blocks): bf16 8K 2.02 -> 1.72, 16K 1.29 -> 1.21, while 32K lost (1.15 ->
-# 1.18) and float32 lost everywhere (16K 1.09 -> 1.15).  8 steps a warp: 16 spilled (1.2-2x slower).
-# The kernels' fast form for 4-byte lanes (no bounds checks inside the sequence, gates kept between the
-# two passes) then took bf16 8x4096x2048 from 1.21 to 1.16 forward and 1.20 to 1.18 backward, float32
-# 8K backward from 1.17 to 1.16.
+# takes 4-byte lanes (twice the blocks): at 8K 1.25 against 1.95 with 8-byte lanes, while from 16K on the
+# 8-byte lanes won (16K 1.06-1.08 against 1.11-1.13; 32K equal).  float32 lost with 4-byte lanes (16K 1.09
+# -> 1.15, before the fast form).  8 steps a warp: 16 spilled (1.2-2x slower).
 BLOCK_WARPS = 8
 BLOCK_STEPS = 8
-BLOCK_WALK_NARROW_BELOW = 1 << 15
-BLOCK_WALK_CHANNELS = {(2, 0): (1 << 14, 1 << 62), (4, 0): (1 << 13, 1 << 62), (8, 0): (1 << 62, 1 << 62),
-                       (2, 1): (1 << 13, 1 << 16), (4, 1): (1 << 13, 1 << 16), (8, 1): (1 << 62, 1 << 62)}
+BLOCK_WALK_NARROW_BELOW = 1 << 14
+BLOCK_WALK_CHANNELS = {(2, 0): (1 << 13, 1 << 62), (4, 0): (1 << 12, 1 << 62), (8, 0): (1 << 62, 1 << 62),
+                       (2, 1): (1 << 13, 1 << 62), (4, 1): (1 << 12, 1 << 16), (8, 1): (1 << 62, 1 << 62)}
 BLOCK_WALK_MIN_T = BLOCK_WARPS * BLOCK_STEPS
 
 

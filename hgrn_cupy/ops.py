@@ -157,8 +157,7 @@ def check_backward(g, o, do, dht, initial_state, cu_seqlens, reverse):
 # The chunk engine wins below this many channels (N * D), the fused walk from there on, per (bytes per
 # element of the wider input, direction); measured on an H100 (benchmarks/NOTES.md, engine crossover).
 # The fused engine's block walks (fused_recurrent.BLOCK_WALK_CHANNELS) beat the chunk engine wherever they
-# apply (forward from 16K channels for 16-bit types and 8K for float32, backward from 8K); these
-# thresholds are for the thread walk.
+# apply (from 8K channels for 16-bit types and 4K for float32); these thresholds are for the thread walk.
 CHUNK_BELOW = {(2, 0): 1 << 16, (2, 1): 1 << 15, (4, 0): 1 << 15, (4, 1): 1 << 14}
 FUSED_MAX_T = 32  # at most this many steps, the walk is shorter than the chunk engine's look-back
 

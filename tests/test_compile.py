@@ -87,11 +87,14 @@ def test_engine_choice():
     assert ops.pick_engine(64, 1, 4096, ("bfloat16",)) == "fused_recurrent"
     assert ops.pick_engine(1, 32768, 1024, ("bfloat16", "bfloat16"), 1) == "chunk"
     assert ops.pick_engine(8, 4096, 2048, ("bfloat16",), 0) == "fused_recurrent"  # 16K: the block walk
-    assert ops.pick_engine(8, 4096, 2050, ("bfloat16",), 0) == "fused_recurrent"  # 16K: 4-byte lanes, D even
-    assert ops.pick_engine(8, 4096, 2049, ("bfloat16",), 0) == "chunk"  # D odd: no block walk
-    assert ops.pick_engine(16, 4096, 2050, ("bfloat16",), 0) == "chunk"  # 32K: 8-byte lanes, D not a multiple of 4
+    assert ops.pick_engine(4, 4096, 2050, ("bfloat16",), 0) == "fused_recurrent"  # 8K: 4-byte lanes, D even
+    assert ops.pick_engine(4, 4096, 2049, ("bfloat16",), 0) == "chunk"  # D odd: no block walk
+    assert ops.pick_engine(8, 4096, 2050, ("bfloat16",), 0) == "chunk"  # 16K: 8-byte lanes, D not a multiple of 4
     assert ops.pick_engine(16, 4096, 2050, ("bfloat16",), 1) == "fused_recurrent"
-    assert ops.pick_engine(8, 4096, 1024, ("bfloat16",), 0) == "chunk"  # 8K
+    assert ops.pick_engine(8, 4096, 1024, ("bfloat16",), 0) == "fused_recurrent"  # 8K: 4-byte lanes
+    assert ops.pick_engine(4, 4096, 1024, ("bfloat16",), 0) == "chunk"  # 4K
+    assert ops.pick_engine(4, 4096, 1024, ("float32",), 0) == "fused_recurrent"  # 4K float32: the block walk
+    assert ops.pick_engine(2, 4096, 1024, ("float32",), 0) == "chunk"  # 2K
     assert ops.pick_engine(8, 4096, 1024, ("float32",), 0) == "fused_recurrent"  # 8K float32: the block walk
     assert ops.pick_engine(8, 64, 2048, ("bfloat16",), 0) == "chunk"  # T <= BLOCK_WALK_MIN_T
     assert ops.pick_engine(8, 4096, 2048, ("float64",), 0) == "chunk"
@@ -101,7 +104,9 @@ def test_engine_choice():
     assert ops.pick_engine(16, 2048, 2048, ("bfloat16",), 1) == "fused_recurrent"
     assert ops.pick_engine(8, 4096, 1024, ("bfloat16",), 1) == "fused_recurrent"  # 8K backward: the block walk
     assert ops.pick_engine(8, 4096, 1023, ("bfloat16",), 1) == "chunk"  # D odd: no block walk
-    assert ops.pick_engine(4, 4096, 1024, ("float32",), 1) == "chunk"  # 4K
+    assert ops.pick_engine(4, 4096, 1024, ("float32",), 1) == "fused_recurrent"  # 4K: the block walk
+    assert ops.pick_engine(2, 4096, 1024, ("float32",), 1) == "chunk"  # 2K
+    assert ops.pick_engine(64, 4096, 1024, ("bfloat16",), 1) == "fused_recurrent"  # 64K: the block walk
     assert ops.pick_engine(8, 4096, 2048, ("float32",), 1) == "fused_recurrent"
     assert ops.pick_engine(8, 4096, 2048, ("bfloat16", "float32"), 1) == "fused_recurrent"
     assert ops.pick_engine(2, 8192, 512, ("float64",), 1) == "chunk"

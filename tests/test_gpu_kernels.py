@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison")]
 # (the library does so from 64K channels; the fixture below lowers that threshold to 0);
 # "fused_recurrent_block": the fused engine's block walks wherever the layout allows them (the library
 # takes them for T > 64 in bands of channel counts; the fixture opens both to everything), with 8-byte
-# lanes forward; "fused_recurrent_block4": the same with 4-byte lanes forward (16-bit types below 32K
+# lanes forward; "fused_recurrent_block4": the same with 4-byte lanes forward (16-bit types below 16K
 # channels).
 ENGINES = ["chunk", "fused_recurrent", "fused_recurrent_2ch", "fused_recurrent_block", "fused_recurrent_block4"]
 DTYPES = ["float32", "float16", "bfloat16", "float64"]
