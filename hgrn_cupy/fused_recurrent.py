@@ -101,6 +101,11 @@ def _grid(N, D, vec=1):
     return ((D // vec + BLOCK - 1) // BLOCK, N), (BLOCK,)
 
 
+def _block_grid(N, D, vec):
+    """Grid and block of a block walk: a block of BLOCK_WARPS warps per 32 * vec channels of a sequence."""
+    return ((D + 32 * vec - 1) // (32 * vec), N), (32, BLOCK_WARPS)
+
+
 def prepare_fwd(x, g, o, cu, N, reverse, device):
     """The forward launch for one layout, as a function ``launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr,
     ht_ptr)`` (pointer 0: state absent), or None when there is nothing to compute.  x, g, o: ``Arr``
@@ -133,7 +138,7 @@ def prepare_fwd(x, g, o, cu, N, reverse, device):
     bvec = block_walk_vec(N, T, D, (x, g, o))
     if bvec:  # the block walk where this call's pointers allow its lanes
         fn_b = get_function("fused_recurrent", BLOCK_FWD, x.dtype, g.dtype, device, opts, vec=bvec)
-        kernel_b = bind(fn_b, ((D + 32 * bvec - 1) // (32 * bvec), N), (32, BLOCK_WARPS), device)
+        kernel_b = bind(fn_b, *_block_grid(N, D, bvec), device)
         walk = _by_alignment(masks(bvec), walk_with(kernel_b), walk)
 
     vec = layout_vector_width(D, (x, g, o))
@@ -173,10 +178,10 @@ def fused_recurrent_bwd(g, o, do, dx, dg, h0, dht, dh0, cu, N, reverse, device, 
     bvec = block_walk_vec(N, T, D, arrs, 1)
     if bvec and pointers_aligned(bvec, arrs):
         fn = get_function("fused_recurrent", BLOCK_BWD, o.dtype, g.dtype, device, opts, vec=bvec)
-        launch(fn, ((D + 32 * bvec - 1) // (32 * bvec), N), (32, BLOCK_WARPS), stream.ptr, args, device)
+        launch(fn, *_block_grid(N, D, bvec), stream.ptr, args, device)
         return
     vec = walk_vec(N, D, arrs)
-    if vec > 1 and not pointers_aligned(vec, (o, g, do, dx, dg)):
+    if vec > 1 and not pointers_aligned(vec, arrs):
         vec = 1
     fn = get_function("fused_recurrent", 1, o.dtype, g.dtype, device, opts, vec=vec)
     launch(fn, *_grid(N, D, vec), stream.ptr, args, device)
