@@ -256,7 +256,8 @@ __global__ void __launch_bounds__(256) fused_recurrent_bwd(
 #define HC_BLOCK_STEPS 8
 #endif
 // Resident blocks per SM the register allocation must allow: two gives 128 registers, within which only
-// the 16-bit backward's fast form spills (8 bytes, ptxas -v); three spilled 80-340 bytes.
+// the float64 walks spill (36 and 72 bytes, ptxas -v; the library takes none of them); three spilled
+// 80-340 bytes.
 #ifndef HC_BLOCK_MIN_BLOCKS
 #define HC_BLOCK_MIN_BLOCKS 2
 #endif
