@@ -509,7 +509,7 @@ def chunk_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=No
 
 def fused_recurrent_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False):
     """:func:`hgrn` on the fused recurrent engine (each thread walks time for one or two channels, or,
-    from 8K-16K channels with T > 64, a block of warps shares a group of channels and splits each window
+    from 4K-8K channels with T > 64, a block of warps shares a group of channels and splits each window
     of time between them; for many channels, decoding and varlen)."""
     return _forward("fused_recurrent", x, g, initial_state, output_final_state, cu_seqlens, reverse)
 
