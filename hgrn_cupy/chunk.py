@@ -1,23 +1,51 @@
 """Chunk engine launchers (kernels in ``kernels_cu/chunk.cu``).
 
-Time is split into chunks (warps x steps per thread, see ``SHAPES``) scanned in parallel; a block covers
-32 x VEC channels of one chunk, and the chunks of a tile are joined by single-pass decoupled look-back
-through a small workspace (one flag, 32 x VEC affine pairs and 32 x VEC states per tile and chunk, plus a
-ticket counter).  VEC is the number of channels one thread moves per access: 16 bytes' worth where
-every tensor's pointer, channel count and strides allow it, 1 otherwise.  Best for long T with few
-channels.  Launchers check nothing: the public functions validate.
+Time is split into chunks (warps x rows x steps per thread, see ``SHAPES``) scanned in parallel; a block
+covers 32 / rows x VEC channels of one chunk, and the chunks of a tile are joined by single-pass decoupled
+look-back through a workspace: a 16-byte header (ticket counter, epoch) zeroed before each launch, then
+one tagged slot per (tile, chunk, channel) that holds the chunk's aggregate map, then its inclusive prefix.
+VEC is the number of channels one thread moves per access: 16 bytes' worth where every tensor's pointer,
+channel count and strides allow it, 1 otherwise.  Best for long T with few channels.  Launchers check
+nothing: the public functions validate.
 """
 from __future__ import annotations
+
+import secrets
 
 from ._compile import get_function, launch, layout_vector_width, pointers_aligned, vector_width
 
 LANES = 32
-# (warps per block, steps per thread) per (direction, vector kernel?).  The scalar kernels keep the
-# shapes tuned before vectorisation; the vector kernels hold 16 bytes per tensor and step in registers.
-SHAPES = {(0, False): (4, 16), (1, False): (16, 8), (0, True): (8, 8), (1, True): (8, 4)}
+# (warps per block, rows per warp, steps per thread) per (direction, vector kernel?).  A warp row is
+# 32 / rows lanes across channels; a chunk is warps * rows * steps steps of 32 / rows * VEC channels.  The
+# scalar kernels keep the shapes tuned before vectorisation; the vector kernels hold 16 bytes per tensor
+# and step in registers.
+SHAPES = {(0, False): (4, 1, 16), (1, False): (16, 1, 8), (0, True): (8, 2, 8), (1, True): (8, 2, 4)}
 # The kernels' shapes are fixed at compile time from these (see kernels_cu/chunk.cu).
 OPTIONS = tuple(f"-DHC_{'FWD' if d == 0 else 'BWD'}_{what}_{'V' if v else '1'}={SHAPES[d, v][i]}"
-                for (d, v) in SHAPES for i, what in enumerate(("WARPS", "STEPS")))
+                for (d, v) in SHAPES for i, what in enumerate(("WARPS", "ROWS", "STEPS"))
+                if what != "ROWS" or v)
+
+
+HEADER_BYTES = 16
+# Tags of published slots are XORed with this process's random salt, so that no leftover bits in reused
+# memory can pass for a slot of the running launch (see kernels_cu/chunk.cu).
+SALT = secrets.randbits(63)
+
+
+# L2 prefetch (dense only): each block asks L2 for the rows of the block L2_AHEAD tickets later, where
+# the grid has at least L2_MIN_TILES tiles and L2_MIN_BLOCKS blocks.  With fewer tiles the look-back
+# chain is the bound and the prefetch slowed it; in a grid of about one wave the later blocks are
+# already running (benchmarks/NOTES.md).
+L2_AHEAD = 96
+L2_MIN_TILES = 16
+L2_MIN_BLOCKS = 1024
+
+
+def l2_ahead(ntiles, nchunks, varlen):
+    """The prefetch distance in tickets the kernels take (0: none)."""
+    if varlen or ntiles < L2_MIN_TILES or ntiles * nchunks < L2_MIN_BLOCKS:
+        return 0
+    return L2_AHEAD
 
 
 def options(x_dtype, g_dtype):
@@ -30,16 +58,16 @@ def _align(n, a=256):
 
 
 def workspace_layout(N, T, D, varlen, acc_itemsize, direction=0, vec=1):
-    """(ntiles, nchunks, bytes to zero, total bytes, offset of pairs, offset of states)."""
-    warps, steps = SHAPES[direction, vec > 1]
-    tile = LANES * vec
+    """(ntiles, nchunks, bytes to zero, total bytes, offset of the slots): a 16-byte header (ticket counter,
+    epoch), zeroed before each launch, then one slot per (tile, chunk, channel): 16 bytes (float
+    accumulation) or 32 (float64), the published map and its tag."""
+    warps, rows, steps = SHAPES[direction, vec > 1]
+    tile = LANES // rows * vec
     ntiles = (1 if varlen else N) * ((D + tile - 1) // tile)
-    nchunks = (T + warps * steps - 1) // (warps * steps)
-    slots = ntiles * nchunks
-    zero = _align(4 * (1 + slots))
-    pairs = _align(slots * tile * 2 * acc_itemsize)
-    states = _align(slots * tile * acc_itemsize)
-    return ntiles, nchunks, zero, zero + pairs + states, zero, zero + pairs
+    nchunks = (T + warps * rows * steps - 1) // (warps * rows * steps)
+    zero = HEADER_BYTES
+    slots = ntiles * nchunks * tile * 4 * acc_itemsize
+    return ntiles, nchunks, zero, _align(zero) + _align(slots), _align(zero)
 
 
 def max_workspace_bytes(N, T, D, varlen, acc_itemsize, x_dtype, g_dtype):
@@ -59,8 +87,7 @@ def _launch(direction, tensors, states, dtypes, cu, N, T, D, reverse, device, st
     x_dtype, g_dtype = dtypes
     acc_itemsize = 8 if "float64" in dtypes else 4
     vec = pick_vec(D, tensors)
-    ntiles, nchunks, zero, total, off_pairs, off_states = workspace_layout(N, T, D, cu is not None, acc_itemsize,
-                                                                           direction, vec)
+    ntiles, nchunks, zero, total, off_slots = workspace_layout(N, T, D, cu is not None, acc_itemsize, direction, vec)
     if ntiles * nchunks == 0:
         return
     ws = workspace(total)  # (pointer, owner): the owner keeps the memory alive until we return
@@ -74,7 +101,8 @@ def _launch(direction, tensors, states, dtypes, cu, N, T, D, reverse, device, st
     for a in tensors:
         args += [a.strides[0], a.strides[1]]
     args += [p or 0 for p in states]
-    args += [cu_ptr, cu64, N, T, D, int(bool(reverse)), base, base + off_pairs, base + off_states, ntiles, nchunks]
+    args += [cu_ptr, cu64, N, T, D, int(bool(reverse)), base, base + off_slots, SALT, ntiles, nchunks,
+             l2_ahead(ntiles, nchunks, cu is not None)]
     launch(fn, (ntiles * nchunks,), (LANES, SHAPES[direction, vec > 1][0]), stream.ptr, args, device)
     return ws
 

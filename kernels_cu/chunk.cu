@@ -1,26 +1,33 @@
 // Chunk engine: time split into chunks that are scanned in parallel, in one pass over memory.
 //
-// grid  (ntiles * nchunks,)   a tile is 32 * VEC channels of one batch row (of the packed row with varlen)
-// block (32, WARPS)           lane = VEC consecutive channels; warp w owns STEPS consecutive steps of the chunk
+// grid  (ntiles * nchunks,)   a tile is LC * VEC channels of one batch row (of the packed row with varlen)
+// block (32, WARPS)           a warp is ROWS rows of LC = 32 / ROWS lanes; lane = VEC consecutive channels.
+//                             Row r of warp w is step group q = w * ROWS + r, which owns STEPS consecutive
+//                             steps of the chunk: a chunk is G = WARPS * ROWS groups, G * STEPS steps.
 // traffic per element: forward reads x, g and writes o; backward reads g, o, do and writes dx, dg
-//   (plus one extra row per thread for the shifted gate).  Workspace: per (tile, chunk) a flag,
-//   32 * VEC affine pairs and 32 * VEC states, O(N * D * chunks).
+//   (plus one extra row per thread for the shifted gate).  Workspace: a header, then per (tile, chunk,
+//   channel) one tagged slot of 16 bytes (32 for float64), O(N * D * chunks).
 //
 // Every access of a thread is one VEC-channel word (16 bytes where the host found the tensors aligned,
 // VEC = 1 otherwise), so the per-step work -- addresses, bounds, segment bookkeeping -- is paid once
 // per VEC elements.  Each thread keeps its steps' raw words in registers: a first pass folds them into
-// one affine map per channel, the warps' maps are combined in shared memory, the chunk's carry-in comes
+// one affine map per channel, the groups' maps are combined in shared memory, the chunk's carry-in comes
 // from a single-pass decoupled look-back, and a second pass recomputes each step from the raw words and
-// writes the outputs.  The look-back is block-wide: one warp reads the predecessors' flags, every thread
-// folds the aggregates of its channels.  Blocks take chunk numbers from an atomic ticket in launch
-// order, so a block only ever waits on blocks that are already running.  Segment starts (sequence
-// starts, or t = 0) are steps with a = 0, which makes varlen and the initial state part of one scan.
+// writes the outputs.  Chunks strictly inside a dense row take a form without segment bookkeeping.
+// The look-back reads tagged slots (no flags, no fences): SPLIT threads share a channel where the block
+// has more threads than the tile has channels, each reading R predecessors per round, all in flight.
+// Narrow tiles (ROWS > 1) make chunks longer in time for the same bytes: fewer chunks for the look-back
+// to cross.  Blocks take chunk numbers from an atomic ticket in launch order, so a block only ever waits
+// on blocks that are already running; where the host asks, each block also asks L2 for the rows of the
+// block l2_ahead tickets later.  Segment starts (sequence starts, or t = 0) are steps with a = 0, which
+// makes varlen and the initial state part of one scan.
 #include "common.cuh"
 
 namespace hc {
 
-// Block shapes (warps per block, steps per thread) for each direction, scalar (VEC = 1) and vector
-// kernels; hgrn_cupy/chunk.py passes the values it launches with, so the two sides cannot disagree.
+// Block shapes (warps per block, rows per warp, steps per thread) for each direction, scalar (VEC = 1,
+// one row) and vector kernels; hgrn_cupy/chunk.py passes the values it launches with, so the two sides
+// cannot disagree.
 #ifndef HC_FWD_WARPS_1
 #define HC_FWD_WARPS_1 4
 #endif
@@ -46,13 +53,23 @@ namespace hc {
 #define HC_BWD_STEPS_V 4
 #endif
 
+#ifndef HC_FWD_ROWS_V
+#define HC_FWD_ROWS_V 2
+#endif
+#ifndef HC_BWD_ROWS_V
+#define HC_BWD_ROWS_V 2
+#endif
+
 #ifndef HC_FWD_MIN_BLOCKS_V
-#define HC_FWD_MIN_BLOCKS_V 1
+#define HC_FWD_MIN_BLOCKS_V 2
 #endif
 #ifndef HC_BWD_MIN_BLOCKS_V
-#define HC_BWD_MIN_BLOCKS_V 1
+#define HC_BWD_MIN_BLOCKS_V 2
 #endif
-#ifndef HC_LOOKBACK_BATCH
+#ifndef HC_CHUNK_INTERIOR  // 0: every chunk takes the checked form (for comparisons)
+#define HC_CHUNK_INTERIOR 1
+#endif
+#ifndef HC_LOOKBACK_BATCH  // predecessor slots a thread reads per round (halved for float64)
 #define HC_LOOKBACK_BATCH 4
 #endif
 
@@ -61,156 +78,287 @@ template <int DIRECTION, int VEC> struct Shape {
                                                 : (VEC == 1 ? HC_BWD_WARPS_1 : HC_BWD_WARPS_V);
     static constexpr int STEPS = DIRECTION == 0 ? (VEC == 1 ? HC_FWD_STEPS_1 : HC_FWD_STEPS_V)
                                                 : (VEC == 1 ? HC_BWD_STEPS_1 : HC_BWD_STEPS_V);
+    static constexpr int ROWS = VEC == 1 ? 1 : (DIRECTION == 0 ? HC_FWD_ROWS_V : HC_BWD_ROWS_V);
     // Resident blocks per SM the register allocation must allow (1: no constraint).
     static constexpr int MIN_BLOCKS = VEC == 1 ? 1 : (DIRECTION == 0 ? HC_FWD_MIN_BLOCKS_V : HC_BWD_MIN_BLOCKS_V);
 };
 
 // ---- workspace and look-back --------------------------------------------------------------------
-enum { FLAG_NONE = 0, FLAG_AGGREGATE = 1, FLAG_INCLUSIVE = 2 };
+// The workspace is a header (ticket counter, this launch's epoch; zeroed before the launch) and one slot
+// per (tile, chunk, channel).  A slot holds the chunk's aggregate map, then its inclusive prefix as the map
+// (0, h), each stored with a tag that names the launch and the kind.  Tag and map travel in 16-byte
+// accesses (float: one; double: two, each with the tag), so a reader sees a whole store or none of it and
+// needs no flag and no fence: a slot is published when its tag says so.  The epoch is %globaltimer as read
+// by the launch's first block, so slots left by an earlier launch in the same memory never match; the
+// host's random salt keeps any other leftover bits from matching by accident.
+enum { KIND_AGGREGATE = 0, KIND_INCLUSIVE = 1 };
 
-// Affine pairs move through L2 as one 8-byte (float) or 16-byte (double) access.
-__device__ __forceinline__ Affine<float> load_pair(const Affine<float>* p) {
-    const float2 v = __ldcg(reinterpret_cast<const float2*>(p));
-    Affine<float> r; r.a = v.x; r.b = v.y; return r;
-}
-__device__ __forceinline__ Affine<double> load_pair(const Affine<double>* p) {
-    const double2 v = __ldcg(reinterpret_cast<const double2*>(p));
-    Affine<double> r; r.a = v.x; r.b = v.y; return r;
-}
-__device__ __forceinline__ void store_pair(Affine<float>* p, Affine<float> v) {
-    __stcg(reinterpret_cast<float2*>(p), make_float2(v.a, v.b));
-}
-__device__ __forceinline__ void store_pair(Affine<double>* p, Affine<double> v) {
-    __stcg(reinterpret_cast<double2*>(p), make_double2(v.a, v.b));
-}
+struct Header { unsigned ticket, pad; unsigned long long epoch; };
 
-// The block-level machinery shared by both directions.  Channel c of the tile (c = lane * VEC + k) is
-// item i = k * 32 + lane of the workspace and of shared memory, so that every access is coalesced.
-template <typename Acc, int WARPS, int VEC>
+__device__ __forceinline__ void store16(void* p, unsigned x, unsigned y, unsigned z, unsigned w) {
+    asm volatile("st.global.cg.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(x), "r"(y), "r"(z), "r"(w) : "memory");
+}
+__device__ __forceinline__ uint4 load16(const void* p) {
+    uint4 v;
+    asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ unsigned long long tag_of(uint4 v) { return ((unsigned long long)v.w << 32) | v.z; }
+
+template <typename Acc> struct Slot;
+template <> struct Slot<float> {
+    static constexpr int BYTES = 16;
+    uint4 w;
+    __device__ __forceinline__ static void store(void* p, Affine<float> m, unsigned long long tag) {
+        store16(p, __float_as_uint(m.a), __float_as_uint(m.b), (unsigned)tag, (unsigned)(tag >> 32));
+    }
+    __device__ __forceinline__ void load(const void* p) { w = load16(p); }
+    __device__ __forceinline__ unsigned long long tag() const { return tag_of(w); }
+    __device__ __forceinline__ Affine<float> map() const {
+        Affine<float> m; m.a = __uint_as_float(w.x); m.b = __uint_as_float(w.y); return m;
+    }
+};
+template <> struct Slot<double> {
+    static constexpr int BYTES = 32;
+    uint4 w[2];  // (a, tag), (b, tag)
+    __device__ __forceinline__ static void store(void* p, Affine<double> m, unsigned long long tag) {
+        const unsigned long long a = (unsigned long long)__double_as_longlong(m.a), b = (unsigned long long)__double_as_longlong(m.b);
+        store16(p, (unsigned)a, (unsigned)(a >> 32), (unsigned)tag, (unsigned)(tag >> 32));
+        store16(static_cast<char*>(p) + 16, (unsigned)b, (unsigned)(b >> 32), (unsigned)tag, (unsigned)(tag >> 32));
+    }
+    __device__ __forceinline__ void load(const void* p) { w[0] = load16(p); w[1] = load16(static_cast<const char*>(p) + 16); }
+    // A slot caught between its aggregate and its inclusive store has two tags: it reads as unpublished.
+    __device__ __forceinline__ unsigned long long tag() const { return tag_of(w[0]) == tag_of(w[1]) ? tag_of(w[0]) : 0ull; }
+    __device__ __forceinline__ Affine<double> map() const {
+        Affine<double> m;
+        m.a = __longlong_as_double((long long)(((unsigned long long)w[0].y << 32) | w[0].x));
+        m.b = __longlong_as_double((long long)(((unsigned long long)w[1].y << 32) | w[1].x));
+        return m;
+    }
+};
+
+// The block-level machinery shared by both directions.  Channel c of the tile (c = cl * VEC + k, cl the
+// channel lane) is item i = k * LC + cl of the workspace and of shared memory, so that every access is
+// coalesced.  In the block-wide phases SPLIT adjacent threads share an item: each takes its share of the
+// groups, and of the predecessors in each round of the look-back, and the partial maps meet through
+// shuffles.  Where the tile has more channels than the block has threads, a thread takes PER items.
+template <typename Acc, int WARPS, int ROWS, int VEC>
 struct ChunkBlock {
-    static constexpr int C = 32 * VEC;                   // channels per tile
+    static constexpr int LC = 32 / ROWS;                 // channel lanes of a warp row
+    static constexpr int G = WARPS * ROWS;               // step groups of a chunk
+    static constexpr int C = LC * VEC;                   // channels per tile
     static constexpr int NT = 32 * WARPS;                // threads per block
-    static constexpr int PER = (C + NT - 1) / NT;        // items per thread in the block-wide phases
-    static constexpr int BATCH = HC_LOOKBACK_BATCH;      // predecessor aggregates in flight per item
-    Affine<Acc> part[WARPS][C];                          // each warp's map of each channel; then its carry-in
+    static constexpr int SPLIT = NT > C ? NT / C : 1;    // threads per item (= G / VEC where > 1)
+    static constexpr int PER = NT > C ? 1 : C / NT;      // items per thread
+    static constexpr int GSHARE = G / SPLIT;             // groups one thread combines
+    // Predecessor slots one thread reads per round of the look-back (all in flight at once), and the
+    // window the SPLIT threads of an item read together.
+    static constexpr int R0 = (sizeof(Acc) == 8 ? HC_LOOKBACK_BATCH / 2 : HC_LOOKBACK_BATCH);
+    static constexpr int R = R0 < 1 ? 1 : (R0 * SPLIT > 32 ? 32 / SPLIT : R0);
+    static constexpr int WINDOW = R * SPLIT;
+    static_assert(ROWS == 1 || ROWS == 2 || ROWS == 4, "a warp row is 32, 16 or 8 lanes");
+    static_assert(WARPS > 0 && (WARPS & (WARPS - 1)) == 0, "WARPS: a power of two");
+    static_assert(SPLIT <= 32 && GSHARE * SPLIT == G && WINDOW <= 32, "SPLIT divides the groups; a window fits a mask");
+    Affine<Acc> part[G][C];                              // each group's map of each channel; then its carry-in
     unsigned ticket;
-    int nfold, found;
+    unsigned long long epoch;
 
-    __device__ __forceinline__ static unsigned take_ticket(int* flags, ChunkBlock* sm) {
-        if (threadIdx.x == 0 && threadIdx.y == 0) sm->ticket = atomicAdd(reinterpret_cast<unsigned int*>(flags), 1u);
+    // The block's chunk number, in launch order.  The first block names the launch's epoch, which
+    // thread 0 of that block keeps in `epoch_seen` (0 elsewhere).
+    __device__ __forceinline__ static unsigned take_ticket(Header* hdr, ChunkBlock* sm, unsigned long long& epoch_seen) {
+        epoch_seen = 0;
+        if (threadIdx.x == 0 && threadIdx.y == 0) {
+            const unsigned t = atomicAdd(&hdr->ticket, 1u);
+            if (t == 0) {
+                unsigned long long e;
+                asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(e));
+                epoch_seen = e | 1ull;  // never 0, the header's "not yet"
+                *reinterpret_cast<volatile unsigned long long*>(&hdr->epoch) = epoch_seen;
+            }
+            sm->ticket = t;
+        }
         __syncthreads();
         return sm->ticket;
     }
-    __device__ __forceinline__ static void publish(int* flags, i64 slot, int flag) {
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0 && threadIdx.y == 0) *reinterpret_cast<volatile int*>(flags + 1 + slot) = flag;
+
+    // The composition of the partial maps of the SPLIT adjacent lanes that share an item, every lane
+    // getting it; the lane with the lower s holds the earlier stretch of time if LOW_EARLIER.
+    template <bool LOW_EARLIER>
+    __device__ __forceinline__ static Affine<Acc> join(Affine<Acc> m) {
+#pragma unroll
+        for (int off = 1; off < SPLIT; off <<= 1) {
+            Affine<Acc> o;
+            o.a = __shfl_xor_sync(0xffffffffu, m.a, off);
+            o.b = __shfl_xor_sync(0xffffffffu, m.b, off);
+            m = ((threadIdx.x & off) == 0) == LOW_EARLIER ? compose(o, m) : compose(m, o);
+        }
+        return m;
+    }
+    // The OR of a bit mask over the SPLIT lanes that share an item.
+    __device__ __forceinline__ static unsigned join_bits(unsigned m) {
+#pragma unroll
+        for (int off = 1; off < SPLIT; off <<= 1) m |= __shfl_xor_sync(0xffffffffu, m, off);
+        return m;
     }
 
-    // Given every thread's maps `mine` (one per channel it owns) for chunk c of the tile whose chunk 0 is
-    // workspace slot slot0, set each mine[k].a to the state before the thread's first step in channel k.
-    __device__ void carry_in(int* flags, Affine<Acc>* agg, Acc* inc, i64 slot0, i64 c, Affine<Acc>* mine) {
-        const int lane = threadIdx.x, w = threadIdx.y, tid = w * 32 + lane;
+    // Given every thread's maps `mine` (one per channel it owns, group q, channel lane cl) for chunk c of
+    // the tile whose chunk 0 is workspace slot slot0, set each mine[k].a to the state before the
+    // thread's first step in channel k.
+    __device__ void carry_in(Header* hdr, unsigned long long epoch_seen, char* slots, unsigned long long salt, i64 slot0,
+                             i64 c, int q, int cl, Affine<Acc>* mine) {
+        const int tid = threadIdx.y * 32 + threadIdx.x, s = tid % SPLIT, i0 = tid / SPLIT;
+        typedef Slot<Acc> S;
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) part[w][k * 32 + lane] = mine[k];
+        for (int k = 0; k < VEC; ++k) part[q][k * LC + cl] = mine[k];
+        if (tid == 0) {  // the first block wrote it when it took ticket 0
+            unsigned long long e = epoch_seen;
+            while (e == 0) {
+                e = *reinterpret_cast<volatile unsigned long long*>(&hdr->epoch);
+                if (e == 0) __nanosleep(32);
+            }
+            epoch = e;
+        }
         __syncthreads();
-        Affine<Acc> total[PER];
+        const unsigned long long tag_agg = ((epoch << 1) | KIND_AGGREGATE) ^ salt;
+        const unsigned long long tag_inc = ((epoch << 1) | KIND_INCLUSIVE) ^ salt;
+        Affine<Acc> share[PER], total[PER];  // the map of this thread's groups; of the whole chunk
 #pragma unroll
         for (int r = 0; r < PER; ++r) {
-            const int i = tid + r * NT;
-            total[r].a = Acc(1); total[r].b = Acc(0);
-            if (i < C) {
+            const int i = i0 + r * (NT / SPLIT);
+            share[r].a = Acc(1); share[r].b = Acc(0);
 #pragma unroll
-                for (int q = 0; q < WARPS; ++q) total[r] = compose(part[q][i], total[r]);
-            }
+            for (int k = 0; k < GSHARE; ++k) share[r] = compose(part[s * GSHARE + k][i], share[r]);
+            total[r] = join<true>(share[r]);
         }
-        const i64 slot = slot0 + c;
+        char* const mine_slot = slots + ((slot0 + c) * C + i0) * S::BYTES;
         Acc carry[PER];
-        if (c == 0) {
 #pragma unroll
-            for (int r = 0; r < PER; ++r) {
-                const int i = tid + r * NT;
-                carry[r] = Acc(0);
-                if (i < C) __stcg(inc + slot * C + i, total[r].b);
-            }
-            publish(flags, slot, FLAG_INCLUSIVE);
-        } else {
+        for (int r = 0; r < PER; ++r) carry[r] = Acc(0);
+        if (c > 0) {
 #pragma unroll
-            for (int r = 0; r < PER; ++r) {
-                const int i = tid + r * NT;
-                if (i < C) store_pair(agg + slot * C + i, total[r]);
-            }
-            publish(flags, slot, FLAG_AGGREGATE);
+            for (int r = 0; r < PER; ++r)
+                if (s == 0) S::store(mine_slot + r * (NT / SPLIT) * S::BYTES, total[r], tag_agg);
+            // Each round the SPLIT lanes of an item read the slots of chunks j, j-1, ..., j-WINDOW+1 (lane s
+            // takes R of them, all in flight at once) and fold the published run that starts at j, up to
+            // and including the first inclusive prefix, which ends the walk.
             Affine<Acc> acc[PER];
+            i64 j[PER];
+            bool done[PER];
 #pragma unroll
-            for (int r = 0; r < PER; ++r) { acc[r].a = Acc(1); acc[r].b = Acc(0); }
-            i64 j = c - 1;  // the nearest chunk not yet folded into acc
+            for (int r = 0; r < PER; ++r) { acc[r].a = Acc(1); acc[r].b = Acc(0); j[r] = c - 1; done[r] = false; }
             for (;;) {
-                if (w == 0) {  // lane l inspects chunk j - l: a window of 32 predecessors per round trip
-                    const int f = j - lane >= 0 ? *reinterpret_cast<volatile int*>(flags + 1 + slot0 + j - lane)
-                                                : FLAG_INCLUSIVE;
-                    const unsigned ready = __ballot_sync(0xffffffffu, f != FLAG_NONE);
-                    const unsigned incl = __ballot_sync(0xffffffffu, f == FLAG_INCLUSIVE);
-                    const int nready = ready == 0xffffffffu ? 32 : __ffs(~ready) - 1;
-                    const int first_inc = incl ? __ffs(incl) - 1 : 32;
-                    __threadfence();
-                    if (lane == 0) {
-                        found = first_inc < nready;
-                        nfold = first_inc < nready ? first_inc : nready;
-                    }
-                }
-                __syncthreads();
-                const int nf = nfold;
-                const bool fnd = found;
-                __syncthreads();  // nfold and found may be rewritten by the next round
+                bool all = true;
+#pragma unroll
+                for (int r = 0; r < PER; ++r) all = all && done[r];
+                if (__all_sync(0xffffffffu, all)) break;
 #pragma unroll
                 for (int r = 0; r < PER; ++r) {
-                    const int i = tid + r * NT;
-                    if (i >= C) continue;
-                    // Fold chunks j, j-1, ..., j-nf+1 (latest first), BATCH loads in flight at a time.
-                    const Affine<Acc>* p = agg + (slot0 + j) * C + i;
-#pragma unroll 1
-                    for (int k0 = 0; k0 < nf; k0 += BATCH) {
-                        Affine<Acc> e[BATCH];
+                    const char* p = slots + ((slot0 + j[r] - s * R) * C + i0 + r * (NT / SPLIT)) * S::BYTES;
+                    S e[R];
+                    unsigned ready = 0u, incl = 0u;
+                    if (!done[r]) {
 #pragma unroll
-                        for (int k = 0; k < BATCH; ++k)
-                            if (k0 + k < nf) e[k] = load_pair(p - k * C);
+                        for (int k = 0; k < R; ++k)
+                            if (j[r] - s * R - k >= 0) e[k].load(p - (i64)k * C * S::BYTES);
 #pragma unroll
-                        for (int k = 0; k < BATCH; ++k)
-                            if (k0 + k < nf) acc[r] = compose(acc[r], e[k]);
-                        p -= BATCH * C;
+                        for (int k = 0; k < R; ++k) {
+                            if (j[r] - s * R - k < 0) continue;
+                            const unsigned long long t = e[k].tag();
+                            ready |= (unsigned)(t == tag_agg || t == tag_inc) << (s * R + k);
+                            incl |= (unsigned)(t == tag_inc) << (s * R + k);
+                        }
                     }
-                    if (fnd) {
-                        const Acc h = __ldcg(inc + (slot0 + j - nf) * C + i);
-                        carry[r] = acc[r].a * h + acc[r].b;
-                        __stcg(inc + slot * C + i, total[r].a * carry[r] + total[r].b);
+                    ready = join_bits(ready);
+                    incl = join_bits(incl);
+                    const int nready = ~ready == 0u ? 32 : __ffs(~ready) - 1;  // at most WINDOW
+                    const int first_inc = incl ? __ffs(incl) - 1 : 32;
+                    const bool found = first_inc < nready;
+                    const int nfold = found ? first_inc + 1 : nready;
+                    Affine<Acc> m;
+                    m.a = Acc(1); m.b = Acc(0);
+#pragma unroll
+                    for (int k = 0; k < R; ++k)
+                        if (s * R + k < nfold) m = compose(m, e[k].map());
+                    m = join<false>(m);
+                    if (!done[r]) {
+                        acc[r] = compose(acc[r], m);
+                        if (found) {
+                            carry[r] = acc[r].b;  // the inclusive prefix is (0, h): acc.a * h + acc.b
+                            done[r] = true;
+                        } else {
+                            j[r] -= nready;
+                            if (nready == 0) __nanosleep(64);
+                        }
                     }
                 }
-                if (fnd) break;
-                j -= nf;
-                if (nf == 0) __nanosleep(64);
             }
-            publish(flags, slot, FLAG_INCLUSIVE);
         }
-        // Walk the carry through the warps of this chunk; each warp's carry-in replaces its map's a.
 #pragma unroll
         for (int r = 0; r < PER; ++r) {
-            const int i = tid + r * NT;
-            if (i < C) {
-                Acc h = carry[r];
+            if (s == 0) {
+                Affine<Acc> inc;
+                inc.a = Acc(0); inc.b = total[r].a * carry[r] + total[r].b;
+                S::store(mine_slot + r * (NT / SPLIT) * S::BYTES, inc, tag_inc);
+            }
+        }
+        // Walk the carry through the groups of this chunk; each group's carry-in replaces its map's a.
 #pragma unroll
-                for (int q = 0; q < WARPS; ++q) {
-                    const Affine<Acc> m = part[q][i];
-                    part[q][i].a = h;
-                    h = m.a * h + m.b;
+        for (int r = 0; r < PER; ++r) {
+            const int i = i0 + r * (NT / SPLIT);
+            Acc h = carry[r];
+            if constexpr (SPLIT > 1) {  // first through the shares of the lanes before this one
+                Affine<Acc> before = share[r];  // becomes the map of shares 0 .. s
+#pragma unroll
+                for (int off = 1; off < SPLIT; off <<= 1) {
+                    Affine<Acc> o;
+                    o.a = __shfl_up_sync(0xffffffffu, before.a, off, SPLIT);
+                    o.b = __shfl_up_sync(0xffffffffu, before.b, off, SPLIT);
+                    if (s >= off) before = compose(before, o);
                 }
+                Affine<Acc> o;
+                o.a = __shfl_up_sync(0xffffffffu, before.a, 1, SPLIT);
+                o.b = __shfl_up_sync(0xffffffffu, before.b, 1, SPLIT);
+                if (s > 0) h = o.a * h + o.b;
+            }
+#pragma unroll
+            for (int k = 0; k < GSHARE; ++k) {
+                const Affine<Acc> m = part[s * GSHARE + k][i];
+                part[s * GSHARE + k][i].a = h;
+                h = m.a * h + m.b;
             }
         }
         __syncthreads();
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) mine[k].a = part[w][k * 32 + lane].a;
+        for (int k = 0; k < VEC; ++k) mine[k].a = part[q][k * LC + cl].a;
     }
 };
+
+// L2 prefetch for a later block (dense only): where the block of ticket `ticket` reads as this thread,
+// (group q, channel lane cl): batch row, first channel, physical step of its first row, rows in range.
+// Forward rows start at logical step u0 (t = u0, or T - 1 - u0 in reverse); backward rows at v0 counted
+// from the end (t = T - 1 - v0, or v0 in reverse).
+template <typename Block, int STEPS> struct Later {
+    i64 batch, d, t, n, rows_before_end;  // rows_before_end: backward rows whose h[u-1] exists
+    __device__ __forceinline__ Later(i64 ticket, i64 ntiles, i64 nchunks, unsigned ntd, int cl, int q, i64 T,
+                                     int reverse, int backward) {
+        const i64 chunk = ticket / ntiles, tile = ticket % ntiles;
+        batch = tile / ntd;
+        d = (tile % ntd) * Block::C + cl * (Block::C / Block::LC);
+        const i64 w0 = chunk * (Block::G * STEPS) + (i64)q * STEPS;
+        n = T - w0 < STEPS ? T - w0 : STEPS;
+        rows_before_end = T - 1 - w0;
+        t = (reverse != backward) ? T - 1 - w0 : w0;
+    }
+};
+template <int STEPS, typename T>
+__device__ __forceinline__ void prefetch_rows(const T* p, i64 step, i64 n) {
+#pragma unroll
+    for (int j = 0; j < STEPS; ++j) {
+        if (j < n) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));
+        p += step;
+    }
+}
 
 template <typename TX, typename TG, bool VARLEN, int VEC>
 __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_BLOCKS) chunk_fwd(
@@ -218,19 +366,21 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
     const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
     const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse,
-    int* ws_flags, Affine<typename AccOf<TX, TG>::type>* ws_agg, typename AccOf<TX, TG>::type* ws_inc,
-    i64 ntiles, i64 nchunks) {
+    Header* ws_hdr, char* ws_slots, unsigned long long salt, i64 ntiles, i64 nchunks, i64 l2_ahead) {
     typedef typename AccOf<TX, TG>::type Acc;
-    constexpr int WARPS = Shape<0, VEC>::WARPS, STEPS = Shape<0, VEC>::STEPS, CHUNK_LEN = WARPS * STEPS;
-    typedef ChunkBlock<Acc, WARPS, VEC> Block;
+    constexpr int WARPS = Shape<0, VEC>::WARPS, ROWS = Shape<0, VEC>::ROWS, STEPS = Shape<0, VEC>::STEPS;
+    typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
+    constexpr int CHUNK_LEN = Block::G * STEPS;
     __shared__ Block sm;
-    const unsigned ticket = Block::take_ticket(ws_flags, &sm);
+    unsigned long long epoch_seen;
+    const unsigned ticket = Block::take_ticket(ws_hdr, &sm, epoch_seen);
     const unsigned chunk = ticket / (unsigned)ntiles, tile = ticket % (unsigned)ntiles;  // grid < 2^31
     const unsigned ntd = (unsigned)((D + Block::C - 1) / Block::C);
     const i64 batch = tile / ntd;
-    const i64 d = (i64)(tile % ntd) * Block::C + threadIdx.x * VEC;
+    const int cl = threadIdx.x % Block::LC, q = threadIdx.y * ROWS + threadIdx.x / Block::LC;
+    const i64 d = (i64)(tile % ntd) * Block::C + cl * VEC;
     const bool live = d < D;  // D is a multiple of VEC
-    const i64 u0 = (i64)chunk * CHUNK_LEN + (i64)threadIdx.y * STEPS;
+    const i64 u0 = (i64)chunk * CHUNK_LEN + (i64)q * STEPS;
 
     // Logical step u0 + j of this thread lives at p + j * step for each tensor.
     const i64 tdir = reverse ? -1 : 1, t0 = reverse ? T - 1 - u0 : u0;
@@ -246,13 +396,32 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
         if (live && u0 + j < T) { xr[j].load(xq); gr[j].load(gq); }
         xq += sxt; gq += sgt;
     }
+    if (!VARLEN && l2_ahead > 0 && ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
+        const Later<Block, STEPS> later(ticket + l2_ahead, ntiles, nchunks, ntd, cl, q, T, reverse ? 1 : 0, 0);
+        if (later.d < D && later.n > 0) {
+            prefetch_rows<STEPS>(x + later.batch * sxb + later.t * (sxt * tdir) + later.d, sxt, later.n);
+            prefetch_rows<STEPS>(g + later.batch * sgb + later.t * (sgt * tdir) + later.d, sgt, later.n);
+        }
+    }
 
-    // Pass 1: the map of this thread's steps, per channel.
+    // Pass 1: the map of this thread's steps, per channel.  Dense steps strictly inside the row (no
+    // start, not the last step) need no segment bookkeeping: the interior form skips it.
+    const bool interior = !VARLEN && HC_CHUNK_INTERIOR && u0 > 0 && u0 + STEPS < T;
     SegmentCursor<VARLEN> seg(cu_seqlens, cu64, N, T, reverse);
-    if (u0 < T) seg.seek(u0);
+    if (u0 < T && !interior) seg.seek(u0);
     Affine<Acc> mine[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) { mine[k].a = Acc(1); mine[k].b = Acc(0); }
+    if (interior) {
+#pragma unroll
+        for (int j = 0; j < STEPS; ++j)
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                const Acc a = gate_exp(gr[j].template get<Acc>(k)), b = xr[j].template get<Acc>(k);
+                mine[k].b = a * mine[k].b + b;
+                mine[k].a = a * mine[k].a;
+            }
+    } else {
 #pragma unroll
     for (int j = 0; j < STEPS; ++j) {
         const i64 u = u0 + j;
@@ -270,8 +439,9 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
             }
         }
     }
+    }
 
-    sm.carry_in(ws_flags, ws_agg, ws_inc, (i64)tile * nchunks, chunk, mine);
+    sm.carry_in(ws_hdr, epoch_seen, ws_slots, salt, (i64)tile * nchunks, chunk, q, cl, mine);
     Acc h[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) h[k] = mine[k].a;
@@ -279,6 +449,19 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     // Pass 2: the states, from the raw words again.
     TX* oq = o + batch * sob + t0 * sot + d;
     sot *= tdir;
+    if (interior) {
+#pragma unroll
+        for (int j = 0; j < STEPS; ++j) {
+            Pack<TX, VEC> out;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                h[k] = gate_exp(gr[j].template get<Acc>(k)) * h[k] + xr[j].template get<Acc>(k);
+                out.template set<Acc>(k, h[k]);
+            }
+            if (live) out.store(oq);
+            oq += sot;
+        }
+    } else {
     if (u0 < T) seg.seek(u0);
 #pragma unroll
     for (int j = 0; j < STEPS; ++j) {
@@ -308,9 +491,10 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
         }
         oq += sot;
     }
+    }
     // Empty sequences never own a step: the blocks of chunk 0 pass their initial state through.
     if (VARLEN && ht && chunk == 0 && live) {
-        for (i64 n = threadIdx.y; n < N; n += WARPS)
+        for (i64 n = q; n < N; n += Block::G)
             if (load_offset(cu_seqlens, cu64, n) >= load_offset(cu_seqlens, cu64, n + 1))
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) ht[n * D + d + k] = h0 ? h0[n * D + d + k] : Acc(0);
@@ -328,19 +512,21 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     const typename AccOf<TX, TG>::type* __restrict__ h0, const typename AccOf<TX, TG>::type* __restrict__ dht,
     typename AccOf<TX, TG>::type* __restrict__ dh0,
     const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse,
-    int* ws_flags, Affine<typename AccOf<TX, TG>::type>* ws_agg, typename AccOf<TX, TG>::type* ws_inc,
-    i64 ntiles, i64 nchunks) {
+    Header* ws_hdr, char* ws_slots, unsigned long long salt, i64 ntiles, i64 nchunks, i64 l2_ahead) {
     typedef typename AccOf<TX, TG>::type Acc;
-    constexpr int WARPS = Shape<1, VEC>::WARPS, STEPS = Shape<1, VEC>::STEPS, CHUNK_LEN = WARPS * STEPS;
-    typedef ChunkBlock<Acc, WARPS, VEC> Block;
+    constexpr int WARPS = Shape<1, VEC>::WARPS, ROWS = Shape<1, VEC>::ROWS, STEPS = Shape<1, VEC>::STEPS;
+    typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
+    constexpr int CHUNK_LEN = Block::G * STEPS;
     __shared__ Block sm;
-    const unsigned ticket = Block::take_ticket(ws_flags, &sm);
+    unsigned long long epoch_seen;
+    const unsigned ticket = Block::take_ticket(ws_hdr, &sm, epoch_seen);
     const unsigned chunk = ticket / (unsigned)ntiles, tile = ticket % (unsigned)ntiles;  // grid < 2^31
     const unsigned ntd = (unsigned)((D + Block::C - 1) / Block::C);
     const i64 batch = tile / ntd;
-    const i64 d = (i64)(tile % ntd) * Block::C + threadIdx.x * VEC;
+    const int cl = threadIdx.x % Block::LC, q = threadIdx.y * ROWS + threadIdx.x / Block::LC;
+    const i64 d = (i64)(tile % ntd) * Block::C + cl * VEC;
     const bool live = d < D;
-    const i64 v0 = (i64)chunk * CHUNK_LEN + (i64)threadIdx.y * STEPS;  // u = T - 1 - v
+    const i64 v0 = (i64)chunk * CHUNK_LEN + (i64)q * STEPS;  // u = T - 1 - v
 
     // Step j of this thread is u = T - 1 - v0 - j, at physical t = t0 - tdir * j.
     const i64 tdir = reverse ? -1 : 1, t0 = reverse ? v0 : T - 1 - v0;
@@ -373,12 +559,33 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
         }
         gq += sgt; dq += sdot; oq += sot;
     }
+    if (!VARLEN && l2_ahead > 0 && ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
+        const Later<Block, STEPS> later(ticket + l2_ahead, ntiles, nchunks, ntd, cl, q, T, reverse ? 1 : 0, 1);
+        if (later.d < D && later.n > 0) {
+            prefetch_rows<STEPS>(g + later.batch * sgb + later.t * (-tdir * sgt) + later.d, sgt, later.n);
+            prefetch_rows<STEPS>(dout + later.batch * sdob + later.t * (-tdir * sdot) + later.d, sdot, later.n);
+            prefetch_rows<STEPS>(o + later.batch * sob + (later.t - tdir) * (-tdir * sot) + later.d, sot,
+                                 later.n < later.rows_before_end ? later.n : later.rows_before_end);  // h[u-1], u >= 1
+        }
+    }
 
-    // Pass 1: the map of this thread's steps of the reversed scan, per channel.
-    if (v0 < T) seg.seek(T - 1 - v0);
+    // Pass 1: the map of this thread's steps of the reversed scan, per channel.  Dense steps strictly
+    // inside the row (not the last step, not the first) need no segment bookkeeping.
+    const bool interior = !VARLEN && HC_CHUNK_INTERIOR && v0 > 0 && v0 + STEPS < T;
+    if (v0 < T && !interior) seg.seek(T - 1 - v0);
     Affine<Acc> mine[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) { mine[k].a = Acc(1); mine[k].b = Acc(0); }
+    if (interior) {
+#pragma unroll
+        for (int j = 0; j < STEPS; ++j)
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                const Acc a = gate_exp(j == 0 ? gnext.template get<Acc>(k) : gr[j - 1].template get<Acc>(k));
+                mine[k].b = a * mine[k].b + dr[j].template get<Acc>(k);
+                mine[k].a = a * mine[k].a;
+            }
+    } else {
 #pragma unroll
     for (int j = 0; j < STEPS; ++j) {
         const i64 v = v0 + j, u = T - 1 - v;
@@ -396,8 +603,9 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
             }
         }
     }
+    }
 
-    sm.carry_in(ws_flags, ws_agg, ws_inc, (i64)tile * nchunks, chunk, mine);
+    sm.carry_in(ws_hdr, epoch_seen, ws_slots, salt, (i64)tile * nchunks, chunk, q, cl, mine);
     Acc dh[VEC], en[VEC];  // en: exp of the gate one step later, the a of the current step
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -409,6 +617,23 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     const i64 sdx = -tdir * sdxt, sdg = -tdir * sdgt;
     TX* dxq = dx + batch * sdxb + t0 * sdxt + d;
     TG* dgq = dg + batch * sdgb + t0 * sdgt + d;
+    if (interior) {
+#pragma unroll
+        for (int j = 0; j < STEPS; ++j) {
+            Pack<TX, VEC> dxo;
+            Pack<TG, VEC> dgo;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                dh[k] = en[k] * dh[k] + dr[j].template get<Acc>(k);
+                const Acc e = gate_exp(gr[j].template get<Acc>(k));
+                dxo.template set<Acc>(k, dh[k]);
+                dgo.template set<Acc>(k, dh[k] * (e * orr[j].template get<Acc>(k)));
+                en[k] = e;
+            }
+            if (live) { dxo.store(dxq); dgo.store(dgq); }
+            dxq += sdx; dgq += sdg;
+        }
+    } else {
     if (v0 < T) seg.seek(T - 1 - v0);
 #pragma unroll
     for (int j = 0; j < STEPS; ++j) {
@@ -438,8 +663,9 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
         }
         dxq += sdx; dgq += sdg;
     }
+    }
     if (VARLEN && dh0 && chunk == 0 && live) {
-        for (i64 n = threadIdx.y; n < N; n += WARPS)
+        for (i64 n = q; n < N; n += Block::G)
             if (load_offset(cu_seqlens, cu64, n) >= load_offset(cu_seqlens, cu64, n + 1))
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) dh0[n * D + d + k] = dht ? dht[n * D + d + k] : Acc(0);

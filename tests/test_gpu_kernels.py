@@ -156,6 +156,7 @@ def check_backward(engine, x64, g64, dtype, h064=None, cu=None, reverse=False, w
 SHAPES = [  # (B, T, D)
     (64, 1, 4096), (3, 2, 65), (2, 31, 3), (2, 1000, 65), (1, 20000, 1),
     (2, 127, 33), (1, 128, 64), (3, 129, 31), (1, 4097, 96),
+    (2, 63, 24), (1, 65, 136),  # the chunk engine's backward chunks are 64 steps (forward: 128)
 ]
 
 
@@ -309,6 +310,33 @@ def test_deterministic(engine):
     grads = [hc.hgrn_backward(gd, runs[0][0], do, engine=lib_engine(engine)) for _ in range(3)]
     for dx, dg, _ in grads[1:]:
         assert bool((dx == grads[0][0]).all()) and bool((dg == grads[0][1]).all())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("leftover", ["earlier_launch", "random_bytes"])
+def test_chunk_workspace_leftovers(dtype, leftover, monkeypatch):
+    """The chunk engine's workspace is never cleared beyond its header: slots left in the same memory by
+    an earlier launch of the same shape (other inputs), or any other bytes, must not pass for slots of
+    the running launch."""
+    from hgrn_cupy import ops
+
+    held = {}
+
+    def workspace(nbytes):  # one buffer for every launch of this test
+        buf = held.get("buf")
+        if buf is None or buf.nbytes < nbytes:
+            buf = held["buf"] = cupy.empty((nbytes,), cupy.uint8)
+        if leftover == "random_bytes":
+            buf[...] = cupy.random.randint(0, 256, buf.shape, dtype=cupy.int32).astype(cupy.uint8)
+        return buf.data.ptr, buf
+
+    monkeypatch.setattr(ops, "_workspace", lambda fw, like: workspace)
+    rng = _rng()
+    for _ in range(3):
+        x, g = make_inputs(2, 3001, 136, rng=rng)
+        h0 = rng.standard_normal((2, 136))
+        check_forward("chunk", x, g, dtype, h0)
+        check_backward("chunk", x, g, dtype, h0)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
