@@ -340,11 +340,11 @@ struct ChunkBlock {
 // from the end (t = T - 1 - v0, or v0 in reverse).
 template <typename Block, int STEPS> struct Later {
     i64 batch, d, t, n, rows_before_end;  // rows_before_end: backward rows whose h[u-1] exists
-    __device__ __forceinline__ Later(i64 ticket, i64 ntiles, i64 nchunks, unsigned ntd, int cl, int q, i64 T,
-                                     int reverse, int backward) {
+    __device__ __forceinline__ Later(i64 ticket, i64 ntiles, unsigned ntd, int cl, int q, i64 T, int reverse,
+                                     int backward) {
         const i64 chunk = ticket / ntiles, tile = ticket % ntiles;
         batch = tile / ntd;
-        d = (tile % ntd) * Block::C + cl * (Block::C / Block::LC);
+        d = (tile % ntd) * Block::C + cl * (Block::C / Block::LC);  // C / LC = VEC
         const i64 w0 = chunk * (Block::G * STEPS) + (i64)q * STEPS;
         n = T - w0 < STEPS ? T - w0 : STEPS;
         rows_before_end = T - 1 - w0;
@@ -397,7 +397,7 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
         xq += sxt; gq += sgt;
     }
     if (!VARLEN && l2_ahead > 0 && ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
-        const Later<Block, STEPS> later(ticket + l2_ahead, ntiles, nchunks, ntd, cl, q, T, reverse ? 1 : 0, 0);
+        const Later<Block, STEPS> later(ticket + l2_ahead, ntiles, ntd, cl, q, T, reverse ? 1 : 0, 0);
         if (later.d < D && later.n > 0) {
             prefetch_rows<STEPS>(x + later.batch * sxb + later.t * (sxt * tdir) + later.d, sxt, later.n);
             prefetch_rows<STEPS>(g + later.batch * sgb + later.t * (sgt * tdir) + later.d, sgt, later.n);
@@ -560,7 +560,7 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
         gq += sgt; dq += sdot; oq += sot;
     }
     if (!VARLEN && l2_ahead > 0 && ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
-        const Later<Block, STEPS> later(ticket + l2_ahead, ntiles, nchunks, ntd, cl, q, T, reverse ? 1 : 0, 1);
+        const Later<Block, STEPS> later(ticket + l2_ahead, ntiles, ntd, cl, q, T, reverse ? 1 : 0, 1);
         if (later.d < D && later.n > 0) {
             prefetch_rows<STEPS>(g + later.batch * sgb + later.t * (-tdir * sgt) + later.d, sgt, later.n);
             prefetch_rows<STEPS>(dout + later.batch * sdob + later.t * (-tdir * sdot) + later.d, sdot, later.n);
