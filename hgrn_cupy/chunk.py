@@ -2,15 +2,14 @@
 
 Time is split into chunks (warps x rows x steps per thread, see ``SHAPES``) scanned in parallel; a block
 covers 32 / rows x VEC channels of one chunk, and the chunks of a tile are joined by single-pass decoupled
-look-back through a workspace: a 16-byte header (ticket counter, epoch) zeroed before each launch, then
-one tagged slot per (tile, chunk, channel) that holds the chunk's aggregate map, then its inclusive prefix.
+look-back through a workspace: a 16-byte header (ticket counter), then one slot per (tile, chunk, channel)
+that holds the chunk's aggregate map, then its inclusive prefix; the whole of it is filled with one bits
+(the counter's start, and the mark of an unpublished slot) before each launch.
 VEC is the number of channels one thread moves per access: 16 bytes' worth where every tensor's pointer,
 channel count and strides allow it, 1 otherwise.  Best for long T with few channels.  Launchers check
 nothing: the public functions validate.
 """
 from __future__ import annotations
-
-import secrets
 
 from ._compile import get_function, launch, layout_vector_width, pointers_aligned, vector_width
 
@@ -27,9 +26,6 @@ OPTIONS = tuple(f"-DHC_{'FWD' if d == 0 else 'BWD'}_{what}_{'V' if v else '1'}={
 
 
 HEADER_BYTES = 16
-# Tags of published slots are XORed with this process's random salt, so that no leftover bits in reused
-# memory can pass for a slot of the running launch (see kernels_cu/chunk.cu).
-SALT = secrets.randbits(63)
 
 
 # L2 prefetch (dense only): each block asks L2 for the rows of the block L2_AHEAD tickets later, where
@@ -58,16 +54,16 @@ def _align(n, a=256):
 
 
 def workspace_layout(N, T, D, varlen, acc_itemsize, direction=0, vec=1):
-    """(ntiles, nchunks, bytes to zero, total bytes, offset of the slots): a 16-byte header (ticket counter,
-    epoch), zeroed before each launch, then one slot per (tile, chunk, channel): 16 bytes (float
-    accumulation) or 32 (float64), the published map and its tag."""
+    """(ntiles, nchunks, header bytes, total bytes, offset of the slots): a 16-byte header (ticket counter),
+    then one slot per (tile, chunk, channel): the published map, 8 bytes (float accumulation) or 16
+    (float64).  All ``total`` bytes are filled with ones before each launch."""
     warps, rows, steps = SHAPES[direction, vec > 1]
     tile = LANES // rows * vec
     ntiles = (1 if varlen else N) * ((D + tile - 1) // tile)
     nchunks = (T + warps * rows * steps - 1) // (warps * rows * steps)
-    zero = HEADER_BYTES
-    slots = ntiles * nchunks * tile * 4 * acc_itemsize
-    return ntiles, nchunks, zero, _align(zero) + _align(slots), _align(zero)
+    header = HEADER_BYTES
+    slots = ntiles * nchunks * tile * 2 * acc_itemsize
+    return ntiles, nchunks, header, _align(header) + _align(slots), _align(header)
 
 
 def max_workspace_bytes(N, T, D, varlen, acc_itemsize, x_dtype, g_dtype):
@@ -87,21 +83,21 @@ def _launch(direction, tensors, states, dtypes, cu, N, T, D, reverse, device, st
     x_dtype, g_dtype = dtypes
     acc_itemsize = 8 if "float64" in dtypes else 4
     vec = pick_vec(D, tensors)
-    ntiles, nchunks, zero, total, off_slots = workspace_layout(N, T, D, cu is not None, acc_itemsize, direction, vec)
+    ntiles, nchunks, _, total, off_slots = workspace_layout(N, T, D, cu is not None, acc_itemsize, direction, vec)
     if ntiles * nchunks == 0:
         return
     ws = workspace(total)  # (pointer, owner): the owner keeps the memory alive until we return
     base = ws[0]
     import cupy
 
-    cupy.cuda.runtime.memsetAsync(base, 0, zero, stream.ptr)
+    cupy.cuda.runtime.memsetAsync(base, 0xFF, total, stream.ptr)  # counter at -1, every slot unpublished
     fn = get_function("chunk", direction, x_dtype, g_dtype, device, OPTIONS, varlen=cu is not None, vec=vec)
     cu_ptr, cu64 = cu if cu is not None else (0, 0)
     args = [a.ptr for a in tensors]
     for a in tensors:
         args += [a.strides[0], a.strides[1]]
     args += [p or 0 for p in states]
-    args += [cu_ptr, cu64, N, T, D, int(bool(reverse)), base, base + off_slots, SALT, ntiles, nchunks,
+    args += [cu_ptr, cu64, N, T, D, int(bool(reverse)), base, base + off_slots, ntiles, nchunks,
              l2_ahead(ntiles, nchunks, cu is not None)]
     launch(fn, (ntiles * nchunks,), (LANES, SHAPES[direction, vec > 1][0]), stream.ptr, args, device)
     return ws

@@ -6,7 +6,7 @@
 //                             steps of the chunk: a chunk is G = WARPS * ROWS groups, G * STEPS steps.
 // traffic per element: forward reads x, g and writes o; backward reads g, o, do and writes dx, dg
 //   (plus one extra row per thread for the shifted gate).  Workspace: a header, then per (tile, chunk,
-//   channel) one tagged slot of 16 bytes (32 for float64), O(N * D * chunks).
+//   channel) one slot of 8 bytes (16 for float64), O(N * D * chunks), filled with ones before each launch.
 //
 // Every access of a thread is one VEC-channel word (16 bytes where the host found the tensors aligned,
 // VEC = 1 otherwise), so the per-step work -- addresses, bounds, segment bookkeeping -- is paid once
@@ -14,7 +14,8 @@
 // one affine map per channel, the groups' maps are combined in shared memory, the chunk's carry-in comes
 // from a single-pass decoupled look-back, and a second pass recomputes each step from the raw words and
 // writes the outputs.  Chunks strictly inside a dense row take a form without segment bookkeeping.
-// The look-back reads tagged slots (no flags, no fences): SPLIT threads share a channel where the block
+// The look-back reads slots that hold the map alone (no flags, no fences, no tags: the host marks every
+// slot unpublished before the launch); SPLIT threads share a channel where the block
 // has more threads than the tile has channels, each reading R predecessors per round, all in flight.
 // Narrow tiles (ROWS > 1) make chunks longer in time for the same bytes: fewer chunks for the look-back
 // to cross.  Blocks take chunk numbers from an atomic ticket in launch order, so a block only ever waits
@@ -84,56 +85,52 @@ template <int DIRECTION, int VEC> struct Shape {
 };
 
 // ---- workspace and look-back --------------------------------------------------------------------
-// The workspace is a header (ticket counter, this launch's epoch; zeroed before the launch) and one slot
-// per (tile, chunk, channel).  A slot holds the chunk's aggregate map, then its inclusive prefix as the map
-// (0, h), each stored with a tag that names the launch and the kind.  Tag and map travel in 16-byte
-// accesses (float: one; double: two, each with the tag), so a reader sees a whole store or none of it and
-// needs no flag and no fence: a slot is published when its tag says so.  The epoch is %globaltimer as read
-// by the launch's first block, so slots left by an earlier launch in the same memory never match; the
-// host's random salt keeps any other leftover bits from matching by accident.
-enum { KIND_AGGREGATE = 0, KIND_INCLUSIVE = 1 };
-
-struct Header { unsigned ticket, pad; unsigned long long epoch; };
-
-__device__ __forceinline__ void store16(void* p, unsigned x, unsigned y, unsigned z, unsigned w) {
-    asm volatile("st.global.cg.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(x), "r"(y), "r"(z), "r"(w) : "memory");
-}
-__device__ __forceinline__ uint4 load16(const void* p) {
-    uint4 v;
-    asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ unsigned long long tag_of(uint4 v) { return ((unsigned long long)v.w << 32) | v.z; }
+// The workspace is a header (the ticket counter) and one slot per (tile, chunk, channel), all filled with
+// one bits by the host before each launch.  A slot holds the chunk's aggregate map, then its inclusive
+// prefix as the map (0, h), in one access (8 bytes for float, 16 for double), so a reader sees a whole
+// store or none of it and needs no flag and no fence.  A slot whose a has every bit set is unpublished (a
+// published a with those bits, a NaN, is stored as the canonical NaN instead), and a published a = 0 ends
+// the walk back: the inclusive prefix is (0, h), and an aggregate with a = 0 (a sequence starts in the
+// chunk, or a gate is 0) does not depend on earlier chunks either.  The counter starts at all ones, so
+// the first ticket is 0.
+struct Header { unsigned ticket, pad[3]; };
 
 template <typename Acc> struct Slot;
 template <> struct Slot<float> {
-    static constexpr int BYTES = 16;
-    uint4 w;
-    __device__ __forceinline__ static void store(void* p, Affine<float> m, unsigned long long tag) {
-        store16(p, __float_as_uint(m.a), __float_as_uint(m.b), (unsigned)tag, (unsigned)(tag >> 32));
+    static constexpr int BYTES = 8;
+    uint2 w;
+    __device__ __forceinline__ static void store(void* p, Affine<float> m) {
+        unsigned a = __float_as_uint(m.a);
+        if (a == 0xffffffffu) a = 0x7fffffffu;
+        asm volatile("st.global.cg.v2.u32 [%0], {%1, %2};" :: "l"(p), "r"(a), "r"(__float_as_uint(m.b)) : "memory");
     }
-    __device__ __forceinline__ void load(const void* p) { w = load16(p); }
-    __device__ __forceinline__ unsigned long long tag() const { return tag_of(w); }
+    __device__ __forceinline__ void load(const void* p) {
+        asm volatile("ld.volatile.global.v2.u32 {%0, %1}, [%2];" : "=r"(w.x), "=r"(w.y) : "l"(p) : "memory");
+    }
+    __device__ __forceinline__ bool ready() const { return w.x != 0xffffffffu; }
     __device__ __forceinline__ Affine<float> map() const {
         Affine<float> m; m.a = __uint_as_float(w.x); m.b = __uint_as_float(w.y); return m;
     }
 };
 template <> struct Slot<double> {
-    static constexpr int BYTES = 32;
-    uint4 w[2];  // (a, tag), (b, tag)
-    __device__ __forceinline__ static void store(void* p, Affine<double> m, unsigned long long tag) {
-        const unsigned long long a = (unsigned long long)__double_as_longlong(m.a), b = (unsigned long long)__double_as_longlong(m.b);
-        store16(p, (unsigned)a, (unsigned)(a >> 32), (unsigned)tag, (unsigned)(tag >> 32));
-        store16(static_cast<char*>(p) + 16, (unsigned)b, (unsigned)(b >> 32), (unsigned)tag, (unsigned)(tag >> 32));
+    static constexpr int BYTES = 16;
+    uint4 w;  // a (low, high word), b (low, high word)
+    __device__ __forceinline__ static void store(void* p, Affine<double> m) {
+        unsigned long long a = (unsigned long long)__double_as_longlong(m.a);
+        const unsigned long long b = (unsigned long long)__double_as_longlong(m.b);
+        if (a == ~0ull) a = 0x7fffffffffffffffull;
+        asm volatile("st.global.cg.v4.u32 [%0], {%1, %2, %3, %4};"
+                     :: "l"(p), "r"((unsigned)a), "r"((unsigned)(a >> 32)), "r"((unsigned)b), "r"((unsigned)(b >> 32)) : "memory");
     }
-    __device__ __forceinline__ void load(const void* p) { w[0] = load16(p); w[1] = load16(static_cast<const char*>(p) + 16); }
-    // A slot caught between its aggregate and its inclusive store has two tags: it reads as unpublished.
-    __device__ __forceinline__ unsigned long long tag() const { return tag_of(w[0]) == tag_of(w[1]) ? tag_of(w[0]) : 0ull; }
+    __device__ __forceinline__ void load(const void* p) {
+        asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w) : "l"(p) : "memory");
+    }
+    __device__ __forceinline__ bool ready() const { return (w.x & w.y) != 0xffffffffu; }
     __device__ __forceinline__ Affine<double> map() const {
         Affine<double> m;
-        m.a = __longlong_as_double((long long)(((unsigned long long)w[0].y << 32) | w[0].x));
-        m.b = __longlong_as_double((long long)(((unsigned long long)w[1].y << 32) | w[1].x));
+        m.a = __longlong_as_double((long long)(((unsigned long long)w.y << 32) | w.x));
+        m.b = __longlong_as_double((long long)(((unsigned long long)w.w << 32) | w.z));
         return m;
     }
 };
@@ -162,22 +159,10 @@ struct ChunkBlock {
     static_assert(SPLIT <= 32 && GSHARE * SPLIT == G && WINDOW <= 32, "SPLIT divides the groups; a window fits a mask");
     Affine<Acc> part[G][C];                              // each group's map of each channel; then its carry-in
     unsigned ticket;
-    unsigned long long epoch;
 
-    // The block's chunk number, in launch order.  The first block names the launch's epoch, which
-    // thread 0 of that block keeps in `epoch_seen` (0 elsewhere).
-    __device__ __forceinline__ static unsigned take_ticket(Header* hdr, ChunkBlock* sm, unsigned long long& epoch_seen) {
-        epoch_seen = 0;
-        if (threadIdx.x == 0 && threadIdx.y == 0) {
-            const unsigned t = atomicAdd(&hdr->ticket, 1u);
-            if (t == 0) {
-                unsigned long long e;
-                asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(e));
-                epoch_seen = e | 1ull;  // never 0, the header's "not yet"
-                *reinterpret_cast<volatile unsigned long long*>(&hdr->epoch) = epoch_seen;
-            }
-            sm->ticket = t;
-        }
+    // The block's chunk number, in launch order.
+    __device__ __forceinline__ static unsigned take_ticket(Header* hdr, ChunkBlock* sm) {
+        if (threadIdx.x == 0 && threadIdx.y == 0) sm->ticket = atomicAdd(&hdr->ticket, 1u) + 1u;  // from all ones
         __syncthreads();
         return sm->ticket;
     }
@@ -205,23 +190,12 @@ struct ChunkBlock {
     // Given every thread's maps `mine` (one per channel it owns, group q, channel lane cl) for chunk c of
     // the tile whose chunk 0 is workspace slot slot0, set each mine[k].a to the state before the
     // thread's first step in channel k.
-    __device__ void carry_in(Header* hdr, unsigned long long epoch_seen, char* slots, unsigned long long salt, i64 slot0,
-                             i64 c, int q, int cl, Affine<Acc>* mine) {
+    __device__ void carry_in(char* slots, i64 slot0, i64 c, int q, int cl, Affine<Acc>* mine) {
         const int tid = threadIdx.y * 32 + threadIdx.x, s = tid % SPLIT, i0 = tid / SPLIT;
         typedef Slot<Acc> S;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) part[q][k * LC + cl] = mine[k];
-        if (tid == 0) {  // the first block wrote it when it took ticket 0
-            unsigned long long e = epoch_seen;
-            while (e == 0) {
-                e = *reinterpret_cast<volatile unsigned long long*>(&hdr->epoch);
-                if (e == 0) __nanosleep(32);
-            }
-            epoch = e;
-        }
         __syncthreads();
-        const unsigned long long tag_agg = ((epoch << 1) | KIND_AGGREGATE) ^ salt;
-        const unsigned long long tag_inc = ((epoch << 1) | KIND_INCLUSIVE) ^ salt;
         Affine<Acc> share[PER], total[PER];  // the map of this thread's groups; of the whole chunk
 #pragma unroll
         for (int r = 0; r < PER; ++r) {
@@ -238,7 +212,7 @@ struct ChunkBlock {
         if (c > 0) {
 #pragma unroll
             for (int r = 0; r < PER; ++r)
-                if (s == 0) S::store(mine_slot + r * (NT / SPLIT) * S::BYTES, total[r], tag_agg);
+                if (s == 0) S::store(mine_slot + r * (NT / SPLIT) * S::BYTES, total[r]);
             // Each round the SPLIT lanes of an item read the slots of chunks j, j-1, ..., j-WINDOW+1 (lane s
             // takes R of them, all in flight at once) and fold the published run that starts at j, up to
             // and including the first inclusive prefix, which ends the walk.
@@ -264,9 +238,9 @@ struct ChunkBlock {
 #pragma unroll
                         for (int k = 0; k < R; ++k) {
                             if (j[r] - s * R - k < 0) continue;
-                            const unsigned long long t = e[k].tag();
-                            ready |= (unsigned)(t == tag_agg || t == tag_inc) << (s * R + k);
-                            incl |= (unsigned)(t == tag_inc) << (s * R + k);
+                            const bool ok = e[k].ready();
+                            ready |= (unsigned)ok << (s * R + k);
+                            incl |= (unsigned)(ok && e[k].map().a == Acc(0)) << (s * R + k);
                         }
                     }
                     ready = join_bits(ready);
@@ -299,7 +273,7 @@ struct ChunkBlock {
             if (s == 0) {
                 Affine<Acc> inc;
                 inc.a = Acc(0); inc.b = total[r].a * carry[r] + total[r].b;
-                S::store(mine_slot + r * (NT / SPLIT) * S::BYTES, inc, tag_inc);
+                S::store(mine_slot + r * (NT / SPLIT) * S::BYTES, inc);
             }
         }
         // Walk the carry through the groups of this chunk; each group's carry-in replaces its map's a.
@@ -366,14 +340,13 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
     const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
     const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse,
-    Header* ws_hdr, char* ws_slots, unsigned long long salt, i64 ntiles, i64 nchunks, i64 l2_ahead) {
+    Header* ws_hdr, char* ws_slots, i64 ntiles, i64 nchunks, i64 l2_ahead) {
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int WARPS = Shape<0, VEC>::WARPS, ROWS = Shape<0, VEC>::ROWS, STEPS = Shape<0, VEC>::STEPS;
     typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
     constexpr int CHUNK_LEN = Block::G * STEPS;
     __shared__ Block sm;
-    unsigned long long epoch_seen;
-    const unsigned ticket = Block::take_ticket(ws_hdr, &sm, epoch_seen);
+    const unsigned ticket = Block::take_ticket(ws_hdr, &sm);
     const unsigned chunk = ticket / (unsigned)ntiles, tile = ticket % (unsigned)ntiles;  // grid < 2^31
     const unsigned ntd = (unsigned)((D + Block::C - 1) / Block::C);
     const i64 batch = tile / ntd;
@@ -441,7 +414,7 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     }
     }
 
-    sm.carry_in(ws_hdr, epoch_seen, ws_slots, salt, (i64)tile * nchunks, chunk, q, cl, mine);
+    sm.carry_in(ws_slots, (i64)tile * nchunks, chunk, q, cl, mine);
     Acc h[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) h[k] = mine[k].a;
@@ -512,14 +485,13 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     const typename AccOf<TX, TG>::type* __restrict__ h0, const typename AccOf<TX, TG>::type* __restrict__ dht,
     typename AccOf<TX, TG>::type* __restrict__ dh0,
     const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse,
-    Header* ws_hdr, char* ws_slots, unsigned long long salt, i64 ntiles, i64 nchunks, i64 l2_ahead) {
+    Header* ws_hdr, char* ws_slots, i64 ntiles, i64 nchunks, i64 l2_ahead) {
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int WARPS = Shape<1, VEC>::WARPS, ROWS = Shape<1, VEC>::ROWS, STEPS = Shape<1, VEC>::STEPS;
     typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
     constexpr int CHUNK_LEN = Block::G * STEPS;
     __shared__ Block sm;
-    unsigned long long epoch_seen;
-    const unsigned ticket = Block::take_ticket(ws_hdr, &sm, epoch_seen);
+    const unsigned ticket = Block::take_ticket(ws_hdr, &sm);
     const unsigned chunk = ticket / (unsigned)ntiles, tile = ticket % (unsigned)ntiles;  // grid < 2^31
     const unsigned ntd = (unsigned)((D + Block::C - 1) / Block::C);
     const i64 batch = tile / ntd;
@@ -605,7 +577,7 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     }
     }
 
-    sm.carry_in(ws_hdr, epoch_seen, ws_slots, salt, (i64)tile * nchunks, chunk, q, cl, mine);
+    sm.carry_in(ws_slots, (i64)tile * nchunks, chunk, q, cl, mine);
     Acc dh[VEC], en[VEC];  // en: exp of the gate one step later, the a of the current step
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {

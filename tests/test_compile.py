@@ -81,16 +81,16 @@ def test_chunk_access_width():
 
 def test_chunk_workspace_and_prefetch():
     """Tiles of 32 / rows x VEC channels, chunks of warps x rows x steps; after a 16-byte header (padded to
-    256 bytes) one 16-byte slot per (tile, chunk, channel), 32 for float64.  L2 prefetch only on dense
+    256 bytes) one 8-byte slot per (tile, chunk, channel), 16 for float64.  L2 prefetch only on dense
     grids of at least L2_MIN_TILES tiles and L2_MIN_BLOCKS blocks."""
     for direction, vec, acc in ((0, 8, 4), (1, 8, 4), (0, 2, 8), (1, 1, 4)):
         warps, rows, steps = chunk.SHAPES[direction, vec > 1]
         tile, length = 32 // rows * vec, warps * rows * steps
-        ntiles, nchunks, zero, total, off = chunk.workspace_layout(3, 10 * length + 1, 5 * tile - 1, False, acc,
-                                                                   direction, vec)
+        ntiles, nchunks, header, total, off = chunk.workspace_layout(3, 10 * length + 1, 5 * tile - 1, False, acc,
+                                                                     direction, vec)
         assert (ntiles, nchunks) == (3 * 5, 11)
-        assert zero == chunk.HEADER_BYTES and off >= zero and off % 256 == 0
-        assert total - off >= ntiles * nchunks * tile * 4 * acc
+        assert header == chunk.HEADER_BYTES and off >= header and off % 256 == 0
+        assert total - off >= ntiles * nchunks * tile * 2 * acc
         assert chunk.workspace_layout(3, length, tile, True, acc, direction, vec)[:2] == (1, 1)  # varlen: one row
     big = chunk.L2_MIN_BLOCKS // chunk.L2_MIN_TILES
     assert chunk.l2_ahead(chunk.L2_MIN_TILES, big, False) == chunk.L2_AHEAD > 0
