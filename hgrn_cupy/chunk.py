@@ -29,19 +29,33 @@ HEADER_BYTES = 16
 
 
 # L2 prefetch (dense only): each block asks L2 for the rows of the block L2_AHEAD tickets later, where
-# the grid has at least L2_MIN_TILES tiles and L2_MIN_BLOCKS blocks.  With fewer tiles the look-back
-# chain is the bound and the prefetch slowed it; in a grid of about one wave the later blocks are
-# already running (benchmarks/NOTES.md).
+# the grid has at least L2_MIN_BLOCKS blocks (in a grid of about one wave the later blocks are already
+# running) and at least L2_MIN_TILES tiles or at most FEW_TILES.
+#
+# Peek: each block asks for its predecessor's slots right behind its own loads, where the grid has at
+# least PEEK_MIN_TILES tiles (the predecessor started about a wave earlier and has mostly published its
+# inclusive prefix by then: the look-back then costs no round trip) or at most FEW_TILES.
+#
+# Measured (benchmarks/NOTES.md): with 16 to 256 tiles the peek made the kernels slower (256: on H100, not
+# on H200), with 1024 faster; with 8 tiles or fewer the prefetch alone made them slower, the prefetch
+# with the peek faster.
 L2_AHEAD = 96
 L2_MIN_TILES = 16
 L2_MIN_BLOCKS = 1024
+PEEK_MIN_TILES = 512
+FEW_TILES = 8
 
 
 def l2_ahead(ntiles, nchunks, varlen):
     """The prefetch distance in tickets the kernels take (0: none)."""
-    if varlen or ntiles < L2_MIN_TILES or ntiles * nchunks < L2_MIN_BLOCKS:
+    if varlen or not (ntiles >= L2_MIN_TILES or ntiles <= FEW_TILES) or ntiles * nchunks < L2_MIN_BLOCKS:
         return 0
     return L2_AHEAD
+
+
+def peek(ntiles):
+    """Whether the blocks peek at their predecessor's slots (1) or not (0)."""
+    return int(ntiles >= PEEK_MIN_TILES or ntiles <= FEW_TILES)
 
 
 def options(x_dtype, g_dtype):
@@ -98,7 +112,7 @@ def _launch(direction, tensors, states, dtypes, cu, N, T, D, reverse, device, st
         args += [a.strides[0], a.strides[1]]
     args += [p or 0 for p in states]
     args += [cu_ptr, cu64, N, T, D, int(bool(reverse)), base, base + off_slots, ntiles, nchunks,
-             l2_ahead(ntiles, nchunks, cu is not None)]
+             l2_ahead(ntiles, nchunks, cu is not None), peek(ntiles)]
     launch(fn, (ntiles * nchunks,), (LANES, SHAPES[direction, vec > 1][0]), stream.ptr, args, device)
     return ws
 

@@ -107,6 +107,7 @@ template <> struct Slot<float> {
     __device__ __forceinline__ void load(const void* p) {
         asm volatile("ld.volatile.global.v2.u32 {%0, %1}, [%2];" : "=r"(w.x), "=r"(w.y) : "l"(p) : "memory");
     }
+    __device__ __forceinline__ void clear() { w.x = w.y = 0xffffffffu; }
     __device__ __forceinline__ bool ready() const { return w.x != 0xffffffffu; }
     __device__ __forceinline__ Affine<float> map() const {
         Affine<float> m; m.a = __uint_as_float(w.x); m.b = __uint_as_float(w.y); return m;
@@ -126,6 +127,7 @@ template <> struct Slot<double> {
         asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
                      : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w) : "l"(p) : "memory");
     }
+    __device__ __forceinline__ void clear() { w.x = w.y = w.z = w.w = 0xffffffffu; }
     __device__ __forceinline__ bool ready() const { return (w.x & w.y) != 0xffffffffu; }
     __device__ __forceinline__ Affine<double> map() const {
         Affine<double> m;
@@ -187,10 +189,24 @@ struct ChunkBlock {
         return m;
     }
 
+    // Where `on`, the slots of chunk c - 1 of the tile whose chunk 0 is workspace slot slot0, as they stand
+    // now (this thread's items); else unpublished.  A block asks for them right behind its own loads:
+    // where that chunk's inclusive prefix is out by then, as it mostly is where the grid has more tiles
+    // than a wave has blocks, the look-back needs no round trip.
+    __device__ __forceinline__ static void peek(const char* slots, i64 slot0, i64 c, bool on, Slot<Acc>* pre) {
+        const int i0 = (threadIdx.y * 32 + threadIdx.x) / SPLIT;
+#pragma unroll
+        for (int r = 0; r < PER; ++r) {
+            pre[r].clear();
+            if (on && c > 0)
+                pre[r].load(slots + ((slot0 + c - 1) * C + i0 + r * (NT / SPLIT)) * Slot<Acc>::BYTES);
+        }
+    }
+
     // Given every thread's maps `mine` (one per channel it owns, group q, channel lane cl) for chunk c of
-    // the tile whose chunk 0 is workspace slot slot0, set each mine[k].a to the state before the
-    // thread's first step in channel k.
-    __device__ void carry_in(char* slots, i64 slot0, i64 c, int q, int cl, Affine<Acc>* mine) {
+    // the tile whose chunk 0 is workspace slot slot0, and the slots `pre` from peek, set each mine[k].a to
+    // the state before the thread's first step in channel k.
+    __device__ void carry_in(char* slots, i64 slot0, i64 c, int q, int cl, Affine<Acc>* mine, const Slot<Acc>* pre) {
         const int tid = threadIdx.y * 32 + threadIdx.x, s = tid % SPLIT, i0 = tid / SPLIT;
         typedef Slot<Acc> S;
 #pragma unroll
@@ -220,7 +236,13 @@ struct ChunkBlock {
             i64 j[PER];
             bool done[PER];
 #pragma unroll
-            for (int r = 0; r < PER; ++r) { acc[r].a = Acc(1); acc[r].b = Acc(0); j[r] = c - 1; done[r] = false; }
+            for (int r = 0; r < PER; ++r) {
+                acc[r].a = Acc(1); acc[r].b = Acc(0); j[r] = c - 1; done[r] = false;
+                if (pre[r].ready() && pre[r].map().a == Acc(0)) {  // chunk c - 1's inclusive prefix, peeked
+                    carry[r] = pre[r].map().b;
+                    done[r] = true;
+                }
+            }
             for (;;) {
                 bool all = true;
 #pragma unroll
@@ -340,7 +362,7 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
     const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
     const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse,
-    Header* ws_hdr, char* ws_slots, i64 ntiles, i64 nchunks, i64 l2_ahead) {
+    Header* ws_hdr, char* ws_slots, i64 ntiles, i64 nchunks, i64 l2_ahead, int peek) {
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int WARPS = Shape<0, VEC>::WARPS, ROWS = Shape<0, VEC>::ROWS, STEPS = Shape<0, VEC>::STEPS;
     typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
@@ -369,6 +391,8 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
         if (live && u0 + j < T) { xr[j].load(xq); gr[j].load(gq); }
         xq += sxt; gq += sgt;
     }
+    Slot<Acc> pre[Block::PER];  // the predecessor's slots, asked for behind this thread's loads
+    Block::peek(ws_slots, (i64)tile * nchunks, chunk, peek != 0, pre);
     if (!VARLEN && l2_ahead > 0 && ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
         const Later<Block, STEPS> later(ticket + l2_ahead, ntiles, ntd, cl, q, T, reverse ? 1 : 0, 0);
         if (later.d < D && later.n > 0) {
@@ -414,7 +438,7 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     }
     }
 
-    sm.carry_in(ws_slots, (i64)tile * nchunks, chunk, q, cl, mine);
+    sm.carry_in(ws_slots, (i64)tile * nchunks, chunk, q, cl, mine, pre);
     Acc h[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) h[k] = mine[k].a;
@@ -485,7 +509,7 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     const typename AccOf<TX, TG>::type* __restrict__ h0, const typename AccOf<TX, TG>::type* __restrict__ dht,
     typename AccOf<TX, TG>::type* __restrict__ dh0,
     const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse,
-    Header* ws_hdr, char* ws_slots, i64 ntiles, i64 nchunks, i64 l2_ahead) {
+    Header* ws_hdr, char* ws_slots, i64 ntiles, i64 nchunks, i64 l2_ahead, int peek) {
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int WARPS = Shape<1, VEC>::WARPS, ROWS = Shape<1, VEC>::ROWS, STEPS = Shape<1, VEC>::STEPS;
     typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
@@ -531,6 +555,8 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
         }
         gq += sgt; dq += sdot; oq += sot;
     }
+    Slot<Acc> pre[Block::PER];  // the predecessor's slots, asked for behind this thread's loads
+    Block::peek(ws_slots, (i64)tile * nchunks, chunk, peek != 0, pre);
     if (!VARLEN && l2_ahead > 0 && ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
         const Later<Block, STEPS> later(ticket + l2_ahead, ntiles, ntd, cl, q, T, reverse ? 1 : 0, 1);
         if (later.d < D && later.n > 0) {
@@ -577,7 +603,7 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     }
     }
 
-    sm.carry_in(ws_slots, (i64)tile * nchunks, chunk, q, cl, mine);
+    sm.carry_in(ws_slots, (i64)tile * nchunks, chunk, q, cl, mine, pre);
     Acc dh[VEC], en[VEC];  // en: exp of the gate one step later, the a of the current step
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {

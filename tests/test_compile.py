@@ -82,7 +82,8 @@ def test_chunk_access_width():
 def test_chunk_workspace_and_prefetch():
     """Tiles of 32 / rows x VEC channels, chunks of warps x rows x steps; after a 16-byte header (padded to
     256 bytes) one 8-byte slot per (tile, chunk, channel), 16 for float64.  L2 prefetch only on dense
-    grids of at least L2_MIN_TILES tiles and L2_MIN_BLOCKS blocks."""
+    grids of at least L2_MIN_BLOCKS blocks and at most FEW_TILES or at least L2_MIN_TILES tiles; the peek
+    at the predecessor's slots at most FEW_TILES or at least PEEK_MIN_TILES tiles."""
     for direction, vec, acc in ((0, 8, 4), (1, 8, 4), (0, 2, 8), (1, 1, 4)):
         warps, rows, steps = chunk.SHAPES[direction, vec > 1]
         tile, length = 32 // rows * vec, warps * rows * steps
@@ -94,9 +95,13 @@ def test_chunk_workspace_and_prefetch():
         assert chunk.workspace_layout(3, length, tile, True, acc, direction, vec)[:2] == (1, 1)  # varlen: one row
     big = chunk.L2_MIN_BLOCKS // chunk.L2_MIN_TILES
     assert chunk.l2_ahead(chunk.L2_MIN_TILES, big, False) == chunk.L2_AHEAD > 0
-    assert chunk.l2_ahead(chunk.L2_MIN_TILES - 1, 100 * big, False) == 0  # few tiles: the look-back bounds
+    assert chunk.l2_ahead(chunk.FEW_TILES, 10 * big, False) == chunk.L2_AHEAD               # few tiles
+    assert chunk.FEW_TILES + 1 < chunk.L2_MIN_TILES
+    assert chunk.l2_ahead(chunk.FEW_TILES + 1, 100 * big, False) == 0                       # between
     assert chunk.l2_ahead(chunk.L2_MIN_TILES, big - 1, False) == 0        # about one wave
     assert chunk.l2_ahead(chunk.L2_MIN_TILES, big, True) == 0             # varlen
+    assert [chunk.peek(n) for n in (1, chunk.FEW_TILES, chunk.FEW_TILES + 1, chunk.PEEK_MIN_TILES - 1,
+                                    chunk.PEEK_MIN_TILES)] == [1, 1, 0, 0, 1]
 
 
 def test_engine_choice():

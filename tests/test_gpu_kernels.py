@@ -315,9 +315,9 @@ def test_deterministic(engine):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("leftover", ["earlier_launch", "random_bytes"])
 def test_chunk_workspace_leftovers(dtype, leftover, monkeypatch):
-    """The chunk engine's workspace is never cleared beyond its header: slots left in the same memory by
-    an earlier launch of the same shape (other inputs), or any other bytes, must not pass for slots of
-    the running launch."""
+    """The chunk engine's workspace is filled before each launch: slots left in the same memory by an
+    earlier launch of the same shape (other inputs), or any other bytes, must not pass for slots of the
+    running launch."""
     from hgrn_cupy import ops
 
     held = {}
@@ -337,6 +337,25 @@ def test_chunk_workspace_leftovers(dtype, leftover, monkeypatch):
         h0 = rng.standard_normal((2, 136))
         check_forward("chunk", x, g, dtype, h0)
         check_backward("chunk", x, g, dtype, h0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("peek", [False, True], ids=["no_peek", "peek"])
+@pytest.mark.parametrize("prefetch", [False, True], ids=["no_prefetch", "prefetch"])
+def test_chunk_peek_and_prefetch(dtype, peek, prefetch, monkeypatch):
+    """The chunk engine with and without the early read of the predecessor's slots and the L2 prefetch,
+    whatever the grid (the library picks them by tile count): many chunks and tiles, both directions."""
+    from hgrn_cupy import chunk
+
+    monkeypatch.setattr(chunk, "PEEK_MIN_TILES", 0 if peek else 1 << 40)
+    monkeypatch.setattr(chunk, "FEW_TILES", -1)
+    monkeypatch.setattr(chunk, "L2_MIN_TILES", 0 if prefetch else 1 << 40)
+    monkeypatch.setattr(chunk, "L2_MIN_BLOCKS", 0)
+    rng = _rng()
+    x, g = make_inputs(3, 2001, 520, rng=rng)
+    h0 = rng.standard_normal((3, 520))
+    check_forward("chunk", x, g, dtype, h0)
+    check_backward("chunk", x, g, dtype, h0, reverse=True)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
