@@ -11,7 +11,7 @@ nothing: the public functions validate.
 """
 from __future__ import annotations
 
-from ._compile import get_function, launch, layout_vector_width, pointers_aligned, vector_width
+from ._compile import ITEMSIZE, bind, get_function, layout_vector_width, pointers_aligned, vector_width
 
 LANES = 32
 # (warps per block, rows per warp, steps per thread) per (direction, vector kernel?).  A warp row is
@@ -93,28 +93,59 @@ def pick_vec(D, tensors):
     return vec if pointers_aligned(vec, tensors) else 1
 
 
-def _launch(direction, tensors, states, dtypes, cu, N, T, D, reverse, device, stream, workspace):
-    x_dtype, g_dtype = dtypes
+def _prepare(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec):
+    """One kernel's launch for one layout (``Arr`` tensors: shapes, strides, dtypes; pointers not read) and
+    access width, as ``run(stream_ptr, pointers, states, cu_ptr, cu64, workspace)`` that fills the
+    workspace and queues the kernel, returning the workspace's ``(pointer, owner)``; None when there is
+    nothing to compute."""
     acc_itemsize = 8 if "float64" in dtypes else 4
-    vec = pick_vec(D, tensors)
-    ntiles, nchunks, _, total, off_slots = workspace_layout(N, T, D, cu is not None, acc_itemsize, direction, vec)
+    ntiles, nchunks, _, total, off_slots = workspace_layout(N, T, D, varlen, acc_itemsize, direction, vec)
     if ntiles * nchunks == 0:
-        return
-    ws = workspace(total)  # (pointer, owner): the owner keeps the memory alive until we return
-    base = ws[0]
+        return None
     import cupy
 
-    cupy.cuda.runtime.memsetAsync(base, 0xFF, total, stream.ptr)  # counter at -1, every slot unpublished
-    fn = get_function("chunk", direction, x_dtype, g_dtype, device, OPTIONS, varlen=cu is not None, vec=vec)
+    fn = get_function("chunk", direction, dtypes[0], dtypes[1], device, OPTIONS, varlen=varlen, vec=vec)
+    kernel = bind(fn, (ntiles * nchunks,), (LANES, SHAPES[direction, vec > 1][0]), device)
+    strides = tuple(s for a in tensors for s in a.strides[:2])
+    shape = (N, T, D, int(bool(reverse)))
+    grid = (ntiles, nchunks, l2_ahead(ntiles, nchunks, varlen), peek(ntiles))
+    memset = cupy.cuda.runtime.memsetAsync
+
+    def run(stream_ptr, pointers, states, cu_ptr, cu64, workspace):
+        ws = workspace(total)  # (pointer, owner): the owner keeps the memory alive until we return
+        base = ws[0]
+        memset(base, 0xFF, total, stream_ptr)  # counter at -1, every slot unpublished
+        kernel(stream_ptr, *pointers, *strides, *states, cu_ptr, cu64, *shape, base, base + off_slots, *grid)
+        return ws
+    return run
+
+
+def _launch(direction, tensors, states, dtypes, cu, N, T, D, reverse, device, stream, workspace):
+    run = _prepare(direction, tensors, dtypes, cu is not None, N, T, D, reverse, device, pick_vec(D, tensors))
+    if run is None:
+        return None
     cu_ptr, cu64 = cu if cu is not None else (0, 0)
-    args = [a.ptr for a in tensors]
-    for a in tensors:
-        args += [a.strides[0], a.strides[1]]
-    args += [p or 0 for p in states]
-    args += [cu_ptr, cu64, N, T, D, int(bool(reverse)), base, base + off_slots, ntiles, nchunks,
-             l2_ahead(ntiles, nchunks, cu is not None), peek(ntiles)]
-    launch(fn, (ntiles * nchunks,), (LANES, SHAPES[direction, vec > 1][0]), stream.ptr, args, device)
-    return ws
+    return run(stream.ptr, [a.ptr for a in tensors], [p or 0 for p in states], cu_ptr, cu64, workspace)
+
+
+def prepare_fwd(x, g, o, N, reverse, device):
+    """The dense forward launch for one layout, as ``launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr,
+    workspace)`` (pointer 0: state absent; ``workspace`` as in ``chunk_fwd``), or None when there is
+    nothing to compute.  x, g, o: ``Arr`` [B, T, D] whose shapes, strides and dtypes the launch keeps;
+    each call takes VEC-wide accesses where its pointers allow them."""
+    B, T, D = x.shape
+    tensors, dtypes = (x, g, o), (x.dtype, g.dtype)
+    narrow = _prepare(0, tensors, dtypes, False, N, T, D, reverse, device, 1)
+    if narrow is None:
+        return None
+    vec = layout_vector_width(D, tensors)
+    wide = _prepare(0, tensors, dtypes, False, N, T, D, reverse, device, vec) if vec > 1 else None
+    bx, bg = vec * ITEMSIZE[x.dtype] - 1, vec * ITEMSIZE[g.dtype] - 1  # x and o share a dtype
+
+    def launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr, workspace):
+        run = narrow if wide is None or (x_ptr | o_ptr) & bx or g_ptr & bg else wide
+        return run(stream_ptr, (x_ptr, g_ptr, o_ptr), (h0_ptr, ht_ptr), 0, 0, workspace)
+    return launch
 
 
 def chunk_fwd(x, g, o, h0, ht, cu, N, reverse, device, stream, workspace):

@@ -364,15 +364,24 @@ def _plan_forward(engine, fw, x, g, h0, output_final_state, N, reverse):
     has passed :func:`check_forward`; ``engine`` is resolved."""
     if not fw.is_gpu(x):
         return lambda x, g, h0: _cpu_forward(fw, x, g, h0, output_final_state, None, reverse)
-    if engine != "fused_recurrent":  # chunk launches depend on pointers (alignment) and need scratch
-        return lambda x, g, h0: _gpu_forward(engine, fw, x, g, h0, output_final_state, None, N, reverse)
-    return (_torch_fused_plan if fw is bk.TORCH else _cupy_fused_plan)(fw, x, g, h0, output_final_state, N, reverse)
+    return (_torch_plan if fw is bk.TORCH else _cupy_plan)(engine, fw, x, g, h0, output_final_state, N, reverse)
 
 
-def _fused_launch(fw, x, g, o_strides, N, reverse, device):
+def _prepared_launch(engine, fw, x, g, o_strides, N, reverse, device, workspace):
+    """The forward launch of ``engine`` for x's and g's layout and o's strides, as ``launch(stream_ptr,
+    x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)``, or None when there is nothing to compute; the chunk engine
+    takes its scratch from ``workspace(nbytes) -> (pointer, owner)`` at each call."""
     B, T, D = x.shape
     o = bk.Arr(0, (B, T, D), o_strides, fw.dtype(x))
-    return _fused.prepare_fwd(fw.describe(x), fw.describe(g), o, None, N, reverse, device)
+    if engine == "fused_recurrent":
+        return _fused.prepare_fwd(fw.describe(x), fw.describe(g), o, None, N, reverse, device)
+    launch = _chunk.prepare_fwd(fw.describe(x), fw.describe(g), o, N, reverse, device)
+    if launch is None:
+        return None
+
+    def with_workspace(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
+        launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr, workspace)
+    return with_workspace
 
 
 def _row_major(shape):
@@ -380,9 +389,9 @@ def _row_major(shape):
     return (T * D, D, 1)
 
 
-def _torch_fused_plan(fw, x, g, h0, output_final_state, N, reverse):
-    """Outputs from torch's caching allocator (``empty_like`` where the layout allows: it parses no
-    arguments), the launch prepared, the current stream read at each call."""
+def _torch_plan(engine, fw, x, g, h0, output_final_state, N, reverse):
+    """Outputs (and the chunk engine's scratch) from torch's caching allocator (``empty_like`` where the
+    layout allows: it parses no arguments), the launch prepared, the current stream read at each call."""
     import cupy
     import torch
 
@@ -390,7 +399,12 @@ def _torch_fused_plan(fw, x, g, h0, output_final_state, N, reverse):
     acc = accumulation_dtype(fw.dtype(x), fw.dtype(g))
     device, dev = x.device, x.device.index
     o_like_x = x.is_contiguous()  # empty_like(x) then keeps x's strides
-    launch = _fused_launch(fw, x, g, x.stride() if o_like_x else _row_major(x.shape), N, reverse, dev)
+
+    def workspace(nbytes):
+        buf = torch.empty((nbytes,), dtype=torch.uint8, device=device)
+        return buf.data_ptr(), buf
+    launch = _prepared_launch(engine, fw, x, g, x.stride() if o_like_x else _row_major(x.shape), N, reverse, dev,
+                              workspace)
     direct = h0 is not None and fw.dtype(h0) == acc and h0.is_contiguous()  # h0 read in place, ht like it
     shape, o_dtype, acc_dtype = (B, T, D), x.dtype, bk._torch_dtype_names()[acc]
     empty, empty_like = torch.empty, torch.empty_like
@@ -399,7 +413,7 @@ def _torch_fused_plan(fw, x, g, h0, output_final_state, N, reverse):
 
     def plan(x, g, h0):
         if bk.POISON_OUTPUTS:
-            return _gpu_forward("fused_recurrent", fw, x, g, h0, output_final_state, None, N, reverse)
+            return _gpu_forward(engine, fw, x, g, h0, output_final_state, None, N, reverse)
         o = empty_like(x) if o_like_x else empty(shape, dtype=o_dtype, device=device)
         if direct:
             ht = empty_like(h0) if output_final_state else None
@@ -419,14 +433,19 @@ def _torch_fused_plan(fw, x, g, h0, output_final_state, N, reverse):
     return plan
 
 
-def _cupy_fused_plan(fw, x, g, h0, output_final_state, N, reverse):
-    """Outputs from CuPy's pool on x's device, the launch prepared, the current stream read at each call."""
+def _cupy_plan(engine, fw, x, g, h0, output_final_state, N, reverse):
+    """Outputs (and the chunk engine's scratch) from CuPy's pool on x's device, the launch prepared, the
+    current stream read at each call."""
     import cupy
 
     B, T, D = x.shape
     acc = accumulation_dtype(fw.dtype(x), fw.dtype(g))
     dev = x.data.device_id
-    launch = _fused_launch(fw, x, g, _row_major(x.shape), N, reverse, dev)
+
+    def workspace(nbytes):  # on x's device: the plan makes it current around the launch
+        buf = cupy.empty((nbytes,), dtype=np.uint8)
+        return buf.data.ptr, buf
+    launch = _prepared_launch(engine, fw, x, g, _row_major(x.shape), N, reverse, dev, workspace)
     direct = h0 is not None and fw.dtype(h0) == acc and h0.flags.c_contiguous
     shape, o_dtype, acc_dtype = (B, T, D), fw._np_dtype(fw.dtype(x)), fw._np_dtype(acc)
     empty, current_stream = cupy.empty, cupy.cuda.get_current_stream
@@ -434,7 +453,7 @@ def _cupy_fused_plan(fw, x, g, h0, output_final_state, N, reverse):
 
     def plan(x, g, h0):
         if bk.POISON_OUTPUTS:
-            return _gpu_forward("fused_recurrent", fw, x, g, h0, output_final_state, None, N, reverse)
+            return _gpu_forward(engine, fw, x, g, h0, output_final_state, None, N, reverse)
         prev = get_device()
         if prev != dev:
             set_device(dev)

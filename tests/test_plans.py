@@ -312,7 +312,8 @@ def test_poisoned_outputs_take_the_checked_path(fake_cuda, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # GPU: planned calls through CuPy and torch, against the reference
 
-GPU_CASES = ["decode_f32", "decode_bf16", "batch_mixed_f16_state", "views", "no_state"]
+GPU_CASES = ["decode_f32", "decode_bf16", "batch_mixed_f16_state", "views", "no_state", "chunks_bf16"]
+CASES["chunks_bf16"] = (2, 700, 136, "bfloat16", "bfloat16", "float32", "dense")  # GPU only: many chunks
 
 
 def _to_cupy(t):
@@ -326,19 +327,41 @@ def _to_cupy(t):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["fused_recurrent", "chunk"])
 @pytest.mark.parametrize("fw", ["cupy", "torch"])
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_planned_calls_gpu(fw, case):
+def test_planned_calls_gpu(fw, case, engine):
     torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(7)
     x, g, h0 = _torch_case(gen, CASES[case], "cuda")
     if fw == "cupy":
         x, g, h0 = (None if a is None else _to_cupy(a) for a in (x, g, h0))
     ref = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), None if h0 is None else to_numpy(h0), True)
+    forward = hc.chunk_hgrn if engine == "chunk" else hc.fused_recurrent_hgrn
     for _ in range(3):  # the first call makes the plan, the others use it
-        o, ht = hc.fused_recurrent_hgrn(x, g, h0, True)
+        o, ht = forward(x, g, h0, True)
         assert rel_err(o, ref[0]) <= _tol(case) and rel_err(ht, ref[1]) <= _tol(case)
         assert type(o) is type(x) and o.dtype == x.dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fw", ["cupy", "torch"])
+def test_planned_chunk_call_follows_each_calls_alignment(fw, fresh_plans):
+    """Two calls with one key (shape, strides, dtypes) whose pointers differ in alignment: the planned
+    chunk launch takes 16-byte accesses for the first and element accesses for the second."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(11)
+    base_x = torch.randn(2, 700, 144, generator=gen, dtype=torch.float64)
+    base_g = torch.nn.functional.logsigmoid(torch.randn(2, 700, 144, generator=gen, dtype=torch.float64))
+    bx, bg = base_x.to("cuda", torch.bfloat16), base_g.to("cuda", torch.bfloat16)
+    for off in (0, 1, 0):  # 16-byte aligned, 2 bytes off, aligned again
+        x, g = bx[:, :, off:off + 136], bg[:, :, off:off + 136]
+        if fw == "cupy":
+            x, g = _to_cupy(x), _to_cupy(g)
+        o, ht = hc.chunk_hgrn(x, g, None, True)
+        ref = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), None, True)
+        assert rel_err(o, ref[0]) <= TOL["bfloat16"] and rel_err(ht, ref[1]) <= TOL["bfloat16"]
+    assert len(fresh_plans) == 1
 
 
 @pytest.mark.gpu
