@@ -36,9 +36,9 @@ HEADER_BYTES = 16
 # least PEEK_MIN_TILES tiles (the predecessor started about a wave earlier and has mostly published its
 # inclusive prefix by then: the look-back then costs no round trip) or at most FEW_TILES.
 #
-# Measured (benchmarks/NOTES.md): with 16 to 256 tiles the peek made the kernels slower (256: on H100, not
-# on H200), with 1024 faster; with 8 tiles or fewer the prefetch alone made them slower, the prefetch
-# with the peek faster.
+# Measured (benchmarks/NOTES.md): with 16 to 256 tiles the peek made the forward slower, and the backward
+# too at 128 and 256 (256: on H100, not on H200); with 1024 both faster.  With 8 tiles or fewer the
+# prefetch alone made them slower, the prefetch with the peek faster.
 L2_AHEAD = 96
 L2_MIN_TILES = 16
 L2_MIN_BLOCKS = 1024
