@@ -148,6 +148,28 @@ def prepare_fwd(x, g, o, N, reverse, device):
     return launch
 
 
+def prepare_bwd(g, o, do, dx, dg, N, reverse, device):
+    """The dense backward launch without states for one layout, as ``launch(stream_ptr, g_ptr, o_ptr,
+    do_ptr, dx_ptr, dg_ptr, workspace)`` (``workspace`` as in ``chunk_fwd``), or None when there is
+    nothing to compute.  g, o, do, dx, dg: ``Arr`` [B, T, D] (dx and do in o's dtype, dg in g's) whose
+    shapes, strides and dtypes the launch keeps; each call takes VEC-wide accesses where its pointers
+    allow them."""
+    B, T, D = g.shape
+    tensors, dtypes = (g, o, do, dx, dg), (o.dtype, g.dtype)
+    narrow = _prepare(1, tensors, dtypes, False, N, T, D, reverse, device, 1)
+    if narrow is None:
+        return None
+    vec = layout_vector_width(D, tensors)
+    wide = _prepare(1, tensors, dtypes, False, N, T, D, reverse, device, vec) if vec > 1 else None
+    bg, bo = vec * ITEMSIZE[g.dtype] - 1, vec * ITEMSIZE[o.dtype] - 1
+
+    def launch(stream_ptr, g_ptr, o_ptr, do_ptr, dx_ptr, dg_ptr, workspace):
+        misaligned = (g_ptr | dg_ptr) & bg or (o_ptr | do_ptr | dx_ptr) & bo
+        run = narrow if wide is None or misaligned else wide
+        return run(stream_ptr, (g_ptr, o_ptr, do_ptr, dx_ptr, dg_ptr), (0, 0, 0), 0, 0, workspace)
+    return launch
+
+
 def chunk_fwd(x, g, o, h0, ht, cu, N, reverse, device, stream, workspace):
     """As ``fused_recurrent_fwd``; ``workspace(nbytes)`` returns ``(pointer, owner)`` of device memory
     that stays valid until the queued kernel has run (a caching allocator's block)."""

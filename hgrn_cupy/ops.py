@@ -473,6 +473,109 @@ def _cupy_plan(engine, fw, x, g, h0, output_final_state, N, reverse):
     return plan
 
 
+def _lookup_backward(engine, g, o, do, dht, h0, cu_seqlens, reverse):
+    """As :func:`_lookup`, for a backward without states (dht, initial state): ``(plan, key)``."""
+    if dht is not None or h0 is not None or cu_seqlens is not None or (reverse is not True and reverse is not False):
+        return None, None
+    fw = bk.PLANNABLE.get(type(o))
+    if fw is None and bk.framework_of(o) is not None:
+        fw = bk.PLANNABLE.get(type(o))
+    if fw is None:
+        return None, None
+    try:
+        key = fw.signature(g, o, do, ("backward", engine, reverse))
+        return _plans.get(key), key
+    except Exception:  # as in _lookup
+        return None, None
+
+
+def _plan_backward(engine, fw, g, o, do, N, reverse):
+    """A function ``(g, o, do) -> (dx, dg, None)`` for the backward calls of one key (no states), made
+    from a call that has passed :func:`check_backward`; ``engine`` is resolved.  The chunk engine's
+    launch is prepared; outputs are row-major as on the checked path."""
+    if not fw.is_gpu(o):
+        return lambda g, o, do: _cpu_backward(fw, g, o, do, None, None, None, reverse)
+    B, T, D = o.shape
+    od, gd = fw.dtype(o), fw.dtype(g)
+    cast_do = fw.dtype(do) != od
+    checked = lambda g, o, do: _gpu_backward(engine, fw, g, o, do, None, None, None, N, reverse)  # noqa: E731
+    if engine != "chunk":
+        return checked
+    row = _row_major((B, T, D))
+    arrs = [bk.Arr(0, (B, T, D), fw.strides(a), fw.dtype(a)) for a in (g, o, do)]
+    if cast_do:
+        arrs[2] = bk.Arr(0, (B, T, D), row, od)
+    launch = _chunk.prepare_bwd(*arrs, bk.Arr(0, (B, T, D), row, od), bk.Arr(0, (B, T, D), row, gd), N, reverse,
+                                _device_index(fw, o))
+    if fw is bk.TORCH:
+        import cupy
+        import torch
+
+        device, dev = o.device, o.device.index
+        dt = bk._torch_dtype_names()
+        o_dtype, g_dtype, empty = dt[od], dt[gd], torch.empty
+        stream = bk.torch_stream_reader(torch)
+        get_device = cupy.cuda.runtime.getDevice
+
+        def workspace(nbytes):
+            buf = torch.empty((nbytes,), dtype=torch.uint8, device=device)
+            return buf.data_ptr(), buf
+
+        def plan(g, o, do):
+            if bk.POISON_OUTPUTS:
+                return checked(g, o, do)
+            if cast_do:  # as the checked path, then row-major as the launch was prepared for
+                do = do.to(o_dtype).contiguous()
+            dx, dg = empty((B, T, D), dtype=o_dtype, device=device), empty((B, T, D), dtype=g_dtype, device=device)
+            if launch is not None:
+                with _DeviceScope(dev) if get_device() != dev else _NO_SCOPE:
+                    launch(stream(dev), g.data_ptr(), o.data_ptr(), do.data_ptr(), dx.data_ptr(), dg.data_ptr(),
+                           workspace)
+            return dx, dg, None
+        return plan
+
+    import cupy
+
+    dev = o.data.device_id
+    o_dtype, g_dtype = fw._np_dtype(od), fw._np_dtype(gd)
+    empty, current_stream = cupy.empty, cupy.cuda.get_current_stream
+    get_device, set_device = cupy.cuda.runtime.getDevice, cupy.cuda.runtime.setDevice
+
+    def cupy_workspace(nbytes):  # on o's device: the plan makes it current around the launch
+        buf = cupy.empty((nbytes,), dtype=np.uint8)
+        return buf.data.ptr, buf
+
+    def cupy_plan(g, o, do):
+        if bk.POISON_OUTPUTS:
+            return checked(g, o, do)
+        prev = get_device()
+        if prev != dev:
+            set_device(dev)
+        try:
+            if cast_do:
+                do = cupy.ascontiguousarray(fw.astype(do, od))
+            dx, dg = empty((B, T, D), o_dtype), empty((B, T, D), g_dtype)
+            if launch is not None:
+                launch(current_stream(dev).ptr, g.data.ptr, o.data.ptr, do.data.ptr, dx.data.ptr, dg.data.ptr,
+                       cupy_workspace)
+        finally:
+            if prev != dev:
+                set_device(prev)
+        return dx, dg, None
+    return cupy_plan
+
+
+class _NoScope:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_SCOPE = _NoScope()
+
+
 # ----------------------------------------------------------------------------------------------
 # the public functions
 
@@ -548,9 +651,18 @@ def hgrn_backward(g, o, do, dht=None, initial_state=None, cu_seqlens=None, rever
         ``(dx, dg, dh0)``: dx ``[B, T, D]`` in o's dtype, dg in g's dtype, dh0 ``[N, D]`` in
         initial_state's dtype (None without an initial state).
     """
+    plan, key = _lookup_backward(engine, g, o, do, dht, initial_state, cu_seqlens, reverse)
+    if plan is not None:
+        return plan(g, o, do)
     fw, N = check_backward(g, o, do, dht, initial_state, cu_seqlens, reverse)
     B, T, D = o.shape
     engine = _engine(engine, N, T, D, (fw.dtype(o), fw.dtype(g)), 1)
+    if key is not None:
+        plan = _plan_backward(engine, fw, g, o, do, N, reverse)
+        if len(_plans) >= MAX_PLANS:
+            _plans.clear()
+        _plans[key] = plan
+        return plan(g, o, do)
     if not fw.is_gpu(o):
         return _cpu_backward(fw, g, o, do, dht, initial_state, cu_seqlens, reverse)
     if fw is bk.JAX:

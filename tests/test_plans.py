@@ -432,3 +432,69 @@ def test_block_walk_where_the_layout_allows(layout, narrow, fake_cuda, monkeypat
         assert got == [(BLOCK_FWD, vec, (1, 3, 1), (32, fused_recurrent.BLOCK_WARPS, 1))] * 3
     else:
         assert [k[:2] for k in got] == [(0, 1)] * 3
+
+
+BACKWARD_CASES = {  # (B, T, D, o and do dtype, g dtype, do dtype, layout)
+    "bf16_chunks": (2, 700, 136, "bfloat16", "bfloat16", "bfloat16", "dense"),
+    "f32_do_cast": (3, 300, 40, "float32", "float32", "bfloat16", "dense"),
+    "time_stride": (2, 333, 64, "float16", "float32", "float16", "time_stride"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["fused_recurrent", "chunk"])
+@pytest.mark.parametrize("fw", ["cupy", "torch"])
+@pytest.mark.parametrize("case", list(BACKWARD_CASES))
+def test_planned_backward_gpu(fw, case, engine, fresh_plans):
+    """Backward calls without states: the first makes the plan, the others use it; each against the
+    reference, and the planned results equal the checked path's."""
+    torch = pytest.importorskip("torch")
+    B, T, D, od, gd, dd, layout = BACKWARD_CASES[case]
+    gen = torch.Generator().manual_seed(13)
+    step = 3 if layout == "time_stride" else 1
+    x = torch.randn(B, T * step, D, generator=gen, dtype=torch.float64)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T * step, D, generator=gen, dtype=torch.float64))
+    do = torch.randn(B, T * step, D, generator=gen, dtype=torch.float64)
+    x, g, do = (a.to("cuda")[:, ::step] for a in (x, g, do))
+    x, g, do = x.to(getattr(torch, od)), g.to(getattr(torch, gd)), do.to(getattr(torch, dd))
+    o = hc.fused_recurrent_hgrn(x, g)[0][:, :]  # row-major
+    if layout == "time_stride":  # o read through a strided view as well
+        o = torch.repeat_interleave(o, 3, dim=1)[:, ::3]
+    if fw == "cupy":
+        g, o, do = _to_cupy(g), _to_cupy(o), _to_cupy(do)
+    fresh_plans.clear()  # the forward above made one
+    ref = hc.naive_recurrent_hgrn_bwd(to_numpy(g), to_numpy(o), to_numpy(do))
+    tol = max(TOL[od], TOL[gd], TOL[dd])
+    checked = hc.hgrn_backward(g, o, do, None, None, None, np.bool_(False), engine=engine)  # never planned
+    assert not fresh_plans
+    for _ in range(3):
+        dx, dg, dh0 = hc.hgrn_backward(g, o, do, engine=engine)
+        assert dh0 is None and type(dx) is type(o)
+        assert rel_err(dx, ref[0]) <= tol and rel_err(dg, ref[1]) <= tol
+        for a, b in zip((dx, dg), checked[:2]):
+            assert bool((a == b).all())
+    assert len(fresh_plans) == 1
+
+
+def test_backward_plans_cpu(fresh_plans):
+    """Backward calls without states are planned by key (g, o, do); a call whose do does not fit, or one
+    with states, takes the checked path."""
+    rng = np.random.default_rng(3)
+    x, g, _ = _arrays("numpy", rng)
+    o = hc.hgrn(x, g)[0]
+    do = rng.standard_normal(o.shape).astype(np.float32)
+    fresh_plans.clear()
+    first = hc.hgrn_backward(g, o, do)
+    again = hc.hgrn_backward(g, o, do)
+    assert len(fresh_plans) == 1 and first[2] is None
+    for a, b in zip(first[:2], again[:2]):
+        assert np.array_equal(a, b)
+    ref = hc.naive_recurrent_hgrn_bwd(g, o, do)
+    assert rel_err(again[0], ref[0]) <= TOL["float32"] and rel_err(again[1], ref[1]) <= TOL["float32"]
+    with pytest.raises(ValueError):
+        hc.hgrn_backward(g, o, do[:, :-1])
+    dht = rng.standard_normal((x.shape[0], x.shape[2])).astype(np.float32)
+    with_state = hc.hgrn_backward(g, o, do, dht)
+    assert len(fresh_plans) == 1
+    ref = hc.naive_recurrent_hgrn_bwd(g, o, do, dht)
+    assert rel_err(with_state[0], ref[0]) <= TOL["float32"]
