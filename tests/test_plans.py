@@ -498,3 +498,57 @@ def test_backward_plans_cpu(fresh_plans):
     assert len(fresh_plans) == 1
     ref = hc.naive_recurrent_hgrn_bwd(g, o, do, dht)
     assert rel_err(with_state[0], ref[0]) <= TOL["float32"]
+
+
+CHUNK_FWD_ARGS = ("x", "g", "o", "sxb", "sxt", "sgb", "sgt", "sob", "sot", "h0", "ht", "cu", "cu64", "N", "T", "D",
+                  "reverse", "hdr", "slots", "ntiles", "nchunks", "l2_ahead", "peek")
+CHUNK_BWD_ARGS = ("g", "o", "do", "dx", "dg", "sgb", "sgt", "sob", "sot", "sdob", "sdot", "sdxb", "sdxt", "sdgb",
+                  "sdgt", "h0", "dht", "dh0", "cu", "cu64", "N", "T", "D", "reverse", "hdr", "slots", "ntiles",
+                  "nchunks", "l2_ahead", "peek")
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_planned_chunk_launch_matches_checked_launch(offset, fake_cuda, monkeypatch):
+    """CPU: the chunk engine's planned launches, forward and backward, hand the kernel what the checked
+    path hands it (arguments read back from the packed parameters, the workspace filled first), with
+    16-byte accesses only where the call's pointers allow them."""
+    torch = pytest.importorskip("torch")
+    cupy = pytest.importorskip("cupy")
+    from hgrn_cupy import chunk
+
+    calls = []
+    monkeypatch.setattr(chunk, "get_function", fake_cuda.get_function)
+    monkeypatch.setattr(cupy.cuda.runtime, "memsetAsync", lambda p, v, n, s: calls.append(("fill", p, v, n, s)))
+
+    def launch_kernel(fn_ptr, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
+        (key,) = [k for k, f in fake_cuda.functions.items() if f.ptr == fn_ptr]
+        names = CHUNK_FWD_ARGS if key[1] == 0 else CHUNK_BWD_ARGS
+        slots = (ctypes.c_void_p * len(names)).from_address(params)
+        args = dict(zip(names, (ctypes.c_int64.from_address(p).value for p in slots)))
+        calls.append(("kernel", key, (gx, gy, gz, bx, by, bz), stream, args))
+    driver = pytest.importorskip("cupy_backends.cuda.api.driver")
+    monkeypatch.setattr(driver, "launchKernel", launch_kernel)
+
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 300, 72, generator=gen).to(torch.bfloat16)
+    x, g = base[:, :, offset:offset + 64], base.flip(0)[:, :, offset:offset + 64]
+    do = torch.randn(3, 300, 64, generator=gen).to(torch.bfloat16)
+    for _ in range(3):  # checked, then the plan is made, then it is used
+        o = hc.chunk_hgrn(x, g)[0]
+    for _ in range(3):
+        hc.hgrn_backward(g, o, do, engine="chunk")
+    assert len(ops._plans) == 2  # one forward key, one backward key
+    kernels = [c for c in calls if c[0] == "kernel"]
+    fills = [c for c in calls if c[0] == "fill"]
+    assert len(kernels) == len(fills) == 6
+    pointers = ("x", "g", "o", "do", "dx", "dg", "hdr", "slots")
+    for direction, group in ((0, kernels[:3]), (1, kernels[3:])):
+        first = group[0]
+        assert first[1][1] == direction and first[1][7] == (1 if offset else 8)  # VEC from the pointers
+        for k in group[1:]:
+            assert k[1:4] == first[1:4]
+            assert {n: v for n, v in k[4].items() if n not in pointers} == \
+                   {n: v for n, v in first[4].items() if n not in pointers}
+    for (_, p, v, n, s), k in zip(fills, kernels):  # the whole workspace filled with ones before each launch
+        assert v == 0xFF and s == k[3] == fake_cuda.stream.ptr and k[4]["hdr"] == p and k[4]["slots"] > p
+    assert kernels[0][4]["x"] == x.data_ptr() and kernels[3][4]["do"] == do.data_ptr()
