@@ -128,45 +128,27 @@ def _launch(direction, tensors, states, dtypes, cu, N, T, D, reverse, device, st
     return run(stream.ptr, [a.ptr for a in tensors], [p or 0 for p in states], cu_ptr, cu64, workspace)
 
 
-def prepare_fwd(x, g, o, N, reverse, device):
-    """The dense forward launch for one layout, as ``launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr,
-    workspace)`` (pointer 0: state absent; ``workspace`` as in ``chunk_fwd``), or None when there is
-    nothing to compute.  x, g, o: ``Arr`` [B, T, D] whose shapes, strides and dtypes the launch keeps;
-    each call takes VEC-wide accesses where its pointers allow them."""
-    B, T, D = x.shape
-    tensors, dtypes = (x, g, o), (x.dtype, g.dtype)
-    narrow = _prepare(0, tensors, dtypes, False, N, T, D, reverse, device, 1)
+def prepare_dense(direction, tensors, N, reverse, device):
+    """The dense launch of one direction without cu_seqlens for one layout, as ``launch(stream_ptr,
+    pointers, states, workspace)``, or None when there is nothing to compute.  ``tensors``: ``Arr``
+    [B, T, D] in the kernel's order (forward x, g, o; backward g, o, do, dx, dg), whose shapes, strides
+    and dtypes the launch keeps; ``pointers`` theirs at each call, ``states`` the state pointers (forward
+    h0, ht; backward h0, dht, dh0; 0: absent), ``workspace`` as in ``chunk_fwd``.  Each call takes
+    VEC-wide accesses where its pointers allow them."""
+    B, T, D = tensors[0].shape
+    dtypes = (tensors[0].dtype, tensors[1].dtype) if direction == 0 else (tensors[1].dtype, tensors[0].dtype)
+    narrow = _prepare(direction, tensors, dtypes, False, N, T, D, reverse, device, 1)
     if narrow is None:
         return None
     vec = layout_vector_width(D, tensors)
-    wide = _prepare(0, tensors, dtypes, False, N, T, D, reverse, device, vec) if vec > 1 else None
-    bx, bg = vec * ITEMSIZE[x.dtype] - 1, vec * ITEMSIZE[g.dtype] - 1  # x and o share a dtype
+    wide = _prepare(direction, tensors, dtypes, False, N, T, D, reverse, device, vec) if vec > 1 else None
+    masks = tuple(vec * ITEMSIZE[a.dtype] - 1 for a in tensors)  # pointer bits VEC-wide accesses need clear
 
-    def launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr, workspace):
-        run = narrow if wide is None or (x_ptr | o_ptr) & bx or g_ptr & bg else wide
-        return run(stream_ptr, (x_ptr, g_ptr, o_ptr), (h0_ptr, ht_ptr), 0, 0, workspace)
-    return launch
-
-
-def prepare_bwd(g, o, do, dx, dg, N, reverse, device):
-    """The dense backward launch without states for one layout, as ``launch(stream_ptr, g_ptr, o_ptr,
-    do_ptr, dx_ptr, dg_ptr, workspace)`` (``workspace`` as in ``chunk_fwd``), or None when there is
-    nothing to compute.  g, o, do, dx, dg: ``Arr`` [B, T, D] (dx and do in o's dtype, dg in g's) whose
-    shapes, strides and dtypes the launch keeps; each call takes VEC-wide accesses where its pointers
-    allow them."""
-    B, T, D = g.shape
-    tensors, dtypes = (g, o, do, dx, dg), (o.dtype, g.dtype)
-    narrow = _prepare(1, tensors, dtypes, False, N, T, D, reverse, device, 1)
-    if narrow is None:
-        return None
-    vec = layout_vector_width(D, tensors)
-    wide = _prepare(1, tensors, dtypes, False, N, T, D, reverse, device, vec) if vec > 1 else None
-    bg, bo = vec * ITEMSIZE[g.dtype] - 1, vec * ITEMSIZE[o.dtype] - 1
-
-    def launch(stream_ptr, g_ptr, o_ptr, do_ptr, dx_ptr, dg_ptr, workspace):
-        misaligned = (g_ptr | dg_ptr) & bg or (o_ptr | do_ptr | dx_ptr) & bo
-        run = narrow if wide is None or misaligned else wide
-        return run(stream_ptr, (g_ptr, o_ptr, do_ptr, dx_ptr, dg_ptr), (0, 0, 0), 0, 0, workspace)
+    def launch(stream_ptr, pointers, states, workspace):
+        run = wide
+        if run is None or any(p & m for p, m in zip(pointers, masks)):
+            run = narrow
+        return run(stream_ptr, pointers, states, 0, 0, workspace)
     return launch
 
 

@@ -208,13 +208,14 @@ def _cu_arg(fw, cu):
     return cu, (fw.describe(cu).ptr, int(fw.dtype(cu) == "int64"))
 
 
-def _workspace(fw, like):
-    """Chunk-engine scratch from the caller's allocator (torch's caching allocator or CuPy's pool)."""
+def _workspace(fw, device):
+    """Chunk-engine scratch from the caller's allocator: torch's caching allocator on ``device`` (a torch
+    device), or CuPy's pool on the current device."""
     def alloc(nbytes):
         if fw is bk.TORCH:
             import torch
 
-            buf = torch.empty((nbytes,), dtype=torch.uint8, device=like.device)
+            buf = torch.empty((nbytes,), dtype=torch.uint8, device=device)
             return buf.data_ptr(), buf
         import cupy
 
@@ -272,7 +273,7 @@ def _gpu_forward(engine, fw, x, g, h0, output_final_state, cu, N, reverse):
         args = (fw.describe(x), fw.describe(g), fw.describe(o), _ptr(fw, h0), _ptr(fw, ht), cu_arg, N, reverse,
                 dev, stream)
         if engine == "chunk":
-            _chunk.chunk_fwd(*args, _workspace(fw, x))
+            _chunk.chunk_fwd(*args, _workspace(fw, x.device))
         else:
             _fused.fused_recurrent_fwd(*args)
     return o, ht
@@ -296,7 +297,7 @@ def _gpu_backward(engine, fw, g, o, do, dht, h0, cu, N, reverse):
         args = (fw.describe(g), fw.describe(o), fw.describe(do), fw.describe(dx), fw.describe(dg),
                 _ptr(fw, h0_in), _ptr(fw, dht), _ptr(fw, dh0), cu_arg, N, reverse, dev, stream)
         if engine == "chunk":
-            _chunk.chunk_bwd(*args, _workspace(fw, o))
+            _chunk.chunk_bwd(*args, _workspace(fw, o.device))
         else:
             _fused.fused_recurrent_bwd(*args)
     if dh0 is not None and fw.dtype(h0) != acc:
@@ -346,7 +347,7 @@ _plans: dict = {}
 def _lookup(engine, x, g, h0, output_final_state, cu_seqlens, reverse):
     """``(plan, key)``: the plan for this call's key (None when there is none yet) and the key (None when
     the call cannot be planned: varlen offsets must be checked at every call, JAX arrays are converted,
-    and a ``reverse`` that is not a bool must be rejected)."""
+    and a ``reverse`` that is not a bool must be rejected).  A backward passes g, o, do for x, g, h0."""
     fw = bk.PLANNABLE.get(type(x))
     if fw is None and bk.framework_of(x) is not None:  # a type not seen before may be plannable
         fw = bk.PLANNABLE.get(type(x))
@@ -375,12 +376,12 @@ def _prepared_launch(engine, fw, x, g, o_strides, N, reverse, device, workspace)
     o = bk.Arr(0, (B, T, D), o_strides, fw.dtype(x))
     if engine == "fused_recurrent":
         return _fused.prepare_fwd(fw.describe(x), fw.describe(g), o, None, N, reverse, device)
-    launch = _chunk.prepare_fwd(fw.describe(x), fw.describe(g), o, N, reverse, device)
+    launch = _chunk.prepare_dense(0, (fw.describe(x), fw.describe(g), o), N, reverse, device)
     if launch is None:
         return None
 
     def with_workspace(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
-        launch(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr, workspace)
+        launch(stream_ptr, (x_ptr, g_ptr, o_ptr), (h0_ptr, ht_ptr), workspace)
     return with_workspace
 
 
@@ -399,12 +400,8 @@ def _torch_plan(engine, fw, x, g, h0, output_final_state, N, reverse):
     acc = accumulation_dtype(fw.dtype(x), fw.dtype(g))
     device, dev = x.device, x.device.index
     o_like_x = x.is_contiguous()  # empty_like(x) then keeps x's strides
-
-    def workspace(nbytes):
-        buf = torch.empty((nbytes,), dtype=torch.uint8, device=device)
-        return buf.data_ptr(), buf
     launch = _prepared_launch(engine, fw, x, g, x.stride() if o_like_x else _row_major(x.shape), N, reverse, dev,
-                              workspace)
+                              _workspace(fw, device))
     direct = h0 is not None and fw.dtype(h0) == acc and h0.is_contiguous()  # h0 read in place, ht like it
     shape, o_dtype, acc_dtype = (B, T, D), x.dtype, bk._torch_dtype_names()[acc]
     empty, empty_like = torch.empty, torch.empty_like
@@ -441,11 +438,8 @@ def _cupy_plan(engine, fw, x, g, h0, output_final_state, N, reverse):
     B, T, D = x.shape
     acc = accumulation_dtype(fw.dtype(x), fw.dtype(g))
     dev = x.data.device_id
-
-    def workspace(nbytes):  # on x's device: the plan makes it current around the launch
-        buf = cupy.empty((nbytes,), dtype=np.uint8)
-        return buf.data.ptr, buf
-    launch = _prepared_launch(engine, fw, x, g, _row_major(x.shape), N, reverse, dev, workspace)
+    # scratch on x's device: the plan makes it current around the launch
+    launch = _prepared_launch(engine, fw, x, g, _row_major(x.shape), N, reverse, dev, _workspace(fw, dev))
     direct = h0 is not None and fw.dtype(h0) == acc and h0.flags.c_contiguous
     shape, o_dtype, acc_dtype = (B, T, D), fw._np_dtype(fw.dtype(x)), fw._np_dtype(acc)
     empty, current_stream = cupy.empty, cupy.cuda.get_current_stream
@@ -473,22 +467,6 @@ def _cupy_plan(engine, fw, x, g, h0, output_final_state, N, reverse):
     return plan
 
 
-def _lookup_backward(engine, g, o, do, dht, h0, cu_seqlens, reverse):
-    """As :func:`_lookup`, for a backward without states (dht, initial state): ``(plan, key)``."""
-    if dht is not None or h0 is not None or cu_seqlens is not None or (reverse is not True and reverse is not False):
-        return None, None
-    fw = bk.PLANNABLE.get(type(o))
-    if fw is None and bk.framework_of(o) is not None:
-        fw = bk.PLANNABLE.get(type(o))
-    if fw is None:
-        return None, None
-    try:
-        key = fw.signature(g, o, do, ("backward", engine, reverse))
-        return _plans.get(key), key
-    except Exception:  # as in _lookup
-        return None, None
-
-
 def _plan_backward(engine, fw, g, o, do, N, reverse):
     """A function ``(g, o, do) -> (dx, dg, None)`` for the backward calls of one key (no states), made
     from a call that has passed :func:`check_backward`; ``engine`` is resolved.  The chunk engine's
@@ -505,8 +483,8 @@ def _plan_backward(engine, fw, g, o, do, N, reverse):
     arrs = [bk.Arr(0, (B, T, D), fw.strides(a), fw.dtype(a)) for a in (g, o, do)]
     if cast_do:
         arrs[2] = bk.Arr(0, (B, T, D), row, od)
-    launch = _chunk.prepare_bwd(*arrs, bk.Arr(0, (B, T, D), row, od), bk.Arr(0, (B, T, D), row, gd), N, reverse,
-                                _device_index(fw, o))
+    launch = _chunk.prepare_dense(1, (*arrs, bk.Arr(0, (B, T, D), row, od), bk.Arr(0, (B, T, D), row, gd)), N,
+                                  reverse, _device_index(fw, o))
     if fw is bk.TORCH:
         import cupy
         import torch
@@ -516,10 +494,7 @@ def _plan_backward(engine, fw, g, o, do, N, reverse):
         o_dtype, g_dtype, empty = dt[od], dt[gd], torch.empty
         stream = bk.torch_stream_reader(torch)
         get_device = cupy.cuda.runtime.getDevice
-
-        def workspace(nbytes):
-            buf = torch.empty((nbytes,), dtype=torch.uint8, device=device)
-            return buf.data_ptr(), buf
+        workspace = _workspace(fw, device)
 
         def plan(g, o, do):
             if bk.POISON_OUTPUTS:
@@ -528,9 +503,12 @@ def _plan_backward(engine, fw, g, o, do, N, reverse):
                 do = do.to(o_dtype).contiguous()
             dx, dg = empty((B, T, D), dtype=o_dtype, device=device), empty((B, T, D), dtype=g_dtype, device=device)
             if launch is not None:
-                with _DeviceScope(dev) if get_device() != dev else _NO_SCOPE:
-                    launch(stream(dev), g.data_ptr(), o.data_ptr(), do.data_ptr(), dx.data_ptr(), dg.data_ptr(),
-                           workspace)
+                args = ((g.data_ptr(), o.data_ptr(), do.data_ptr(), dx.data_ptr(), dg.data_ptr()), (0, 0, 0), workspace)
+                if get_device() == dev:
+                    launch(stream(dev), *args)
+                else:
+                    with _DeviceScope(dev):
+                        launch(stream(dev), *args)
             return dx, dg, None
         return plan
 
@@ -540,10 +518,7 @@ def _plan_backward(engine, fw, g, o, do, N, reverse):
     o_dtype, g_dtype = fw._np_dtype(od), fw._np_dtype(gd)
     empty, current_stream = cupy.empty, cupy.cuda.get_current_stream
     get_device, set_device = cupy.cuda.runtime.getDevice, cupy.cuda.runtime.setDevice
-
-    def cupy_workspace(nbytes):  # on o's device: the plan makes it current around the launch
-        buf = cupy.empty((nbytes,), dtype=np.uint8)
-        return buf.data.ptr, buf
+    workspace = _workspace(fw, dev)  # on o's device: the plan makes it current around the launch
 
     def cupy_plan(g, o, do):
         if bk.POISON_OUTPUTS:
@@ -556,24 +531,13 @@ def _plan_backward(engine, fw, g, o, do, N, reverse):
                 do = cupy.ascontiguousarray(fw.astype(do, od))
             dx, dg = empty((B, T, D), o_dtype), empty((B, T, D), g_dtype)
             if launch is not None:
-                launch(current_stream(dev).ptr, g.data.ptr, o.data.ptr, do.data.ptr, dx.data.ptr, dg.data.ptr,
-                       cupy_workspace)
+                launch(current_stream(dev).ptr, (g.data.ptr, o.data.ptr, do.data.ptr, dx.data.ptr, dg.data.ptr),
+                       (0, 0, 0), workspace)
         finally:
             if prev != dev:
                 set_device(prev)
         return dx, dg, None
     return cupy_plan
-
-
-class _NoScope:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_SCOPE = _NoScope()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -651,7 +615,9 @@ def hgrn_backward(g, o, do, dht=None, initial_state=None, cu_seqlens=None, rever
         ``(dx, dg, dh0)``: dx ``[B, T, D]`` in o's dtype, dg in g's dtype, dh0 ``[N, D]`` in
         initial_state's dtype (None without an initial state).
     """
-    plan, key = _lookup_backward(engine, g, o, do, dht, initial_state, cu_seqlens, reverse)
+    plan, key = None, None
+    if dht is None and initial_state is None:  # planned: the key is g, o and do
+        plan, key = _lookup(("backward", engine), g, o, do, False, cu_seqlens, reverse)
     if plan is not None:
         return plan(g, o, do)
     fw, N = check_backward(g, o, do, dht, initial_state, cu_seqlens, reverse)
