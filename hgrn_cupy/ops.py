@@ -360,6 +360,17 @@ def _lookup(engine, x, g, h0, output_final_state, cu_seqlens, reverse):
         return None, None
 
 
+def _state_key(o, a):
+    """A backward key's part for one optional state: None where it is absent, its placement, dtype, shape
+    and strides otherwise; False where it cannot be planned (not of o's type: the checks will say)."""
+    if a is None:
+        return None
+    fw = bk.PLANNABLE.get(type(a))
+    if fw is None or type(a) is not type(o):
+        return False
+    return fw.signature(a, a, None, None)
+
+
 def _plan_forward(engine, fw, x, g, h0, output_final_state, N, reverse):
     """A function ``(x, g, initial_state) -> (o, ht)`` for the calls of one key, made from a call that
     has passed :func:`check_forward`; ``engine`` is resolved."""
@@ -467,16 +478,22 @@ def _cupy_plan(engine, fw, x, g, h0, output_final_state, N, reverse):
     return plan
 
 
-def _plan_backward(engine, fw, g, o, do, N, reverse):
-    """A function ``(g, o, do) -> (dx, dg, None)`` for the backward calls of one key (no states), made
-    from a call that has passed :func:`check_backward`; ``engine`` is resolved.  The chunk engine's
-    launch is prepared; outputs are row-major as on the checked path."""
+def _plan_backward(engine, fw, g, o, do, dht, h0, N, reverse):
+    """A function ``(g, o, do, dht, h0) -> (dx, dg, dh0)`` for the backward calls of one key, made from a
+    call that has passed :func:`check_backward`; ``engine`` is resolved.  The key fixes which states are
+    present and their layouts (``dht``, ``h0``: this call's, or None).  The chunk engine's launch is
+    prepared; outputs are row-major and states are taken in and given back as on the checked path."""
     if not fw.is_gpu(o):
-        return lambda g, o, do: _cpu_backward(fw, g, o, do, None, None, None, reverse)
+        return lambda g, o, do, dht, h0: _cpu_backward(fw, g, o, do, dht, h0, None, reverse)
     B, T, D = o.shape
     od, gd = fw.dtype(o), fw.dtype(g)
+    acc = accumulation_dtype(od, gd)
     cast_do = fw.dtype(do) != od
-    checked = lambda g, o, do: _gpu_backward(engine, fw, g, o, do, None, None, None, N, reverse)  # noqa: E731
+    with_h0 = h0 is not None
+    cast_dh0 = with_h0 and fw.dtype(h0) != acc  # dh0 comes back in h0's dtype
+
+    def checked(g, o, do, dht, h0):
+        return _gpu_backward(engine, fw, g, o, do, dht, h0, None, N, reverse)
     if engine != "chunk":
         return checked
     row = _row_major((B, T, D))
@@ -491,38 +508,46 @@ def _plan_backward(engine, fw, g, o, do, N, reverse):
 
         device, dev = o.device, o.device.index
         dt = bk._torch_dtype_names()
-        o_dtype, g_dtype, empty = dt[od], dt[gd], torch.empty
+        o_dtype, g_dtype, acc_dtype, empty = dt[od], dt[gd], dt[acc], torch.empty
+        h0_dtype = h0.dtype if with_h0 else None
         stream = bk.torch_stream_reader(torch)
         get_device = cupy.cuda.runtime.getDevice
         workspace = _workspace(fw, device)
 
-        def plan(g, o, do):
+        def plan(g, o, do, dht, h0):
             if bk.POISON_OUTPUTS:
-                return checked(g, o, do)
+                return checked(g, o, do, dht, h0)
             if cast_do:  # as the checked path, then row-major as the launch was prepared for
                 do = do.to(o_dtype).contiguous()
             dx, dg = empty((B, T, D), dtype=o_dtype, device=device), empty((B, T, D), dtype=g_dtype, device=device)
+            dh0 = empty((N, D), dtype=acc_dtype, device=device) if with_h0 else None
             if launch is not None:
-                args = ((g.data_ptr(), o.data_ptr(), do.data_ptr(), dx.data_ptr(), dg.data_ptr()), (0, 0, 0), workspace)
+                h0_in, dht_in = _state_in(fw, h0, acc), _state_in(fw, dht, acc)
+                states = (0 if h0_in is None else h0_in.data_ptr(), 0 if dht_in is None else dht_in.data_ptr(),
+                          0 if dh0 is None else dh0.data_ptr())
+                args = ((g.data_ptr(), o.data_ptr(), do.data_ptr(), dx.data_ptr(), dg.data_ptr()), states, workspace)
                 if get_device() == dev:
                     launch(stream(dev), *args)
                 else:
                     with _DeviceScope(dev):
                         launch(stream(dev), *args)
-            return dx, dg, None
+            if cast_dh0:
+                dh0 = dh0.to(h0_dtype)
+            return dx, dg, dh0
         return plan
 
     import cupy
 
     dev = o.data.device_id
-    o_dtype, g_dtype = fw._np_dtype(od), fw._np_dtype(gd)
+    o_dtype, g_dtype, acc_np = fw._np_dtype(od), fw._np_dtype(gd), fw._np_dtype(acc)
+    h0_dtype = fw.dtype(h0) if with_h0 else None
     empty, current_stream = cupy.empty, cupy.cuda.get_current_stream
     get_device, set_device = cupy.cuda.runtime.getDevice, cupy.cuda.runtime.setDevice
     workspace = _workspace(fw, dev)  # on o's device: the plan makes it current around the launch
 
-    def cupy_plan(g, o, do):
+    def cupy_plan(g, o, do, dht, h0):
         if bk.POISON_OUTPUTS:
-            return checked(g, o, do)
+            return checked(g, o, do, dht, h0)
         prev = get_device()
         if prev != dev:
             set_device(dev)
@@ -530,13 +555,18 @@ def _plan_backward(engine, fw, g, o, do, N, reverse):
             if cast_do:
                 do = cupy.ascontiguousarray(fw.astype(do, od))
             dx, dg = empty((B, T, D), o_dtype), empty((B, T, D), g_dtype)
+            dh0 = empty((N, D), acc_np) if with_h0 else None
             if launch is not None:
+                h0_in, dht_in = _state_in(fw, h0, acc), _state_in(fw, dht, acc)
                 launch(current_stream(dev).ptr, (g.data.ptr, o.data.ptr, do.data.ptr, dx.data.ptr, dg.data.ptr),
-                       (0, 0, 0), workspace)
+                       (0 if h0_in is None else h0_in.data.ptr, 0 if dht_in is None else dht_in.data.ptr,
+                        0 if dh0 is None else dh0.data.ptr), workspace)
+            if cast_dh0:
+                dh0 = fw.astype(dh0, h0_dtype)
         finally:
             if prev != dev:
                 set_device(prev)
-        return dx, dg, None
+        return dx, dg, dh0
     return cupy_plan
 
 
@@ -615,20 +645,22 @@ def hgrn_backward(g, o, do, dht=None, initial_state=None, cu_seqlens=None, rever
         ``(dx, dg, dh0)``: dx ``[B, T, D]`` in o's dtype, dg in g's dtype, dh0 ``[N, D]`` in
         initial_state's dtype (None without an initial state).
     """
-    plan, key = None, None
-    if dht is None and initial_state is None:  # planned: the key is g, o and do
-        plan, key = _lookup(("backward", engine), g, o, do, False, cu_seqlens, reverse)
+    head = ("backward", engine)  # the key: g, o, do, and the states' layouts where there are states
+    if dht is not None or initial_state is not None:
+        states = (_state_key(o, dht), _state_key(o, initial_state))
+        head = None if False in states else head + states
+    plan, key = _lookup(head, g, o, do, False, cu_seqlens, reverse) if head is not None else (None, None)
     if plan is not None:
-        return plan(g, o, do)
+        return plan(g, o, do, dht, initial_state)
     fw, N = check_backward(g, o, do, dht, initial_state, cu_seqlens, reverse)
     B, T, D = o.shape
     engine = _engine(engine, N, T, D, (fw.dtype(o), fw.dtype(g)), 1)
     if key is not None:
-        plan = _plan_backward(engine, fw, g, o, do, N, reverse)
+        plan = _plan_backward(engine, fw, g, o, do, dht, initial_state, N, reverse)
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
         _plans[key] = plan
-        return plan(g, o, do)
+        return plan(g, o, do, dht, initial_state)
     if not fw.is_gpu(o):
         return _cpu_backward(fw, g, o, do, dht, initial_state, cu_seqlens, reverse)
     if fw is bk.JAX:

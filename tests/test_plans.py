@@ -476,9 +476,59 @@ def test_planned_backward_gpu(fw, case, engine, fresh_plans):
     assert len(fresh_plans) == 1
 
 
+BACKWARD_STATE_CASES = {  # (dht present, h0 dtype or None, h0 a strided view)
+    "dht": (True, None, False),
+    "h0_f32": (False, "float32", False),
+    "both_h0_bf16": (True, "bfloat16", False),
+    "both_h0_strided": (True, "float32", True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["fused_recurrent", "chunk"])
+@pytest.mark.parametrize("fw", ["cupy", "torch"])
+@pytest.mark.parametrize("case", list(BACKWARD_STATE_CASES))
+def test_planned_backward_states_gpu(fw, case, engine, fresh_plans):
+    """Backward calls with states (dht, an initial state in float32, in bfloat16 and as a strided view):
+    the first makes the plan, the others use it; each against the reference, dh0 in the initial state's
+    dtype, and the planned results equal the checked path's."""
+    torch = pytest.importorskip("torch")
+    with_dht, h0_dtype, strided = BACKWARD_STATE_CASES[case]
+    B, T, D = 2, 500, 72
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(B, T, D, generator=gen, dtype=torch.float64)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, D, generator=gen, dtype=torch.float64))
+    do = torch.randn(B, T, D, generator=gen, dtype=torch.float64)
+    dht = torch.randn(B, D, generator=gen, dtype=torch.float64).to("cuda", torch.float32) if with_dht else None
+    h0 = None
+    if h0_dtype:
+        h0 = torch.randn(B, 2 * D, generator=gen, dtype=torch.float64).to("cuda", getattr(torch, h0_dtype))
+        h0 = h0[:, ::2] if strided else h0[:, :D].contiguous()
+    x, g, do = (a.to("cuda", torch.bfloat16) for a in (x, g, do))
+    o = hc.hgrn(x, g, h0)[0]
+    if fw == "cupy":
+        g, o, do = _to_cupy(g), _to_cupy(o), _to_cupy(do)
+        dht, h0 = (None if a is None else _to_cupy(a) for a in (dht, h0))
+    fresh_plans.clear()  # the forward above made one
+    ref = hc.naive_recurrent_hgrn_bwd(to_numpy(g), to_numpy(o), to_numpy(do), None if dht is None else to_numpy(dht),
+                                      None if h0 is None else to_numpy(h0))
+    tol = max(TOL["bfloat16"], TOL[h0_dtype or "float32"])
+    checked = hc.hgrn_backward(g, o, do, dht, h0, None, np.bool_(False), engine=engine)  # never planned
+    assert not fresh_plans
+    for _ in range(3):
+        got = hc.hgrn_backward(g, o, do, dht, h0, engine=engine)
+        assert type(got[0]) is type(o) and (got[2] is None) == (h0 is None)
+        for k in range(3 if h0 is not None else 2):
+            assert rel_err(got[k], ref[k]) <= tol, k
+            assert bool((got[k] == checked[k]).all()), k
+        if h0 is not None:
+            assert got[2].dtype == h0.dtype and tuple(got[2].shape) == (B, D)
+    assert len(fresh_plans) == 1
+
+
 def test_backward_plans_cpu(fresh_plans):
-    """Backward calls without states are planned by key (g, o, do); a call whose do does not fit, or one
-    with states, takes the checked path."""
+    """Backward calls are planned by key: g, o, do, and the layouts of the states where there are states;
+    a call whose do or state does not fit is still rejected, and a state of another type is not planned."""
     rng = np.random.default_rng(3)
     x, g, _ = _arrays("numpy", rng)
     o = hc.hgrn(x, g)[0]
@@ -493,11 +543,27 @@ def test_backward_plans_cpu(fresh_plans):
     assert rel_err(again[0], ref[0]) <= TOL["float32"] and rel_err(again[1], ref[1]) <= TOL["float32"]
     with pytest.raises(ValueError):
         hc.hgrn_backward(g, o, do[:, :-1])
-    dht = rng.standard_normal((x.shape[0], x.shape[2])).astype(np.float32)
-    with_state = hc.hgrn_backward(g, o, do, dht)
-    assert len(fresh_plans) == 1
-    ref = hc.naive_recurrent_hgrn_bwd(g, o, do, dht)
-    assert rel_err(with_state[0], ref[0]) <= TOL["float32"]
+    N, D = x.shape[0], x.shape[2]
+    dht = rng.standard_normal((N, D)).astype(np.float32)
+    h0 = rng.standard_normal((N, D))  # float64: dh0 comes back in float64
+    for n, (d, h) in enumerate(((dht, None), (None, h0), (dht, h0)), start=2):
+        got = [hc.hgrn_backward(g, o, do, d, h) for _ in range(2)]
+        assert len(fresh_plans) == n
+        ref = hc.naive_recurrent_hgrn_bwd(g, o, do, d, h)
+        for k in range(3):
+            if h is None and k == 2:
+                assert got[0][2] is None and got[1][2] is None
+                continue
+            assert np.array_equal(got[0][k], got[1][k]) and rel_err(got[1][k], ref[k]) <= TOL["float32"]
+        if h is not None:
+            assert got[1][2].dtype == np.float64
+    with pytest.raises(ValueError):  # a state that does not fit: a new key, and the checks say why
+        hc.hgrn_backward(g, o, do, dht[:, :-1], h0)
+    import torch  # noqa: F401  (a state of another type: not planned, rejected by the checks)
+
+    with pytest.raises((TypeError, ValueError)):
+        hc.hgrn_backward(g, o, do, torch.from_numpy(dht), h0)
+    assert len(fresh_plans) == 4
 
 
 CHUNK_FWD_ARGS = ("x", "g", "o", "sxb", "sxt", "sgb", "sgt", "sob", "sot", "h0", "ht", "cu", "cu64", "N", "T", "D",
@@ -537,12 +603,17 @@ def test_planned_chunk_launch_matches_checked_launch(offset, fake_cuda, monkeypa
         o = hc.chunk_hgrn(x, g)[0]
     for _ in range(3):
         hc.hgrn_backward(g, o, do, engine="chunk")
-    assert len(ops._plans) == 2  # one forward key, one backward key
+    dht, h0 = torch.randn(3, 64, generator=gen), torch.randn(3, 64, generator=gen).to(torch.bfloat16)
+    for _ in range(3):  # with states: a key of its own
+        assert hc.hgrn_backward(g, o, do, dht, h0, engine="chunk")[2].dtype == torch.bfloat16
+    assert len(ops._plans) == 3  # one forward key, two backward keys
     kernels = [c for c in calls if c[0] == "kernel"]
     fills = [c for c in calls if c[0] == "fill"]
-    assert len(kernels) == len(fills) == 6
-    pointers = ("x", "g", "o", "do", "dx", "dg", "hdr", "slots")
-    for direction, group in ((0, kernels[:3]), (1, kernels[3:])):
+    assert len(kernels) == len(fills) == 9
+    assert all(k[4]["h0"] and k[4]["dht"] and k[4]["dh0"] for k in kernels[6:])
+    assert not any(k[4]["h0"] or k[4]["dht"] or k[4]["dh0"] for k in kernels[3:6])
+    pointers = ("x", "g", "o", "do", "dx", "dg", "hdr", "slots", "h0", "dht", "dh0")
+    for direction, group in ((0, kernels[:3]), (1, kernels[3:6]), (1, kernels[6:])):
         first = group[0]
         assert first[1][1] == direction and first[1][7] == (1 if offset else 8)  # VEC from the pointers
         for k in group[1:]:
