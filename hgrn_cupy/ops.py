@@ -360,6 +360,14 @@ def _lookup(engine, x, g, h0, output_final_state, cu_seqlens, reverse):
         return None, None
 
 
+def _remember(key, plan):
+    """Keep ``plan`` under ``key`` (the cache starts over once it holds MAX_PLANS keys); returns it."""
+    if len(_plans) >= MAX_PLANS:
+        _plans.clear()
+    _plans[key] = plan
+    return plan
+
+
 def _state_key(o, a):
     """A backward key's part for one optional state: None where it is absent, its placement, dtype, shape
     and strides otherwise; False where it cannot be planned (not of o's type: the checks will say)."""
@@ -581,10 +589,7 @@ def _forward(engine, x, g, initial_state, output_final_state, cu_seqlens, revers
     B, T, D = x.shape
     engine = _engine(engine, N, T, D, (fw.dtype(x), fw.dtype(g)), 0)
     if key is not None:
-        plan = _plan_forward(engine, fw, x, g, initial_state, output_final_state, N, reverse)
-        if len(_plans) >= MAX_PLANS:
-            _plans.clear()
-        _plans[key] = plan
+        plan = _remember(key, _plan_forward(engine, fw, x, g, initial_state, output_final_state, N, reverse))
         return plan(x, g, initial_state)
     if not fw.is_gpu(x):
         return _cpu_forward(fw, x, g, initial_state, output_final_state, cu_seqlens, reverse)
@@ -656,10 +661,7 @@ def hgrn_backward(g, o, do, dht=None, initial_state=None, cu_seqlens=None, rever
     B, T, D = o.shape
     engine = _engine(engine, N, T, D, (fw.dtype(o), fw.dtype(g)), 1)
     if key is not None:
-        plan = _plan_backward(engine, fw, g, o, do, dht, initial_state, N, reverse)
-        if len(_plans) >= MAX_PLANS:
-            _plans.clear()
-        _plans[key] = plan
+        plan = _remember(key, _plan_backward(engine, fw, g, o, do, dht, initial_state, N, reverse))
         return plan(g, o, do, dht, initial_state)
     if not fw.is_gpu(o):
         return _cpu_backward(fw, g, o, do, dht, initial_state, cu_seqlens, reverse)

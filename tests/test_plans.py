@@ -559,8 +559,7 @@ def test_backward_plans_cpu(fresh_plans):
             assert got[1][2].dtype == np.float64
     with pytest.raises(ValueError):  # a state that does not fit: a new key, and the checks say why
         hc.hgrn_backward(g, o, do, dht[:, :-1], h0)
-    import torch  # noqa: F401  (a state of another type: not planned, rejected by the checks)
-
+    torch = pytest.importorskip("torch")  # a state of another type: not planned, rejected by the checks
     with pytest.raises((TypeError, ValueError)):
         hc.hgrn_backward(g, o, do, torch.from_numpy(dht), h0)
     assert len(fresh_plans) == 4
