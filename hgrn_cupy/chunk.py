@@ -2,9 +2,12 @@
 
 Time is split into chunks (warps x rows x steps per thread, see ``SHAPES``) scanned in parallel; a block
 covers 32 / rows x VEC channels of one chunk, and the chunks of a tile are joined by single-pass decoupled
-look-back through a workspace: a 16-byte header (ticket counter), then one slot per (tile, chunk, channel)
-that holds the chunk's aggregate map, then its inclusive prefix; the whole of it is filled with one bits
-(the counter's start, and the mark of an unpublished slot) before each launch.
+look-back through a workspace: a 32-byte header (ticket counter and launch count, the extents of the last
+launches), then one slot per (tile, chunk, channel) that holds the chunk's aggregate map, then its
+inclusive prefix, marked with the launch's parity.  Memory filled once with one bits serves any number of
+launches queued on one stream: each launch leaves it ready for the next (see ``kernels_cu/chunk.cu``).
+The caller either keeps such memory (``filled``: no fill at the launch) or hands fresh memory, which the
+launch fills first.
 VEC is the number of channels one thread moves per access: 16 bytes' worth where every tensor's pointer,
 channel count and strides allow it, 1 otherwise.  Best for long T with few channels.  Launchers check
 nothing: the public functions validate.
@@ -25,7 +28,7 @@ OPTIONS = tuple(f"-DHC_{'FWD' if d == 0 else 'BWD'}_{what}_{'V' if v else '1'}={
                 if what != "ROWS" or v)
 
 
-HEADER_BYTES = 16
+HEADER_BYTES = 32
 
 
 # L2 prefetch (dense only): each block asks L2 for the rows of the block L2_AHEAD tickets later, where
@@ -68,9 +71,10 @@ def _align(n, a=256):
 
 
 def workspace_layout(N, T, D, varlen, acc_itemsize, direction=0, vec=1):
-    """(ntiles, nchunks, header bytes, total bytes, offset of the slots): a 16-byte header (ticket counter),
-    then one slot per (tile, chunk, channel): the published map, 8 bytes (float accumulation) or 16
-    (float64).  All ``total`` bytes are filled with ones before each launch."""
+    """(ntiles, nchunks, header bytes, total bytes, offset of the slots): a 32-byte header, then one slot
+    per (tile, chunk, channel): the published map, 8 bytes (float accumulation) or 16 (float64).  Memory
+    is ready for a launch when every byte of it was filled with ones, or when it was so filled once and
+    then used only by launches of the same accumulation dtype, in stream order."""
     warps, rows, steps = SHAPES[direction, vec > 1]
     tile = LANES // rows * vec
     ntiles = (1 if varlen else N) * ((D + tile - 1) // tile)
@@ -95,9 +99,9 @@ def pick_vec(D, tensors):
 
 def _prepare(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec):
     """One kernel's launch for one layout (``Arr`` tensors: shapes, strides, dtypes; pointers not read) and
-    access width, as ``run(stream_ptr, pointers, states, cu_ptr, cu64, workspace)`` that fills the
-    workspace and queues the kernel, returning the workspace's ``(pointer, owner)``; None when there is
-    nothing to compute."""
+    access width, as ``run(stream_ptr, pointers, states, cu_ptr, cu64, workspace)`` that takes the
+    workspace (see ``chunk_fwd``), fills it where it is fresh and queues the kernel, returning the
+    workspace's ``(pointer, owner, filled)``; None when there is nothing to compute."""
     acc_itemsize = 8 if "float64" in dtypes else 4
     ntiles, nchunks, _, total, off_slots = workspace_layout(N, T, D, varlen, acc_itemsize, direction, vec)
     if ntiles * nchunks == 0:
@@ -112,10 +116,13 @@ def _prepare(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec):
     memset = cupy.cuda.runtime.memsetAsync
 
     def run(stream_ptr, pointers, states, cu_ptr, cu64, workspace):
-        ws = workspace(total)  # (pointer, owner): the owner keeps the memory alive until we return
-        base = ws[0]
-        memset(base, 0xFF, total, stream_ptr)  # counter at -1, every slot unpublished
-        kernel(stream_ptr, *pointers, *strides, *states, cu_ptr, cu64, *shape, base, base + off_slots, *grid)
+        # (pointer, owner, filled, size): the owner keeps the memory alive until we return
+        ws = workspace(total, acc_itemsize, stream_ptr)
+        base, size = ws[0], ws[3]
+        if not ws[2]:
+            memset(base, 0xFF, size, stream_ptr)  # counter at -1, every slot unpublished
+        kernel(stream_ptr, *pointers, *strides, *states, cu_ptr, cu64, *shape, base, base + off_slots,
+               size - off_slots, *grid)
         return ws
     return run
 
@@ -153,8 +160,11 @@ def prepare_dense(direction, tensors, N, reverse, device):
 
 
 def chunk_fwd(x, g, o, h0, ht, cu, N, reverse, device, stream, workspace):
-    """As ``fused_recurrent_fwd``; ``workspace(nbytes)`` returns ``(pointer, owner)`` of device memory
-    that stays valid until the queued kernel has run (a caching allocator's block)."""
+    """As ``fused_recurrent_fwd``; ``workspace(nbytes, acc_itemsize, stream_ptr)`` returns ``(pointer,
+    owner, filled, size)``: ``size >= nbytes`` bytes of device memory that stay valid until the queued
+    kernel has run (a caching allocator's block), ``filled`` where they are ready for a launch (kept for
+    launches of this accumulation itemsize on this stream alone, see ``workspace_layout``); fresh memory
+    (``filled`` false) is filled here before the launch."""
     B, T, D = x.shape
     return _launch(0, (x, g, o), (h0, ht), (x.dtype, g.dtype), cu, N, T, D, reverse, device, stream, workspace)
 

@@ -208,10 +208,12 @@ def _cu_arg(ptrs, cu_dtype):
 
 
 def _workspace_fn(ptrs, bufs):
-    def workspace(nbytes):
+    """The chunk launchers' workspace (see ``chunk.chunk_fwd``): XLA's buffer of this call, fresh (the
+    launcher fills it)."""
+    def workspace(nbytes, acc_itemsize, stream_ptr):
         ws = bufs["ws"]
         assert nbytes <= ws.shape[0], (nbytes, ws.shape)  # sized from the same workspace_layout
-        return ptrs["ws"], ws
+        return ptrs["ws"], ws, False, nbytes
     return workspace
 
 

@@ -24,8 +24,21 @@ class Config:
         arrays).  Skipped while a CUDA graph is being captured.  The kernels clamp offsets into
         [0, T] either way, so malformed offsets can give wrong numbers but never touch memory
         outside the tensors.
+    keep_workspaces: the chunk engine keeps its scratch memory (O(N * D * T / 128) bytes, one buffer
+        per device, stream, framework and accumulation dtype, grown as needed) between calls; each
+        launch leaves it ready for the next, which saves filling fresh memory at every call.  While a
+        CUDA graph is being captured, and when this is False, calls take fresh memory and fill it
+        (a graph then replays the fill).  ``release_workspaces()`` frees what is kept.  Kept memory
+        belongs to one stream: do not destroy a stream while kernels queued on it are pending and
+        reuse its handle for another.
     """
     check_cu_seqlens_values = True
+    keep_workspaces = True
+
+    @staticmethod
+    def release_workspaces():
+        """Free the chunk engine's kept scratch memory (kernels already queued keep theirs alive)."""
+        _kept.clear()
 
 
 config = Config()
@@ -208,10 +221,26 @@ def _cu_arg(fw, cu):
     return cu, (fw.describe(cu).ptr, int(fw.dtype(cu) == "int64"))
 
 
+_kept = {}  # (torch?, device index, stream, accumulation itemsize) -> (pointer, owner, True, bytes)
+_KEPT_MIN_BYTES = 1 << 16
+
+
+def _capturing(stream_ptr):
+    """Whether the stream is capturing a CUDA graph (or cannot tell: the fresh path is always safe)."""
+    import cupy
+
+    try:
+        return cupy.cuda.runtime.streamIsCapturing(stream_ptr) != 0
+    except cupy.cuda.runtime.CUDARuntimeError:
+        return True
+
+
 def _workspace(fw, device):
-    """Chunk-engine scratch from the caller's allocator: torch's caching allocator on ``device`` (a torch
-    device), or CuPy's pool on the current device."""
-    def alloc(nbytes):
+    """Chunk-engine scratch from the caller's allocator (torch's caching allocator on ``device``, a torch
+    device, or CuPy's pool on the current device), as the launchers take it: ``alloc(nbytes,
+    acc_itemsize, stream_ptr) -> (pointer, owner, filled, size)``.  Kept memory (``config.keep_workspaces``)
+    is filled once, when it is made; fresh memory is filled by the launcher."""
+    def fresh(nbytes):
         if fw is bk.TORCH:
             import torch
 
@@ -221,6 +250,25 @@ def _workspace(fw, device):
 
         buf = cupy.empty((nbytes,), dtype=np.uint8)
         return buf.data.ptr, buf
+
+    def alloc(nbytes, acc_itemsize, stream_ptr):
+        if not config.keep_workspaces or _capturing(stream_ptr):
+            return fresh(nbytes) + (False, nbytes)
+        if fw is bk.TORCH:
+            key = (True, device.index, stream_ptr, acc_itemsize)  # a tensor's device: index set
+        else:
+            import cupy
+
+            key = (False, cupy.cuda.runtime.getDevice(), stream_ptr, acc_itemsize)
+        kept = _kept.get(key)
+        if kept is None or kept[3] < nbytes:
+            import cupy
+
+            size = max(_KEPT_MIN_BYTES, 1 << (nbytes - 1).bit_length())
+            ptr, buf = fresh(size)
+            cupy.cuda.runtime.memsetAsync(ptr, 0xFF, size, stream_ptr)  # the one fill
+            kept = _kept[key] = (ptr, buf, True, size)
+        return kept
     return alloc
 
 

@@ -6,7 +6,8 @@
 //                             steps of the chunk: a chunk is G = WARPS * ROWS groups, G * STEPS steps.
 // traffic per element: forward reads x, g and writes o; backward reads g, o, do and writes dx, dg
 //   (plus one extra row per thread for the shifted gate).  Workspace: a header, then per (tile, chunk,
-//   channel) one slot of 8 bytes (16 for float64), O(N * D * chunks), filled with ones before each launch.
+//   channel) one slot of 8 bytes (16 for float64), O(N * D * chunks), filled with ones once (kept memory,
+//   which each launch leaves ready for the next) or before each launch.
 //
 // Every access of a thread is one VEC-channel word (16 bytes where the host found the tensors aligned,
 // VEC = 1 otherwise), so the per-step work -- addresses, bounds, segment bookkeeping -- is paid once
@@ -14,8 +15,8 @@
 // one affine map per channel, the groups' maps are combined in shared memory, the chunk's carry-in comes
 // from a single-pass decoupled look-back, and a second pass recomputes each step from the raw words and
 // writes the outputs.  Chunks strictly inside a dense row take a form without segment bookkeeping.
-// The look-back reads slots that hold the map alone (no flags, no fences, no tags: the host marks every
-// slot unpublished before the launch); SPLIT threads share a channel where the block
+// The look-back reads slots that hold the map alone and the launch's parity (no flags, no fences, no
+// tags; see "workspace and look-back"); SPLIT threads share a channel where the block
 // has more threads than the tile has channels, each reading R predecessors per round, all in flight.
 // Narrow tiles (ROWS > 1) make chunks longer in time for the same bytes: fewer chunks for the look-back
 // to cross.  Blocks take chunk numbers from an atomic ticket in launch order, so a block only ever waits
@@ -85,53 +86,67 @@ template <int DIRECTION, int VEC> struct Shape {
 };
 
 // ---- workspace and look-back --------------------------------------------------------------------
-// The workspace is a header (the ticket counter) and one slot per (tile, chunk, channel), all filled with
-// one bits by the host before each launch.  A slot holds the chunk's aggregate map, then its inclusive
-// prefix as the map (0, h), in one access (8 bytes for float, 16 for double), so a reader sees a whole
-// store or none of it and needs no flag and no fence.  A slot whose a has every bit set is unpublished (a
-// published a with those bits, a NaN, is stored as the canonical NaN instead), and a published a = 0 ends
-// the walk back: the inclusive prefix is (0, h), and an aggregate with a = 0 (a sequence starts in the
-// chunk, or a gate is 0) does not depend on earlier chunks either.  The counter starts at all ones, so
-// the first ticket is 0.
-struct Header { unsigned ticket, pad[3]; };
+// The workspace is a header and one slot per (tile, chunk, channel).  A slot holds the chunk's aggregate
+// map, then its inclusive prefix as the map (0, h), in one access (8 bytes for float, 16 for double), so a
+// reader sees a whole store or none of it and needs no flag and no fence.  A published a = 0 ends the walk
+// back: the inclusive prefix is (0, h), and an aggregate with a = 0 (a sequence starts in the chunk, or a
+// gate is 0) does not depend on earlier chunks either.
+//
+// Launches alternate in parity, and a slot is published for a launch when the sign bit of its a (never
+// set in a map: a >= 0, NaNs stored as the canonical NaN) is the launch's parity and the rest of the
+// word is not all ones; a slot of all one bits is unpublished for both parities.  The header's counter
+// holds (launches << 32) + tickets taken - 1: one atomic gives a block its ticket and the parity, and
+// the block that takes the last ticket advances the counter to the next launch.  Memory first filled with
+// one bits is therefore ready for any number of launches in stream order, once each launch leaves every
+// slot past its own (a later launch of the same parity could read them) unpublished: the header keeps the
+// slot bytes of the last launch of each parity, and the blocks clear what the previous launch used beyond
+// this one's extent.  The host may instead fill the whole workspace before each launch: then every launch
+// is the first.
+struct Header {
+    unsigned long long count;    // starts at all ones: the first ticket is 0, of parity 0
+    unsigned long long used[2];  // ~(slot bytes) of the last launch of each parity (all ones: none)
+    unsigned long long pad;
+};
 
 template <typename Acc> struct Slot;
 template <> struct Slot<float> {
     static constexpr int BYTES = 8;
     uint2 w;
-    __device__ __forceinline__ static void store(void* p, Affine<float> m) {
-        unsigned a = __float_as_uint(m.a);
-        if (a == 0xffffffffu) a = 0x7fffffffu;
-        asm volatile("st.global.cg.v2.u32 [%0], {%1, %2};" :: "l"(p), "r"(a), "r"(__float_as_uint(m.b)) : "memory");
+    __device__ __forceinline__ static void store(void* p, Affine<float> m, unsigned parity) {
+        unsigned a = __float_as_uint(m.a) & 0x7fffffffu;
+        if (a > 0x7f800000u) a = 0x7fc00000u;  // a NaN
+        asm volatile("st.global.cg.v2.u32 [%0], {%1, %2};" :: "l"(p), "r"(a | parity), "r"(__float_as_uint(m.b)) : "memory");
     }
     __device__ __forceinline__ void load(const void* p) {
         asm volatile("ld.volatile.global.v2.u32 {%0, %1}, [%2];" : "=r"(w.x), "=r"(w.y) : "l"(p) : "memory");
     }
     __device__ __forceinline__ void clear() { w.x = w.y = 0xffffffffu; }
-    __device__ __forceinline__ bool ready() const { return w.x != 0xffffffffu; }
+    // parity: the launch's, in the sign bit.  A published word of either parity has its low 31 bits below
+    // 0x7fffffff, so a word is this launch's exactly when, its sign flipped to 0, it reads below that.
+    __device__ __forceinline__ bool ready(unsigned parity) const { return (w.x ^ parity) < 0x7fffffffu; }
     __device__ __forceinline__ Affine<float> map() const {
-        Affine<float> m; m.a = __uint_as_float(w.x); m.b = __uint_as_float(w.y); return m;
+        Affine<float> m; m.a = __uint_as_float(w.x & 0x7fffffffu); m.b = __uint_as_float(w.y); return m;
     }
 };
 template <> struct Slot<double> {
     static constexpr int BYTES = 16;
-    uint4 w;  // a (low, high word), b (low, high word)
-    __device__ __forceinline__ static void store(void* p, Affine<double> m) {
-        unsigned long long a = (unsigned long long)__double_as_longlong(m.a);
+    uint4 w;  // a (low, high word), b (low, high word); the parity in the sign bit of a's high word
+    __device__ __forceinline__ static void store(void* p, Affine<double> m, unsigned parity) {
+        unsigned long long a = (unsigned long long)__double_as_longlong(m.a) & 0x7fffffffffffffffull;
         const unsigned long long b = (unsigned long long)__double_as_longlong(m.b);
-        if (a == ~0ull) a = 0x7fffffffffffffffull;
+        if (a > 0x7ff0000000000000ull) a = 0x7ff8000000000000ull;  // a NaN
         asm volatile("st.global.cg.v4.u32 [%0], {%1, %2, %3, %4};"
-                     :: "l"(p), "r"((unsigned)a), "r"((unsigned)(a >> 32)), "r"((unsigned)b), "r"((unsigned)(b >> 32)) : "memory");
+                     :: "l"(p), "r"((unsigned)a), "r"((unsigned)(a >> 32) | parity), "r"((unsigned)b), "r"((unsigned)(b >> 32)) : "memory");
     }
     __device__ __forceinline__ void load(const void* p) {
         asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
                      : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w) : "l"(p) : "memory");
     }
     __device__ __forceinline__ void clear() { w.x = w.y = w.z = w.w = 0xffffffffu; }
-    __device__ __forceinline__ bool ready() const { return (w.x & w.y) != 0xffffffffu; }
+    __device__ __forceinline__ bool ready(unsigned parity) const { return (w.y ^ parity) < 0x7fffffffu; }
     __device__ __forceinline__ Affine<double> map() const {
         Affine<double> m;
-        m.a = __longlong_as_double((long long)(((unsigned long long)w.y << 32) | w.x));
+        m.a = __longlong_as_double((long long)(((unsigned long long)(w.y & 0x7fffffffu) << 32) | w.x));
         m.b = __longlong_as_double((long long)(((unsigned long long)w.w << 32) | w.z));
         return m;
     }
@@ -160,13 +175,42 @@ struct ChunkBlock {
     static_assert(WARPS > 0 && (WARPS & (WARPS - 1)) == 0, "WARPS: a power of two");
     static_assert(SPLIT <= 32 && GSHARE * SPLIT == G && WINDOW <= 32, "SPLIT divides the groups; a window fits a mask");
     Affine<Acc> part[G][C];                              // each group's map of each channel; then its carry-in
-    unsigned ticket;
+    unsigned ticket, parity;                             // parity: the launch's, in the sign bit
 
-    // The block's chunk number, in launch order.
-    __device__ __forceinline__ static unsigned take_ticket(Header* hdr, ChunkBlock* sm) {
-        if (threadIdx.x == 0 && threadIdx.y == 0) sm->ticket = atomicAdd(&hdr->ticket, 1u) + 1u;  // from all ones
+    // The block's chunk number, in launch order, of `total` blocks; the launch's parity in sm->parity.
+    // The block that takes the last ticket advances the counter to the next launch (every other block has
+    // taken its ticket by then) and records this launch's slot bytes for the next one.
+    __device__ __forceinline__ static unsigned take_ticket(Header* hdr, ChunkBlock* sm, unsigned total,
+                                                           unsigned long long slot_bytes) {
+        if (threadIdx.x == 0 && threadIdx.y == 0) {
+            const unsigned long long v = atomicAdd(&hdr->count, 1ull) + 1ull;  // from all ones
+            const unsigned t = (unsigned)v, par = (unsigned)(v >> 32) & 1u;
+            if (t == total - 1u) {
+                atomicAdd(&hdr->count, (1ull << 32) - total);
+                hdr->used[par] = ~slot_bytes;
+            }
+            sm->ticket = t;
+            sm->parity = par << 31;
+        }
         __syncthreads();
         return sm->ticket;
+    }
+    // ~(slot bytes) of the previous launch (all ones after a fill), asked for early: only clear() waits for it.
+    __device__ __forceinline__ static unsigned long long previous_bytes(const Header* hdr, unsigned parity) {
+        unsigned long long v;
+        asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(v) : "l"(&hdr->used[parity ? 0 : 1]));
+        return v;
+    }
+    // Leave unpublished what the previous launch used past this launch's `slot_bytes`, at most `capacity`:
+    // block `ticket` of `total` takes every total-th run of NT 16-byte words (slot bytes are multiples of 256).
+    __device__ __forceinline__ static void clear(char* slots, unsigned ticket, unsigned total,
+                                                 unsigned long long slot_bytes, unsigned long long previous,
+                                                 unsigned long long capacity) {
+        const unsigned long long end = ~previous < capacity ? ~previous : capacity;
+        const unsigned long long stride = 16ull * NT * total;
+        for (unsigned long long b = slot_bytes + 16ull * ((unsigned long long)ticket * NT + threadIdx.y * 32 + threadIdx.x);
+             b < end; b += stride)
+            asm volatile("st.global.cg.v4.u32 [%0], {%1, %1, %1, %1};" :: "l"(slots + b), "r"(0xffffffffu) : "memory");
     }
 
     // The composition of the partial maps of the SPLIT adjacent lanes that share an item, every lane
@@ -208,6 +252,7 @@ struct ChunkBlock {
     // the state before the thread's first step in channel k.
     __device__ void carry_in(char* slots, i64 slot0, i64 c, int q, int cl, Affine<Acc>* mine, const Slot<Acc>* pre) {
         const int tid = threadIdx.y * 32 + threadIdx.x, s = tid % SPLIT, i0 = tid / SPLIT;
+        const unsigned par = parity;
         typedef Slot<Acc> S;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) part[q][k * LC + cl] = mine[k];
@@ -228,7 +273,7 @@ struct ChunkBlock {
         if (c > 0) {
 #pragma unroll
             for (int r = 0; r < PER; ++r)
-                if (s == 0) S::store(mine_slot + r * (NT / SPLIT) * S::BYTES, total[r]);
+                if (s == 0) S::store(mine_slot + r * (NT / SPLIT) * S::BYTES, total[r], par);
             // Each round the SPLIT lanes of an item read the slots of chunks j, j-1, ..., j-WINDOW+1 (lane s
             // takes R of them, all in flight at once) and fold the published run that starts at j, up to
             // and including the first inclusive prefix, which ends the walk.
@@ -238,7 +283,7 @@ struct ChunkBlock {
 #pragma unroll
             for (int r = 0; r < PER; ++r) {
                 acc[r].a = Acc(1); acc[r].b = Acc(0); j[r] = c - 1; done[r] = false;
-                if (pre[r].ready() && pre[r].map().a == Acc(0)) {  // chunk c - 1's inclusive prefix, peeked
+                if (pre[r].ready(par) && pre[r].map().a == Acc(0)) {  // chunk c - 1's inclusive prefix, peeked
                     carry[r] = pre[r].map().b;
                     done[r] = true;
                 }
@@ -260,7 +305,7 @@ struct ChunkBlock {
 #pragma unroll
                         for (int k = 0; k < R; ++k) {
                             if (j[r] - s * R - k < 0) continue;
-                            const bool ok = e[k].ready();
+                            const bool ok = e[k].ready(par);
                             ready |= (unsigned)ok << (s * R + k);
                             incl |= (unsigned)(ok && e[k].map().a == Acc(0)) << (s * R + k);
                         }
@@ -295,7 +340,7 @@ struct ChunkBlock {
             if (s == 0) {
                 Affine<Acc> inc;
                 inc.a = Acc(0); inc.b = total[r].a * carry[r] + total[r].b;
-                S::store(mine_slot + r * (NT / SPLIT) * S::BYTES, inc);
+                S::store(mine_slot + r * (NT / SPLIT) * S::BYTES, inc, par);
             }
         }
         // Walk the carry through the groups of this chunk; each group's carry-in replaces its map's a.
@@ -362,13 +407,16 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
     const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
     const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse,
-    Header* ws_hdr, char* ws_slots, i64 ntiles, i64 nchunks, i64 l2_ahead, int peek) {
+    Header* ws_hdr, char* ws_slots, i64 ws_capacity, i64 ntiles, i64 nchunks, i64 l2_ahead, int peek) {
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int WARPS = Shape<0, VEC>::WARPS, ROWS = Shape<0, VEC>::ROWS, STEPS = Shape<0, VEC>::STEPS;
     typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
     constexpr int CHUNK_LEN = Block::G * STEPS;
     __shared__ Block sm;
-    const unsigned ticket = Block::take_ticket(ws_hdr, &sm);
+    const unsigned total = (unsigned)(ntiles * nchunks);  // grid < 2^31
+    const unsigned long long slot_bytes = (unsigned long long)total * Block::C * Slot<Acc>::BYTES;
+    const unsigned ticket = Block::take_ticket(ws_hdr, &sm, total, slot_bytes);
+    const unsigned long long previous = Block::previous_bytes(ws_hdr, sm.parity);
     const unsigned chunk = ticket / (unsigned)ntiles, tile = ticket % (unsigned)ntiles;  // grid < 2^31
     const unsigned ntd = (unsigned)((D + Block::C - 1) / Block::C);
     const i64 batch = tile / ntd;
@@ -496,6 +544,7 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) ht[n * D + d + k] = h0 ? h0[n * D + d + k] : Acc(0);
     }
+    Block::clear(ws_slots, ticket, total, slot_bytes, previous, (unsigned long long)ws_capacity);
 }
 
 // Backward: the same scan over v = T - 1 - u.  With the gate shifted by one step,
@@ -509,13 +558,16 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     const typename AccOf<TX, TG>::type* __restrict__ h0, const typename AccOf<TX, TG>::type* __restrict__ dht,
     typename AccOf<TX, TG>::type* __restrict__ dh0,
     const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse,
-    Header* ws_hdr, char* ws_slots, i64 ntiles, i64 nchunks, i64 l2_ahead, int peek) {
+    Header* ws_hdr, char* ws_slots, i64 ws_capacity, i64 ntiles, i64 nchunks, i64 l2_ahead, int peek) {
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int WARPS = Shape<1, VEC>::WARPS, ROWS = Shape<1, VEC>::ROWS, STEPS = Shape<1, VEC>::STEPS;
     typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
     constexpr int CHUNK_LEN = Block::G * STEPS;
     __shared__ Block sm;
-    const unsigned ticket = Block::take_ticket(ws_hdr, &sm);
+    const unsigned total = (unsigned)(ntiles * nchunks);  // grid < 2^31
+    const unsigned long long slot_bytes = (unsigned long long)total * Block::C * Slot<Acc>::BYTES;
+    const unsigned ticket = Block::take_ticket(ws_hdr, &sm, total, slot_bytes);
+    const unsigned long long previous = Block::previous_bytes(ws_hdr, sm.parity);
     const unsigned chunk = ticket / (unsigned)ntiles, tile = ticket % (unsigned)ntiles;  // grid < 2^31
     const unsigned ntd = (unsigned)((D + Block::C - 1) / Block::C);
     const i64 batch = tile / ntd;
@@ -668,6 +720,7 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) dh0[n * D + d + k] = dht ? dht[n * D + d + k] : Acc(0);
     }
+    Block::clear(ws_slots, ticket, total, slot_bytes, previous, (unsigned long long)ws_capacity);
 }
 
 }  // namespace hc

@@ -315,20 +315,19 @@ def test_deterministic(engine):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("leftover", ["earlier_launch", "random_bytes"])
 def test_chunk_workspace_leftovers(dtype, leftover, monkeypatch):
-    """The chunk engine's workspace is filled before each launch: slots left in the same memory by an
-    earlier launch of the same shape (other inputs), or any other bytes, must not pass for slots of the
-    running launch."""
+    """Fresh scratch is filled before each launch: slots left in the same memory by an earlier launch of
+    the same shape (other inputs), or any other bytes, must not pass for slots of the running launch."""
     from hgrn_cupy import ops
 
     held = {}
 
-    def workspace(nbytes):  # one buffer for every launch of this test
+    def workspace(nbytes, acc_itemsize, stream_ptr):  # one buffer for every launch of this test
         buf = held.get("buf")
         if buf is None or buf.nbytes < nbytes:
             buf = held["buf"] = cupy.empty((nbytes,), cupy.uint8)
         if leftover == "random_bytes":
             buf[...] = cupy.random.randint(0, 256, buf.shape, dtype=cupy.int32).astype(cupy.uint8)
-        return buf.data.ptr, buf
+        return buf.data.ptr, buf, False, buf.nbytes
 
     monkeypatch.setattr(ops, "_workspace", lambda fw, like: workspace)
     rng = _rng()
@@ -337,6 +336,45 @@ def test_chunk_workspace_leftovers(dtype, leftover, monkeypatch):
         h0 = rng.standard_normal((2, 136))
         check_forward("chunk", x, g, dtype, h0)
         check_backward("chunk", x, g, dtype, h0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_chunk_kept_workspace(dtype, monkeypatch):
+    """Kept scratch: one buffer per stream and accumulation dtype serves every launch, whatever their
+    sizes, each launch leaving it ready for the next.  A launch smaller than the one before must leave
+    what it did not use unpublished, else the next larger launch of the same parity (forward calls alone
+    alternate parity: big, small, big) reads the slots of two launches ago.  Varlen, reverse, T = 1 and
+    backward launches in between; every result against the reference."""
+    from hgrn_cupy import ops
+
+    seen = []
+    real = ops._workspace
+
+    def spy(fw, device):
+        alloc = real(fw, device)
+
+        def take(nbytes, acc_itemsize, stream_ptr):
+            ws = alloc(nbytes, acc_itemsize, stream_ptr)
+            seen.append((ws[0], ws[2], nbytes, ws[3]))
+            return ws
+        return take
+    monkeypatch.setattr(ops.config, "keep_workspaces", True)
+    monkeypatch.setattr(ops, "_kept", {})
+    monkeypatch.setattr(ops, "_plans", {})
+    monkeypatch.setattr(ops, "_workspace", spy)
+    rng = _rng()
+    calls = [((2, 3001, 136), {}), ((1, 300, 40), {}), ((2, 3001, 136), {}), ((1, 700, 136), {"reverse": True}),
+             ((3, 4000, 72), {}), ((1, 1, 8), {}), ((3, 4000, 72), {}), ((1, 5000, 72), {"cu": [0, 1200, 1200, 5000]}),
+             ((1, 300, 40), {}), ((3, 4000, 72), {"backward": True}), ((1, 300, 40), {"backward": True}),
+             ((3, 4000, 72), {}), ((3, 4000, 72), {"backward": True})]
+    for (B, T, D), how in calls:
+        x, g = make_inputs(B, T, D, rng=rng)
+        h0 = rng.standard_normal((B if "cu" not in how else len(how["cu"]) - 1, D))
+        check = check_backward if how.get("backward") else check_forward
+        check("chunk", x, g, dtype, h0, cu=how.get("cu"), reverse=how.get("reverse", False))
+    assert len(seen) == len(calls) and all(s[1] for s in seen) and len(ops._kept) == 1
+    for before, now in zip(seen, seen[1:]):  # a new buffer only where the old one was too small
+        assert (now[0] != before[0]) == (now[2] > before[3])
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])

@@ -371,7 +371,8 @@ class FakeLaunchers:
             if workspace is not None:  # the chunk engine's scratch is an XLA buffer we may scribble on
                 nbytes = hc.chunk.workspace_layout(N, x.shape[1], x.shape[2], cu is not None,
                                                    np.dtype(acc).itemsize)[3]
-                ptr, owner = workspace(nbytes)
+                ptr, owner, filled, size = workspace(nbytes, np.dtype(acc).itemsize, stream.ptr)
+                assert not filled and size == nbytes  # XLA's buffer of this call: the launcher fills it
                 _view(ptr, (nbytes,), "uint8")[:] = 0xAB
             oo, hh = hc.naive_recurrent_hgrn(_view(x.ptr, x.shape, x.dtype), _view(g.ptr, g.shape, g.dtype),
                                              _state_view(h0, N, x.shape[2], acc), True, self._cu(cu, N), reverse,
@@ -387,7 +388,7 @@ class FakeLaunchers:
             acc = "float64" if "float64" in (o.dtype, g.dtype) else "float32"
             D = o.shape[2]
             if workspace is not None:
-                ptr, _ = workspace(hc.chunk.workspace_layout(N, o.shape[1], D, cu is not None, 4)[3])
+                ptr = workspace(hc.chunk.workspace_layout(N, o.shape[1], D, cu is not None, 4)[3], 4, stream.ptr)[0]
             r = hc.naive_recurrent_hgrn_bwd(
                 _view(g.ptr, g.shape, g.dtype), _view(o.ptr, o.shape, o.dtype), _view(do.ptr, do.shape, do.dtype),
                 _state_view(dht, N, D, acc), _state_view(h0, N, D, acc), self._cu(cu, N), reverse,

@@ -205,6 +205,8 @@ def fake_cuda(monkeypatch, fresh_plans):
     monkeypatch.setattr(cupy.cuda.runtime, "setDevice", lambda device: None)
     monkeypatch.setattr(fused_recurrent, "get_function", rec.get_function)
     monkeypatch.setattr(driver, "launchKernel", rec.launch_kernel)
+    monkeypatch.setattr(ops, "_capturing", lambda stream_ptr: False)
+    monkeypatch.setattr(ops, "_kept", {})
     rec.stream = stream
     return rec
 
@@ -566,21 +568,26 @@ def test_backward_plans_cpu(fresh_plans):
 
 
 CHUNK_FWD_ARGS = ("x", "g", "o", "sxb", "sxt", "sgb", "sgt", "sob", "sot", "h0", "ht", "cu", "cu64", "N", "T", "D",
-                  "reverse", "hdr", "slots", "ntiles", "nchunks", "l2_ahead", "peek")
+                  "reverse", "hdr", "slots", "capacity", "ntiles", "nchunks", "l2_ahead", "peek")
 CHUNK_BWD_ARGS = ("g", "o", "do", "dx", "dg", "sgb", "sgt", "sob", "sot", "sdob", "sdot", "sdxb", "sdxt", "sdgb",
-                  "sdgt", "h0", "dht", "dh0", "cu", "cu64", "N", "T", "D", "reverse", "hdr", "slots", "ntiles",
-                  "nchunks", "l2_ahead", "peek")
+                  "sdgt", "h0", "dht", "dh0", "cu", "cu64", "N", "T", "D", "reverse", "hdr", "slots", "capacity",
+                  "ntiles", "nchunks", "l2_ahead", "peek")
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "fresh"])
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
-def test_planned_chunk_launch_matches_checked_launch(offset, fake_cuda, monkeypatch):
+def test_planned_chunk_launch_matches_checked_launch(offset, kept, fake_cuda, monkeypatch):
     """CPU: the chunk engine's planned launches, forward and backward, hand the kernel what the checked
-    path hands it (arguments read back from the packed parameters, the workspace filled first), with
-    16-byte accesses only where the call's pointers allow them."""
+    path hands it (arguments read back from the packed parameters), with 16-byte accesses only where the
+    call's pointers allow them.  Kept scratch: one buffer, filled once when it is made; fresh scratch:
+    filled before each launch."""
     torch = pytest.importorskip("torch")
     cupy = pytest.importorskip("cupy")
     from hgrn_cupy import chunk
 
+    monkeypatch.setattr(ops.config, "keep_workspaces", kept)
+    monkeypatch.setattr(ops, "_capturing", lambda stream_ptr: False)
+    monkeypatch.setattr(ops, "_kept", {})
     calls = []
     monkeypatch.setattr(chunk, "get_function", fake_cuda.get_function)
     monkeypatch.setattr(cupy.cuda.runtime, "memsetAsync", lambda p, v, n, s: calls.append(("fill", p, v, n, s)))
@@ -608,7 +615,7 @@ def test_planned_chunk_launch_matches_checked_launch(offset, fake_cuda, monkeypa
     assert len(ops._plans) == 3  # one forward key, two backward keys
     kernels = [c for c in calls if c[0] == "kernel"]
     fills = [c for c in calls if c[0] == "fill"]
-    assert len(kernels) == len(fills) == 9
+    assert len(kernels) == 9 and len(fills) == (1 if kept else 9)
     assert all(k[4]["h0"] and k[4]["dht"] and k[4]["dh0"] for k in kernels[6:])
     assert not any(k[4]["h0"] or k[4]["dht"] or k[4]["dh0"] for k in kernels[3:6])
     pointers = ("x", "g", "o", "do", "dx", "dg", "hdr", "slots", "h0", "dht", "dh0")
@@ -619,6 +626,73 @@ def test_planned_chunk_launch_matches_checked_launch(offset, fake_cuda, monkeypa
             assert k[1:4] == first[1:4]
             assert {n: v for n, v in k[4].items() if n not in pointers} == \
                    {n: v for n, v in first[4].items() if n not in pointers}
-    for (_, p, v, n, s), k in zip(fills, kernels):  # the whole workspace filled with ones before each launch
-        assert v == 0xFF and s == k[3] == fake_cuda.stream.ptr and k[4]["hdr"] == p and k[4]["slots"] > p
+    if kept:  # one buffer (64 KB at least), filled with ones before the first launch, then used as it is
+        (_, p, v, n, s), = fills
+        assert calls[0][0] == "fill" and v == 0xFF and s == fake_cuda.stream.ptr and n == ops._KEPT_MIN_BYTES
+        assert list(ops._kept.values())[0][:1] == (p,)
+        for k in kernels:
+            assert k[3] == s and k[4]["hdr"] == p and k[4]["slots"] + k[4]["capacity"] == p + n
+    else:
+        for (_, p, v, n, s), k in zip(fills, kernels):  # the whole workspace filled with ones before each launch
+            assert v == 0xFF and s == k[3] == fake_cuda.stream.ptr and k[4]["hdr"] == p
+            assert k[4]["slots"] > p and k[4]["slots"] + k[4]["capacity"] == p + n
+        assert not ops._kept
     assert kernels[0][4]["x"] == x.data_ptr() and kernels[3][4]["do"] == do.data_ptr()
+
+
+@pytest.mark.parametrize("fw", ["torch", "cupy"])
+def test_kept_workspaces(fw, monkeypatch):
+    """CPU: kept scratch is one buffer per (framework, device, stream, accumulation itemsize), at least
+    64 KB and a power of two, made (and filled with ones, on its stream) only when none is big enough; it
+    is not used while the stream captures a graph or when switched off, and release_workspaces frees it."""
+    cupy = pytest.importorskip("cupy")
+    fills, made = [], []
+    monkeypatch.setattr(cupy.cuda.runtime, "memsetAsync", lambda p, v, n, s: fills.append((p, v, n, s)))
+    monkeypatch.setattr(ops, "_kept", {})
+    capturing = set()
+    monkeypatch.setattr(ops, "_capturing", lambda stream_ptr: stream_ptr in capturing)
+    if fw == "torch":
+        torch = pytest.importorskip("torch")
+        real_empty = torch.empty
+
+        def empty(shape, dtype, device):  # host memory standing in for the device's
+            made.append((shape, device))
+            return real_empty(shape, dtype=dtype)
+        monkeypatch.setattr(torch, "empty", empty)
+        alloc = ops._workspace(bk.TORCH, types.SimpleNamespace(index=1))
+    else:
+        monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 1)
+        alloc = _cupy_alloc(monkeypatch, made)
+
+    a = alloc(1000, 4, 5)
+    assert a[2] and a[3] == 1 << 16 and fills == [(a[0], 0xFF, 1 << 16, 5)]
+    assert alloc(1 << 16, 4, 5) is a and len(fills) == 1  # fits: the same buffer, no fill
+    b = alloc(1000, 8, 5)  # another accumulation itemsize: its own buffer
+    c = alloc(1000, 4, 6)  # another stream: its own buffer
+    assert len({a[0], b[0], c[0]}) == 3 and len(fills) == 3 and len(ops._kept) == 3
+    d = alloc((1 << 16) + 1, 4, 5)  # grown to the next power of two, filled
+    assert d[0] != a[0] and d[3] == 1 << 17 and fills[-1] == (d[0], 0xFF, 1 << 17, 5) and len(ops._kept) == 3
+    capturing.add(5)  # capturing: fresh memory of the size asked, which the launcher fills
+    e = alloc(1000, 4, 5)
+    assert not e[2] and e[3] == 1000 and e[0] != d[0] and len(fills) == 4
+    capturing.clear()
+    monkeypatch.setattr(ops.config, "keep_workspaces", False)
+    assert not alloc(1000, 4, 5)[2] and len(fills) == 4
+    monkeypatch.setattr(ops.config, "keep_workspaces", True)
+    assert alloc(1000, 4, 5) is d
+    hc.config.release_workspaces()
+    assert not ops._kept
+    assert alloc(1000, 4, 5)[0] != d[0] and len(fills) == 5 and len(made) == 7
+
+
+def _cupy_alloc(monkeypatch, made):
+    """ops._workspace for CuPy with host arrays standing in for CuPy's (data.ptr their address)."""
+    cupy = pytest.importorskip("cupy")
+
+    class HostArray:
+        def __init__(self, shape, dtype):
+            made.append((shape, dtype))
+            self.a = np.empty(shape, dtype)
+            self.data = types.SimpleNamespace(ptr=self.a.ctypes.data)
+    monkeypatch.setattr(cupy, "empty", HostArray)
+    return ops._workspace(bk.CUPY, None)
