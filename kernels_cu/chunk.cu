@@ -19,9 +19,9 @@
 // tags; see "workspace and look-back"); SPLIT threads share a channel where the block
 // has more threads than the tile has channels, each reading R predecessors per round, all in flight.
 // Narrow tiles (ROWS > 1) make chunks longer in time for the same bytes: fewer chunks for the look-back
-// to cross.  Blocks take chunk numbers from an atomic ticket in launch order, so a block only ever waits
-// on blocks that are already running; where the host asks, each block also asks L2 for the rows of the
-// block l2_ahead tickets later.  Segment starts (sequence starts, or t = 0) are steps with a = 0, which
+// to cross.  Blocks take chunk numbers in the order they start (their index, or an atomic ticket: see
+// chunk_order), so a block only ever waits on blocks that are already running; where the host asks, each
+// block also asks L2 for the rows of the block l2_ahead tickets later.  Segment starts (sequence starts, or t = 0) are steps with a = 0, which
 // makes varlen and the initial state part of one scan.
 #include "common.cuh"
 
@@ -71,6 +71,9 @@ namespace hc {
 #ifndef HC_CHUNK_INTERIOR  // 0: every chunk takes the checked form (for comparisons)
 #define HC_CHUNK_INTERIOR 1
 #endif
+#ifndef HC_INDEX_ORDER_VEC  // kernels with VEC at least this take a block's chunk from its index (blocks are
+#define HC_INDEX_ORDER_VEC 8  //  dispatched in increasing order); the others from an atomic ticket, taken before
+#endif                        //  the block's loads (measured: benchmarks/NOTES.md)
 #ifndef HC_LOOKBACK_BATCH  // predecessor slots a thread reads per round (halved for float64)
 #define HC_LOOKBACK_BATCH 4
 #endif
@@ -176,30 +179,46 @@ struct ChunkBlock {
     static_assert(SPLIT <= 32 && GSHARE * SPLIT == G && WINDOW <= 32, "SPLIT divides the groups; a window fits a mask");
     Affine<Acc> part[G][C];                              // each group's map of each channel; then its carry-in
     unsigned ticket, parity;                             // parity: the launch's, in the sign bit
+    unsigned long long counted, used[2];                 // from count_in, parked by thread 0
 
-    // The block's chunk number, in launch order, of `total` blocks; the launch's parity in sm->parity.
-    // The block that takes the last ticket advances the counter to the next launch (every other block has
-    // taken its ticket by then) and records this launch's slot bytes for the next one.
-    __device__ __forceinline__ static unsigned take_ticket(Header* hdr, ChunkBlock* sm, unsigned total,
-                                                           unsigned long long slot_bytes) {
+    // Count the block in: thread 0 adds one to the header's counter and asks for the header's record of the
+    // last launches (`got`).  The count comes back with the launch's parity, and the block counted in last
+    // (every other block has been counted by then) advances the counter to the next launch.  Nothing waits
+    // for these before park(), which thread 0 reaches once its loads are in flight.
+    struct Counted { unsigned long long count, used0, used1; };
+    __device__ __forceinline__ static Counted count_in(Header* hdr) {
+        Counted got = {0ull, 0ull, 0ull};
         if (threadIdx.x == 0 && threadIdx.y == 0) {
-            const unsigned long long v = atomicAdd(&hdr->count, 1ull) + 1ull;  // from all ones
-            const unsigned t = (unsigned)v, par = (unsigned)(v >> 32) & 1u;
-            if (t == total - 1u) {
+            got.count = atomicAdd(&hdr->count, 1ull) + 1ull;  // from all ones
+            asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(got.used0) : "l"(&hdr->used[0]));
+            asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(got.used1) : "l"(&hdr->used[1]));
+        }
+        return got;
+    }
+    // Thread 0 parks count_in's values in shared memory (the block reads them after the next barrier).
+    __device__ __forceinline__ void park(const Counted& got) {
+        if (threadIdx.x == 0 && threadIdx.y == 0) { counted = got.count; used[0] = got.used0; used[1] = got.used1; }
+    }
+    // Thread 0, before carry_in's first barrier, for a launch of `total` blocks: the parity into shared
+    // memory, and the last block's duties: advance the counter, record this launch's slot bytes for the next.
+    __device__ __forceinline__ void settle(Header* hdr, unsigned total, unsigned long long slot_bytes) {
+        if (threadIdx.x == 0 && threadIdx.y == 0) {
+            const unsigned par = (unsigned)(counted >> 32) & 1u;
+            if ((unsigned)counted == total - 1u) {
                 atomicAdd(&hdr->count, (1ull << 32) - total);
                 hdr->used[par] = ~slot_bytes;
             }
-            sm->ticket = t;
-            sm->parity = par << 31;
+            parity = par << 31;
         }
+    }
+    // The block's place in the order the chunks are handed out, so that a block only waits on blocks that
+    // are running or done: its index where VEC >= HC_INDEX_ORDER_VEC (the hardware dispatches blocks in
+    // increasing index; nothing to wait for), else the count from count_in, which the block waits for.
+    __device__ __forceinline__ static unsigned chunk_order(const Counted& got, ChunkBlock* sm) {
+        if (VEC >= HC_INDEX_ORDER_VEC) return blockIdx.x;
+        if (threadIdx.x == 0 && threadIdx.y == 0) sm->ticket = (unsigned)got.count;
         __syncthreads();
         return sm->ticket;
-    }
-    // ~(slot bytes) of the previous launch (all ones after a fill), asked for early: only clear() waits for it.
-    __device__ __forceinline__ static unsigned long long previous_bytes(const Header* hdr, unsigned parity) {
-        unsigned long long v;
-        asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(v) : "l"(&hdr->used[parity ? 0 : 1]));
-        return v;
     }
     // Leave unpublished what the previous launch used past this launch's `slot_bytes`, at most `capacity`:
     // block `ticket` of `total` takes every total-th run of NT 16-byte words (slot bytes are multiples of 256).
@@ -252,11 +271,11 @@ struct ChunkBlock {
     // the state before the thread's first step in channel k.
     __device__ void carry_in(char* slots, i64 slot0, i64 c, int q, int cl, Affine<Acc>* mine, const Slot<Acc>* pre) {
         const int tid = threadIdx.y * 32 + threadIdx.x, s = tid % SPLIT, i0 = tid / SPLIT;
-        const unsigned par = parity;
         typedef Slot<Acc> S;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) part[q][k * LC + cl] = mine[k];
         __syncthreads();
+        const unsigned par = parity;  // settled before the barrier
         Affine<Acc> share[PER], total[PER];  // the map of this thread's groups; of the whole chunk
 #pragma unroll
         for (int r = 0; r < PER; ++r) {
@@ -415,8 +434,8 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     __shared__ Block sm;
     const unsigned total = (unsigned)(ntiles * nchunks);  // grid < 2^31
     const unsigned long long slot_bytes = (unsigned long long)total * Block::C * Slot<Acc>::BYTES;
-    const unsigned ticket = Block::take_ticket(ws_hdr, &sm, total, slot_bytes);
-    const unsigned long long previous = Block::previous_bytes(ws_hdr, sm.parity);
+    const typename Block::Counted got = Block::count_in(ws_hdr);
+    const unsigned ticket = Block::chunk_order(got, &sm);
     const unsigned chunk = ticket / (unsigned)ntiles, tile = ticket % (unsigned)ntiles;  // grid < 2^31
     const unsigned ntd = (unsigned)((D + Block::C - 1) / Block::C);
     const i64 batch = tile / ntd;
@@ -448,6 +467,8 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
             prefetch_rows<STEPS>(g + later.batch * sgb + later.t * (sgt * tdir) + later.d, sgt, later.n);
         }
     }
+
+    sm.park(got);  // behind this thread's loads
 
     // Pass 1: the map of this thread's steps, per channel.  Dense steps strictly inside the row (no
     // start, not the last step) need no segment bookkeeping: the interior form skips it.
@@ -486,6 +507,7 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     }
     }
 
+    sm.settle(ws_hdr, total, slot_bytes);
     sm.carry_in(ws_slots, (i64)tile * nchunks, chunk, q, cl, mine, pre);
     Acc h[VEC];
 #pragma unroll
@@ -544,7 +566,7 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) ht[n * D + d + k] = h0 ? h0[n * D + d + k] : Acc(0);
     }
-    Block::clear(ws_slots, ticket, total, slot_bytes, previous, (unsigned long long)ws_capacity);
+    Block::clear(ws_slots, ticket, total, slot_bytes, sm.used[sm.parity ? 0 : 1], (unsigned long long)ws_capacity);
 }
 
 // Backward: the same scan over v = T - 1 - u.  With the gate shifted by one step,
@@ -566,8 +588,8 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     __shared__ Block sm;
     const unsigned total = (unsigned)(ntiles * nchunks);  // grid < 2^31
     const unsigned long long slot_bytes = (unsigned long long)total * Block::C * Slot<Acc>::BYTES;
-    const unsigned ticket = Block::take_ticket(ws_hdr, &sm, total, slot_bytes);
-    const unsigned long long previous = Block::previous_bytes(ws_hdr, sm.parity);
+    const typename Block::Counted got = Block::count_in(ws_hdr);
+    const unsigned ticket = Block::chunk_order(got, &sm);
     const unsigned chunk = ticket / (unsigned)ntiles, tile = ticket % (unsigned)ntiles;  // grid < 2^31
     const unsigned ntd = (unsigned)((D + Block::C - 1) / Block::C);
     const i64 batch = tile / ntd;
@@ -619,6 +641,8 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
         }
     }
 
+    sm.park(got);  // behind this thread's loads
+
     // Pass 1: the map of this thread's steps of the reversed scan, per channel.  Dense steps strictly
     // inside the row (not the last step, not the first) need no segment bookkeeping.
     const bool interior = !VARLEN && HC_CHUNK_INTERIOR && v0 > 0 && v0 + STEPS < T;
@@ -655,6 +679,7 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     }
     }
 
+    sm.settle(ws_hdr, total, slot_bytes);
     sm.carry_in(ws_slots, (i64)tile * nchunks, chunk, q, cl, mine, pre);
     Acc dh[VEC], en[VEC];  // en: exp of the gate one step later, the a of the current step
 #pragma unroll
@@ -720,7 +745,7 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) dh0[n * D + d + k] = dht ? dht[n * D + d + k] : Acc(0);
     }
-    Block::clear(ws_slots, ticket, total, slot_bytes, previous, (unsigned long long)ws_capacity);
+    Block::clear(ws_slots, ticket, total, slot_bytes, sm.used[sm.parity ? 0 : 1], (unsigned long long)ws_capacity);
 }
 
 }  // namespace hc
