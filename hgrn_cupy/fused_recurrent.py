@@ -8,8 +8,8 @@ and splits each window of time between its warps.  Launchers check nothing: the 
 """
 from __future__ import annotations
 
-from ._compile import (BLOCK_BWD, BLOCK_FWD, ITEMSIZE, STEP, WALK_VEC, bind, block_walk_width, get_function, launch,
-                       layout_vector_width, pointers_aligned)
+from ._compile import (BLOCK_BWD, BLOCK_FWD, ITEMSIZE, STEP, WALK_VEC, bind, block_walk_width, get_function,
+                       layout_vector_width)
 
 BLOCK = 64      # small blocks spread few channels over every multiprocessor
 STEP_BLOCK = 128  # threads per block of the single-step kernel (VEC channels each)
@@ -163,25 +163,49 @@ def fused_recurrent_fwd(x, g, o, h0, ht, cu, N, reverse, device, stream):
         launch_(stream.ptr, x.ptr, g.ptr, o.ptr, h0 or 0, ht or 0)
 
 
+def prepare_bwd(g, o, do, dx, dg, cu, N, reverse, device):
+    """The backward launch for one layout, as ``launch(stream_ptr, pointers, states)`` with ``pointers`` those
+    of (g, o, do, dx, dg) and ``states`` of (h0, dht, dh0) (0: absent), or None when there is nothing to
+    compute.  g, o, do, dx, dg: ``Arr`` [B, T, D] whose shapes, strides and dtypes the launch keeps (their
+    pointers are not read; dx has o's dtype, dg g's); cu as in ``prepare_fwd``.  Each call takes the widest
+    kernel its pointers allow: the block walk, the walk of ``walk_vec`` channels a thread, or of one."""
+    B, T, D = g.shape
+    if N == 0 or D == 0:
+        return None
+    tensors = (g, o, do, dx, dg)  # the kernels' order
+    arrs = (o, g, do, dx, dg)     # o's dtype first, as the width rules take them
+    strides = tuple(s for a in tensors for s in a.strides[:2])
+    cu_ptr, cu64 = cu if cu is not None else (0, 0)
+    tail = (cu_ptr, cu64, T, D, int(bool(reverse)))
+    opts = options(o.dtype, g.dtype)
+
+    def kernel(direction, vec, grid):
+        return bind(get_function("fused_recurrent", direction, o.dtype, g.dtype, device, opts, vec=vec), *grid, device)
+
+    def masks(vec):  # pointer bits that must be clear for VEC-wide accesses, in the kernels' order
+        return tuple(vec * ITEMSIZE[a.dtype] - 1 for a in tensors)
+
+    choices = []  # (masks, kernel), widest first
+    bvec = block_walk_vec(N, T, D, arrs, 1)
+    if bvec:
+        choices.append((masks(bvec), kernel(BLOCK_BWD, bvec, _block_grid(N, D, bvec))))
+    vec = walk_vec(N, D, arrs)
+    if vec > 1:
+        choices.append((masks(vec), kernel(1, vec, _grid(N, D, vec))))
+    narrow = kernel(1, 1, _grid(N, D))
+
+    def launch_(stream_ptr, pointers, states):
+        for bits, wide in choices:
+            if not any(p & b for p, b in zip(pointers, bits)):
+                wide(stream_ptr, *pointers, *strides, *states, *tail)
+                return
+        narrow(stream_ptr, *pointers, *strides, *states, *tail)
+    return launch_
+
+
 def fused_recurrent_bwd(g, o, do, dx, dg, h0, dht, dh0, cu, N, reverse, device, stream):
     """g, o, do, dx, dg: ``Arr`` [B, T, D] (dx has o's dtype, dg g's); h0, dht, dh0: pointers to
     [N, D] in the accumulation dtype (0: absent)."""
-    B, T, D = g.shape
-    if N == 0 or D == 0:
-        return
-    arrs = (o, g, do, dx, dg)
-    cu_ptr, cu64 = cu if cu is not None else (0, 0)
-    args = (g.ptr, o.ptr, do.ptr, dx.ptr, dg.ptr, g.strides[0], g.strides[1], o.strides[0], o.strides[1],
-            do.strides[0], do.strides[1], dx.strides[0], dx.strides[1], dg.strides[0], dg.strides[1],
-            h0 or 0, dht or 0, dh0 or 0, cu_ptr, cu64, T, D, int(bool(reverse)))
-    opts = options(o.dtype, g.dtype)
-    bvec = block_walk_vec(N, T, D, arrs, 1)
-    if bvec and pointers_aligned(bvec, arrs):
-        fn = get_function("fused_recurrent", BLOCK_BWD, o.dtype, g.dtype, device, opts, vec=bvec)
-        launch(fn, *_block_grid(N, D, bvec), stream.ptr, args, device)
-        return
-    vec = walk_vec(N, D, arrs)
-    if vec > 1 and not pointers_aligned(vec, arrs):
-        vec = 1
-    fn = get_function("fused_recurrent", 1, o.dtype, g.dtype, device, opts, vec=vec)
-    launch(fn, *_grid(N, D, vec), stream.ptr, args, device)
+    launch_ = prepare_bwd(g, o, do, dx, dg, cu, N, reverse, device)
+    if launch_ is not None:
+        launch_(stream.ptr, (g.ptr, o.ptr, do.ptr, dx.ptr, dg.ptr), (h0 or 0, dht or 0, dh0 or 0))

@@ -534,11 +534,27 @@ def _cupy_plan(engine, fw, x, g, h0, output_final_state, N, reverse):
     return plan
 
 
+def _prepared_backward(engine, fw, arrs, N, reverse, device, like):
+    """The dense backward launch of ``engine`` for the layout of ``arrs`` (``Arr`` g, o, do, dx, dg), as
+    ``launch(stream_ptr, pointers, states)``, or None when there is nothing to compute; the chunk engine
+    takes its scratch on ``like``'s device (see ``_workspace``) at each call."""
+    if engine == "fused_recurrent":
+        return _fused.prepare_bwd(*arrs, None, N, reverse, device)
+    launch = _chunk.prepare_dense(1, tuple(arrs), N, reverse, device)
+    if launch is None:
+        return None
+    workspace = _workspace(fw, like)
+
+    def with_workspace(stream_ptr, pointers, states):
+        launch(stream_ptr, pointers, states, workspace)
+    return with_workspace
+
+
 def _plan_backward(engine, fw, g, o, do, dht, h0, N, reverse):
     """A function ``(g, o, do, dht, h0) -> (dx, dg, dh0)`` for the backward calls of one key, made from a
     call that has passed :func:`check_backward`; ``engine`` is resolved.  The key fixes which states are
-    present and their layouts (``dht``, ``h0``: this call's, or None).  The chunk engine's launch is
-    prepared; outputs are row-major and states are taken in and given back as on the checked path."""
+    present and their layouts (``dht``, ``h0``: this call's, or None).  The launch is prepared; outputs are
+    row-major and states are taken in and given back as on the checked path."""
     if not fw.is_gpu(o):
         return lambda g, o, do, dht, h0: _cpu_backward(fw, g, o, do, dht, h0, None, reverse)
     B, T, D = o.shape
@@ -550,14 +566,13 @@ def _plan_backward(engine, fw, g, o, do, dht, h0, N, reverse):
 
     def checked(g, o, do, dht, h0):
         return _gpu_backward(engine, fw, g, o, do, dht, h0, None, N, reverse)
-    if engine != "chunk":
-        return checked
     row = _row_major((B, T, D))
     arrs = [bk.Arr(0, (B, T, D), fw.strides(a), fw.dtype(a)) for a in (g, o, do)]
     if cast_do:
         arrs[2] = bk.Arr(0, (B, T, D), row, od)
-    launch = _chunk.prepare_dense(1, (*arrs, bk.Arr(0, (B, T, D), row, od), bk.Arr(0, (B, T, D), row, gd)), N,
-                                  reverse, _device_index(fw, o))
+    arrs += [bk.Arr(0, (B, T, D), row, od), bk.Arr(0, (B, T, D), row, gd)]
+    launch = _prepared_backward(engine, fw, arrs, N, reverse, _device_index(fw, o),
+                                o.device if fw is bk.TORCH else o.data.device_id)
     if fw is bk.TORCH:
         import cupy
         import torch
@@ -568,7 +583,6 @@ def _plan_backward(engine, fw, g, o, do, dht, h0, N, reverse):
         h0_dtype = h0.dtype if with_h0 else None
         stream = bk.torch_stream_reader(torch)
         get_device = cupy.cuda.runtime.getDevice
-        workspace = _workspace(fw, device)
 
         def plan(g, o, do, dht, h0):
             if bk.POISON_OUTPUTS:
@@ -581,7 +595,7 @@ def _plan_backward(engine, fw, g, o, do, dht, h0, N, reverse):
                 h0_in, dht_in = _state_in(fw, h0, acc), _state_in(fw, dht, acc)
                 states = (0 if h0_in is None else h0_in.data_ptr(), 0 if dht_in is None else dht_in.data_ptr(),
                           0 if dh0 is None else dh0.data_ptr())
-                args = ((g.data_ptr(), o.data_ptr(), do.data_ptr(), dx.data_ptr(), dg.data_ptr()), states, workspace)
+                args = ((g.data_ptr(), o.data_ptr(), do.data_ptr(), dx.data_ptr(), dg.data_ptr()), states)
                 if get_device() == dev:
                     launch(stream(dev), *args)
                 else:
@@ -599,7 +613,6 @@ def _plan_backward(engine, fw, g, o, do, dht, h0, N, reverse):
     h0_dtype = fw.dtype(h0) if with_h0 else None
     empty, current_stream = cupy.empty, cupy.cuda.get_current_stream
     get_device, set_device = cupy.cuda.runtime.getDevice, cupy.cuda.runtime.setDevice
-    workspace = _workspace(fw, dev)  # on o's device: the plan makes it current around the launch
 
     def cupy_plan(g, o, do, dht, h0):
         if bk.POISON_OUTPUTS:
@@ -616,7 +629,7 @@ def _plan_backward(engine, fw, g, o, do, dht, h0, N, reverse):
                 h0_in, dht_in = _state_in(fw, h0, acc), _state_in(fw, dht, acc)
                 launch(current_stream(dev).ptr, (g.data.ptr, o.data.ptr, do.data.ptr, dx.data.ptr, dg.data.ptr),
                        (0 if h0_in is None else h0_in.data.ptr, 0 if dht_in is None else dht_in.data.ptr,
-                        0 if dh0 is None else dh0.data.ptr), workspace)
+                        0 if dh0 is None else dh0.data.ptr))
             if cast_dh0:
                 dh0 = fw.astype(dh0, h0_dtype)
         finally:

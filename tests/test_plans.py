@@ -696,3 +696,52 @@ def _cupy_alloc(monkeypatch, made):
             self.data = types.SimpleNamespace(ptr=self.a.ctypes.data)
     monkeypatch.setattr(cupy, "empty", HostArray)
     return ops._workspace(bk.CUPY, None)
+
+
+FUSED_BWD_ARGS = ("g", "o", "do", "dx", "dg", "sgb", "sgt", "sob", "sot", "sdob", "sdot", "sdxb", "sdxt", "sdgb", "sdgt",
+                  "h0", "dht", "dh0", "cu", "cu64", "T", "D", "reverse")
+
+
+@pytest.mark.parametrize("shape", [(3, 300, 64), (2, 200, 4096)], ids=["walk", "block_walk"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_planned_fused_backward_matches_checked(shape, offset, fake_cuda, monkeypatch):
+    """CPU: the fused engine's planned backward launches, without and with states, hand the kernel what the
+    checked path hands it (arguments read back from the packed parameters): the block walk where the layout
+    and the pointers allow it, else the walk, one channel a thread where a pointer is misaligned."""
+    torch = pytest.importorskip("torch")
+    driver = pytest.importorskip("cupy_backends.cuda.api.driver")
+    from hgrn_cupy._compile import BLOCK_BWD
+
+    calls = []
+
+    def launch_kernel(fn_ptr, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
+        (key,) = [k for k, f in fake_cuda.functions.items() if f.ptr == fn_ptr]
+        slots = (ctypes.c_void_p * len(FUSED_BWD_ARGS)).from_address(params)
+        args = dict(zip(FUSED_BWD_ARGS, (ctypes.c_int64.from_address(p).value for p in slots)))
+        calls.append((key, (gx, gy, gz, bx, by, bz), stream, args))
+    monkeypatch.setattr(driver, "launchKernel", launch_kernel)
+    B, T, D = shape
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(B, T, D + 8, generator=gen).to(torch.bfloat16)[:, :, offset:offset + D]
+    o, do = (torch.randn(B, T, D, generator=gen).to(torch.bfloat16) for _ in range(2))
+    dht, h0 = torch.randn(B, D, generator=gen), torch.randn(B, D, generator=gen)
+    outs = []
+    for states in ((None, None), (dht, h0)):
+        for _ in range(3):  # checked, then the plan is made, then it is used
+            outs.append(hc.hgrn_backward(g, o, do, *states, engine="fused_recurrent"))
+    assert len(ops._plans) == 2 and len(calls) == 6
+    block = fused_recurrent.block_walk_fits(B, T, D, "bfloat16", "bfloat16", 1) if D == 4096 and not offset else 0
+    assert calls[0][0][1] == (BLOCK_BWD if block else 1) and calls[0][0][7] == (block or 1)
+    pointers = ("dx", "dg", "h0", "dht", "dh0")
+    for group, out in ((calls[:3], outs[:3]), (calls[3:], outs[3:])):
+        first = group[0]
+        for c in group:
+            assert c[:3] == first[:3] and c[2] == fake_cuda.stream.ptr
+            assert {n: v for n, v in c[3].items() if n not in pointers} == \
+                   {n: v for n, v in first[3].items() if n not in pointers}
+            assert c[3]["g"] == g.data_ptr() and c[3]["o"] == o.data_ptr() and c[3]["do"] == do.data_ptr()
+        for c, (dx, dg, dh0) in zip(group, out):
+            assert c[3]["dx"] == dx.data_ptr() and c[3]["dg"] == dg.data_ptr()
+            assert c[3]["dh0"] == (0 if dh0 is None else dh0.data_ptr())
+    assert not any(c[3]["h0"] or c[3]["dht"] for c in calls[:3])
+    assert all(c[3]["h0"] == h0.data_ptr() and c[3]["dht"] == dht.data_ptr() for c in calls[3:])
