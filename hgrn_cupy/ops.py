@@ -563,6 +563,12 @@ def _plan_backward(engine, fw, g, o, do, dht, h0, N, reverse):
     cast_do = fw.dtype(do) != od
     with_h0 = h0 is not None
     cast_dh0 = with_h0 and fw.dtype(h0) != acc  # dh0 comes back in h0's dtype
+    # states the key fixes as contiguous in the accumulation dtype are read in place
+    h0_direct = with_h0 and not cast_dh0 and fw.contiguous(h0) is h0
+    dht_direct = dht is not None and fw.dtype(dht) == acc and fw.contiguous(dht) is dht
+
+    def states_in(h0, dht):
+        return (h0 if h0_direct else _state_in(fw, h0, acc)), (dht if dht_direct else _state_in(fw, dht, acc))
 
     def checked(g, o, do, dht, h0):
         return _gpu_backward(engine, fw, g, o, do, dht, h0, None, N, reverse)
@@ -592,7 +598,7 @@ def _plan_backward(engine, fw, g, o, do, dht, h0, N, reverse):
             dx, dg = empty((B, T, D), dtype=o_dtype, device=device), empty((B, T, D), dtype=g_dtype, device=device)
             dh0 = empty((N, D), dtype=acc_dtype, device=device) if with_h0 else None
             if launch is not None:
-                h0_in, dht_in = _state_in(fw, h0, acc), _state_in(fw, dht, acc)
+                h0_in, dht_in = states_in(h0, dht)
                 states = (0 if h0_in is None else h0_in.data_ptr(), 0 if dht_in is None else dht_in.data_ptr(),
                           0 if dh0 is None else dh0.data_ptr())
                 args = ((g.data_ptr(), o.data_ptr(), do.data_ptr(), dx.data_ptr(), dg.data_ptr()), states)
@@ -626,7 +632,7 @@ def _plan_backward(engine, fw, g, o, do, dht, h0, N, reverse):
             dx, dg = empty((B, T, D), o_dtype), empty((B, T, D), g_dtype)
             dh0 = empty((N, D), acc_np) if with_h0 else None
             if launch is not None:
-                h0_in, dht_in = _state_in(fw, h0, acc), _state_in(fw, dht, acc)
+                h0_in, dht_in = states_in(h0, dht)
                 launch(current_stream(dev).ptr, (g.data.ptr, o.data.ptr, do.data.ptr, dx.data.ptr, dg.data.ptr),
                        (0 if h0_in is None else h0_in.data.ptr, 0 if dht_in is None else dht_in.data.ptr,
                         0 if dh0 is None else dh0.data.ptr))
