@@ -24,8 +24,9 @@ class Config:
         arrays).  Skipped while a CUDA graph is being captured.  The kernels clamp offsets into
         [0, T] either way, so malformed offsets can give wrong numbers but never touch memory
         outside the tensors.
-    keep_workspaces: the chunk engine keeps its scratch memory (O(N * D * T / 128) bytes, one buffer
-        per device, stream, framework and accumulation dtype, grown as needed) between calls; each
+    keep_workspaces: the chunk engine keeps its scratch memory (8 bytes per channel every 64 steps or
+        more, 16 with float64: about N * D * T / 8 bytes at most; one buffer per device, stream,
+        framework and accumulation dtype, a power of two of 64 KB or more) between calls; each
         launch leaves it ready for the next, which saves filling fresh memory at every call.  While a
         CUDA graph is being captured, and when this is False, calls take fresh memory and fill it
         (a graph then replays the fill).  ``release_workspaces()`` frees what is kept.  Kept memory
