@@ -7,6 +7,8 @@ NumPy reference.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import _backend as bk
@@ -30,8 +32,8 @@ class Config:
         launch leaves it ready for the next, which saves filling fresh memory at every call.  While a
         CUDA graph is being captured, and when this is False, calls take fresh memory and fill it
         (a graph then replays the fill).  ``release_workspaces()`` frees what is kept.  Kept memory
-        belongs to one stream: do not destroy a stream while kernels queued on it are pending and
-        reuse its handle for another.
+        belongs to one stream (on the default stream's handles, to one host thread as well): do not
+        destroy a stream while kernels queued on it are pending and reuse its handle for another.
     """
     check_cu_seqlens_values = True
     keep_workspaces = True
@@ -222,8 +224,11 @@ def _cu_arg(fw, cu):
     return cu, (fw.describe(cu).ptr, int(fw.dtype(cu) == "int64"))
 
 
-_kept = {}  # (torch?, device index, stream, accumulation itemsize) -> (pointer, owner, True, bytes)
+_kept = {}  # (torch?, device index, stream, thread, accumulation itemsize) -> (pointer, owner, True, bytes)
 _KEPT_MIN_BYTES = 1 << 16
+# Handles that may name a different stream in each host thread (0 under per-thread default-stream
+# compilation, cudaStreamPerThread = 2): their kept memory is also per thread.
+_PER_THREAD_HANDLES = (0, 2)
 
 
 def _capturing(stream_ptr):
@@ -255,12 +260,13 @@ def _workspace(fw, device):
     def alloc(nbytes, acc_itemsize, stream_ptr):
         if not config.keep_workspaces or _capturing(stream_ptr):
             return fresh(nbytes) + (False, nbytes)
+        thread = threading.get_ident() if stream_ptr in _PER_THREAD_HANDLES else None
         if fw is bk.TORCH:
-            key = (True, device.index, stream_ptr, acc_itemsize)  # a tensor's device: index set
+            key = (True, device.index, stream_ptr, thread, acc_itemsize)  # a tensor's device: index set
         else:
             import cupy
 
-            key = (False, cupy.cuda.runtime.getDevice(), stream_ptr, acc_itemsize)
+            key = (False, cupy.cuda.runtime.getDevice(), stream_ptr, thread, acc_itemsize)
         kept = _kept.get(key)
         if kept is None or kept[3] < nbytes:
             import cupy

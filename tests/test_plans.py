@@ -683,6 +683,16 @@ def test_kept_workspaces(fw, monkeypatch):
     hc.config.release_workspaces()
     assert not ops._kept
     assert alloc(1000, 4, 5)[0] != d[0] and len(fills) == 5 and len(made) == 7
+    # the default stream's handles may name another stream in each thread: memory per thread there
+    import threading
+
+    for handle, per_thread in ((0, True), (2, True), (5, False)):
+        mine = alloc(1000, 4, handle)
+        theirs = []
+        t = threading.Thread(target=lambda: theirs.append(alloc(1000, 4, handle)))
+        t.start()
+        t.join()
+        assert (theirs[0][0] != mine[0]) == per_thread and alloc(1000, 4, handle) is mine
 
 
 def _cupy_alloc(monkeypatch, made):
