@@ -80,7 +80,7 @@ def test_chunk_access_width():
 
 
 def test_chunk_workspace_and_prefetch():
-    """Tiles of 32 / rows x VEC channels, chunks of warps x rows x steps; after a 16-byte header (padded to
+    """Tiles of 32 / rows x VEC channels, chunks of warps x rows x steps; after a 32-byte header (padded to
     256 bytes) one 8-byte slot per (tile, chunk, channel), 16 for float64.  L2 prefetch only on dense
     grids of at least L2_MIN_BLOCKS blocks and at most FEW_TILES or at least L2_MIN_TILES tiles; the peek
     at the predecessor's slots at most FEW_TILES or at least PEEK_MIN_TILES tiles."""
