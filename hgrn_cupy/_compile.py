@@ -99,6 +99,12 @@ def pointers_aligned(vec, arrs) -> bool:
     return all(a.ptr % (vec * ITEMSIZE[a.dtype]) == 0 for a in arrs)
 
 
+def alignment_masks(vec, arrs) -> tuple:
+    """Per ``Arr`` of ``arrs`` (pointers not read), the pointer bits that must be clear for ``vec``-wide
+    accesses: a prepared launch checks a call's pointers against them, as ``pointers_aligned`` does."""
+    return tuple(vec * ITEMSIZE[a.dtype] - 1 for a in arrs)
+
+
 def kernel_name(engine: str, direction: int, x_dtype: str, g_dtype: str, varlen: bool = False, vec: int = 1) -> str:
     """The name expression of one instantiation, e.g. ``hc::chunk_fwd<float, hc::half_t, false, 4>``."""
     _, kernels, templated = ENGINES[engine]

@@ -14,7 +14,7 @@ nothing: the public functions validate.
 """
 from __future__ import annotations
 
-from ._compile import ITEMSIZE, bind, get_function, layout_vector_width, pointers_aligned, vector_width
+from ._compile import alignment_masks, bind, get_function, layout_vector_width, pointers_aligned, vector_width
 
 LANES = 32
 # (warps per block, rows per warp, steps per thread) per (direction, vector kernel?).  A warp row is
@@ -101,7 +101,7 @@ def _prepare(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec):
     """One kernel's launch for one layout (``Arr`` tensors: shapes, strides, dtypes; pointers not read) and
     access width, as ``run(stream_ptr, pointers, states, cu_ptr, cu64, workspace)`` that takes the
     workspace (see ``chunk_fwd``), fills it where it is fresh and queues the kernel, returning the
-    workspace's ``(pointer, owner, filled)``; None when there is nothing to compute."""
+    workspace's ``(pointer, owner, filled, size)``; None when there is nothing to compute."""
     acc_itemsize = 8 if "float64" in dtypes else 4
     ntiles, nchunks, _, total, off_slots = workspace_layout(N, T, D, varlen, acc_itemsize, direction, vec)
     if ntiles * nchunks == 0:
@@ -149,7 +149,7 @@ def prepare_dense(direction, tensors, N, reverse, device):
         return None
     vec = layout_vector_width(D, tensors)
     wide = _prepare(direction, tensors, dtypes, False, N, T, D, reverse, device, vec) if vec > 1 else None
-    masks = tuple(vec * ITEMSIZE[a.dtype] - 1 for a in tensors)  # pointer bits VEC-wide accesses need clear
+    masks = alignment_masks(vec, tensors)
 
     def launch(stream_ptr, pointers, states, workspace):
         run = wide

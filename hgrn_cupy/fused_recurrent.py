@@ -8,8 +8,8 @@ and splits each window of time between its warps.  Launchers check nothing: the 
 """
 from __future__ import annotations
 
-from ._compile import (BLOCK_BWD, BLOCK_FWD, ITEMSIZE, STEP, WALK_VEC, bind, block_walk_width, get_function,
-                       layout_vector_width)
+from ._compile import (BLOCK_BWD, BLOCK_FWD, ITEMSIZE, STEP, WALK_VEC, alignment_masks, bind, block_walk_width,
+                       get_function, layout_vector_width)
 
 BLOCK = 64      # small blocks spread few channels over every multiprocessor
 STEP_BLOCK = 128  # threads per block of the single-step kernel (VEC channels each)
@@ -122,7 +122,7 @@ def prepare_fwd(x, g, o, cu, N, reverse, device):
     rev = int(bool(reverse))
 
     def masks(vec):  # pointer bits that must be clear for VEC-wide accesses: x and o, then g
-        return vec * ITEMSIZE[x.dtype] - 1, vec * ITEMSIZE[g.dtype] - 1
+        return alignment_masks(vec, (x, g))  # o has x's dtype
 
     def walk_with(kern):  # a bound walk kernel with this layout's arguments
         def run(stream_ptr, x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr):
@@ -182,16 +182,13 @@ def prepare_bwd(g, o, do, dx, dg, cu, N, reverse, device):
     def kernel(direction, vec, grid):
         return bind(get_function("fused_recurrent", direction, o.dtype, g.dtype, device, opts, vec=vec), *grid, device)
 
-    def masks(vec):  # pointer bits that must be clear for VEC-wide accesses, in the kernels' order
-        return tuple(vec * ITEMSIZE[a.dtype] - 1 for a in tensors)
-
-    choices = []  # (masks, kernel), widest first
+    choices = []  # (pointer masks in the kernels' order, kernel), widest first
     bvec = block_walk_vec(N, T, D, arrs, 1)
     if bvec:
-        choices.append((masks(bvec), kernel(BLOCK_BWD, bvec, _block_grid(N, D, bvec))))
+        choices.append((alignment_masks(bvec, tensors), kernel(BLOCK_BWD, bvec, _block_grid(N, D, bvec))))
     vec = walk_vec(N, D, arrs)
     if vec > 1:
-        choices.append((masks(vec), kernel(1, vec, _grid(N, D, vec))))
+        choices.append((alignment_masks(vec, tensors), kernel(1, vec, _grid(N, D, vec))))
     narrow = kernel(1, 1, _grid(N, D))
 
     def launch_(stream_ptr, pointers, states):

@@ -260,17 +260,15 @@ def _workspace(fw, device):
     def alloc(nbytes, acc_itemsize, stream_ptr):
         if not config.keep_workspaces or _capturing(stream_ptr):
             return fresh(nbytes) + (False, nbytes)
+        import cupy
+
         thread = threading.get_ident() if stream_ptr in _PER_THREAD_HANDLES else None
         if fw is bk.TORCH:
             key = (True, device.index, stream_ptr, thread, acc_itemsize)  # a tensor's device: index set
         else:
-            import cupy
-
             key = (False, cupy.cuda.runtime.getDevice(), stream_ptr, thread, acc_itemsize)
         kept = _kept.get(key)
         if kept is None or kept[3] < nbytes:
-            import cupy
-
             size = max(_KEPT_MIN_BYTES, 1 << (nbytes - 1).bit_length())
             ptr, buf = fresh(size)
             cupy.cuda.runtime.memsetAsync(ptr, 0xFF, size, stream_ptr)  # the one fill
@@ -445,7 +443,7 @@ def _plan_forward(engine, fw, x, g, h0, output_final_state, N, reverse):
 def _prepared_launch(engine, fw, x, g, o_strides, N, reverse, device, workspace):
     """The forward launch of ``engine`` for x's and g's layout and o's strides, as ``launch(stream_ptr,
     x_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr)``, or None when there is nothing to compute; the chunk engine
-    takes its scratch from ``workspace(nbytes) -> (pointer, owner)`` at each call."""
+    takes its scratch from ``workspace`` (see ``_workspace``) at each call."""
     B, T, D = x.shape
     o = bk.Arr(0, (B, T, D), o_strides, fw.dtype(x))
     if engine == "fused_recurrent":
