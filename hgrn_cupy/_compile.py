@@ -216,6 +216,22 @@ def _thread_slots(n, device):
     return entry
 
 
+_at_once: dict = {}
+
+
+def blocks_at_once(fn, threads, device):
+    """How many blocks of ``threads`` threads of ``fn`` (a ``cupy.cuda.Function`` of ``device``) the GPU
+    holds at once: blocks per SM by the occupancy calculator, times the SMs."""
+    key = (fn.ptr, threads, device)
+    n = _at_once.get(key)
+    if n is None:
+        from cupy_backends.cuda.api import driver, runtime
+
+        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, 0)
+        n = _at_once[key] = per_sm * runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device)
+    return n
+
+
 def bind(fn, grid, block, device):
     """``fn`` (a ``cupy.cuda.Function`` of ``device``) with its grid and block fixed: a function
     ``kernel(stream_ptr, *args)`` that queues it on the stream ``stream_ptr``.  ``args`` are Python ints

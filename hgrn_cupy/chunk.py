@@ -14,7 +14,8 @@ nothing: the public functions validate.
 """
 from __future__ import annotations
 
-from ._compile import alignment_masks, bind, get_function, layout_vector_width, pointers_aligned, vector_width
+from ._compile import (alignment_masks, bind, blocks_at_once, get_function, layout_vector_width, pointers_aligned,
+                       vector_width)
 
 LANES = 32
 # (warps per block, rows per warp, steps per thread) per (direction, vector kernel?).  A warp row is
@@ -59,6 +60,20 @@ def l2_ahead(ntiles, nchunks, varlen):
 def peek(ntiles):
     """Whether the blocks peek at their predecessor's slots (1) or not (0)."""
     return int(ntiles >= PEEK_MIN_TILES or ntiles <= FEW_TILES)
+
+
+# Stagger: where the grid is larger than what the GPU holds at once, the second half of the first wave
+# starts its loads only as the first half's maps come out (see stagger_start in kernels_cu/chunk.cu), so
+# that its loads overlap the first half's look-back and stores.  Measured (benchmarks/NOTES.md): bf16
+# 1x32768x1024 1.205 / 1.124 -> 1.143 / 1.094 x floor (fwd / bwd), 4x4096x1024 1.469 / 1.311 -> 1.355 /
+# 1.228; within noise or better at every other shape measured.
+STAGGER_DIRECTIONS = (0, 1)
+
+
+def stagger(direction, total, at_once):
+    """The kernels' stagger distance in blocks (0: none) for a grid of ``total`` blocks of which the GPU
+    holds ``at_once``."""
+    return at_once // 2 if direction in STAGGER_DIRECTIONS and total > at_once else 0
 
 
 def options(x_dtype, g_dtype):
@@ -109,10 +124,12 @@ def _prepare(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec):
     import cupy
 
     fn = get_function("chunk", direction, dtypes[0], dtypes[1], device, OPTIONS, varlen=varlen, vec=vec)
-    kernel = bind(fn, (ntiles * nchunks,), (LANES, SHAPES[direction, vec > 1][0]), device)
+    threads = LANES * SHAPES[direction, vec > 1][0]
+    kernel = bind(fn, (ntiles * nchunks,), (LANES, threads // LANES), device)
     strides = tuple(s for a in tensors for s in a.strides[:2])
     shape = (N, T, D, int(bool(reverse)))
-    grid = (ntiles, nchunks, l2_ahead(ntiles, nchunks, varlen), peek(ntiles))
+    grid = (ntiles, nchunks, l2_ahead(ntiles, nchunks, varlen), peek(ntiles),
+            stagger(direction, ntiles * nchunks, blocks_at_once(fn, threads, device)))
     memset = cupy.cuda.runtime.memsetAsync
 
     def run(stream_ptr, pointers, states, cu_ptr, cu64, workspace):

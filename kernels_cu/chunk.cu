@@ -21,8 +21,9 @@
 // Narrow tiles (ROWS > 1) make chunks longer in time for the same bytes: fewer chunks for the look-back
 // to cross.  Blocks take chunk numbers in the order they start (their index, or an atomic ticket: see
 // chunk_order), so a block only ever waits on blocks that are already running; where the host asks, each
-// block also asks L2 for the rows of the block l2_ahead tickets later.  Segment starts (sequence starts, or t = 0) are steps with a = 0, which
-// makes varlen and the initial state part of one scan.
+// block also asks L2 for the rows of the block l2_ahead tickets later, and the second half of the first
+// wave starts its loads as the first half's maps come out (stagger_start).  Segment starts (sequence
+// starts, or t = 0) are steps with a = 0, which makes varlen and the initial state part of one scan.
 #include "common.cuh"
 
 namespace hc {
@@ -74,6 +75,9 @@ namespace hc {
 #ifndef HC_INDEX_ORDER_VEC  // kernels with VEC at least this take a block's chunk from its index (blocks are
 #define HC_INDEX_ORDER_VEC 8  //  dispatched in increasing order); the others from an atomic ticket, taken before
 #endif                        //  the block's loads (measured: benchmarks/NOTES.md)
+#ifndef HC_L2_LATE  // experiment: forward asks L2 for a later block's rows once its own have landed
+#define HC_L2_LATE 0
+#endif
 #ifndef HC_LOOKBACK_BATCH  // predecessor slots a thread reads per round (halved for float64)
 #define HC_LOOKBACK_BATCH 4
 #endif
@@ -219,6 +223,23 @@ struct ChunkBlock {
         if (threadIdx.x == 0 && threadIdx.y == 0) sm->ticket = (unsigned)got.count;
         __syncthreads();
         return sm->ticket;
+    }
+    // The first blocks of a launch all start at once, and their loads would all land together, leaving the
+    // look-back and the stores of that first wave with nothing to overlap.  Where the host asks (`stagger`
+    // > 0: half the blocks the GPU holds at once, the grid being larger), block k of the first wave
+    // (stagger <= k < 2 * stagger) starts its loads only once block k - stagger has published its map, so
+    // the second half of the wave loads while the first half looks back and stores.  Block k - stagger came
+    // first in the order and publishes without waiting on anyone: no cycle.
+    __device__ __forceinline__ static void stagger_start(const char* slots, const Counted& got, unsigned ticket,
+                                                         unsigned stagger, unsigned ntiles, i64 nchunks) {
+        if (ticket < stagger || ticket - stagger >= stagger) return;  // block-uniform
+        if (threadIdx.x == 0 && threadIdx.y == 0) {
+            const unsigned par = ((unsigned)(got.count >> 32) & 1u) << 31, k = ticket - stagger;
+            const char* p = slots + ((i64)(k % ntiles) * nchunks + k / ntiles) * C * Slot<Acc>::BYTES;
+            Slot<Acc> e;
+            for (e.load(p); !e.ready(par); e.load(p)) __nanosleep(100);
+        }
+        __syncthreads();
     }
     // Leave unpublished what the previous launch used past this launch's `slot_bytes`, at most `capacity`:
     // block `ticket` of `total` takes every total-th run of NT 16-byte words (slot bytes are multiples of 256).
@@ -426,7 +447,8 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
     const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
     const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse,
-    Header* ws_hdr, char* ws_slots, i64 ws_capacity, i64 ntiles, i64 nchunks, i64 l2_ahead, int peek) {
+    Header* ws_hdr, char* ws_slots, i64 ws_capacity, i64 ntiles, i64 nchunks, i64 l2_ahead, int peek,
+    i64 stagger) {
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int WARPS = Shape<0, VEC>::WARPS, ROWS = Shape<0, VEC>::ROWS, STEPS = Shape<0, VEC>::STEPS;
     typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
@@ -443,6 +465,7 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     const i64 d = (i64)(tile % ntd) * Block::C + cl * VEC;
     const bool live = d < D;  // D is a multiple of VEC
     const i64 u0 = (i64)chunk * CHUNK_LEN + (i64)q * STEPS;
+    Block::stagger_start(ws_slots, got, ticket, (unsigned)stagger, (unsigned)ntiles, nchunks);
 
     // Logical step u0 + j of this thread lives at p + j * step for each tensor.
     const i64 tdir = reverse ? -1 : 1, t0 = reverse ? T - 1 - u0 : u0;
@@ -460,6 +483,7 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     }
     Slot<Acc> pre[Block::PER];  // the predecessor's slots, asked for behind this thread's loads
     Block::peek(ws_slots, (i64)tile * nchunks, chunk, peek != 0, pre);
+    auto ask_later = [&]() {
     if (!VARLEN && l2_ahead > 0 && ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
         const Later<Block, STEPS> later(ticket + l2_ahead, ntiles, ntd, cl, q, T, reverse ? 1 : 0, 0);
         if (later.d < D && later.n > 0) {
@@ -467,6 +491,8 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
             prefetch_rows<STEPS>(g + later.batch * sgb + later.t * (sgt * tdir) + later.d, sgt, later.n);
         }
     }
+    };
+    if (!HC_L2_LATE) ask_later();
 
     sm.park(got);  // behind this thread's loads
 
@@ -507,6 +533,7 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     }
     }
 
+    if (HC_L2_LATE) ask_later();
     sm.settle(ws_hdr, total, slot_bytes);
     sm.carry_in(ws_slots, (i64)tile * nchunks, chunk, q, cl, mine, pre);
     Acc h[VEC];
@@ -580,7 +607,8 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     const typename AccOf<TX, TG>::type* __restrict__ h0, const typename AccOf<TX, TG>::type* __restrict__ dht,
     typename AccOf<TX, TG>::type* __restrict__ dh0,
     const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse,
-    Header* ws_hdr, char* ws_slots, i64 ws_capacity, i64 ntiles, i64 nchunks, i64 l2_ahead, int peek) {
+    Header* ws_hdr, char* ws_slots, i64 ws_capacity, i64 ntiles, i64 nchunks, i64 l2_ahead, int peek,
+    i64 stagger) {
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int WARPS = Shape<1, VEC>::WARPS, ROWS = Shape<1, VEC>::ROWS, STEPS = Shape<1, VEC>::STEPS;
     typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
@@ -597,6 +625,7 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     const i64 d = (i64)(tile % ntd) * Block::C + cl * VEC;
     const bool live = d < D;
     const i64 v0 = (i64)chunk * CHUNK_LEN + (i64)q * STEPS;  // u = T - 1 - v
+    Block::stagger_start(ws_slots, got, ticket, (unsigned)stagger, (unsigned)ntiles, nchunks);
 
     // Step j of this thread is u = T - 1 - v0 - j, at physical t = t0 - tdir * j.
     const i64 tdir = reverse ? -1 : 1, t0 = reverse ? v0 : T - 1 - v0;

@@ -396,6 +396,28 @@ def test_chunk_peek_and_prefetch(dtype, peek, prefetch, monkeypatch):
     check_backward("chunk", x, g, dtype, h0, reverse=True)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("at_once", [2, 7, 64])
+def test_chunk_stagger(dtype, at_once, monkeypatch):
+    """The first wave's stagger (block k waits for block k - stagger's map before its loads) on grids far
+    larger than the wave it is told of, so that most blocks of the first wave wait, in both directions:
+    dense, reversed, and varlen with an empty sequence."""
+    from hgrn_cupy import chunk, ops
+
+    monkeypatch.setattr(chunk, "blocks_at_once", lambda fn, threads, device: at_once)
+    monkeypatch.setattr(ops, "_plans", {})  # no plan made under the real figure
+    assert chunk.stagger(0, at_once + 1, at_once) == at_once // 2 > 0
+    rng = _rng()
+    x, g = make_inputs(3, 2001, 264, rng=rng)
+    h0 = rng.standard_normal((3, 264))
+    check_forward("chunk", x, g, dtype, h0)
+    check_backward("chunk", x, g, dtype, h0, reverse=True)
+    cu = [0, 700, 700, 3 * 2001]
+    xs, gs = x.reshape(1, -1, 264), g.reshape(1, -1, 264)
+    check_forward("chunk", xs, gs, dtype, h0, cu=cu, reverse=True)
+    check_backward("chunk", xs, gs, dtype, h0, cu=cu)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_empty_time(engine):
     x = cupy.ones((2, 0, 8), cupy.float32)

@@ -568,10 +568,10 @@ def test_backward_plans_cpu(fresh_plans):
 
 
 CHUNK_FWD_ARGS = ("x", "g", "o", "sxb", "sxt", "sgb", "sgt", "sob", "sot", "h0", "ht", "cu", "cu64", "N", "T", "D",
-                  "reverse", "hdr", "slots", "capacity", "ntiles", "nchunks", "l2_ahead", "peek")
+                  "reverse", "hdr", "slots", "capacity", "ntiles", "nchunks", "l2_ahead", "peek", "stagger")
 CHUNK_BWD_ARGS = ("g", "o", "do", "dx", "dg", "sgb", "sgt", "sob", "sot", "sdob", "sdot", "sdxb", "sdxt", "sdgb",
                   "sdgt", "h0", "dht", "dh0", "cu", "cu64", "N", "T", "D", "reverse", "hdr", "slots", "capacity",
-                  "ntiles", "nchunks", "l2_ahead", "peek")
+                  "ntiles", "nchunks", "l2_ahead", "peek", "stagger")
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["kept", "fresh"])
@@ -590,6 +590,7 @@ def test_planned_chunk_launch_matches_checked_launch(offset, kept, fake_cuda, mo
     monkeypatch.setattr(ops, "_kept", {})
     calls = []
     monkeypatch.setattr(chunk, "get_function", fake_cuda.get_function)
+    monkeypatch.setattr(chunk, "blocks_at_once", lambda fn, threads, device: 8)
     monkeypatch.setattr(cupy.cuda.runtime, "memsetAsync", lambda p, v, n, s: calls.append(("fill", p, v, n, s)))
 
     def launch_kernel(fn_ptr, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
@@ -622,6 +623,7 @@ def test_planned_chunk_launch_matches_checked_launch(offset, kept, fake_cuda, mo
     for direction, group in ((0, kernels[:3]), (1, kernels[3:6]), (1, kernels[6:])):
         first = group[0]
         assert first[1][1] == direction and first[1][7] == (1 if offset else 8)  # VEC from the pointers
+        assert first[4]["stagger"] == chunk.stagger(direction, first[2][0], 8) == 4  # grid of 9 to 30 blocks, 8 at once
         for k in group[1:]:
             assert k[1:4] == first[1:4]
             assert {n: v for n, v in k[4].items() if n not in pointers} == \
