@@ -75,9 +75,6 @@ namespace hc {
 #ifndef HC_INDEX_ORDER_VEC  // kernels with VEC at least this take a block's chunk from its index (blocks are
 #define HC_INDEX_ORDER_VEC 8  //  dispatched in increasing order); the others from an atomic ticket, taken before
 #endif                        //  the block's loads (measured: benchmarks/NOTES.md)
-#ifndef HC_L2_LATE  // experiment: forward asks L2 for a later block's rows once its own have landed
-#define HC_L2_LATE 0
-#endif
 #ifndef HC_LOOKBACK_BATCH  // predecessor slots a thread reads per round (halved for float64)
 #define HC_LOOKBACK_BATCH 4
 #endif
@@ -483,7 +480,6 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     }
     Slot<Acc> pre[Block::PER];  // the predecessor's slots, asked for behind this thread's loads
     Block::peek(ws_slots, (i64)tile * nchunks, chunk, peek != 0, pre);
-    auto ask_later = [&]() {
     if (!VARLEN && l2_ahead > 0 && ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
         const Later<Block, STEPS> later(ticket + l2_ahead, ntiles, ntd, cl, q, T, reverse ? 1 : 0, 0);
         if (later.d < D && later.n > 0) {
@@ -491,8 +487,6 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
             prefetch_rows<STEPS>(g + later.batch * sgb + later.t * (sgt * tdir) + later.d, sgt, later.n);
         }
     }
-    };
-    if (!HC_L2_LATE) ask_later();
 
     sm.park(got);  // behind this thread's loads
 
@@ -533,7 +527,6 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     }
     }
 
-    if (HC_L2_LATE) ask_later();
     sm.settle(ws_hdr, total, slot_bytes);
     sm.carry_in(ws_slots, (i64)tile * nchunks, chunk, q, cl, mine, pre);
     Acc h[VEC];
