@@ -38,15 +38,17 @@ HEADER_BYTES = 32
 #
 # Peek: each block asks for its predecessor's slots right behind its own loads, where the grid has at
 # least PEEK_MIN_TILES tiles (the predecessor started about a wave earlier and has mostly published its
-# inclusive prefix by then: the look-back then costs no round trip) or at most FEW_TILES.
+# inclusive prefix by then: the look-back then costs no round trip) or at most PEEK_MAX_TILES.
 #
-# Measured (benchmarks/NOTES.md): with 16 to 256 tiles the peek made the forward slower, and the backward
-# too at 128 and 256 (256: on H100, not on H200); with 1024 both faster.  With 8 tiles or fewer the
-# prefetch alone made them slower, the prefetch with the peek faster.
+# Measured (benchmarks/NOTES.md): with 64 to 256 tiles the peek made the forward slower, and the backward
+# too at 64 to 256 (256: on H100, not on H200); with 1024 both faster.  With 16 or 32 tiles, once the
+# first wave was staggered, both faster (bf16 1x16384x2048 1.229 / 1.189 -> 1.139 / 1.087 x floor).  With
+# 8 tiles or fewer the prefetch alone made them slower, the prefetch with the peek faster.
 L2_AHEAD = 96
 L2_MIN_TILES = 16
 L2_MIN_BLOCKS = 1024
 PEEK_MIN_TILES = 512
+PEEK_MAX_TILES = 32
 FEW_TILES = 8
 
 
@@ -59,7 +61,7 @@ def l2_ahead(ntiles, nchunks, varlen):
 
 def peek(ntiles):
     """Whether the blocks peek at their predecessor's slots (1) or not (0)."""
-    return int(ntiles >= PEEK_MIN_TILES or ntiles <= FEW_TILES)
+    return int(ntiles >= PEEK_MIN_TILES or ntiles <= PEEK_MAX_TILES)
 
 
 # Stagger: where the grid is larger than what the GPU holds at once, the second half of the first wave

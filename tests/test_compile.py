@@ -83,7 +83,7 @@ def test_chunk_workspace_and_prefetch():
     """Tiles of 32 / rows x VEC channels, chunks of warps x rows x steps; after a 32-byte header (padded to
     256 bytes) one 8-byte slot per (tile, chunk, channel), 16 for float64.  L2 prefetch only on dense
     grids of at least L2_MIN_BLOCKS blocks and at most FEW_TILES or at least L2_MIN_TILES tiles; the peek
-    at the predecessor's slots at most FEW_TILES or at least PEEK_MIN_TILES tiles."""
+    at the predecessor's slots at most PEEK_MAX_TILES or at least PEEK_MIN_TILES tiles."""
     for direction, vec, acc in ((0, 8, 4), (1, 8, 4), (0, 2, 8), (1, 1, 4)):
         warps, rows, steps = chunk.SHAPES[direction, vec > 1]
         tile, length = 32 // rows * vec, warps * rows * steps
@@ -102,7 +102,8 @@ def test_chunk_workspace_and_prefetch():
     assert chunk.l2_ahead(chunk.L2_MIN_TILES, big, True) == 0             # varlen
     assert chunk.stagger(0, 265, 264) == chunk.stagger(1, 1000, 264) == 132  # half of what the GPU holds
     assert chunk.stagger(0, 264, 264) == chunk.stagger(1, 2, 264) == 0        # one wave or less: none
-    assert [chunk.peek(n) for n in (1, chunk.FEW_TILES, chunk.FEW_TILES + 1, chunk.PEEK_MIN_TILES - 1,
+    assert chunk.FEW_TILES <= chunk.PEEK_MAX_TILES < chunk.PEEK_MIN_TILES - 1
+    assert [chunk.peek(n) for n in (1, chunk.PEEK_MAX_TILES, chunk.PEEK_MAX_TILES + 1, chunk.PEEK_MIN_TILES - 1,
                                     chunk.PEEK_MIN_TILES)] == [1, 1, 0, 0, 1]
 
 

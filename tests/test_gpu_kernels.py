@@ -383,9 +383,11 @@ def test_chunk_kept_workspace(dtype, monkeypatch):
 def test_chunk_peek_and_prefetch(dtype, peek, prefetch, monkeypatch):
     """The chunk engine with and without the early read of the predecessor's slots and the L2 prefetch,
     whatever the grid (the library picks them by tile count): many chunks and tiles, both directions."""
-    from hgrn_cupy import chunk
+    from hgrn_cupy import chunk, ops
 
+    monkeypatch.setattr(ops, "_plans", {})  # no plan made under other settings
     monkeypatch.setattr(chunk, "PEEK_MIN_TILES", 0 if peek else 1 << 40)
+    monkeypatch.setattr(chunk, "PEEK_MAX_TILES", -1)
     monkeypatch.setattr(chunk, "FEW_TILES", -1)
     monkeypatch.setattr(chunk, "L2_MIN_TILES", 0 if prefetch else 1 << 40)
     monkeypatch.setattr(chunk, "L2_MIN_BLOCKS", 0)
