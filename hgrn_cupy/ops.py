@@ -170,11 +170,13 @@ def check_backward(g, o, do, dht, initial_state, cu_seqlens, reverse):
 # ----------------------------------------------------------------------------------------------
 # engine choice
 
-# The chunk engine wins below this many channels (N * D), the fused walk from there on, per (bytes per
+# The chunk engine wins below this many channels (N * D), the fused engine from there on, per (bytes per
 # element of the wider input, direction); measured on an H100 (benchmarks/NOTES.md, engine crossover).
-# The fused engine's block walks (fused_recurrent.BLOCK_WALK_CHANNELS) beat the chunk engine wherever they
-# apply (from 8K channels for 16-bit types and 4K for float32); these thresholds are for the thread walk.
-CHUNK_BELOW = {(2, 0): 1 << 16, (2, 1): 1 << 15, (4, 0): 1 << 15, (4, 1): 1 << 14}
+# CHUNK_BELOW_BLOCK holds where the fused engine would take its block walk
+# (fused_recurrent.BLOCK_WALK_CHANNELS: from 8K channels for 16-bit types, 4K for float32), CHUNK_BELOW
+# where it would take the thread walk.  float64 has no block walk.
+CHUNK_BELOW_BLOCK = {(2, 0): 1 << 14, (2, 1): 1 << 17, (4, 0): 1 << 13, (4, 1): 1 << 19}
+CHUNK_BELOW = {(2, 0): 1 << 16, (2, 1): 1 << 15, (4, 0): 1 << 15, (4, 1): 1 << 19, (8, 0): 1 << 15, (8, 1): 1 << 14}
 FUSED_MAX_T = 32  # at most this many steps, the walk is shorter than the chunk engine's look-back
 
 
@@ -185,10 +187,12 @@ def pick_engine(N, T, D, dtypes=("float32",), direction=0):
     0 forward, 1 backward."""
     if T <= FUSED_MAX_T:
         return "fused_recurrent"
+    size = max(ITEMSIZE[d] for d in dtypes)
     if _fused.block_walk_fits(N, T, D, dtypes[0], dtypes[-1], direction):
-        return "fused_recurrent"
-    size = 2 if max(ITEMSIZE[d] for d in dtypes) <= 2 else 4
-    return "chunk" if N * D < CHUNK_BELOW[size, direction] else "fused_recurrent"
+        below = CHUNK_BELOW_BLOCK[size, direction]
+    else:
+        below = CHUNK_BELOW[size, direction]
+    return "chunk" if N * D < below else "fused_recurrent"
 
 
 def _engine(engine, N, T, D, dtypes=("float32",), direction=0):

@@ -109,19 +109,21 @@ def test_chunk_workspace_and_prefetch():
 
 def test_engine_choice():
     """The measured crossover (benchmarks/NOTES.md): short T walks; otherwise the chunk engine below a
-    channel count that depends on the element size and the direction."""
+    channel count that depends on the element size, the direction, and whether the fused engine would take
+    its block walk."""
     from hgrn_cupy import ops
 
     assert ops.pick_engine(64, 1, 4096, ("bfloat16",)) == "fused_recurrent"
     assert ops.pick_engine(1, 32768, 1024, ("bfloat16", "bfloat16"), 1) == "chunk"
     assert ops.pick_engine(8, 4096, 2048, ("bfloat16",), 0) == "fused_recurrent"  # 16K: the block walk
-    assert ops.pick_engine(4, 4096, 2050, ("bfloat16",), 0) == "fused_recurrent"  # 8K: 4-byte lanes, D even
+    assert ops.pick_engine(4, 4096, 2050, ("bfloat16",), 0) == "chunk"  # 8K: below the block walk's 16K
     assert ops.pick_engine(4, 4096, 2049, ("bfloat16",), 0) == "chunk"  # D odd: no block walk
     assert ops.pick_engine(8, 4096, 2050, ("bfloat16",), 0) == "chunk"  # 16K: 8-byte lanes, D not a multiple of 4
-    assert ops.pick_engine(16, 4096, 2050, ("bfloat16",), 1) == "fused_recurrent"
-    assert ops.pick_engine(8, 4096, 1024, ("bfloat16",), 0) == "fused_recurrent"  # 8K: 4-byte lanes
+    assert ops.pick_engine(16, 4096, 2050, ("bfloat16",), 1) == "chunk"  # 32K backward: below 128K
+    assert ops.pick_engine(8, 4096, 1024, ("bfloat16",), 0) == "chunk"  # 8K
+    assert ops.pick_engine(16, 4096, 1024, ("bfloat16",), 0) == "fused_recurrent"  # 16K: the block walk
     assert ops.pick_engine(4, 4096, 1024, ("bfloat16",), 0) == "chunk"  # 4K
-    assert ops.pick_engine(4, 4096, 1024, ("float32",), 0) == "fused_recurrent"  # 4K float32: the block walk
+    assert ops.pick_engine(4, 4096, 1024, ("float32",), 0) == "chunk"  # 4K float32: below the block walk's 8K
     assert ops.pick_engine(2, 4096, 1024, ("float32",), 0) == "chunk"  # 2K
     assert ops.pick_engine(8, 4096, 1024, ("float32",), 0) == "fused_recurrent"  # 8K float32: the block walk
     assert ops.pick_engine(8, 64, 2048, ("bfloat16",), 0) == "chunk"  # T <= BLOCK_WALK_MIN_T
@@ -129,12 +131,15 @@ def test_engine_choice():
     assert ops.pick_engine(32, 2048, 4096, ("bfloat16",), 0) == "fused_recurrent"
     assert ops.pick_engine(16, 2048, 4096, ("bfloat16",), 0) == "fused_recurrent"  # 64K: two channels a thread
     assert ops.pick_engine(16, 2048, 2048, ("bfloat16",), 0) == "fused_recurrent"
-    assert ops.pick_engine(16, 2048, 2048, ("bfloat16",), 1) == "fused_recurrent"
-    assert ops.pick_engine(8, 4096, 1024, ("bfloat16",), 1) == "fused_recurrent"  # 8K backward: the block walk
+    assert ops.pick_engine(16, 2048, 2048, ("bfloat16",), 1) == "chunk"  # 32K backward
+    assert ops.pick_engine(64, 1024, 4096, ("bfloat16",), 1) == "fused_recurrent"  # 256K backward: the block walk
+    assert ops.pick_engine(8, 4096, 1024, ("bfloat16",), 1) == "chunk"  # 8K backward
     assert ops.pick_engine(8, 4096, 1023, ("bfloat16",), 1) == "chunk"  # D odd: no block walk
-    assert ops.pick_engine(4, 4096, 1024, ("float32",), 1) == "fused_recurrent"  # 4K: the block walk
+    assert ops.pick_engine(4, 4096, 1024, ("float32",), 1) == "chunk"  # 4K float32 backward
     assert ops.pick_engine(2, 4096, 1024, ("float32",), 1) == "chunk"  # 2K
-    assert ops.pick_engine(64, 4096, 1024, ("bfloat16",), 1) == "fused_recurrent"  # 64K: the block walk
-    assert ops.pick_engine(8, 4096, 2048, ("float32",), 1) == "fused_recurrent"
-    assert ops.pick_engine(8, 4096, 2048, ("bfloat16", "float32"), 1) == "fused_recurrent"
+    assert ops.pick_engine(64, 4096, 1024, ("bfloat16",), 1) == "chunk"  # 64K backward
+    assert ops.pick_engine(8, 4096, 2048, ("float32",), 1) == "chunk"  # float32 backward: below 512K
+    assert ops.pick_engine(8, 4096, 2048, ("bfloat16", "float32"), 1) == "chunk"
+    assert ops.pick_engine(128, 1024, 4096, ("float32",), 1) == "fused_recurrent"  # 512K: the thread walk
+    assert ops.pick_engine(16, 4096, 1024, ("float64",), 1) == "fused_recurrent"  # float64: 16K
     assert ops.pick_engine(2, 8192, 512, ("float64",), 1) == "chunk"
