@@ -68,14 +68,11 @@ def peek(ntiles):
 # starts its loads only as the first half's maps come out (see stagger_start in kernels_cu/chunk.cu), so
 # that its loads overlap the first half's look-back and stores.  Measured (benchmarks/NOTES.md): bf16
 # 1x32768x1024 1.205 / 1.124 -> 1.143 / 1.094 x floor (fwd / bwd), 4x4096x1024 1.469 / 1.311 -> 1.355 /
-# 1.228; within noise or better at every other shape measured.
-STAGGER_DIRECTIONS = (0, 1)
-
-
-def stagger(direction, total, at_once):
+# 1.228; within noise or better at every other shape measured, in both directions.
+def stagger(total, at_once):
     """The kernels' stagger distance in blocks (0: none) for a grid of ``total`` blocks of which the GPU
     holds ``at_once``."""
-    return at_once // 2 if direction in STAGGER_DIRECTIONS and total > at_once else 0
+    return at_once // 2 if total > at_once else 0
 
 
 def options(x_dtype, g_dtype):
@@ -131,7 +128,7 @@ def _prepare(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec):
     strides = tuple(s for a in tensors for s in a.strides[:2])
     shape = (N, T, D, int(bool(reverse)))
     grid = (ntiles, nchunks, l2_ahead(ntiles, nchunks, varlen), peek(ntiles),
-            stagger(direction, ntiles * nchunks, blocks_at_once(fn, threads, device)))
+            stagger(ntiles * nchunks, blocks_at_once(fn, threads, device)))
     memset = cupy.cuda.runtime.memsetAsync
 
     def run(stream_ptr, pointers, states, cu_ptr, cu64, workspace):

@@ -196,6 +196,10 @@ struct ChunkBlock {
         }
         return got;
     }
+    // The launch's parity, in the sign bit, from a count that count_in returned.
+    __device__ __forceinline__ static unsigned parity_of(unsigned long long count) {
+        return ((unsigned)(count >> 32) & 1u) << 31;
+    }
     // Thread 0 parks count_in's values in shared memory (the block reads them after the next barrier).
     __device__ __forceinline__ void park(const Counted& got) {
         if (threadIdx.x == 0 && threadIdx.y == 0) { counted = got.count; used[0] = got.used0; used[1] = got.used1; }
@@ -204,12 +208,11 @@ struct ChunkBlock {
     // memory, and the last block's duties: advance the counter, record this launch's slot bytes for the next.
     __device__ __forceinline__ void settle(Header* hdr, unsigned total, unsigned long long slot_bytes) {
         if (threadIdx.x == 0 && threadIdx.y == 0) {
-            const unsigned par = (unsigned)(counted >> 32) & 1u;
+            parity = parity_of(counted);
             if ((unsigned)counted == total - 1u) {
                 atomicAdd(&hdr->count, (1ull << 32) - total);
-                hdr->used[par] = ~slot_bytes;
+                hdr->used[parity ? 1 : 0] = ~slot_bytes;
             }
-            parity = par << 31;
         }
     }
     // The block's place in the order the chunks are handed out, so that a block only waits on blocks that
@@ -231,18 +234,19 @@ struct ChunkBlock {
                                                          unsigned stagger, unsigned ntiles, i64 nchunks) {
         if (ticket < stagger || ticket - stagger >= stagger) return;  // block-uniform
         if (threadIdx.x == 0 && threadIdx.y == 0) {
-            const unsigned par = ((unsigned)(got.count >> 32) & 1u) << 31, k = ticket - stagger;
+            const unsigned par = parity_of(got.count), k = ticket - stagger;
             const char* p = slots + ((i64)(k % ntiles) * nchunks + k / ntiles) * C * Slot<Acc>::BYTES;
             Slot<Acc> e;
             for (e.load(p); !e.ready(par); e.load(p)) __nanosleep(100);
         }
         __syncthreads();
     }
-    // Leave unpublished what the previous launch used past this launch's `slot_bytes`, at most `capacity`:
-    // block `ticket` of `total` takes every total-th run of NT 16-byte words (slot bytes are multiples of 256).
-    __device__ __forceinline__ static void clear(char* slots, unsigned ticket, unsigned total,
-                                                 unsigned long long slot_bytes, unsigned long long previous,
-                                                 unsigned long long capacity) {
+    // The block's last duty: leave unpublished what the previous launch (of the other parity) used past
+    // this launch's `slot_bytes`, at most `capacity`: block `ticket` of `total` takes every total-th run of
+    // NT 16-byte words (slot bytes are multiples of 256).
+    __device__ __forceinline__ void finish(char* slots, unsigned ticket, unsigned total,
+                                           unsigned long long slot_bytes, unsigned long long capacity) const {
+        const unsigned long long previous = used[parity ? 0 : 1];
         const unsigned long long end = ~previous < capacity ? ~previous : capacity;
         const unsigned long long stride = 16ull * NT * total;
         for (unsigned long long b = slot_bytes + 16ull * ((unsigned long long)ticket * NT + threadIdx.y * 32 + threadIdx.x);
@@ -586,7 +590,7 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) ht[n * D + d + k] = h0 ? h0[n * D + d + k] : Acc(0);
     }
-    Block::clear(ws_slots, ticket, total, slot_bytes, sm.used[sm.parity ? 0 : 1], (unsigned long long)ws_capacity);
+    sm.finish(ws_slots, ticket, total, slot_bytes, (unsigned long long)ws_capacity);
 }
 
 // Backward: the same scan over v = T - 1 - u.  With the gate shifted by one step,
@@ -767,7 +771,7 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) dh0[n * D + d + k] = dht ? dht[n * D + d + k] : Acc(0);
     }
-    Block::clear(ws_slots, ticket, total, slot_bytes, sm.used[sm.parity ? 0 : 1], (unsigned long long)ws_capacity);
+    sm.finish(ws_slots, ticket, total, slot_bytes, (unsigned long long)ws_capacity);
 }
 
 }  // namespace hc

@@ -100,8 +100,8 @@ def test_chunk_workspace_and_prefetch():
     assert chunk.l2_ahead(chunk.FEW_TILES + 1, 100 * big, False) == 0                       # between
     assert chunk.l2_ahead(chunk.L2_MIN_TILES, big - 1, False) == 0        # about one wave
     assert chunk.l2_ahead(chunk.L2_MIN_TILES, big, True) == 0             # varlen
-    assert chunk.stagger(0, 265, 264) == chunk.stagger(1, 1000, 264) == 132  # half of what the GPU holds
-    assert chunk.stagger(0, 264, 264) == chunk.stagger(1, 2, 264) == 0        # one wave or less: none
+    assert chunk.stagger(265, 264) == chunk.stagger(1000, 264) == 132  # half of what the GPU holds
+    assert chunk.stagger(264, 264) == chunk.stagger(2, 264) == 0       # one wave or less: none
     assert chunk.FEW_TILES <= chunk.PEEK_MAX_TILES < chunk.PEEK_MIN_TILES - 1
     assert [chunk.peek(n) for n in (1, chunk.PEEK_MAX_TILES, chunk.PEEK_MAX_TILES + 1, chunk.PEEK_MIN_TILES - 1,
                                     chunk.PEEK_MIN_TILES)] == [1, 1, 0, 0, 1]

@@ -408,7 +408,7 @@ def test_chunk_stagger(dtype, at_once, monkeypatch):
 
     monkeypatch.setattr(chunk, "blocks_at_once", lambda fn, threads, device: at_once)
     monkeypatch.setattr(ops, "_plans", {})  # no plan made under the real figure
-    assert chunk.stagger(0, at_once + 1, at_once) == at_once // 2 > 0
+    assert chunk.stagger(at_once + 1, at_once) == at_once // 2 > 0
     rng = _rng()
     x, g = make_inputs(3, 2001, 264, rng=rng)
     h0 = rng.standard_normal((3, 264))

@@ -623,7 +623,7 @@ def test_planned_chunk_launch_matches_checked_launch(offset, kept, fake_cuda, mo
     for direction, group in ((0, kernels[:3]), (1, kernels[3:6]), (1, kernels[6:])):
         first = group[0]
         assert first[1][1] == direction and first[1][7] == (1 if offset else 8)  # VEC from the pointers
-        assert first[4]["stagger"] == chunk.stagger(direction, first[2][0], 8) == 4  # grid of 9 to 30 blocks, 8 at once
+        assert first[4]["stagger"] == chunk.stagger(first[2][0], 8) == 4  # grid of 9 to 30 blocks, 8 at once
         for k in group[1:]:
             assert k[1:4] == first[1:4]
             assert {n: v for n, v in k[4].items() if n not in pointers} == \
