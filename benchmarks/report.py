@@ -1,0 +1,219 @@
+"""The tables, as Markdown text from the results' plain dicts (no torch): the pass tables and their
+summary, decode, host time per training step (and its options), and the two JAX tables.
+
+Every time is shown with its ratio to the practical floor (``torch.add(x, g, out=o)`` with the
+forward's traffic, timed the same way, scaled by bytes), and every table shows the practical floor's
+own ratio to the copy floor (minimal bytes over the measured copy bandwidth) next to ours."""
+from __future__ import annotations
+
+from .plan import IMPLS, OURS
+
+PROBE_MARGIN_US = 5.0  # how far ours-auto may sit above the minimal probe's host time per step
+
+
+def fmt_ms(ms):
+    if ms is None:
+        return "-"
+    return f"{ms:.3g}" if ms < 0.1 else f"{ms:.3f}" if ms < 100 else f"{ms:.1f}"
+
+
+def ratio(t, floor):
+    return f"{t / floor:.2f}x" if t is not None and floor else "?"
+
+
+def cell_text(c, practical_ms):
+    st = c.get("status")
+    if st == "ok":
+        return f"{fmt_ms(c['ms'])} ({ratio(c['ms'], practical_ms)})"
+    return {"mismatch": "MISMATCH", "error": "ERROR"}.get(st, "n/a")
+
+
+def floor_cells(row, unit="ms"):
+    """[copy floor, practical floor (x copy floor)] of a row, in ms or us."""
+    k = 1e3 if unit == "us" else 1.0
+    fmt = (lambda v: f"{v * k:.1f}") if unit == "us" else fmt_ms
+    prac = row.get("practical_ms")
+    return [fmt(row["floor_ms"]), "-" if prac is None else f"{fmt(prac)} ({ratio(prac, row['floor_ms'])})"]
+
+
+def md_table(headers, rows):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def shape_text(row):
+    return f"{row['B']}x{row['T']}x{row['D']}"
+
+
+def speedup_text(row):
+    if not row.get("speedup"):
+        return "-"
+    return f"{row['speedup']:.2f}x ({row['ours_best'][5:]} vs {row['peer_best']})"
+
+
+def notes_text(rows, impl_names, where=lambda r: f"{shape_text(r)} {r['dtype']} {r.get('pass', '')}".rstrip()):
+    """One line per (implementation, status, note) that left cells out, with where."""
+    notes = {}
+    for r in rows:
+        for n in impl_names:
+            c = r["results"].get(n, {})
+            if c.get("status") in ("skip", "mismatch", "error") and c.get("note"):
+                key = (n, c["status"], c["note"] if c["status"] != "mismatch" else "")
+                notes.setdefault(key, []).append(where(r) + (f" ({c['note']})" if c["status"] == "mismatch" else ""))
+    lines = []
+    for (n, st, note), places in notes.items():
+        text = "; ".join(places[:4]) + (f"; +{len(places) - 4} more" if len(places) > 4 else "")
+        lines.append(f"- {n} {st}" + (f": {note}" if note else "") + f" [{text}]")
+    return "\n".join(lines)
+
+
+def used_impls(rows, order=IMPLS):
+    seen = set()
+    for r in rows:
+        seen.update(r["results"])
+    return [n for n in order if n in seen]
+
+
+def section_table(rows, impl_names):
+    headers = (["shape", "dtype", "pass", "copy floor ms", "practical floor ms (x copy)"] + list(impl_names)
+               + ["ours best vs best peer"])
+    body = []
+    for r in rows:
+        cells = [shape_text(r), r["dtype"], r["pass"]] + floor_cells(r)
+        cells += [cell_text(r["results"].get(n, {}), r.get("practical_ms")) for n in impl_names]
+        body.append(cells + [speedup_text(r)])
+    notes = notes_text(rows, impl_names)
+    return md_table(headers, body) + ("\n\n" + notes if notes else "")
+
+
+def compact_table(rows):
+    headers = ["shape", "dtype", "pass", "copy floor ms", "practical floor ms (x copy)", "ours best (x practical)",
+               "engine", "auto (x best)", "direct (x auto)", "best peer (x practical)", "peer", "speed-up"]
+    body = []
+    for r in rows:
+        res, prac = r["results"], r.get("practical_ms")
+        ob, pb = r.get("ours_best"), r.get("peer_best")
+        ob_ms = res[ob]["ms"] if ob else None
+        auto, direct = res.get("ours-auto", {}), res.get("ours-auto-direct", {})
+        auto_ok = auto.get("status") == "ok"
+        auto_txt = (f"{fmt_ms(auto['ms'])} ({auto['ms'] / ob_ms:.2f}x)" if auto_ok and ob_ms
+                    else cell_text(auto, prac) if auto else "-")
+        direct_txt = (f"{fmt_ms(direct['ms'])} ({direct['ms'] / auto['ms']:.2f}x)"
+                      if auto_ok and direct.get("status") == "ok" else "-")
+        body.append([shape_text(r), r["dtype"], r["pass"]] + floor_cells(r) + [
+            f"{fmt_ms(ob_ms)} ({ratio(ob_ms, prac)})" if ob else "-", ob[5:] if ob else "-", auto_txt, direct_txt,
+            f"{fmt_ms(res[pb]['ms'])} ({ratio(res[pb]['ms'], prac)})" if pb else "-", pb or "-",
+            f"{r['speedup']:.2f}x" if r.get("speedup") else "-"])
+    return md_table(headers, body)
+
+
+def decode_table(dec):
+    dshape = 'x'.join(map(str, dec['device_shape']))
+    headers = ["impl", f"host us/call ({'x'.join(map(str, dec['host_shape']))}, state in+out)",
+               f"device ms per call ({dshape}, state in+out)", f"device ms per step, back to back ({dshape})"]
+    body = []
+    prac = dec.get("practical_ms")
+    b2b = any("b2b_ms" in r for r in dec["impls"].values())
+    for name, r in dec["impls"].items():
+        host = (f"{r['host_us']:.1f}" if "host_us" in r else "-" if name.startswith("(") else
+                r.get("status", "?").upper() + (f" ({r['note'][:60]})" if r.get("note") else ""))
+        dev = (f"{fmt_ms(r['device_ms'])} ({ratio(r['device_ms'], prac)})" if "device_ms" in r
+               else "ERROR" if "device_note" in r else "-")
+        row = [name, host, dev]
+        if b2b:
+            row.append(f"{fmt_ms(r['b2b_ms'])} ({ratio(r['b2b_ms'], prac)})" if "b2b_ms" in r else "-")
+        body.append(row)
+    if not b2b:
+        headers = headers[:3]
+    fl = dec["device_floor_ms"]
+    note = (f"\n\nCopy floor {fmt_ms(fl)} ms ({dec['device_min_bytes'] / 1e6:.2f} MB: x, g, o in {dec['dtype']} "
+            f"+ float32 state in and out); practical floor {fmt_ms(prac)} ms ({ratio(prac, fl)} the copy floor: "
+            f"torch.add of x, g into o, scaled to those bytes); device cells read `ms (x practical)`. "
+            f"{dec['calls']} calls per host figure, synchronised once at the end.")
+    if b2b:
+        note += (" Per call: the timer's median with L2 flushed before each call, which includes a fixed cost "
+                 "per launch (the empty kernel's row, `torch.cuda._sleep(0)`). Back to back: CUDA events around "
+                 "batches of calls on rotating inputs, queued behind a spin so they run without host gaps, as "
+                 "in a decode loop.")
+    return md_table(headers, body) + note
+
+
+def step_cell(c, practical_ms):
+    """``host us (x practical) / device us (x practical)`` of one training-step cell."""
+    st = c.get("status")
+    if st != "ok" or "host_us" not in c:
+        return {"mismatch": "MISMATCH", "error": "ERROR"}.get(st, "n/a")
+    prac_us = practical_ms * 1e3 if practical_ms else None
+    dev = (f"{c['device_us']:.1f} ({ratio(c['device_us'], prac_us)})" + ("" if c.get("device_method") in
+                                                                          (None, "graph") else "*")
+           if "device_us" in c else "-")
+    return f"{c['host_us']:.1f} ({ratio(c['host_us'], prac_us)}) / {dev}"
+
+
+def probe_text(row):
+    diff = row.get("autograd_minus_probe_us")
+    if diff is None:
+        return "-"
+    return f"{diff:+.1f}" + ("" if diff <= PROBE_MARGIN_US else " (over 5 us)")
+
+
+def hoststep_table(res):
+    rows = res["rows"]
+    names = used_impls(rows, order=IMPLS + ("ours-probe",))
+    names = [n for n in ("ours-auto", "ours-probe", "ours-auto-direct") if n in names] + \
+        [n for n in names if n not in OURS]
+    headers = ["shape", "copy floor us", "practical floor us (x copy)"] + names + ["ours-auto - probe, host us"]
+    body = [[shape_text(r)] + floor_cells(r, "us") + [step_cell(r["results"].get(n, {}), r["practical_ms"])
+                                                      for n in names] + [probe_text(r)] for r in rows]
+    notes = notes_text(rows, names, where=shape_text)
+    return md_table(headers, body) + ("\n\n" + notes if notes else "")
+
+
+def options_table(res):
+    names = ("ours-auto", "ours-probe")
+    headers = ["shape", "option", "practical floor us (x copy)"] + list(names) + ["ours-auto - probe, host us",
+                                                                                 "rel err (auto / probe)"]
+    body = []
+    for r in res["options"]:
+        errs = [r["results"].get(n, {}).get("err") for n in names]
+        body.append([shape_text(r), r["option"], floor_cells(r, "us")[1]]
+                    + [step_cell(r["results"].get(n, {}), r["practical_ms"]) for n in names]
+                    + [probe_text(r), " / ".join("-" if e is None else f"{e:.1e}" for e in errs)])
+    notes = notes_text(res["options"], names, where=lambda r: f"{shape_text(r)} {r['option']}")
+    return md_table(headers, body) + ("\n\n" + notes if notes else "")
+
+
+JAX_FWDBWD = ("jax-auto", "jax-chunk", "jax-fused", "torch", "jax-assoc-scan")
+
+
+def jax_fwdbwd_table(rows):
+    names = [n for n in JAX_FWDBWD if any(n in r["results"] for r in rows)]
+    headers = ["shape", "dtype", "copy floor ms", "practical floor ms (x copy)"] + names + ["rel err auto/chunk/fused"]
+    body = []
+    for r in rows:
+        errs = [r["results"].get(n, {}).get("err") for n in JAX_FWDBWD[:3]]
+        body.append([shape_text(r), r["dtype"]] + floor_cells(r)
+                    + [cell_text(r["results"].get(n, {}), r["practical_ms"]) for n in names]
+                    + ["/".join("-" if e is None else f"{e:.1e}" for e in errs)])
+    notes = notes_text(rows, names, where=lambda r: f"{shape_text(r)} {r['dtype']}")
+    return md_table(headers, body) + ("\n\n" + notes if notes else "")
+
+
+def jax_step_table(rows):
+    headers = ["shape", "copy floor us", "practical floor us (x copy)", "host us per step (x practical)",
+               "device us per step (x practical)", "steps", "input sets", "rel err (dx, dg)"]
+    body = []
+    for r in rows:
+        c, prac_us = r["results"].get("jax-auto", {}), r["practical_ms"] * 1e3
+        if c.get("status") == "ok":
+            dev = f"{c['device_us']:.1f} ({ratio(c['device_us'], prac_us)})" if "device_us" in c else "ERROR"
+            cells = [f"{c['host_us']:.1f} ({ratio(c['host_us'], prac_us)})", dev, str(c["steps"]),
+                     str(c["input_sets"]), f"{c['err']:.1e}"]
+        else:
+            cells = [c.get("status", "?").upper(), "-", "-", "-", f"{c['err']:.1e}" if "err" in c else "-"]
+        body.append([shape_text(r)] + floor_cells(r, "us") + cells)
+    return md_table(headers, body)

@@ -1,0 +1,215 @@
+"""How times are taken: the per-call timer (triton's do_bench with L2 flushed, or CUDA events
+around back-to-back batches, or the wall clock on CPU), rotation of input sets so that a call never
+finds its inputs in L2, the copy bandwidth that sets the copy floor, device time from CUDA-graph
+replay, and host time per step (steps queued back to back, one synchronisation at the end)."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+from .context import log, one_line
+
+
+def rotating(fns):
+    """One callable that runs ``fns`` in turn, one per call: each call meets inputs that the
+    previous calls have pushed out of L2."""
+    if len(fns) == 1:
+        return fns[0]
+    state = [0]
+
+    def run():
+        i = state[0]
+        state[0] = i + 1 if i + 1 < len(fns) else 0
+        return fns[i]()
+    return run
+
+
+def rotation_count(set_bytes, rotate_bytes, cap=256):
+    """How many input sets make the rotation's working set exceed ``rotate_bytes``."""
+    if set_bytes <= 0 or set_bytes >= rotate_bytes:
+        return 1
+    return max(1, min(cap, math.ceil(rotate_bytes / set_bytes)))
+
+
+class Timer:
+    """Median milliseconds per call of ``fn``.
+
+    do_bench: triton.testing.do_bench (L2 flushed before every call; host launch overhead hidden
+      behind the flush).
+    events: CUDA events around batches of calls; a ``torch.cuda._sleep`` queued ahead of each batch
+      lets the host queue the whole batch first, so the batch runs back to back (device time, not
+      host time); inputs are expected to rotate.
+    wall: ``time.perf_counter`` with a synchronisation per call (CPU smoke runs only).
+    """
+    CYCLES_PER_MS = 2.0e6  # the spin is in clock cycles; a slower clock only lengthens it
+
+    def __init__(self, ctx, kind, warmup_ms, rep_ms):
+        self.ctx, self.warmup_ms, self.rep_ms = ctx, warmup_ms, rep_ms
+        self.kind = kind
+        if ctx.device == "cpu":
+            self.kind = "wall"
+        elif kind in ("auto", "do_bench"):
+            try:
+                import inspect
+
+                from triton.testing import do_bench
+                if "return_mode" not in inspect.signature(do_bench).parameters:
+                    raise ImportError("triton.testing.do_bench has no return_mode (triton too old)")
+                self._do_bench = do_bench
+                self.kind = "do_bench"
+            except Exception as e:
+                if kind == "do_bench":
+                    raise SystemExit(f"--timer do_bench: triton does not import ({one_line(e)})")
+                log(f"timer: triton does not import ({one_line(e)}); using CUDA events")
+                self.kind = "events"
+
+    def __call__(self, fn):
+        if self.kind == "do_bench":
+            return float(self._do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
+        if self.kind == "events":
+            return self.events(fn)
+        return self._wall(fn)
+
+    def events(self, fn):
+        torch = self.ctx.torch
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        host_ms = (time.perf_counter() - t0) * 1e3 / 3
+        torch.cuda.synchronize()
+        est = max(start.elapsed_time(end) / 3, 1e-4)
+        n = max(1, min(100, math.ceil(0.5 / est)))         # calls per timed batch: about 0.5 ms
+        reps = max(7, min(2000, int(self.rep_ms / (est * n))))
+        for _ in range(max(1, min(2000, int(self.warmup_ms / est)))):
+            fn()
+        sleep = getattr(torch.cuda, "_sleep", None)
+        spin = int(min(host_ms * n * 1.5, 50.0) * self.CYCLES_PER_MS) if host_ms > est else 0
+        events = []
+        for _ in range(reps):
+            if sleep is not None and spin:
+                sleep(spin)
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(n):
+                fn()
+            e.record()
+            events.append((s, e))
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) / n for s, e in events)
+
+    def _wall(self, fn):
+        fn()
+        times, spent = [], 0.0
+        while len(times) < 3 or (spent < self.rep_ms and len(times) < 1000):
+            t0 = time.perf_counter()
+            fn()
+            dt = (time.perf_counter() - t0) * 1e3
+            times.append(dt)
+            spent += dt
+        return statistics.median(times)
+
+
+def measure_copy(ctx):
+    """Device-to-device copy bandwidth (read + write bytes per second), the copy floor's yardstick."""
+    nbytes = ctx.args.copy_mb << 20
+    buffers = [ctx.torch.randn(nbytes // 4, device=ctx.device)]
+    buffers.append(ctx.torch.empty_like(buffers[0]))
+    ms = ctx.timer(lambda: buffers[1].copy_(buffers[0]))
+    buffers.clear()
+    ctx.free()
+    return dict(bytes=nbytes, ms=ms, gbps=2 * nbytes / (ms * 1e-3) / 1e9)
+
+
+def graph_ms(ctx, fns):
+    """Device milliseconds per call from CUDA-graph replay: one graph holds one call per input set (so
+    the calls meet inputs that are not in L2, as with the timer's rotation), replayed back to back
+    between CUDA events; no launch or Python cost is in the figure.  The calls are warmed up on a side
+    stream first, as torch asks before a capture (autograd keeps per-stream state).  Raises when a
+    call cannot be captured (one that synchronises, say)."""
+    torch = ctx.torch
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for f in fns:
+                f()
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        est = max(start.elapsed_time(end), 1e-3)
+        reps = max(5, min(200, int(ctx.args.rep_ms / est)))
+        sleep = getattr(torch.cuda, "_sleep", None)
+        if sleep is not None:  # the host queues the replays while the device spins: no gaps between them
+            sleep(int(min(0.05 * reps, 20.0) * Timer.CYCLES_PER_MS))
+        events = []
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            graph.replay()
+            e.record()
+            events.append((s, e))
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events) / len(fns)
+    finally:
+        del graph
+
+
+def device_ms(ctx, fns):
+    """(ms per call, how it was timed): CUDA-graph replay where the calls can be captured, else the
+    run's timer on the rotated calls (do_bench or events: device time with launch costs), or the wall
+    clock on CPU."""
+    if ctx.device == "cuda":
+        try:
+            return graph_ms(ctx, fns), "graph"
+        except Exception as e:
+            log(f"  (no CUDA graph: {one_line(e)}; timed with {ctx.timer.kind})")
+            ctx.after_error()
+            if ctx.broken:
+                raise
+    return ctx.timer(rotating(fns)), ctx.timer.kind
+
+
+def host_steps_us(ctx, named, steps, target_s=0.25, repeats=3):
+    """Host microseconds per step for each ``name -> [callable per input set]``: the wall time of n
+    steps queued back to back (input sets in turn) with one synchronisation at the end, divided by n.
+    n is ``steps``, fewer where a step is so slow that n of them would take over ``target_s``; the
+    repeats take turns across the names (so drift in the host's speed hits every name alike) and the
+    median is kept.  Returns {name: (us, n)}."""
+    counts, times = {}, {name: [] for name in named}
+    for name, fns in named.items():
+        for i in range(max(5, len(fns))):  # warm-up, every set once
+            fns[i % len(fns)]()
+        ctx.sync()
+        t0 = time.perf_counter()
+        for i in range(5):
+            fns[i % len(fns)]()
+        ctx.sync()
+        est = (time.perf_counter() - t0) / 5
+        counts[name] = max(10, min(steps, int(target_s / max(est, 1e-7))))
+    for _ in range(repeats):
+        for name, fns in named.items():
+            n, k = counts[name], len(fns)
+            ctx.sync()
+            t0 = time.perf_counter()
+            for i in range(n):
+                fns[i % k]()
+            ctx.sync()
+            times[name].append((time.perf_counter() - t0) / n * 1e6)
+    return {name: (statistics.median(times[name]), counts[name]) for name in named}
