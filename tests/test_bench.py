@@ -29,8 +29,9 @@ def shapes(cases, dtype=None):
     return [(c["B"], c["T"], c["D"]) for c in cases if dtype in (None, c["dtype"])]
 
 
-def run_module(*argv, timeout=600):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_module(*argv, timeout=600, pythonpath=None):
+    paths = [str(pythonpath)] if pythonpath else []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths + [REPO, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "benchmarks", *argv], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=env)
 
@@ -208,6 +209,18 @@ def test_cpu_smoke_runs_every_section_and_skips_peers_after_the_budget(tmp_path)
         assert (out / "bw_vs_T.png").exists() and (out / "bw_vs_channels.png").exists()
     assert f"torch-loop {P.BUDGET_NOTE}" in run.stdout
     assert run.stdout.rstrip().splitlines()[-1].startswith("total wall time:")
+
+
+def test_without_jax_the_jax_section_is_one_skip_line(tmp_path):
+    pytest.importorskip("torch")
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['jax'] = None  # as if not installed\n")
+    out = tmp_path / "out"
+    run = run_module("--out", str(out), "--cpu-smoke", "--only", "jax", pythonpath=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    skips = [ln for ln in run.stdout.splitlines() if "jax" in ln.lower() and "skip" in ln]
+    assert len(skips) == 1 and skips[0].startswith("skipping jax: ") and "import of jax halted" in skips[0]
+    res = json.loads((out / "results.json").read_text())
+    assert res["jax"] is None and "jax" in res["not_run"] and "## JAX" not in (out / "results.md").read_text()
 
 
 def test_decode_table_shows_back_to_back_device_time_and_both_floors():
