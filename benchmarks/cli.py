@@ -33,7 +33,8 @@ def parse_args(argv=None):
                "and the sections hoststep, decode, jax.  Passes alone run every sweep section with those passes; "
                "sweep sections alone run every pass; hoststep, decode and jax run only when named.  Without --only, "
                "everything runs.  Pieces of a full run: see benchmarks/README.md.")
-    ap.add_argument("--out", help="output folder (results.md, results.json, *.png); required unless --dry-run")
+    ap.add_argument("--out", help="output folder (results.md, results.json, *.png); required unless --dry-run "
+                                  "(--cpu-smoke: a new temporary folder)")
     ap.add_argument("--quick", action="store_true",
                     help="headline shapes in bf16 (+ fp32 8x4096x2048 fwd/fwdbwd), host step, decode, 3-point "
                          "sweeps on the headline's T and D values without fla, JAX on a few shapes; warm-up 5 ms / "
@@ -97,6 +98,9 @@ def parse_args(argv=None):
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="developer check without a GPU: tiny shapes on CPU tensors, wall-clock timer")
     args = ap.parse_args(argv)
+    if not args.out and args.cpu_smoke and not args.dry_run:
+        import tempfile
+        args.out = tempfile.mkdtemp(prefix="hgrn_cupy-bench-smoke-")
     if not args.out and not args.dry_run:
         ap.error("--out is required (unless --dry-run)")
     if args.warp is None:

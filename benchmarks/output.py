@@ -36,7 +36,8 @@ def header_lines(ctx):
     if copy:
         out.append(f"- GPU: {dev.get('device')}; copy bandwidth {copy['gbps']:.0f} GB/s (read + write; "
                    f"{copy['bytes'] >> 20} MiB device-to-device copy in {fmt_ms(copy['ms'])} ms)")
-    out.append("- device: " + ", ".join(f"{k} {v}" for k, v in dev.items() if k != "device"))
+    if len(dev) > 1:
+        out.append("- device: " + ", ".join(f"{k} {v}" for k, v in dev.items() if k != "device"))
     out.append(f"- date: {meta['date']}" + (f"; commit {meta['git']}" if meta.get("git") else ""))
     out.append("- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     out.append(f"- timer: {meta['timer']} (median; warmup {meta['warmup_ms']} ms, rep {meta['rep_ms']} ms); "
