@@ -55,11 +55,11 @@ REF_ORDER = ("ours-chunk", "ours-fused", "fla-chunk", "fla-fused")
 HOSTSTEP_IMPLS = ("ours-auto", "ours-probe", "ours-auto-direct", "fla-chunk", "fla-fused", "ascan-triton",
                   "ascan-triton+T", "fpscan", "fpscan+T")
 HOSTSTEP_OPTIONS = ("plain", "states", "varlen", "reverse", "all")
-# fla's fused recurrent walk over very long T (a fraction of a microsecond per step, and 12
-# autotuning configs timed on that shape) takes about a minute per dtype at T = 2^18: --quick skips it.
+# fla's fused recurrent kernel walks T sequentially and times 12 autotuning configs on the shape, so
+# at T = 2^18 it costs the quick run most of a minute per dtype: --quick skips it.
 QUICK_FLA_FUSED_MAX_T = 65536
 # --quick runs fla on the headline (and host-step) shapes only: its sweep cells (fla-fused walks T
-# sequentially, 29-62 ms a call at the long-T points) cost more than they add; the full run has them.
+# sequentially) cost more time than they add; the full run has them.
 QUICK_HEADLINE_ONLY = ("fla-chunk", "fla-fused")
 QUICK_BUDGET_S = 100.0
 BUDGET_NOTE = "skipped: time budget"

@@ -38,9 +38,9 @@ class Ascan(LinearGateScan):
 
     def pass_skip_reason(self, pazz, T):
         # Its Triton backward loads the previous state at every lane of its 2048-step block with only a
-        # t > 0 mask, so when T is not a multiple of the block the last sequence reads up to 2047 - T
-        # elements past the end of the saved states (compute-sanitizer: invalid global reads; an
-        # illegal-address fault at 1x256x1024 float32 on an H100 ended a sweep).
+        # t > 0 mask, so when T is not a multiple of the block the last sequence reads past the end of
+        # the saved states: invalid global reads, and an illegal-address fault can end the run (a
+        # faulted CUDA context is unusable).
         if self.variant == "triton" and pazz != "fwd" and T % ASCAN_TRITON_BLOCK:
             return f"its backward reads past the end of its states when T is not a multiple of {ASCAN_TRITON_BLOCK}"
         return None
