@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))
 
+DEVICE = "cuda"
 ROTATE_MB = 210
 MIN_SETS = 3
 TOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3, "float64": 1e-10}
@@ -195,10 +196,10 @@ def make_sets(torch, case, with_do=True):
     sets = []
     for _ in range(count):
         shape = (case.B, case.T, case.D)
-        s = {"x": torch.randn(shape, device="cuda", dtype=dt),
-             "g": F.logsigmoid(torch.randn(shape, device="cuda", dtype=torch.float32)).to(dt)}
+        s = {"x": torch.randn(shape, device=DEVICE, dtype=dt),
+             "g": F.logsigmoid(torch.randn(shape, device=DEVICE, dtype=torch.float32)).to(dt)}
         if with_do:
-            s["do"] = torch.randn(shape, device="cuda", dtype=dt)
+            s["do"] = torch.randn(shape, device=DEVICE, dtype=dt)
         sets.append(s)
     return sets
 
