@@ -94,6 +94,25 @@ def parse(doc, cases, smoke_case, extra=None, passes="fwd,bwd"):
     return args
 
 
+def start(doc, title, cases, smoke_case, note="", groups=None, passes="fwd,bwd"):
+    """What every table script does first: parse the command line, measure the copy bandwidth, print
+    the header.  ``groups``: ``{name: (cases, ...)}`` where the variants come in groups (``--group``,
+    the first by default; the group's cases are the default cases).  Returns ``(args, timer, copy
+    GB/s, the hgrn_cupy module)``."""
+    extra = None
+    if groups:
+        def extra(p):
+            p.add_argument("--group", choices=list(groups), default=next(iter(groups)))
+        cases = lambda a: groups[a.group][0]  # noqa: E731
+    args = parse(doc, cases, smoke_case, extra, passes)
+    import hgrn_cupy as hc
+
+    timer = Timer(args.warmup, args.rep)
+    gbps = copy_gbps(timer)
+    header(f"{title}: {args.group}" if groups else title, timer, gbps, note)
+    return args, timer, gbps, hc
+
+
 def torch_cuda():
     import torch
 

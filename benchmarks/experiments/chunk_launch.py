@@ -65,14 +65,8 @@ def groups(chunk, config):
 def main():
     chunk, config, forget = library()
     table = groups(chunk, config)
-    args = c.parse(__doc__, lambda a: table[a.group][0], "bf16:1x32768x1024",
-                   lambda p: p.add_argument("--group", choices=sorted(table), default="peek"))
-    import hgrn_cupy as hc
-
-    timer = c.Timer(args.warmup, args.rep)
-    gbps = c.copy_gbps(timer)
-    c.header(f"Chunk engine launch arguments: {args.group}", timer, gbps,
-             'engine forced: chunk_hgrn and hgrn_backward(engine="chunk")')
+    args, timer, gbps, hc = c.start(__doc__, "Chunk engine launch arguments", None, "bf16:1x32768x1024",
+                                    'engine forced: chunk_hgrn and hgrn_backward(engine="chunk")', groups=table)
     c.run(args, timer, gbps, table[args.group][1], c.engine_calls(hc, "chunk"), forget)
 
 

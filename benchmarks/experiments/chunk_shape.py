@@ -62,13 +62,8 @@ def variants(chunk):
 
 def main():
     chunk, forget = library()
-    args = c.parse(__doc__, CASES, "bf16:1x32768x1024")
-    import hgrn_cupy as hc
-
-    timer = c.Timer(args.warmup, args.rep)
-    gbps = c.copy_gbps(timer)
-    c.header("Chunk engine shapes and forms", timer, gbps,
-             'engine forced: chunk_hgrn and hgrn_backward(engine="chunk")')
+    args, timer, gbps, hc = c.start(__doc__, "Chunk engine shapes and forms", CASES, "bf16:1x32768x1024",
+                                    'engine forced: chunk_hgrn and hgrn_backward(engine="chunk")')
     c.run(args, timer, gbps, variants(chunk), c.engine_calls(hc, "chunk"), forget)
 
 

@@ -34,13 +34,8 @@ def library():
 
 def main():
     pick, forget = library()
-    args = c.parse(__doc__, CASES, "bf16:8x4096x2048")
-    import hgrn_cupy as hc
-
-    timer = c.Timer(args.warmup, args.rep)
-    gbps = c.copy_gbps(timer)
-    c.header("Engine crossover", timer, gbps, "engines forced through the public functions; "
-             "`hgrn()` is the library's pick")
+    args, timer, gbps, hc = c.start(__doc__, "Engine crossover", CASES, "bf16:8x4096x2048",
+                                    "engines forced through the public functions; `hgrn()` is the library's pick")
     names = {"chunk": "chunk", "fused_recurrent": "fused", "auto": "hgrn()"}
     calls = {names[e]: c.engine_calls(hc, e) for e in names}
     best = c.run(args, timer, gbps, {n: [] for n in calls}, calls, forget, practical=False)

@@ -94,15 +94,9 @@ def groups(fused, comp):
 def main():
     fused, comp, forget = library()
     table = groups(fused, comp)
-    args = c.parse(__doc__, lambda a: table[a.group][0], "bf16:8x4096x2048",
-                   lambda p: p.add_argument("--group", choices=sorted(table), default="bands"))
-    import hgrn_cupy as hc
-
-    timer = c.Timer(args.warmup, args.rep)
-    gbps = c.copy_gbps(timer)
-    c.header(f"Fused engine block walks: {args.group}", timer, gbps,
-             'engine forced: fused_recurrent_hgrn and hgrn_backward(engine="fused_recurrent"), '
-             "unless a column names the chunk engine")
+    args, timer, gbps, hc = c.start(__doc__, "Fused engine block walks", None, "bf16:8x4096x2048",
+                                    'engine forced: fused_recurrent_hgrn and hgrn_backward(engine="fused_recurrent"), '
+                                    "unless a column names the chunk engine", groups=table)
     _, variants, chunk_engine = table[args.group]
     calls = {n: c.engine_calls(hc, "chunk" if n in chunk_engine else "fused_recurrent") for n in variants}
     c.run(args, timer, gbps, variants, calls, forget)

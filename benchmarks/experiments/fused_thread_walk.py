@@ -64,15 +64,10 @@ def groups(fused):
 def main():
     fused, forget = library()
     table = groups(fused)
-    args = c.parse(__doc__, lambda a: table[a.group][0], "bf16:32x2048x4096",
-                   lambda p: p.add_argument("--group", choices=sorted(table), default="tiles"),
-                   passes=lambda a: "bwd" if a.group == "fast" else "fwd,bwd")
-    import hgrn_cupy as hc
-
-    timer = c.Timer(args.warmup, args.rep)
-    gbps = c.copy_gbps(timer)
-    c.header(f"Fused engine thread walk: {args.group}", timer, gbps,
-             'engine forced: fused_recurrent_hgrn and hgrn_backward(engine="fused_recurrent"); block walks off')
+    args, timer, gbps, hc = c.start(__doc__, "Fused engine thread walk", None, "bf16:32x2048x4096",
+                                    'engine forced: fused_recurrent_hgrn and hgrn_backward(engine="fused_recurrent"); '
+                                    "block walks off", groups=table,
+                                    passes=lambda a: "bwd" if a.group == "fast" else "fwd,bwd")
     c.run(args, timer, gbps, table[args.group][1], c.engine_calls(hc, "fused_recurrent"), forget)
 
 

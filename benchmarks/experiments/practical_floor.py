@@ -30,12 +30,8 @@ def library():
 
 def main():
     forget = library()
-    args = c.parse(__doc__, CASES, "bf16:1x32768x1024", passes="fwd,bwd,fwdbwd")
-    import hgrn_cupy as hc
-
-    timer = c.Timer(args.warmup, args.rep)
-    gbps = c.copy_gbps(timer)
-    c.header("Practical floor", timer, gbps, "fwdbwd: the forward, then hgrn_backward on its output")
+    args, timer, gbps, hc = c.start(__doc__, "Practical floor", CASES, "bf16:1x32768x1024",
+                                    "fwdbwd: the forward, then hgrn_backward on its output", passes="fwd,bwd,fwdbwd")
     calls = {"chunk": c.engine_calls(hc, "chunk"), "hgrn()": c.engine_calls(hc, "auto")}
     c.run(args, timer, gbps, {n: [] for n in calls}, calls, forget)
 
