@@ -206,7 +206,7 @@ def header(title, timer, gbps, note=""):
     print("\n".join(lines) + "\n", flush=True)
 
 
-def make_sets(torch, case, with_do=True):
+def make_sets(torch, case):
     """Input sets for one case: enough that the working set exceeds ROTATE_MB, MIN_SETS at least."""
     count = max(MIN_SETS, math.ceil((ROTATE_MB << 20) / max(1, case.nbytes(3))))
     count = min(count, 64)
@@ -215,11 +215,9 @@ def make_sets(torch, case, with_do=True):
     sets = []
     for _ in range(count):
         shape = (case.B, case.T, case.D)
-        s = {"x": torch.randn(shape, device=DEVICE, dtype=dt),
-             "g": F.logsigmoid(torch.randn(shape, device=DEVICE, dtype=torch.float32)).to(dt)}
-        if with_do:
-            s["do"] = torch.randn(shape, device=DEVICE, dtype=dt)
-        sets.append(s)
+        sets.append({"x": torch.randn(shape, device=DEVICE, dtype=dt),
+                     "g": F.logsigmoid(torch.randn(shape, device=DEVICE, dtype=torch.float32)).to(dt),
+                     "do": torch.randn(shape, device=DEVICE, dtype=dt)})
     return sets
 
 
