@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""The chunk engine's compile-time shape and forms, each against what it ships with.
+
+    python benchmarks/experiments/chunk_shape.py [--cases ...] [--passes fwd,bwd] [--smoke]
+
+Variants (16-bit and float32 vector kernels; docs/performance.md has the reasons):
+- ticket order: blocks of the 8-channel (16-bit) kernels take an atomic ticket before their loads
+  instead of their chunk from the block index (HC_INDEX_ORDER_VEC);
+- no interior form: every chunk takes the checked form with segment bookkeeping (HC_CHUNK_INTERIOR);
+- window 16: eight predecessor slots a thread a round of the look-back instead of four (HC_LOOKBACK_BATCH);
+- one-row and four-row warps: chunks of 64 or 256 steps instead of 128 (forward; backward half of that);
+- half the steps a thread with three blocks a SM, and four warps a block with four blocks a SM.
+Each variant compiles its own module (NVRTC) on first use.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+
+CASES = ["bf16:4x2048x512", "bf16:4x4096x1024", "bf16:1x32768x1024", "bf16:8x4096x2048", "bf16:1x262144x256",
+         "bf16:32x2048x4096", "f32:8x4096x2048", "f32:1x32768x1024"]
+
+
+def library():
+    """(chunk engine launcher module, a function that drops cached plans), under the library's current
+    module names.  Re-point here after a rename."""
+    from hgrn_cupy import chunk, ops
+
+    return chunk, ops._plans.clear
+
+
+def shape_settings(chunk, fwd=None, bwd=None, extra=()):
+    """Settings that give the vector kernels (warps, rows, steps) ``fwd`` / ``bwd`` and add ``extra``
+    compile options.  The options are spelled as the launcher spells them from SHAPES."""
+    shapes = dict(chunk.SHAPES)
+    if fwd:
+        shapes[0, True] = fwd
+    if bwd:
+        shapes[1, True] = bwd
+    options = tuple(f"-DHC_{'FWD' if d == 0 else 'BWD'}_{what}_{'V' if v else '1'}={shapes[d, v][i]}"
+                    for (d, v) in shapes for i, what in enumerate(("WARPS", "ROWS", "STEPS"))
+                    if what != "ROWS" or v)
+    return [(chunk, "SHAPES", shapes), (chunk, "OPTIONS", options + tuple(extra))]
+
+
+def variants(chunk):
+    s = lambda **kw: shape_settings(chunk, **kw)  # noqa: E731
+    return {
+        "as shipped": [],
+        "ticket order": s(extra=["-DHC_INDEX_ORDER_VEC=16"]),
+        "no interior form": s(extra=["-DHC_CHUNK_INTERIOR=0"]),
+        "window 16": s(extra=["-DHC_LOOKBACK_BATCH=8"]),
+        "one-row warps": s(fwd=(8, 1, 8), bwd=(8, 1, 4)),
+        "four-row warps": s(fwd=(8, 4, 8), bwd=(8, 4, 4)),
+        "half the steps, 3 blocks a SM": s(fwd=(8, 2, 4), bwd=(8, 2, 2),
+                                           extra=["-DHC_FWD_MIN_BLOCKS_V=3", "-DHC_BWD_MIN_BLOCKS_V=3"]),
+        "4 warps, 4 blocks a SM": s(fwd=(4, 2, 8), bwd=(4, 2, 4),
+                                    extra=["-DHC_FWD_MIN_BLOCKS_V=4", "-DHC_BWD_MIN_BLOCKS_V=4"]),
+    }
+
+
+def main():
+    chunk, forget = library()
+    args, timer, gbps, hc = c.start(__doc__, "Chunk engine shapes and forms", CASES, "bf16:1x32768x1024",
+                                    'engine forced: chunk_hgrn and hgrn_backward(engine="chunk")')
+    c.run(args, timer, gbps, variants(chunk), c.engine_calls(hc, "chunk"), forget)
+
+
+if __name__ == "__main__":
+    main()
