@@ -21,6 +21,8 @@ caller's array type on its device.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import _backend as bk
@@ -87,6 +89,7 @@ def kernel_names(v_dtype, g_dtype):
     return passes + (_instantiation("states_combine", accumulation_dtype(v_dtype, g_dtype)),)
 
 
+_lock = threading.Lock()
 _modules: dict = {}
 _functions: dict = {}
 
@@ -95,9 +98,11 @@ def get_function(name, v_dtype, g_dtype, device):
     """Kernel ``name`` (one of ``kernel_names(v_dtype, g_dtype)``) loaded on ``device``; compiles on first use."""
     key = (name, device)
     fn = _functions.get(key)
-    if fn is None:
-        import cupy
+    if fn is not None:
+        return fn
+    import cupy
 
+    with _lock:
         names = kernel_names(v_dtype, g_dtype)
         module = _modules.get(names)
         if module is None:

@@ -41,6 +41,9 @@ __all__ = ["hgrn"]
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# (backend, device type) pairs whose backend rejected the single-tensor gather (it does so before any
+# communication, on every rank alike): they take the list form, which every backend has.
+_list_gather: set = set()
 
 
 def _all_gather(parts, group):
@@ -50,8 +53,16 @@ def _all_gather(parts, group):
     if world == 1:
         return t[None]
     out = t.new_empty((world * t.shape[0],) + tuple(t.shape[1:]))
-    _gather_single(out, t, group=group)
-    return out.view((world,) + tuple(t.shape))
+    key = (str(dist.get_backend(group)), t.device.type)
+    if key not in _list_gather:
+        try:
+            _gather_single(out, t, group=group)
+            return out.view((world,) + tuple(t.shape))
+        except (RuntimeError, NotImplementedError):
+            _list_gather.add(key)
+    stacked = out.view((world,) + tuple(t.shape))
+    dist.all_gather(list(stacked.unbind(0)), t, group=group)
+    return stacked
 
 
 def _dense(a):
