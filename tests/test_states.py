@@ -138,7 +138,8 @@ def test_split_plan():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_instantiation_compiles_without_warnings(arch):
     """NVRTC alone, no GPU: every dtype pair's module (both passes at both widths, and the combine)."""
-    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc",
+                                reason="cupy (with its NVRTC bindings) is not installed")
     from hgrn_cupy import _compile
 
     src = _compile.read_source(states.SOURCE)

@@ -126,7 +126,8 @@ def main():
         r = bench_shape(B, T, D, splits, reps)
         for row in r["rows"]:
             print(f"| {r['shape']} | {row['W']} | {row['fwd']:.3f} | {row['fwdbwd']:.3f} | {row['fwd_split']:.3f} | "
-                  f"{row['bwd_split']:.3f} | {row['st_f']:.3f} | {row['bw_f']:.0f} ({row['bw_f'] / r['copy_bw']:.2f}) | "
+                  f"{row['bwd_split']:.3f} | {row['st_f']:.3f} | "
+                  f"{row['bw_f']:.0f} ({row['bw_f'] / r['copy_bw']:.2f}) | "
                   f"{row['st_b']:.3f} | {row['bw_b']:.0f} ({row['bw_b'] / r['copy_bw']:.2f}) |")
         print(f"\n{r['shape']}: single call fwd {r['fwd_ms']:.3f} ms (floor {r['fwd_floor']:.3f}), bwd "
               f"{r['bwd_ms']:.3f} ms (floor {r['bwd_floor']:.3f}); copy {r['copy_bw']:.0f} GB/s\n")
