@@ -1,0 +1,213 @@
+"""State-only passes: the affine map of a whole slice of time, per channel (kernels in ``kernels_cu/states.cu``).
+
+    A, b = forward_states(x, g, reverse=False)     # h_end = A * h_start + b over the slice
+    A, c = backward_states(g, do, reverse=False)   # dh_start = A * dh_end + c
+
+x, g, do: ``[B, T, D]`` (batch and time strides arbitrary, channels contiguous); A, b, c: ``[B, D]`` in the
+accumulation dtype (float32; float64 when an input is float64).  With the recurrence of
+:mod:`hgrn_cupy.naive` and a = exp(g)::
+
+    A = prod_t a[t]                                    (1 for T = 0)
+    b = h[T-1] from h[-1] = 0                          (the forward walked from a zero state)
+    c = e[0],  e[t] = a[t] * (e[t+1] + do[t]),  e[T] = 0
+
+so that the backward's ``dh0`` with ``dht = lam`` is ``A * lam + c``; ``reverse=True`` mirrors time in
+both.  Neither pass writes anything of size T: they read two tensors and are what context parallelism
+exchanges between ranks (:mod:`hgrn_cupy.distributed`).
+
+CUDA tensors (PyTorch) and CuPy arrays run the kernels on the caller's current stream, outputs from the
+caller's allocator; CPU arrays (NumPy, PyTorch on CPU) take a NumPy fold.  Results come back in the
+caller's array type on its device.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from . import _backend as bk
+from ._compile import (BASE_OPTIONS, C_TYPES, accumulation_dtype, alignment_masks, bind, blocks_at_once,
+                       layout_vector_width, read_source, vector_width)
+
+__all__ = ["forward_states", "backward_states", "fold_maps"]
+
+SOURCE = "states.cu"
+WARPS = 8    # warps per block of the passes; each owns a contiguous part of its block's steps
+UNROLL = 8   # steps of loads a thread keeps in flight
+COMBINE_ROWS = 16  # threads sharing one channel's splits in the combine
+OPTIONS = (f"-DHC_STATES_WARPS={WARPS}", f"-DHC_STATES_UNROLL={UNROLL}", f"-DHC_STATES_COMBINE_ROWS={COMBINE_ROWS}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the math, for any array namespace (NumPy, jax.numpy, torch): the CPU path and the composition
+
+def fold_maps(A, b, xp):
+    """The composition of stacked affine maps ``[K, ...]`` applied in index order (index 0 first), as
+    ``(A, b)`` of shape ``[...]``: pairs are composed level by level, ``(A2, b2) o (A1, b1) = (A2*A1,
+    A2*b1 + b2)``, an odd level padded with the identity (1, 0).  ``xp``: the arrays' namespace (needs
+    ``concat``, ``ones_like``, ``zeros_like``).  K = 0 is not allowed."""
+    while A.shape[0] > 1:
+        if A.shape[0] % 2:
+            A = xp.concat([A, xp.ones_like(A[:1])], axis=0)
+            b = xp.concat([b, xp.zeros_like(b[:1])], axis=0)
+        A, b = A[1::2] * A[0::2], A[1::2] * b[0::2] + b[1::2]
+    return A[0], b[0]
+
+
+def _fold_time(a, v, descending, xp):
+    """(A, b) of the maps (a[t], v[t]) of ``[B, T, D]`` arrays (NumPy or jax.numpy), walked up or down in
+    time; T may be 0."""
+    a, v = a.swapaxes(0, 1), v.swapaxes(0, 1)
+    if a.shape[0] == 0:  # the identity
+        shape = (1,) + tuple(a.shape[1:])
+        a, v = xp.ones(shape, dtype=a.dtype), xp.zeros(shape, dtype=v.dtype)
+    if descending:
+        a, v = xp.flip(a, (0,)), xp.flip(v, (0,))
+    return fold_maps(a, v, xp)
+
+
+def _cpu(fw, v, g, reverse, backward):
+    acc = accumulation_dtype(fw.dtype(v), fw.dtype(g))
+    vn = fw.to_numpy(v).astype(acc)
+    a = np.exp(fw.to_numpy(g).astype(acc))
+    A, b = _fold_time(a, a * vn if backward else vn, bool(reverse) != backward, np)
+    return fw.from_numpy(A, v, acc), fw.from_numpy(b, v, acc)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels: names, compilation, launch
+
+def _instantiation(kernel, *args):
+    """``hc::kernel<...>``: dtype names become their storage types (``_compile.C_TYPES``), ints themselves."""
+    return f"hc::{kernel}<{', '.join(str(a) if isinstance(a, int) else C_TYPES[a] for a in args)}>"
+
+
+def kernel_names(v_dtype, g_dtype):
+    """Every kernel of the module of one dtype pair: both passes at VEC 1 and 16 bytes, and the combine."""
+    vecs = sorted({1, vector_width(v_dtype, g_dtype)})
+    passes = tuple(_instantiation(k, v_dtype, g_dtype, w) for k in ("states_fwd", "states_bwd") for w in vecs)
+    return passes + (_instantiation("states_combine", accumulation_dtype(v_dtype, g_dtype)),)
+
+
+_lock = threading.Lock()
+_modules: dict = {}
+_functions: dict = {}
+
+
+def get_function(name, v_dtype, g_dtype, device):
+    """Kernel ``name`` (one of ``kernel_names(v_dtype, g_dtype)``) loaded on ``device``; compiles on first use."""
+    key = (name, device)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    import cupy
+
+    with _lock:
+        names = kernel_names(v_dtype, g_dtype)
+        module = _modules.get(names)
+        if module is None:
+            module = _modules[names] = cupy.RawModule(code=read_source(SOURCE), options=BASE_OPTIONS + OPTIONS,
+                                                      name_expressions=names)
+        with cupy.cuda.Device(device):
+            try:
+                fn = _functions[key] = module.get_function(name).kernel
+            except cupy.cuda.compiler.CompileException as e:  # keep NVRTC's log in the message
+                raise RuntimeError(f"hgrn_cupy: compiling {SOURCE} for ({v_dtype}, {g_dtype}) failed:\n{e}") from e
+    return fn
+
+
+def split_plan(ntiles, T, at_once):
+    """(nsplit, span): time cut into nsplit splits of span logical steps (a multiple of WARPS * UNROLL),
+    so that ntiles * nsplit blocks make about one wave of the ``at_once`` blocks the GPU holds."""
+    if T == 0:
+        return 0, 0
+    quantum = WARPS * UNROLL
+    want = max(1, min(at_once // max(ntiles, 1), -(-T // quantum)))
+    span = -(-(-(-T // want)) // quantum) * quantum
+    return -(-T // span), span
+
+
+def _launch(v, g, fw, reverse, backward):
+    """Queue one pass on the caller's stream; returns (A, b) ``[B, D]`` in the accumulation dtype."""
+    B, T, D = v.shape
+    vd, gd = fw.dtype(v), fw.dtype(g)
+    acc = accumulation_dtype(vd, gd)
+    dev = v.device.index if fw is bk.TORCH else v.device.id
+    A, b = fw.empty((B, D), acc, v), fw.empty((B, D), acc, v)
+    if B * D == 0:
+        return A, b
+    import cupy
+
+    arrs = (fw.describe(v), fw.describe(g))
+    vec = layout_vector_width(D, arrs, vector_width(vd, gd))
+    if any(a.ptr & m for a, m in zip(arrs, alignment_masks(vec, arrs))):
+        vec = 1
+    with cupy.cuda.Device(dev):
+        stream = fw.stream(v)
+        combine = get_function(kernel_names(vd, gd)[-1], vd, gd, dev)
+        nsplit, span, ws = 0, 0, None
+        if T > 0:
+            fn = get_function(_instantiation("states_bwd" if backward else "states_fwd", vd, gd, vec), vd, gd, dev)
+            ntiles = B * (-(-D // (32 * vec)))
+            nsplit, span = split_plan(ntiles, T, blocks_at_once(fn, 32 * WARPS, dev))
+            if nsplit > 1:
+                ws = fw.empty((2, nsplit, B, D), acc, v)
+            outs = (A, b) if ws is None else (ws[0], ws[1])
+            bind(fn, (ntiles, nsplit), (32, WARPS), dev)(
+                stream, arrs[0].ptr, arrs[1].ptr, *arrs[0].strides[:2], *arrs[1].strides[:2], B, T, D,
+                int(bool(reverse)), span, *(fw.describe(o).ptr for o in outs))
+        if nsplit != 1:  # several splits to compose, or T = 0: the identity
+            nd = B * D
+            ptrs = (0, 0) if ws is None else (fw.describe(ws[0]).ptr, fw.describe(ws[1]).ptr)
+            bind(combine, (-(-nd // 32),), (32, COMBINE_ROWS), dev)(
+                stream, *ptrs, nd, nsplit, fw.describe(A).ptr, fw.describe(b).ptr)
+    return A, b
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+
+def _check(v, g, v_name):
+    fw = bk.framework_of(v)
+    if fw is None or fw is bk.JAX:
+        raise TypeError(f"{v_name} must be a NumPy, CuPy or PyTorch array, got {type(v).__name__}")
+    if bk.framework_of(g) is not fw:
+        raise TypeError(f"g must be an array of the same kind as {v_name}, got {type(g).__name__}")
+    if fw.is_gpu(v) != fw.is_gpu(g) or (fw.is_gpu(v) and fw.device(v) != fw.device(g)):
+        raise ValueError(f"g is on {fw.device(g)} but {v_name} is on {fw.device(v)}")
+    for a, name in ((v, v_name), (g, "g")):
+        if fw.dtype(a) not in bk.FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {fw.dtype(a)}; supported: {', '.join(bk.FLOAT_DTYPES)}")
+    if len(v.shape) != 3:
+        raise ValueError(f"{v_name} must have 3 dimensions [B, T, D], got shape {tuple(v.shape)}")
+    if tuple(g.shape) != tuple(v.shape):
+        raise ValueError(f"g must have shape {tuple(v.shape)} like {v_name}, got {tuple(g.shape)}")
+    return fw
+
+
+def _dense_last_axis(fw, a):
+    """The kernels read channels with stride 1; anything else is copied once."""
+    if a.shape[2] > 1 and min(a.shape) > 0 and fw.strides(a)[2] != 1:
+        return fw.contiguous(a)
+    return a
+
+
+def _run(v, g, reverse, backward, v_name):
+    fw = _check(v, g, v_name)
+    if not isinstance(reverse, (bool, np.bool_)):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    if not fw.is_gpu(v):
+        return _cpu(fw, v, g, reverse, backward)
+    return _launch(_dense_last_axis(fw, v), _dense_last_axis(fw, g), fw, reverse, backward)
+
+
+def forward_states(x, g, reverse=False):
+    """``(A, b)`` ``[B, D]`` of the forward recurrence over x, g ``[B, T, D]`` (see the module docstring):
+    ``h_end = A * h_start + b``."""
+    return _run(x, g, reverse, False, "x")
+
+
+def backward_states(g, do, reverse=False):
+    """``(A, c)`` ``[B, D]`` of the backward recurrence over g and do ``[B, T, D]`` (see the module
+    docstring): the gradient at the start state is ``A * dht + c``."""
+    return _run(do, g, reverse, True, "do")
