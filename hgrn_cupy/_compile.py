@@ -1,7 +1,7 @@
 """Kernel sources, template instantiation names, and the compiled-module cache.
 
 This module is the only place that spells C++ type names or kernel names: everything else asks for
-``(engine, direction, x dtype, g dtype)``.  Sources are read by package name (``kernels_cu``), the
+``(engine, direction, x dtype, g dtype)``.  Sources are read from the package data (``hgrn_cupy/kernels``), the
 shared header is folded into the source string before compiling (CuPy's disk cache keys on the
 source string, so a header edit can never reuse a stale binary), and modules are memoised per
 (engine, dtypes, options, device).
@@ -12,7 +12,7 @@ import importlib.resources
 import re
 import threading
 
-# The storage type each supported dtype has in kernels_cu/common.cuh.
+# The storage type each supported dtype has in hgrn_cupy/kernels/common.cuh.
 C_TYPES = {
     "float32": "float",
     "float16": "hc::half_t",
@@ -22,7 +22,7 @@ C_TYPES = {
 DTYPES = tuple(C_TYPES)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 STEP = 2  # the "direction" of an engine's single-step (decode) kernel, after forward 0 and backward 1
-BLOCK_FWD = 3  # the "directions" of the fused engine's block walks (kernels_cu/fused_recurrent.cu)
+BLOCK_FWD = 3  # the "directions" of the fused engine's block walks (hgrn_cupy/kernels/fused_recurrent.cu)
 BLOCK_BWD = 4
 # Channels per thread of the fused engine's walks, per storage size of the wider input: the width built
 # besides 1 (hgrn_cupy/fused_recurrent.py says when it is used and why these values).
@@ -45,7 +45,7 @@ _functions: dict[tuple, object] = {}
 
 
 def read_source(name: str) -> str:
-    """The text of ``kernels_cu/<name>`` with every quoted include folded in (once each)."""
+    """The text of ``hgrn_cupy/kernels/<name>`` with every quoted include folded in (once each)."""
     src = _sources.get(name)
     if src is None:
         seen: set[str] = set()
@@ -54,7 +54,7 @@ def read_source(name: str) -> str:
             if fname in seen:
                 return ""
             seen.add(fname)
-            text = importlib.resources.files("kernels_cu").joinpath(fname).read_text()
+            text = importlib.resources.files("hgrn_cupy").joinpath("kernels").joinpath(fname).read_text()
             return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
 
         src = _sources[name] = expand(name)

@@ -1,11 +1,11 @@
-"""Chunk engine launchers (kernels in ``kernels_cu/chunk.cu``).
+"""Chunk engine launchers (kernels in ``hgrn_cupy/kernels/chunk.cu``).
 
 Time is split into chunks (warps x rows x steps per thread, see ``SHAPES``) scanned in parallel; a block
 covers 32 / rows x VEC channels of one chunk, and the chunks of a tile are joined by single-pass decoupled
 look-back through a workspace: a 32-byte header (ticket counter and launch count, the extents of the last
 launches), then one slot per (tile, chunk, channel) that holds the chunk's aggregate map, then its
 inclusive prefix, marked with the launch's parity.  Memory filled once with one bits serves any number of
-launches queued on one stream: each launch leaves it ready for the next (see ``kernels_cu/chunk.cu``).
+launches queued on one stream: each launch leaves it ready for the next (see ``hgrn_cupy/kernels/chunk.cu``).
 The caller either keeps such memory (``filled``: no fill at the launch) or hands fresh memory, which the
 launch fills first.
 VEC is the number of channels one thread moves per access: 16 bytes' worth where every tensor's pointer,
@@ -23,7 +23,7 @@ LANES = 32
 # scalar kernels keep the shapes tuned before vectorisation; the vector kernels hold 16 bytes per tensor
 # and step in registers.
 SHAPES = {(0, False): (4, 1, 16), (1, False): (16, 1, 8), (0, True): (8, 2, 8), (1, True): (8, 2, 4)}
-# The kernels' shapes are fixed at compile time from these (see kernels_cu/chunk.cu).
+# The kernels' shapes are fixed at compile time from these (see hgrn_cupy/kernels/chunk.cu).
 OPTIONS = tuple(f"-DHC_{'FWD' if d == 0 else 'BWD'}_{what}_{'V' if v else '1'}={SHAPES[d, v][i]}"
                 for (d, v) in SHAPES for i, what in enumerate(("WARPS", "ROWS", "STEPS"))
                 if what != "ROWS" or v)
@@ -65,7 +65,7 @@ def peek(ntiles):
 
 
 # Stagger: where the grid is larger than what the GPU holds at once, the second half of the first wave
-# starts its loads only as the first half's maps come out (see stagger_start in kernels_cu/chunk.cu), so
+# starts its loads only as the first half's maps come out (see stagger_start in hgrn_cupy/kernels/chunk.cu), so
 # that its loads overlap the first half's look-back and stores.  Measured (benchmarks/NOTES.md): bf16
 # 1x32768x1024 1.205 / 1.124 -> 1.143 / 1.094 x floor (fwd / bwd), 4x4096x1024 1.469 / 1.311 -> 1.355 /
 # 1.228; within noise or better at every other shape measured, in both directions.

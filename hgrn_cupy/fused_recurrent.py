@@ -1,4 +1,4 @@
-"""Fused recurrent engine launchers (kernels in ``kernels_cu/fused_recurrent.cu``).
+"""Fused recurrent engine launchers (kernels in ``hgrn_cupy/kernels/fused_recurrent.cu``).
 
 A thread owns one or two channels of one sequence and walks time (two from 64K channels where the
 layout allows: see ``WALK_VEC``); best with many sequences times wide D, for decode (T = 1) and for
@@ -23,7 +23,7 @@ PREFETCH_V = {2: 32, 4: 16, 8: 16}
 WALK_VEC_MIN_CHANNELS = 1 << 16
 # The block walks: BLOCK_WARPS warps share a group of channels of one sequence (8 bytes of them per lane
 # forward, 4 backward) and split each window of BLOCK_WARPS * BLOCK_STEPS steps between them
-# (kernels_cu/fused_recurrent.cu).  One is taken where N * D lies in BLOCK_WALK_CHANNELS[storage size of
+# (hgrn_cupy/kernels/fused_recurrent.cu).  One is taken where N * D lies in BLOCK_WALK_CHANNELS[storage size of
 # the wider input, direction], T exceeds BLOCK_WALK_MIN_T and the layout allows the lanes.  H100, do_bench,
 # x floor, forward / backward, block walk (thread walk; chunk engine) with the kernels' fast form and L2
 # prefetch (2026-11-26 day):

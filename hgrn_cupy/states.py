@@ -1,4 +1,4 @@
-"""State-only passes: the affine map of a whole slice of time, per channel (kernels in ``kernels_cu/states.cu``).
+"""State-only passes: the affine map of a whole slice of time, per channel (kernels in ``hgrn_cupy/kernels/states.cu``).
 
     A, b = forward_states(x, g, reverse=False)     # h_end = A * h_start + b over the slice
     A, c = backward_states(g, do, reverse=False)   # dh_start = A * dh_end + c

@@ -16,7 +16,7 @@ OPTIONS = {"chunk": chunk.options, "fused_recurrent": fused_recurrent.options}
 
 
 def _kernel_files():
-    return sorted((f for f in importlib.resources.files("kernels_cu").iterdir()
+    return sorted((f for f in importlib.resources.files("hgrn_cupy").joinpath("kernels").iterdir()
                    if f.name.endswith((".cu", ".cuh"))), key=lambda f: f.name)
 
 

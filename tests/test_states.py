@@ -1,4 +1,4 @@
-"""The state-only passes (``hgrn_cupy.states``, ``kernels_cu/states.cu``) against a sequential float64 walk.
+"""The state-only passes (``hgrn_cupy.states``, ``hgrn_cupy/kernels/states.cu``) against a sequential float64 walk.
 
 CPU: the NumPy fold, the identity the backward pass rests on (``dh0 = A * dht + c``), argument errors, the
 split plan, and the NVRTC build of every instantiation (no GPU needed).  GPU (marked, skipped without

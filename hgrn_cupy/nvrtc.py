@@ -1,0 +1,167 @@
+"""Kernel sources, instantiation names, NVRTC compilation, and binding a kernel to its launch.
+
+The only module that spells C++ type names: an engine asks for ``instantiation("chunk_fwd", "bfloat16",
+"float32", True, 8)`` and gets ``hc::chunk_fwd<hc::bfloat16_t, float, true, 8>``.  Sources are package
+data (``hgrn_cupy/kernels``); the shared header is folded into each source string before compiling
+(CuPy's disk cache keys on the source string alone, so a header edit can never reuse a stale binary).
+One module is compiled per (source, name expressions, options) and loaded once per device.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import re
+import threading
+
+# The storage type of each supported dtype in kernels/common.cuh.
+C_TYPES = {"float32": "float", "float16": "hc::half_t", "bfloat16": "hc::bfloat16_t", "float64": "double"}
+DTYPES = tuple(C_TYPES)
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+BASE_OPTIONS = ("-std=c++17",)
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+_lock = threading.Lock()
+_sources: dict = {}
+_modules: dict = {}
+_functions: dict = {}
+
+
+def accumulation_dtype(x_dtype: str, g_dtype: str) -> str:
+    """float64 when either input is float64, float32 otherwise (docs/design.md, the operation)."""
+    return "float64" if "float64" in (x_dtype, g_dtype) else "float32"
+
+
+def read_source(name: str) -> str:
+    """The text of ``kernels/<name>`` with every quoted include folded in (once each)."""
+    src = _sources.get(name)
+    if src is None:
+        seen: set = set()
+        folder = importlib.resources.files(__package__).joinpath("kernels")
+
+        def expand(fname: str) -> str:
+            if fname in seen:
+                return ""
+            seen.add(fname)
+            return _INCLUDE.sub(lambda m: expand(m.group(1)), folder.joinpath(fname).read_text())
+
+        src = _sources[name] = expand(name)
+    return src
+
+
+def instantiation(kernel: str, *args) -> str:
+    """The name expression of one template instantiation: dtype names become their storage types,
+    bools ``true``/``false``, ints themselves."""
+    parts = []
+    for a in args:
+        if isinstance(a, bool):
+            parts.append("true" if a else "false")
+        elif isinstance(a, int):
+            parts.append(str(a))
+        else:
+            parts.append(C_TYPES[a])
+    return f"hc::{kernel}<{', '.join(parts)}>"
+
+
+def get_function(source: str, names: tuple, name: str, device: int, options: tuple = ()):
+    """Kernel ``name`` (one of ``names``, which share a module) of ``source``, loaded on ``device`` (a
+    ``cupy.cuda.Function``); compiles on first use."""
+    key = (source, names, name, device, options)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    import cupy
+
+    with _lock:
+        mkey = (source, names, options)
+        module = _modules.get(mkey)
+        if module is None:
+            module = _modules[mkey] = cupy.RawModule(code=read_source(source), options=BASE_OPTIONS + options,
+                                                     name_expressions=names)
+        with cupy.cuda.Device(device):
+            try:
+                fn = module.get_function(name).kernel
+            except cupy.cuda.compiler.CompileException as e:  # keep NVRTC's log in the message
+                raise RuntimeError(f"hgrn_cupy: compiling {source} failed:\n{e}") from e
+        _functions[key] = fn
+    return fn
+
+
+def compile_for_arch(source: str, names: tuple, arch: str, options: tuple = ()) -> str:
+    """Compile ``names`` of ``source`` with NVRTC for ``arch`` (e.g. ``"sm_90"``); needs no GPU.
+    Returns NVRTC's log; raises ``RuntimeError`` with the log on failure."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(read_source(source), source, [], [])
+    try:
+        for name in names:
+            nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", *BASE_OPTIONS, *options])
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC failed for {source} on {arch}: {e}\n{nvrtc.getProgramLog(prog)}") from e
+        return nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching.  CuPy's Function.__call__ converts each argument to a temporary object (about 15 us for
+# 16-25 arguments); here every argument is one 8-byte slot of a reused per-thread buffer (a 4-byte int
+# parameter reads the low half, little-endian) and the driver is called directly.
+
+_tls = threading.local()
+_at_once: dict = {}
+
+
+def _thread_slots(n, device):
+    """This thread's parameter buffer for ``n`` arguments: ``(buffer, address of the pointer array,
+    packer, pointers)``.  Made on a thread's first launch on ``device``, which also makes that device's
+    primary context current (a new thread has none)."""
+    try:
+        return _tls.slots[n, device]
+    except AttributeError:
+        _tls.slots = {}
+    except KeyError:
+        pass
+    import ctypes
+    import struct
+
+    import cupy
+
+    cupy.cuda.runtime.setDevice(device)
+    buf = ctypes.create_string_buffer(8 * n)
+    base = ctypes.addressof(buf)
+    params = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
+    entry = _tls.slots[n, device] = (buf, ctypes.addressof(params), struct.Struct(f"<{n}q"), params)
+    return entry
+
+
+def blocks_at_once(fn, threads, device):
+    """How many blocks of ``threads`` threads of ``fn`` (a ``cupy.cuda.Function`` of ``device``) the GPU
+    holds at once: blocks per multiprocessor by the occupancy calculator, times the multiprocessors."""
+    key = (fn.ptr, threads, device)
+    n = _at_once.get(key)
+    if n is None:
+        from cupy_backends.cuda.api import driver, runtime
+
+        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, 0)
+        n = _at_once[key] = per_sm * runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device)
+    return n
+
+
+def bind(fn, grid, block, device):
+    """``fn`` (a ``cupy.cuda.Function`` of ``device``) with its grid and block fixed: a function
+    ``kernel(stream_ptr, *args)`` that queues it on the stream ``stream_ptr``.  ``args`` are Python ints
+    (pointers, 64-bit integers, or 32-bit ints) in the kernel's parameter order."""
+    from cupy_backends.cuda.api import driver
+
+    launch_kernel, fn_ptr = driver.launchKernel, fn.ptr
+    gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+    bx, by, bz = (tuple(block) + (1, 1))[:3]
+
+    def kernel(stream_ptr, *args):
+        buf, params, packer, _ = _thread_slots(len(args), device)
+        packer.pack_into(buf, 0, *args)
+        launch_kernel(fn_ptr, gx, gy, gz, bx, by, bz, 0, stream_ptr, params, 0)
+
+    kernel.function = fn  # the module stays loaded while the binding lives
+    return kernel
