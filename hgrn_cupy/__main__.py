@@ -4,6 +4,9 @@ With a CUDA GPU, each engine is compiled and run forward and backward (float32 a
 and packed variable-length sequences, initial and final states) on CuPy arrays, and every result is
 compared with the NumPy reference in float64.  Without one, the CPU path is checked the same way and
 the GPU part is reported as skipped.  Exit status 1 when any check fails.
+
+``python -m hgrn_cupy tune [BxTxD ...] [--dtype NAME ...]`` measures both engines per shape on the
+current GPU, caches the faster one per shape class (:mod:`hgrn_cupy.tuning`) and prints a table.
 """
 import importlib.metadata
 import importlib.util
@@ -169,7 +172,54 @@ def run_checks(engines, dtypes, cupy, label):
     return ok
 
 
-def main():
+# ----------------------------------------------------------------------------------------------
+# tune: measure the engines per shape and cache the choice
+
+TUNE_SHAPES = ((4, 2048, 512), (8, 2048, 1024), (4, 4096, 1024), (1, 32768, 1024), (8, 4096, 2048),
+               (1, 262144, 256))
+
+
+def parse_shape(text):
+    """``"4x2048x512"`` -> ``(4, 2048, 512)``."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"a shape is BxTxD with positive integers, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def tune_main(argv):
+    """Tune the shapes in ``argv`` (default ``TUNE_SHAPES``), print what was chosen; exit status."""
+    import argparse
+
+    from . import tuning
+
+    parser = argparse.ArgumentParser(prog="python -m hgrn_cupy tune",
+                                     description="Measure both engines per shape and cache the faster one.")
+    parser.add_argument("shapes", nargs="*", type=parse_shape, metavar="BxTxD",
+                        help="default: " + " ".join("x".join(map(str, s)) for s in TUNE_SHAPES))
+    parser.add_argument("--dtype", action="append", dest="dtypes", metavar="NAME",
+                        help="dtype of x and g, repeatable (default: bfloat16)")
+    args = parser.parse_args(argv)
+    lines, cupy, why_not = gpu_info()
+    if cupy is None:
+        print(f"tune needs a CUDA GPU: {why_not}.")
+        return 1
+    device = tuning.device_key(cupy.cuda.Device().id)
+    print(f"device: {device}")
+    rows = tuning.tune(args.shapes or TUNE_SHAPES, tuple(args.dtypes or ("bfloat16",)), device=device)
+    print(f"{'B x T x D':<18} {'dtype':<9} {'direction':<9} {'chosen':<16} "
+          + " ".join(f"{e + ' (us)':>20}" for e in tuning.ENGINES))
+    for shape, dtype, direction, engine, times in rows:
+        print(f"{'x'.join(map(str, shape)):<18} {dtype:<9} {('forward', 'backward')[direction]:<9} {engine:<16} "
+              + " ".join(f"{times[e] * 1e6:>20.1f}" for e in tuning.ENGINES))
+    print(f"cache: {tuning.cache_path() if tuning.writes_to_disk() else 'in memory only (on-disk cache off)'}")
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tune"]:
+        return tune_main(argv[1:])
     print(f"hgrn_cupy: {__version__}")
     print(f"Python: {platform.python_version()}")
     print(f"NumPy: {np.__version__}")

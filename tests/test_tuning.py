@@ -266,6 +266,18 @@ def test_cache_path_follows_the_environment(monkeypatch, tmp_path):
     assert tuning.cache_path() == str(tmp_path / "home" / ".cache" / "hgrn_cupy" / "tuning.json")
 
 
+def test_tune_command_arguments(monkeypatch, capsys):
+    from hgrn_cupy import __main__ as cli
+
+    assert cli.parse_shape("4x2048x512") == (4, 2048, 512)
+    for bad in ["4x2048", "4x0x512", "ax2x3", "4x2x3x5"]:
+        with pytest.raises(ValueError):
+            cli.parse_shape(bad)
+    monkeypatch.setattr(cli, "gpu_info", lambda: ([], None, "no CUDA device"))
+    assert cli.main(["tune", "2x64x32"]) == 1
+    assert "tune needs a CUDA GPU: no CUDA device" in capsys.readouterr().out
+
+
 def test_tune_stores_what_choose_reads(cache, monkeypatch):
     """tune() on NumPy standing in for CuPy (the public functions then run the CPU reference): its
     decisions land under the keys choose() looks up, replacing earlier ones."""
