@@ -11,11 +11,16 @@ Where the work runs is decided when XLA lowers the program (:func:`jax.lax.platf
 
 - CUDA: our kernels run inside the compiled program through
   :func:`jax.experimental.buffer_callback`.  The callback receives XLA's own input and output
-  buffers, reads their device pointers from DLPack, and queues the launchers of
-  :mod:`hgrn_cupy.fused_recurrent` / :mod:`hgrn_cupy.chunk` on XLA's stream.  Every buffer is
-  XLA's: the chunk engine's scratch is one more (discarded) output of the call.  No host
-  synchronisation, no allocation outside XLA.
+  buffers, reads their device pointers from DLPack, and queues the engines' prepared launches
+  (:mod:`hgrn_cupy.engines`) on XLA's stream.  Every buffer is XLA's: the chunk engine's scratch
+  and the offsets guard's flag are more (discarded) outputs of the call.  No host synchronisation,
+  no allocation outside XLA.
 - anything else (CPU): the NumPy reference through :func:`jax.pure_callback`.
+
+Under ``jax.jit`` the values of ``cu_seqlens`` cannot be checked on the host: a device guard (or, on
+the CPU, the callback) checks them, and every output of a call with invalid offsets is NaN.  The
+engine is chosen when the program is traced: a decision cached for the device
+(:mod:`hgrn_cupy.tuning`), else the built-in rule; nothing is timed under tracing.
 
 :func:`jax.vmap` over extra leading axes folds them into the batch (or, with ``cu_seqlens``, into
 more packed sequences) and runs one launch.  Forward-mode differentiation (``jax.jvp``) is not
@@ -32,12 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _backend as bk
-from . import chunk as _chunk
-from . import fused_recurrent as _fused
-from . import ops as _ops
-from ._compile import accumulation_dtype
+from . import arrays as ar
+from . import checks, dispatch, plans
+from .engines import chunk as _chunk
+from .engines.layout import Arr, row_major
 from .naive import naive_recurrent_hgrn, naive_recurrent_hgrn_bwd
+from .nvrtc import accumulation_dtype
 
 __all__ = ["hgrn", "chunk_hgrn", "fused_recurrent_hgrn"]
 
@@ -47,10 +52,11 @@ class _Spec(NamedTuple):
     engine: str
     output_final_state: bool
     reverse: bool
+    guard: bool  # cu_seqlens given and its values not checked on the host
 
 
 def _name(dt) -> str:
-    return bk._np_dtype_name(dt)
+    return ar._np_dtype_name(dt)
 
 
 def _acc(a, b) -> str:
@@ -81,35 +87,17 @@ def _as_jax(a, name):
         raise TypeError(f"{name} must be a JAX array or array-like, got {type(a).__name__}") from e
 
 
-def _check_float(a, name):
-    dt = _name(a.dtype)
-    if dt not in bk.FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {dt}; supported: {', '.join(bk.FLOAT_DTYPES)}")
+def _check(x, g, h0, cu, output_final_state, reverse):
+    """Validate the forward arguments (values of cu_seqlens only where they are concrete); returns
+    whether the offsets' values were checked on the host."""
+    traced = any(ar.is_jax_tracer(a) for a in (x, g, h0, cu) if a is not None)
+    call = checks.check_forward(x, g, h0, cu, output_final_state, reverse, values=not traced)
+    return call.values_checked
 
 
-def _check(x, g, h0, cu, reverse):
-    """Validate the forward arguments; returns N, the number of sequences."""
-    _check_float(x, "x")
-    _check_float(g, "g")
-    if x.ndim != 3:
-        raise ValueError(f"x must have 3 dimensions [B, T, D], got shape {tuple(x.shape)}")
-    if tuple(g.shape) != tuple(x.shape):
-        raise ValueError(f"g must have shape {tuple(x.shape)} like the other inputs, got {tuple(g.shape)}")
-    _ops._check_reverse(reverse)
-    B, T, D = x.shape
-    N = B
-    if cu is not None:
-        N = _ops.check_cu_seqlens_layout(cu.shape, _name(cu.dtype), B)
-        # Values can be read only when they are concrete (not under jit or vmap); the kernels clamp
-        # offsets into [0, T] either way, so bad values give wrong numbers, never stray accesses.
-        v = _concrete(cu) if _ops.config.check_cu_seqlens_values else None
-        if v is not None:
-            _ops.check_cu_seqlens_values(v, T)
-    if h0 is not None:
-        _check_float(h0, "initial_state")
-        if tuple(h0.shape) != (N, D):
-            raise ValueError(f"initial_state must have shape [N, D] = {(N, D)}, got {tuple(h0.shape)}")
-    return N
+def _call(N, T, D, dtypes, varlen):
+    """A ``checks.Call`` for the engine choice inside a traced program."""
+    return checks.Call(ar.JAX, 1, T, D, N, dtypes, accumulation_dtype(*dtypes), varlen, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,31 +139,41 @@ def _device_of(buf) -> int:
 
 
 def _launch_stream(ctx):
-    """XLA's stream for this call as an object with ``.ptr`` (a seam the CPU tests replace)."""
-    return _ops._Stream(int(ctx.stream))
+    """XLA's stream for this call (a seam the CPU tests replace)."""
+    return int(ctx.stream)
+
+
+class _DeviceScope:
+    """Make ``device`` current for the launch, only when it is not already."""
+
+    def __init__(self, device):
+        import cupy
+
+        self.device, self.prev = device, cupy.cuda.runtime.getDevice()
+        self.set = cupy.cuda.runtime.setDevice
+
+    def __enter__(self):
+        if self.prev != self.device:
+            self.set(self.device)
+
+    def __exit__(self, *exc):
+        if self.prev != self.device:
+            self.set(self.prev)
 
 
 def _device_scope(device):
-    return _ops._DeviceScope(device)
+    return _DeviceScope(device)
 
 
-def _row_major(shape):
-    out, step = [], 1
-    for n in reversed(shape):
-        out.append(step)
-        step *= max(int(n), 1)
-    return tuple(reversed(out))
-
-
-def _arr(shape, dtype) -> bk.Arr:
-    """A launcher descriptor with the pointer left to fill in (XLA buffers are dense, row-major)."""
+def _arr(shape, dtype) -> Arr:
+    """An engine's tensor description with the pointer left out (XLA buffers are dense, row-major)."""
     shape = tuple(int(n) for n in shape)
-    return bk.Arr(0, shape, _row_major(shape), _name(dtype))
+    return Arr(0, shape, row_major(shape), _name(dtype))
 
 
 def _workspace_bytes(N, T, D, varlen, acc, x_dtype, g_dtype):
     """Enough for either direction and either access width (their chunk lengths and tiles differ)."""
-    return _chunk.max_workspace_bytes(N, T, D, varlen, np.dtype(acc).itemsize, _name(x_dtype), _name(g_dtype))
+    return _chunk.workspace_bytes(N, T, D, varlen, np.dtype(acc).itemsize, _name(x_dtype), _name(g_dtype))
 
 
 def _poison(ptrs, bufs, out_names, stream):
@@ -185,7 +183,7 @@ def _poison(ptrs, bufs, out_names, stream):
     for k in out_names:
         nbytes = int(np.prod(bufs[k].shape)) * np.dtype(bufs[k].dtype).itemsize
         if k != "ws" and nbytes:
-            cupy.cuda.runtime.memsetAsync(ptrs[k], 0xFF, nbytes, stream.ptr)
+            cupy.cuda.runtime.memsetAsync(ptrs[k], 0xFF, nbytes, stream)
 
 
 def _run_device_kernels(launch, in_names, out_names, ctx, outs, *ins):
@@ -196,15 +194,48 @@ def _run_device_kernels(launch, in_names, out_names, ctx, outs, *ins):
     device = _device_of(ins[0])
     with _device_scope(device):
         stream = _launch_stream(ctx)
-        if bk.POISON_OUTPUTS:
+        if plans._poison:
             _poison(ptrs, bufs, out_names, stream)
         launch(ptrs, bufs, device, stream)
 
 
 def _cu_arg(ptrs, cu_dtype):
     if "cu" not in ptrs:
-        return None
+        return (0, 0)
     return ptrs["cu"], int(cu_dtype == "int64")
+
+
+def _run(spec, direction, engine, tensors, N, cu_dtype, T, out_keys):
+    """The launch body of a buffer callback: the engine's prepared launch on XLA's buffers, inside the
+    offsets guard where ``spec.guard``; ``out_keys`` name the outputs the guard fills."""
+    from .engines import ENGINES
+
+    varlen = cu_dtype is not None
+
+    def launch(ptrs, bufs, device, stream):
+        run = ENGINES[engine].prepare(direction, tensors, N, spec.reverse, device, varlen)
+        if run is None:
+            return
+        names = ("x", "g", "o") if direction == 0 else ("g", "o", "do", "dx", "dg")
+        states = ("h0", "ht") if direction == 0 else ("h0", "dht", "dh0")
+        cu = _cu_arg(ptrs, cu_dtype)
+        args = (stream, tuple(ptrs[k] for k in names), tuple(ptrs.get(k, 0) for k in states), cu,
+                _workspace_fn(ptrs, bufs))
+        if not spec.guard:
+            run(*args)
+            return
+        from .engines import guard
+
+        checker = guard.prepare(device, cu_dtype)
+        checker.check(stream, cu[0], N + 1, T, ptrs["flag"])
+        run(*args)
+        checker.fill(stream, ptrs["flag"], [(ptrs[k], _nbytes(bufs[k])) for k in out_keys
+                                            if k in ptrs and _nbytes(bufs[k])])
+    return launch
+
+
+def _nbytes(buf):
+    return int(np.prod(buf.shape)) * np.dtype(buf.dtype).itemsize
 
 
 def _workspace_fn(ptrs, bufs):
@@ -238,28 +269,37 @@ def _device_forward(spec, x, g, h0, cu):
     B, T, D = x.shape
     N = _nseq(x, cu)
     acc = _acc(x, g)
-    engine = _ops._engine(spec.engine, N, T, D, (_name(x.dtype), _name(g.dtype)), 0)
+    dtypes = (_name(x.dtype), _name(g.dtype))
+    engine = _engine(spec, N, T, D, dtypes, cu is not None, 0)
     out_shapes = {"o": jax.ShapeDtypeStruct(x.shape, x.dtype)}
     if spec.output_final_state:
         out_shapes["ht"] = jax.ShapeDtypeStruct((N, D), jnp.dtype(acc))
-    if engine == "chunk":
-        out_shapes["ws"] = jax.ShapeDtypeStruct((_workspace_bytes(N, T, D, cu is not None, acc, x.dtype, g.dtype),),
-                                               jnp.uint8)
+    _extra_outputs(out_shapes, spec, engine, N, T, D, cu is not None, acc, x.dtype, g.dtype)
     ins = {k: v for k, v in (("x", x), ("g", g), ("h0", h0), ("cu", cu)) if v is not None}
-    xa, ga, oa = _arr(x.shape, x.dtype), _arr(g.shape, g.dtype), _arr(x.shape, x.dtype)
+    tensors = (_arr(x.shape, x.dtype), _arr(g.shape, g.dtype), _arr(x.shape, x.dtype))
     cu_dtype = None if cu is None else _name(cu.dtype)
-    reverse = spec.reverse
-
-    def launch(ptrs, bufs, device, stream):
-        args = (xa._replace(ptr=ptrs["x"]), ga._replace(ptr=ptrs["g"]), oa._replace(ptr=ptrs["o"]),
-                ptrs.get("h0", 0), ptrs.get("ht", 0), _cu_arg(ptrs, cu_dtype), N, reverse, device, stream)
-        if engine == "chunk":
-            _chunk.chunk_fwd(*args, _workspace_fn(ptrs, bufs))
-        else:
-            _fused.fused_recurrent_fwd(*args)
-
-    res = _call_device(launch, ins, out_shapes)
+    res = _call_device(_run(spec, 0, engine, tensors, N, cu_dtype, T, ("o", "ht")), ins, out_shapes)
     return res["o"], res.get("ht")
+
+
+def _engine(spec, N, T, D, dtypes, varlen, direction):
+    """The engine, chosen while tracing: cached for the current device, else the built-in rule (the CUDA
+    branch is traced on every platform, so a machine without a GPU reads no cache)."""
+    try:
+        import cupy
+
+        device = cupy.cuda.runtime.getDevice()
+    except Exception:
+        device = None
+    return dispatch.choose(spec.engine, _call(N, T, D, dtypes, varlen), direction, spec.reverse, device=device)
+
+
+def _extra_outputs(out_shapes, spec, engine, N, T, D, varlen, acc, x_dtype, g_dtype):
+    """The scratch outputs: the chunk engine's workspace, the guard's flag."""
+    if engine == "chunk":
+        out_shapes["ws"] = jax.ShapeDtypeStruct((_workspace_bytes(N, T, D, varlen, acc, x_dtype, g_dtype),), jnp.uint8)
+    if spec.guard:
+        out_shapes["flag"] = jax.ShapeDtypeStruct((1,), jnp.int32)
 
 
 def _call_device(launch, ins, out_shapes):
@@ -274,35 +314,31 @@ def _device_backward(spec, g, o, do, dht, h0, cu):
     B, T, D = o.shape
     N = _nseq(o, cu)
     acc = _acc(o, g)
-    engine = _ops._engine(spec.engine, N, T, D, (_name(o.dtype), _name(g.dtype)), 1)
+    engine = _engine(spec, N, T, D, (_name(o.dtype), _name(g.dtype)), cu is not None, 1)
     out_shapes = {"dx": jax.ShapeDtypeStruct(o.shape, o.dtype), "dg": jax.ShapeDtypeStruct(g.shape, g.dtype)}
     if h0 is not None:
         out_shapes["dh0"] = jax.ShapeDtypeStruct((N, D), jnp.dtype(acc))
-    if engine == "chunk":
-        out_shapes["ws"] = jax.ShapeDtypeStruct((_workspace_bytes(N, T, D, cu is not None, acc, o.dtype, g.dtype),),
-                                               jnp.uint8)
+    _extra_outputs(out_shapes, spec, engine, N, T, D, cu is not None, acc, o.dtype, g.dtype)
     ins = {k: v for k, v in (("g", g), ("o", o), ("do", do), ("dht", dht), ("h0", h0), ("cu", cu))
            if v is not None}
     ga, oa = _arr(g.shape, g.dtype), _arr(o.shape, o.dtype)
     cu_dtype = None if cu is None else _name(cu.dtype)
-    reverse = spec.reverse
-
-    def launch(ptrs, bufs, device, stream):
-        args = (ga._replace(ptr=ptrs["g"]), oa._replace(ptr=ptrs["o"]), oa._replace(ptr=ptrs["do"]),
-                oa._replace(ptr=ptrs["dx"]), ga._replace(ptr=ptrs["dg"]),
-                ptrs.get("h0", 0), ptrs.get("dht", 0), ptrs.get("dh0", 0), _cu_arg(ptrs, cu_dtype), N, reverse,
-                device, stream)
-        if engine == "chunk":
-            _chunk.chunk_bwd(*args, _workspace_fn(ptrs, bufs))
-        else:
-            _fused.fused_recurrent_bwd(*args)
-
-    res = _call_device(launch, ins, out_shapes)
+    res = _call_device(_run(spec, 1, engine, (ga, oa, oa, oa, ga), N, cu_dtype, T, ("dx", "dg", "dh0")), ins,
+                       out_shapes)
     return res["dx"], res["dg"], res.get("dh0")
 
 
 # ----------------------------------------------------------------------------------------------
 # any other platform: the NumPy reference on the host
+
+def _bad_offsets(cu, T):
+    return cu is not None and not checks.offsets_valid(np.asarray(cu), T)
+
+
+def _nan(shapes):
+    """NaN outputs of these shapes: the result of a call whose offsets are invalid."""
+    return tuple(None if s is None else np.full(s.shape, np.nan, dtype=s.dtype) for s in shapes)
+
 
 def _host_forward(spec, x, g, h0, cu):
     N, D = _nseq(x, cu), x.shape[2]
@@ -311,6 +347,8 @@ def _host_forward(spec, x, g, h0, cu):
               jax.ShapeDtypeStruct((N, D), jnp.dtype(acc)) if spec.output_final_state else None)
 
     def host(x, g, h0, cu):
+        if _bad_offsets(cu, x.shape[1]):
+            return _nan(shapes)
         o, ht = naive_recurrent_hgrn(np.asarray(x), np.asarray(g), None if h0 is None else np.asarray(h0),
                                      spec.output_final_state, None if cu is None else np.asarray(cu),
                                      spec.reverse, compute_dtype=acc)
@@ -326,6 +364,8 @@ def _host_backward(spec, g, o, do, dht, h0, cu):
               None if h0 is None else jax.ShapeDtypeStruct((N, D), jnp.dtype(acc)))
 
     def host(g, o, do, dht, h0, cu):
+        if _bad_offsets(cu, o.shape[1]):
+            return _nan(shapes)
         opt = lambda a: None if a is None else np.asarray(a)  # noqa: E731
         dx, dg, dh0 = naive_recurrent_hgrn_bwd(np.asarray(g), np.asarray(o), np.asarray(do), opt(dht), opt(h0),
                                                opt(cu), spec.reverse, compute_dtype=acc)
@@ -446,8 +486,9 @@ _hgrn_jit = jax.jit(_hgrn, static_argnums=(0,))
 def _apply(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
     x, g = _as_jax(x, "x"), _as_jax(g, "g")
     h0, cu = _as_jax(initial_state, "initial_state"), _as_jax(cu_seqlens, "cu_seqlens")
-    _check(x, g, h0, cu, reverse)
-    spec = _Spec(engine, bool(output_final_state), bool(reverse))
+    checked = _check(x, g, h0, cu, output_final_state, reverse)
+    dispatch.check_engine(engine)
+    spec = _Spec(engine, bool(output_final_state), bool(reverse), cu is not None and not checked)
     o, ht = _hgrn_jit(spec, x, g, h0, cu)
     return o, ht
 

@@ -21,13 +21,12 @@ caller's array type on its device.
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
-from . import _backend as bk
-from ._compile import (BASE_OPTIONS, C_TYPES, accumulation_dtype, alignment_masks, bind, blocks_at_once,
-                       layout_vector_width, read_source, vector_width)
+from . import arrays as bk
+from . import checks
+from .engines.layout import alignment_masks, layout_vector_width, vector_width
+from .nvrtc import accumulation_dtype, bind, blocks_at_once, instantiation
 
 __all__ = ["forward_states", "backward_states", "fold_maps"]
 
@@ -77,43 +76,18 @@ def _cpu(fw, v, g, reverse, backward):
 # ----------------------------------------------------------------------------------------------
 # kernels: names, compilation, launch
 
-def _instantiation(kernel, *args):
-    """``hc::kernel<...>``: dtype names become their storage types (``_compile.C_TYPES``), ints themselves."""
-    return f"hc::{kernel}<{', '.join(str(a) if isinstance(a, int) else C_TYPES[a] for a in args)}>"
-
-
 def kernel_names(v_dtype, g_dtype):
     """Every kernel of the module of one dtype pair: both passes at VEC 1 and 16 bytes, and the combine."""
     vecs = sorted({1, vector_width(v_dtype, g_dtype)})
-    passes = tuple(_instantiation(k, v_dtype, g_dtype, w) for k in ("states_fwd", "states_bwd") for w in vecs)
-    return passes + (_instantiation("states_combine", accumulation_dtype(v_dtype, g_dtype)),)
-
-
-_lock = threading.Lock()
-_modules: dict = {}
-_functions: dict = {}
+    passes = tuple(instantiation(k, v_dtype, g_dtype, w) for k in ("states_fwd", "states_bwd") for w in vecs)
+    return passes + (instantiation("states_combine", accumulation_dtype(v_dtype, g_dtype)),)
 
 
 def get_function(name, v_dtype, g_dtype, device):
     """Kernel ``name`` (one of ``kernel_names(v_dtype, g_dtype)``) loaded on ``device``; compiles on first use."""
-    key = (name, device)
-    fn = _functions.get(key)
-    if fn is not None:
-        return fn
-    import cupy
+    from . import nvrtc
 
-    with _lock:
-        names = kernel_names(v_dtype, g_dtype)
-        module = _modules.get(names)
-        if module is None:
-            module = _modules[names] = cupy.RawModule(code=read_source(SOURCE), options=BASE_OPTIONS + OPTIONS,
-                                                      name_expressions=names)
-        with cupy.cuda.Device(device):
-            try:
-                fn = _functions[key] = module.get_function(name).kernel
-            except cupy.cuda.compiler.CompileException as e:  # keep NVRTC's log in the message
-                raise RuntimeError(f"hgrn_cupy: compiling {SOURCE} for ({v_dtype}, {g_dtype}) failed:\n{e}") from e
-    return fn
+    return nvrtc.get_function(SOURCE, kernel_names(v_dtype, g_dtype), name, device, OPTIONS)
 
 
 def split_plan(ntiles, T, at_once):
@@ -147,7 +121,7 @@ def _launch(v, g, fw, reverse, backward):
         combine = get_function(kernel_names(vd, gd)[-1], vd, gd, dev)
         nsplit, span, ws = 0, 0, None
         if T > 0:
-            fn = get_function(_instantiation("states_bwd" if backward else "states_fwd", vd, gd, vec), vd, gd, dev)
+            fn = get_function(instantiation("states_bwd" if backward else "states_fwd", vd, gd, vec), vd, gd, dev)
             ntiles = B * (-(-D // (32 * vec)))
             nsplit, span = split_plan(ntiles, T, blocks_at_once(fn, 32 * WARPS, dev))
             if nsplit > 1:
@@ -194,8 +168,7 @@ def _dense_last_axis(fw, a):
 
 def _run(v, g, reverse, backward, v_name):
     fw = _check(v, g, v_name)
-    if not isinstance(reverse, (bool, np.bool_)):
-        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    checks.flag(reverse, "reverse")
     if not fw.is_gpu(v):
         return _cpu(fw, v, g, reverse, backward)
     return _launch(_dense_last_axis(fw, v), _dense_last_axis(fw, g), fw, reverse, backward)

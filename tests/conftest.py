@@ -36,14 +36,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def poison():
     """Fill every output with NaN before the kernels run, so an unwritten element cannot pass."""
-    from hgrn_cupy import _backend
+    from hgrn_cupy import plans
 
-    before = _backend.POISON_OUTPUTS
-    _backend.POISON_OUTPUTS = True
+    before = plans._poison
+    plans.poison_outputs(True)
     try:
         yield
     finally:
-        _backend.POISON_OUTPUTS = before
+        plans.poison_outputs(before)
 
 
 def to_numpy(a) -> np.ndarray:

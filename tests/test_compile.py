@@ -1,18 +1,56 @@
-"""Every kernel instantiation the library can request compiles with NVRTC alone, warning-free.
+"""Every kernel instantiation the library can request compiles with NVRTC alone, warning-free; the
+engines' layout rules.
 
-Needs no GPU: NVRTC compiles for a named architecture.  Runs in CI, which has no GPU.
+Needs no GPU: NVRTC compiles for sm_90 (the kernels hold no architecture-dependent branch besides
+what sm_80 already has).  The modules compile in parallel processes, each once.
 """
+import concurrent.futures
 import importlib.resources
+import multiprocessing
+import os
 
 import pytest
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
 
-from hgrn_cupy import _compile, chunk, fused_recurrent  # noqa: E402
+from hgrn_cupy import nvrtc, states  # noqa: E402
+from hgrn_cupy.engines import chunk, fused_recurrent  # noqa: E402
+from hgrn_cupy.engines.layout import Arr, aligned, alignment_masks, layout_vector_width  # noqa: E402
 
-ARCHS = ("sm_80", "sm_90")
-# Each engine's launcher picks its compile options per dtype pair; compile exactly those.
-OPTIONS = {"chunk": chunk.options, "fused_recurrent": fused_recurrent.options}
+ARCH = "sm_90"
+
+
+def _modules():
+    """(id, source, name expressions, options) of every module the library can compile."""
+    out = []
+    for xd in nvrtc.DTYPES:
+        for gd in nvrtc.DTYPES:
+            pair = f"x_{xd}-g_{gd}"
+            out.append((f"chunk-{pair}", chunk.SOURCE, chunk.names(xd, gd), chunk.OPTIONS))
+            out.append((f"fused-{pair}", fused_recurrent.SOURCE, fused_recurrent.names(xd, gd),
+                        fused_recurrent.options(xd, gd)))
+            out.append((f"states-{pair}", states.SOURCE, states.kernel_names(xd, gd), states.OPTIONS))
+    return out
+
+
+def _compile(module):
+    name, source, names, options = module
+    try:
+        return name, nvrtc.compile_for_arch(source, names, ARCH, options), None
+    except RuntimeError as e:
+        return name, "", str(e)
+
+
+def test_every_instantiation_compiles_without_warnings():
+    modules = _modules()
+    workers = max(1, min(len(modules), os.cpu_count() or 1))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_compile, modules))
+    failed = [f"{name}: {err}" for name, _, err in results if err]
+    warned = [f"{name}:\n{log}" for name, log, err in results if not err and "warning" in log.lower()]
+    assert not failed, "\n".join(failed)
+    assert not warned, "NVRTC warnings:\n" + "\n".join(warned)
+    assert len(results) == 3 * len(nvrtc.DTYPES) ** 2
 
 
 def _kernel_files():
@@ -20,28 +58,11 @@ def _kernel_files():
                    if f.name.endswith((".cu", ".cuh"))), key=lambda f: f.name)
 
 
-def test_instantiation_list_covers_every_engine_and_dtype_pair():
-    got = set(_compile.all_instantiations())
-    want = {(e, xd, gd) for e in _compile.ENGINES for xd in _compile.DTYPES for gd in _compile.DTYPES}
-    assert got == want
-    assert set(OPTIONS) == set(_compile.ENGINES), "a new engine needs its compile options here"
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize(
-    "engine, x_dtype, g_dtype",
-    [pytest.param(*inst, id=f"{inst[0]}-x_{inst[1]}-g_{inst[2]}") for inst in _compile.all_instantiations()],
-)
-def test_compiles_without_warnings(engine, x_dtype, g_dtype, arch):
-    log = _compile.compile_for_arch(engine, x_dtype, g_dtype, arch, OPTIONS[engine](x_dtype, g_dtype))
-    assert "warning" not in log.lower(), f"NVRTC warnings for {engine} ({x_dtype}, {g_dtype}) on {arch}:\n{log}"
-    assert "error" not in log.lower(), log
-
-
-@pytest.mark.parametrize("engine", sorted(_compile.ENGINES))
-def test_folded_source_has_no_include_left(engine):
-    src = _compile.read_source(_compile.ENGINES[engine][0])
+@pytest.mark.parametrize("source", [chunk.SOURCE, fused_recurrent.SOURCE, states.SOURCE])
+def test_folded_source_has_no_include_left(source):
+    src = nvrtc.read_source(source)
     assert "#include" not in src.replace(" ", "").replace("\t", "")
+    assert "namespace hc" in src  # the shared header was folded in
 
 
 @pytest.mark.parametrize("source", [pytest.param(f, id=f.name) for f in _kernel_files()])
@@ -53,30 +74,33 @@ def test_sources_need_no_cuda_headers(source):
 
 def test_kernel_sources_ship():
     names = {f.name for f in _kernel_files()}
-    assert {_compile.ENGINES[e][0] for e in _compile.ENGINES} <= names
-    assert any(n.endswith(".cuh") for n in names)
+    assert {chunk.SOURCE, fused_recurrent.SOURCE, states.SOURCE, "common.cuh"} <= names
+
+
+def _pick_vec(D, tensors):
+    """The width a chunk launch takes for these tensors (layout, then this call's pointers)."""
+    vec = layout_vector_width(D, tensors)
+    return vec if aligned([a.ptr for a in tensors], alignment_masks(vec, tensors)) else 1
 
 
 def test_chunk_access_width():
     """16-byte accesses only where D, every pointer and every stride of a non-trivial axis allow them."""
-    from hgrn_cupy._backend import Arr
-
     def arr(dtype, shape=(2, 10, 64), strides=None, offset=0):
         strides = strides or (shape[1] * shape[2], shape[2], 1)
         return Arr(1 << 20 | offset, shape, strides, dtype)
 
-    assert chunk.pick_vec(64, [arr("bfloat16"), arr("bfloat16")]) == 8
-    assert chunk.pick_vec(64, [arr("float32"), arr("float32")]) == 4
-    assert chunk.pick_vec(64, [arr("bfloat16"), arr("float32")]) == 4
-    assert chunk.pick_vec(64, [arr("float64"), arr("float16")]) == 2
-    assert chunk.pick_vec(60, [arr("bfloat16", (2, 10, 60)), arr("bfloat16", (2, 10, 60))]) == 1
-    assert chunk.pick_vec(64, [arr("bfloat16"), arr("bfloat16", offset=2)]) == 1   # misaligned pointer
-    assert chunk.pick_vec(64, [arr("bfloat16"), arr("bfloat16", offset=16)]) == 8  # 16-byte aligned
+    assert _pick_vec(64, [arr("bfloat16"), arr("bfloat16")]) == 8
+    assert _pick_vec(64, [arr("float32"), arr("float32")]) == 4
+    assert _pick_vec(64, [arr("bfloat16"), arr("float32")]) == 4
+    assert _pick_vec(64, [arr("float64"), arr("float16")]) == 2
+    assert _pick_vec(60, [arr("bfloat16", (2, 10, 60)), arr("bfloat16", (2, 10, 60))]) == 1
+    assert _pick_vec(64, [arr("bfloat16"), arr("bfloat16", offset=2)]) == 1   # misaligned pointer
+    assert _pick_vec(64, [arr("bfloat16"), arr("bfloat16", offset=16)]) == 8  # 16-byte aligned
     odd_time = (10 * 68, 68, 1)
-    assert chunk.pick_vec(64, [arr("bfloat16"), arr("bfloat16", strides=odd_time)]) == 1
+    assert _pick_vec(64, [arr("bfloat16"), arr("bfloat16", strides=odd_time)]) == 1
     one_step = (2, 1, 64)  # a stride of an axis of length 1 never moves a pointer
-    assert chunk.pick_vec(64, [arr("bfloat16", one_step, (72, 3, 1)), arr("bfloat16", one_step)]) == 8
-    assert chunk.pick_vec(64, [arr("bfloat16", strides=(-640, -64, 1)), arr("bfloat16")]) == 8
+    assert _pick_vec(64, [arr("bfloat16", one_step, (72, 3, 1)), arr("bfloat16", one_step)]) == 8
+    assert _pick_vec(64, [arr("bfloat16", strides=(-640, -64, 1)), arr("bfloat16")]) == 8
 
 
 def test_chunk_workspace_and_prefetch():
@@ -105,41 +129,3 @@ def test_chunk_workspace_and_prefetch():
     assert chunk.FEW_TILES <= chunk.PEEK_MAX_TILES < chunk.PEEK_MIN_TILES - 1
     assert [chunk.peek(n) for n in (1, chunk.PEEK_MAX_TILES, chunk.PEEK_MAX_TILES + 1, chunk.PEEK_MIN_TILES - 1,
                                     chunk.PEEK_MIN_TILES)] == [1, 1, 0, 0, 1]
-
-
-def test_engine_choice():
-    """The measured crossover (benchmarks/NOTES.md): short T walks; otherwise the chunk engine below a
-    channel count that depends on the element size, the direction, and whether the fused engine would take
-    its block walk."""
-    from hgrn_cupy import ops
-
-    assert ops.pick_engine(64, 1, 4096, ("bfloat16",)) == "fused_recurrent"
-    assert ops.pick_engine(1, 32768, 1024, ("bfloat16", "bfloat16"), 1) == "chunk"
-    assert ops.pick_engine(8, 4096, 2048, ("bfloat16",), 0) == "fused_recurrent"  # 16K: the block walk
-    assert ops.pick_engine(4, 4096, 2050, ("bfloat16",), 0) == "chunk"  # 8K: below the block walk's 16K
-    assert ops.pick_engine(4, 4096, 2049, ("bfloat16",), 0) == "chunk"  # D odd: no block walk
-    assert ops.pick_engine(8, 4096, 2050, ("bfloat16",), 0) == "chunk"  # 16K: 8-byte lanes, D not a multiple of 4
-    assert ops.pick_engine(16, 4096, 2050, ("bfloat16",), 1) == "chunk"  # 32K backward: below 128K
-    assert ops.pick_engine(8, 4096, 1024, ("bfloat16",), 0) == "chunk"  # 8K
-    assert ops.pick_engine(16, 4096, 1024, ("bfloat16",), 0) == "fused_recurrent"  # 16K: the block walk
-    assert ops.pick_engine(4, 4096, 1024, ("bfloat16",), 0) == "chunk"  # 4K
-    assert ops.pick_engine(4, 4096, 1024, ("float32",), 0) == "chunk"  # 4K float32: below the block walk's 8K
-    assert ops.pick_engine(2, 4096, 1024, ("float32",), 0) == "chunk"  # 2K
-    assert ops.pick_engine(8, 4096, 1024, ("float32",), 0) == "fused_recurrent"  # 8K float32: the block walk
-    assert ops.pick_engine(8, 64, 2048, ("bfloat16",), 0) == "chunk"  # T <= BLOCK_WALK_MIN_T
-    assert ops.pick_engine(8, 4096, 2048, ("float64",), 0) == "chunk"
-    assert ops.pick_engine(32, 2048, 4096, ("bfloat16",), 0) == "fused_recurrent"
-    assert ops.pick_engine(16, 2048, 4096, ("bfloat16",), 0) == "fused_recurrent"  # 64K: two channels a thread
-    assert ops.pick_engine(16, 2048, 2048, ("bfloat16",), 0) == "fused_recurrent"
-    assert ops.pick_engine(16, 2048, 2048, ("bfloat16",), 1) == "chunk"  # 32K backward
-    assert ops.pick_engine(64, 1024, 4096, ("bfloat16",), 1) == "fused_recurrent"  # 256K backward: the block walk
-    assert ops.pick_engine(8, 4096, 1024, ("bfloat16",), 1) == "chunk"  # 8K backward
-    assert ops.pick_engine(8, 4096, 1023, ("bfloat16",), 1) == "chunk"  # D odd: no block walk
-    assert ops.pick_engine(4, 4096, 1024, ("float32",), 1) == "chunk"  # 4K float32 backward
-    assert ops.pick_engine(2, 4096, 1024, ("float32",), 1) == "chunk"  # 2K
-    assert ops.pick_engine(64, 4096, 1024, ("bfloat16",), 1) == "chunk"  # 64K backward
-    assert ops.pick_engine(8, 4096, 2048, ("float32",), 1) == "chunk"  # float32 backward: below 512K
-    assert ops.pick_engine(8, 4096, 2048, ("bfloat16", "float32"), 1) == "chunk"
-    assert ops.pick_engine(128, 1024, 4096, ("float32",), 1) == "fused_recurrent"  # 512K: the thread walk
-    assert ops.pick_engine(16, 4096, 1024, ("float64",), 1) == "fused_recurrent"  # float64: 16K
-    assert ops.pick_engine(2, 8192, 512, ("float64",), 1) == "chunk"

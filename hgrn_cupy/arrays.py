@@ -1,4 +1,5 @@
-"""Adapters: every supported array type in, the same type out, on the caller's device and stream.
+"""Array adapters: what the library needs from NumPy, CuPy, PyTorch and JAX arrays, the same type out, on
+the caller's device and stream.
 
 A framework is recognised through ``sys.modules`` without importing it.  GPU arrays are described
 to the launchers as raw pointers with strides (zero-copy); CPU arrays are handed to the NumPy
@@ -14,25 +15,13 @@ reference.  Streams are read at every call and never cached:
 from __future__ import annotations
 
 import sys
-from typing import NamedTuple
 
 import numpy as np
 
+from .engines.layout import Arr, row_major
+
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 INDEX_DTYPES = ("int32", "int64")
-
-# Tests set this to fill every output with NaN before the kernels run, so that an element the
-# kernels fail to write cannot pass as correct.
-POISON_OUTPUTS = False
-_NAN_BITS = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000, "float64": 0x7FF8000000000000}
-
-
-class Arr(NamedTuple):
-    """A GPU tensor as the launchers see it: pointer, shape, strides in elements, dtype name."""
-    ptr: int
-    shape: tuple
-    strides: tuple
-    dtype: str
 
 
 def _np_dtype_name(dt) -> str:
@@ -62,7 +51,7 @@ class Framework:
     def signature(self, x, g, h, head) -> tuple | None:
         """``head`` plus everything the checks and the launch read from x, g and the optional state h
         (framework, device, dtype, shape, strides), or None when they are not all of x's exact type.
-        Equal signatures pass or fail the checks alike (``ops._lookup``)."""
+        Equal signatures pass or fail the checks alike (``plans``)."""
         return None
 
 
@@ -90,7 +79,7 @@ class _Numpy(Framework):
         return _np_dtype_name(a.dtype)
 
     def to_numpy(self, a):
-        return a
+        return np.asarray(a)  # a subclass (np.memmap) as a plain array
 
     def from_numpy(self, a, like, dtype):
         return a
@@ -140,10 +129,7 @@ class _Cupy(Framework):
         import cupy
 
         with cupy.cuda.Device(like.device.id):
-            out = cupy.empty(shape, self._np_dtype(dtype))
-            if POISON_OUTPUTS and out.size:
-                out.view(f"u{out.itemsize}").fill(_NAN_BITS[dtype])
-        return out
+            return cupy.empty(shape, self._np_dtype(dtype))
 
     def astype(self, a, dtype):
         return a.astype(self._np_dtype(dtype))
@@ -215,10 +201,7 @@ class _Torch(Framework):
     def empty(self, shape, dtype, like):
         import torch
 
-        tdt = _torch_dtype_names()[dtype]
-        if POISON_OUTPUTS:
-            return torch.full(shape, float("nan"), dtype=tdt, device=like.device)
-        return torch.empty(shape, dtype=tdt, device=like.device)
+        return torch.empty(shape, dtype=_torch_dtype_names()[dtype], device=like.device)
 
     def astype(self, a, dtype):
         return a.to(_torch_dtype_names()[dtype])
@@ -310,11 +293,7 @@ class _Jax(Framework):
         return np.asarray(a)
 
     def strides(self, a):  # JAX arrays are always dense, row-major
-        out, step = [], 1
-        for n in reversed(a.shape):
-            out.append(step)
-            step *= max(n, 1)
-        return tuple(reversed(out))
+        return row_major(a.shape)
 
     @staticmethod
     def to_cupy(a):
@@ -331,7 +310,7 @@ class _Jax(Framework):
 
 NUMPY, CUPY, TORCH, JAX = _Numpy(), _Cupy(), _Torch(), _Jax()
 _by_type: dict[type, Framework] = {np.ndarray: NUMPY}
-# The exact array types whose calls ops may plan (see Framework.signature); subclasses are not, as
+# The exact array types whose calls may be planned (see Framework.signature); subclasses are not, as
 # they may redefine what the signature reads.
 PLANNABLE: dict[type, Framework] = {np.ndarray: NUMPY}
 
@@ -342,6 +321,11 @@ def framework_of(a) -> Framework | None:
     fw = _by_type.get(t)
     if fw is not None:
         return fw
+    if isinstance(a, np.ndarray):  # subclasses holding plain memory (np.memmap, ...): NumPy, not planned
+        if isinstance(a, np.ma.MaskedArray):
+            return None
+        _by_type[t] = NUMPY
+        return NUMPY
     cupy, torch, jax = sys.modules.get("cupy"), sys.modules.get("torch"), sys.modules.get("jax")
     if cupy is not None and isinstance(a, cupy.ndarray):
         fw = CUPY

@@ -1,0 +1,64 @@
+"""Which engine runs a call: a pinned engine, or for ``"auto"`` the device's measured choice
+(:mod:`hgrn_cupy.tuning`) with the built-in rule as its default.
+
+The built-in rule (measured on an H100, docs/performance.md, engine crossover) is what a call gets where
+nothing is measured: on the CPU, under CUDA-graph capture or JAX tracing before a decision is cached,
+and with ``config.tune`` off.
+"""
+from __future__ import annotations
+
+from .engines import fused_recurrent as _fused
+from .nvrtc import ITEMSIZE
+from .settings import ENGINES, config
+
+# The chunk engine below this many channels (N * D), the fused engine from there on, per (bytes per
+# element of the wider input, direction).  CHUNK_BELOW_BLOCK holds where the fused engine would take its
+# block walk, CHUNK_BELOW where it would take the thread walk (float64 has no block walk).
+CHUNK_BELOW_BLOCK = {(2, 0): 1 << 14, (2, 1): 1 << 17, (4, 0): 1 << 13, (4, 1): 1 << 19}
+CHUNK_BELOW = {(2, 0): 1 << 16, (2, 1): 1 << 15, (4, 0): 1 << 15, (4, 1): 1 << 19, (8, 0): 1 << 15, (8, 1): 1 << 14}
+# At most this many steps the walk is shorter than the chunk engine's look-back: nothing to measure.
+FUSED_MAX_T = 32
+CANDIDATES = ("chunk", "fused_recurrent")
+
+
+def rule(N, T, D, dtypes, direction):
+    """The built-in choice: the fused walk needs many channels to fill the GPU (one thread each, or a
+    block per group of channels in the block walks); the chunk engine also parallelises over time."""
+    if T <= FUSED_MAX_T:
+        return "fused_recurrent"
+    size = max(ITEMSIZE[d] for d in dtypes)
+    if _fused.block_walk_fits(N, T, D, dtypes[0], dtypes[-1], direction):
+        below = CHUNK_BELOW_BLOCK[size, direction]
+    else:
+        below = CHUNK_BELOW[size, direction]
+    return "chunk" if N * D < below else "fused_recurrent"
+
+
+def check_engine(engine):
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+
+
+def choose(engine, call, direction, reverse, device=None, run=None, allow_timing=False, stream_ptr=None):
+    """The engine for a checked call (``checks.Call``) in ``direction`` (0 forward, 1 backward).
+
+    ``engine``: as asked (``"auto"`` follows ``config.engine``).  ``device``: the CUDA device index, or
+    None on the CPU.  ``run(name)`` launches engine ``name`` once on the call's own buffers, which is what
+    a first-use measurement times (on the stream ``stream_ptr``) where ``allow_timing`` (and
+    ``config.tune``) allow it; ties keep the built-in rule's engine."""
+    check_engine(engine)
+    if engine == "auto":
+        engine = config.engine
+    if engine == "auto":
+        engine = rule(call.N, call.T, call.D, call.dtypes, direction)
+        if device is not None and call.T > FUSED_MAX_T:
+            from . import tuning
+
+            key = tuning.shape_class(direction, call.dtypes, call.N, call.T, call.D, call.varlen, bool(reverse))
+            timing = allow_timing and config.tune and run is not None
+            candidates = (engine,) + tuple(c for c in CANDIDATES if c != engine)
+            engine = tuning.choose(device, key, candidates, run, engine, timing,
+                                   tuning.measure_on(stream_ptr) if timing else None)
+    if engine == "chunk" and call.T == 0:  # nothing to split; the walk passes states through
+        engine = "fused_recurrent"
+    return engine

@@ -1,0 +1,147 @@
+"""The chunk engine: prepared launches of ``kernels/chunk.cu``, for long T.
+
+Time is split into chunks (warps x rows x steps per thread, see ``SHAPES``) scanned in parallel; a block
+covers 32 / rows x VEC channels of one chunk, and the chunks of a tile are joined by single-pass decoupled
+look-back through a workspace: a 32-byte header (ticket counter and launch count, the extents of the last
+launches), then one slot per (tile, chunk, channel) that holds the chunk's aggregate map, then its
+inclusive prefix, marked with the launch's parity.  Memory filled once with one bits serves any number of
+launches queued on one stream: each launch leaves it ready for the next.  VEC is the number of channels
+one thread moves per access: 16 bytes' worth where every tensor's pointer, channel count and strides
+allow it, 1 otherwise.  Launches check nothing: :mod:`hgrn_cupy.checks` has validated the call.
+"""
+from __future__ import annotations
+
+from .. import nvrtc
+from .layout import aligned, alignment_masks, layout_vector_width, vector_width
+
+SOURCE = "chunk.cu"
+KERNELS = ("chunk_fwd", "chunk_bwd")
+LANES = 32
+# (warps per block, rows per warp, steps per thread) per (direction, vector kernel?).  A warp row is
+# 32 / rows lanes across channels; a chunk is warps * rows * steps steps of 32 / rows * VEC channels.  The
+# vector kernels hold 16 bytes per tensor and step in registers (docs/performance.md, chunk shapes).
+SHAPES = {(0, False): (4, 1, 16), (1, False): (16, 1, 8), (0, True): (8, 2, 8), (1, True): (8, 2, 4)}
+# The kernels take their shapes at compile time from these.
+OPTIONS = tuple(f"-DHC_{'FWD' if d == 0 else 'BWD'}_{what}_{'V' if v else '1'}={SHAPES[d, v][i]}"
+                for (d, v) in SHAPES for i, what in enumerate(("WARPS", "ROWS", "STEPS"))
+                if what != "ROWS" or v)
+HEADER_BYTES = 32
+
+# L2 prefetch (dense only): each block asks L2 for the rows of the block L2_AHEAD tickets later, where
+# the grid has at least L2_MIN_BLOCKS blocks (in a grid of about one wave the later blocks are already
+# running) and at least L2_MIN_TILES tiles or at most FEW_TILES.
+# Peek: each block asks for its predecessor's slots right behind its own loads, where the grid has at
+# least PEEK_MIN_TILES tiles (the predecessor started about a wave earlier and has mostly published its
+# inclusive prefix by then) or at most PEEK_MAX_TILES (docs/performance.md, look-back peek).
+L2_AHEAD = 96
+L2_MIN_TILES = 16
+L2_MIN_BLOCKS = 1024
+PEEK_MIN_TILES = 512
+PEEK_MAX_TILES = 32
+FEW_TILES = 8
+
+
+def names(x_dtype, g_dtype):
+    """Every kernel of the module of one dtype pair: both directions, dense and varlen, VEC 1 and wide."""
+    vecs = sorted({1, vector_width(x_dtype, g_dtype)})
+    return tuple(nvrtc.instantiation(k, x_dtype, g_dtype, v, w) for k in KERNELS for v in (False, True) for w in vecs)
+
+
+def l2_ahead(ntiles, nchunks, varlen):
+    """The prefetch distance in tickets the kernels take (0: none)."""
+    if varlen or not (ntiles >= L2_MIN_TILES or ntiles <= FEW_TILES) or ntiles * nchunks < L2_MIN_BLOCKS:
+        return 0
+    return L2_AHEAD
+
+
+def peek(ntiles):
+    """Whether the blocks peek at their predecessor's slots (1) or not (0)."""
+    return int(ntiles >= PEEK_MIN_TILES or ntiles <= PEEK_MAX_TILES)
+
+
+def stagger(total, at_once):
+    """The stagger distance in blocks (0: none) for a grid of ``total`` blocks of which the GPU holds
+    ``at_once``: where the grid is larger than one wave, the second half of the first wave starts its loads
+    only as the first half's maps come out, so that its loads overlap the first half's look-back and
+    stores (docs/performance.md, staggered first wave)."""
+    return at_once // 2 if total > at_once else 0
+
+
+def _align(n, a=256):
+    return (n + a - 1) // a * a
+
+
+def workspace_layout(N, T, D, varlen, acc_itemsize, direction=0, vec=1):
+    """(ntiles, nchunks, header bytes, total bytes, offset of the slots): a 32-byte header, then one slot
+    per (tile, chunk, channel): the published map, 8 bytes (float accumulation) or 16 (float64).  Memory
+    is ready for a launch when every byte of it was filled with ones, or when it was so filled once and
+    then used only by launches of the same accumulation dtype, in stream order."""
+    warps, rows, steps = SHAPES[direction, vec > 1]
+    tile = LANES // rows * vec
+    ntiles = (1 if varlen else N) * ((D + tile - 1) // tile)
+    nchunks = (T + warps * rows * steps - 1) // (warps * rows * steps)
+    slots = ntiles * nchunks * tile * 2 * acc_itemsize
+    return ntiles, nchunks, HEADER_BYTES, _align(HEADER_BYTES) + _align(slots), _align(HEADER_BYTES)
+
+
+def workspace_bytes(N, T, D, varlen, acc_itemsize, x_dtype, g_dtype):
+    """The most either direction asks for, whichever VEC the pointers allow."""
+    vecs = {1, vector_width(x_dtype, g_dtype)}
+    return max(workspace_layout(N, T, D, varlen, acc_itemsize, d, v)[3] for d in (0, 1) for v in vecs)
+
+
+def _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec):
+    """One kernel's launch for one layout and access width, as ``run(stream_ptr, pointers, states, cu,
+    workspace)``; None when there is nothing to compute."""
+    acc_itemsize = nvrtc.ITEMSIZE[nvrtc.accumulation_dtype(*dtypes)]
+    ntiles, nchunks, _, total, off_slots = workspace_layout(N, T, D, varlen, acc_itemsize, direction, vec)
+    if ntiles * nchunks == 0:
+        return None
+    import cupy
+
+    fn = nvrtc.get_function(SOURCE, names(*dtypes), nvrtc.instantiation(KERNELS[direction], *dtypes, varlen, vec),
+                            device, OPTIONS)
+    threads = LANES * SHAPES[direction, vec > 1][0]
+    kernel = nvrtc.bind(fn, (ntiles * nchunks,), (LANES, threads // LANES), device)
+    strides = tuple(s for a in tensors for s in a.strides[:2])
+    shape = (N, T, D, int(bool(reverse)))
+    grid = (ntiles, nchunks, l2_ahead(ntiles, nchunks, varlen), peek(ntiles),
+            stagger(ntiles * nchunks, nvrtc.blocks_at_once(fn, threads, device)))
+    memset = cupy.cuda.runtime.memsetAsync
+
+    def run(stream_ptr, pointers, states, cu, workspace):
+        ws = workspace(total, acc_itemsize, stream_ptr)  # (pointer, owner, filled, size); owner keeps it alive
+        base, size = ws[0], ws[3]
+        if not ws[2]:
+            memset(base, 0xFF, size, stream_ptr)  # counter at -1, every slot unpublished
+        kernel(stream_ptr, *pointers, *strides, *states, *cu, *shape, base, base + off_slots, size - off_slots,
+               *grid)
+        return ws
+    return run
+
+
+def prepare(direction, tensors, N, reverse, device, varlen=False):
+    """The launch of one direction for one layout, as ``launch(stream_ptr, pointers, states, cu,
+    workspace)``, or None when there is nothing to compute.
+
+    ``tensors``: ``layout.Arr`` [B, T, D] in the kernel's order (forward x, g, o; backward g, o, do, dx,
+    dg) whose shapes, strides and dtypes the launch keeps.  At each call: ``pointers`` theirs, ``states``
+    the state pointers (forward h0, ht; backward h0, dht, dh0; 0: absent), ``cu`` ``(pointer, is_int64)``
+    of cu_seqlens or ``(0, 0)``, ``workspace(nbytes, acc_itemsize, stream_ptr) -> (pointer, owner,
+    filled, size)``: device memory valid until the kernel has run, ``filled`` where it is ready for a
+    launch (fresh memory is filled here first).  Each call takes VEC-wide accesses where its pointers
+    allow them."""
+    B, T, D = tensors[0].shape
+    dtypes = (tensors[0].dtype, tensors[1].dtype) if direction == 0 else (tensors[1].dtype, tensors[0].dtype)
+    narrow = _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device, 1)
+    if narrow is None:
+        return None
+    vec = layout_vector_width(D, tensors)
+    if vec == 1:
+        return narrow
+    wide = _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec)
+    masks = alignment_masks(vec, tensors)
+
+    def launch(stream_ptr, pointers, states, cu, workspace):
+        return (wide if aligned(pointers, masks) else narrow)(stream_ptr, pointers, states, cu, workspace)
+    return launch

@@ -1,0 +1,143 @@
+"""The fused recurrent engine: prepared launches of ``kernels/fused_recurrent.cu``, for many channels,
+decoding and varlen.
+
+A thread owns one or two channels of one sequence and walks time (two from ``WALK_VEC_MIN_CHANNELS``
+channels where the layout allows); from 4K-8K channels on (the float32 backward up to 64K) a block of
+warps shares a group of channels of one sequence and splits each window of time between its warps (the
+block walks, where the layout allows, see ``BLOCK_WALK_CHANNELS``); a single step (T = 1, decoding) moves
+16 bytes per thread.  Launches check nothing: :mod:`hgrn_cupy.checks` has validated the call.  The
+reasons for each number are in docs/performance.md, fused engine.
+"""
+from __future__ import annotations
+
+from .. import nvrtc
+from .layout import aligned, alignment_masks, layout_vector_width, vector_width
+
+SOURCE = "fused_recurrent.cu"
+BLOCK = 64        # threads per block of the walks: small blocks spread few channels over every SM
+STEP_BLOCK = 128  # threads per block of the single-step kernel (VEC channels each)
+# Channels per thread of the walks per storage size of the wider input, where there are at least
+# WALK_VEC_MIN_CHANNELS (sequences x D): two 16-bit channels make a warp's access 128 bytes instead of 64,
+# but below that the walk would run half the threads.
+WALK_VEC = {2: 2, 4: 2, 8: 1}
+WALK_VEC_MIN_CHANNELS = 1 << 16
+PREFETCH_V = {2: 32, 4: 16, 8: 16}  # steps per register tile of the two-channel walks
+# The block walks: BLOCK_WARPS warps share a group of channels of one sequence (8 bytes of them per lane
+# forward, 4 backward: it holds three tensors' steps) and split each window of BLOCK_WARPS * BLOCK_STEPS
+# steps between them (more steps spill).  One is taken where N * D lies in BLOCK_WALK_CHANNELS[storage
+# size of the wider input, direction], T exceeds BLOCK_WALK_MIN_T and the layout allows the lanes;
+# 16-bit forwards below BLOCK_WALK_NARROW_BELOW channels take 4-byte lanes (twice the blocks).
+BLOCK_WARPS = 8
+BLOCK_STEPS = 8
+BLOCK_WALK_NARROW_BELOW = 1 << 14
+NEVER = 1 << 62
+BLOCK_WALK_CHANNELS = {(2, 0): (1 << 13, NEVER), (4, 0): (1 << 12, NEVER), (8, 0): (NEVER, NEVER),
+                       (2, 1): (1 << 13, NEVER), (4, 1): (1 << 12, 1 << 16), (8, 1): (NEVER, NEVER)}
+BLOCK_WALK_MIN_T = BLOCK_WARPS * BLOCK_STEPS
+
+
+def _size(x_dtype, g_dtype):
+    return max(nvrtc.ITEMSIZE[x_dtype], nvrtc.ITEMSIZE[g_dtype])
+
+
+def block_walk_width(x_dtype, g_dtype, direction=0, narrow=False):
+    """Channels per lane of the block walks: 8 bytes of the wider storage type forward (4 for 16-bit
+    types where ``narrow``), 4 backward, at least one channel."""
+    nbytes = 4 if direction == 1 or (narrow and _size(x_dtype, g_dtype) == 2) else 8
+    return max(1, nbytes // _size(x_dtype, g_dtype))
+
+
+def options(x_dtype, g_dtype):
+    """Compile options for one dtype pair: steps per register tile of the walks (two tiles in flight;
+    32 where both inputs are float32, 16 otherwise) and the block walks' shape."""
+    steps = 32 if x_dtype == g_dtype == "float32" else 16
+    return (f"-DHC_PREFETCH={steps}", f"-DHC_PREFETCH_V={PREFETCH_V[_size(x_dtype, g_dtype)]}",
+            f"-DHC_BLOCK_WARPS={BLOCK_WARPS}", f"-DHC_BLOCK_STEPS={BLOCK_STEPS}")
+
+
+def names(x_dtype, g_dtype):
+    """Every kernel of the module of one dtype pair: the walks at one channel and WALK_VEC, the step, the
+    block walks at each lane width."""
+    inst = nvrtc.instantiation
+    walks = sorted({1, WALK_VEC[_size(x_dtype, g_dtype)]})
+    out = tuple(inst(k, x_dtype, g_dtype, v) for k in ("fused_recurrent_fwd", "fused_recurrent_bwd") for v in walks)
+    out += (inst("fused_recurrent_step", x_dtype, g_dtype, vector_width(x_dtype, g_dtype)),)
+    for d, k in enumerate(("fused_recurrent_block_fwd", "fused_recurrent_block_bwd")):
+        widths = sorted({block_walk_width(x_dtype, g_dtype, d, narrow) for narrow in (False, True)})
+        out += tuple(inst(k, x_dtype, g_dtype, v) for v in widths)
+    return out
+
+
+def block_walk_fits(N, T, D, x_dtype, g_dtype, direction=0):
+    """Channels per lane of the block walk (0 forward, 1 backward) where N sequences of T steps and D
+    channels call for it and D is a multiple of them, else 0 (strides and pointers not considered)."""
+    lo, hi = BLOCK_WALK_CHANNELS[_size(x_dtype, g_dtype), direction]
+    vec = block_walk_width(x_dtype, g_dtype, direction, N * D < BLOCK_WALK_NARROW_BELOW)
+    return vec if T > BLOCK_WALK_MIN_T and lo <= N * D < hi and D % vec == 0 else 0
+
+
+def _kernel(name, dtypes, vec, grid, block, device):
+    fn = nvrtc.get_function(SOURCE, names(*dtypes), nvrtc.instantiation(name, *dtypes, vec), device,
+                            options(*dtypes))
+    return nvrtc.bind(fn, grid, block, device)
+
+
+def _walk_grid(N, D, vec=1):
+    return ((D // vec + BLOCK - 1) // BLOCK, N), (BLOCK,)
+
+
+def _block_grid(N, D, vec):
+    return ((D + 32 * vec - 1) // (32 * vec), N), (32, BLOCK_WARPS)
+
+
+def prepare(direction, tensors, N, reverse, device, varlen=False):
+    """The launch of one direction for one layout, as ``launch(stream_ptr, pointers, states, cu,
+    workspace)`` (the workspace is not used), or None when there is nothing to compute; arguments as
+    ``chunk.prepare``.  Each call takes the widest kernel its pointers allow: the block walk, the walk of
+    ``WALK_VEC`` channels a thread, or of one; forward without cu_seqlens at T = 1, the single step."""
+    B, T, D = tensors[0].shape
+    if N == 0 or D == 0:
+        return None
+    # the width rules read the dtype of x (forward) or o (backward) first
+    arrs = tensors if direction == 0 else (tensors[1], tensors[0]) + tuple(tensors[2:])
+    dtypes = (arrs[0].dtype, arrs[1].dtype)
+    size = _size(*dtypes)
+    strides = tuple(s for a in tensors for s in a.strides[:2])
+    tail = (T, D, int(bool(reverse)))
+    walk_names = ("fused_recurrent_fwd", "fused_recurrent_bwd")
+    block_names = ("fused_recurrent_block_fwd", "fused_recurrent_block_bwd")
+
+    choices = []  # (pointer masks in the kernels' order, kernel), widest first
+    bvec = block_walk_fits(N, T, D, *dtypes, direction)
+    if bvec and layout_vector_width(D, arrs, bvec) == bvec:
+        choices.append((alignment_masks(bvec, tensors),
+                        _kernel(block_names[direction], dtypes, bvec, *_block_grid(N, D, bvec), device)))
+    wvec = WALK_VEC[size] if N * D >= WALK_VEC_MIN_CHANNELS else 1
+    if wvec > 1 and layout_vector_width(D, arrs, wvec) == wvec:
+        choices.append((alignment_masks(wvec, tensors),
+                        _kernel(walk_names[direction], dtypes, wvec, *_walk_grid(N, D, wvec), device)))
+    narrow = _kernel(walk_names[direction], dtypes, 1, *_walk_grid(N, D), device)
+
+    def walk(stream_ptr, pointers, states, cu, workspace=None):
+        for masks, wide in choices:
+            if aligned(pointers, masks):
+                wide(stream_ptr, *pointers, *strides, *states, *cu, *tail)
+                return
+        narrow(stream_ptr, *pointers, *strides, *states, *cu, *tail)
+
+    vec = layout_vector_width(D, tensors)
+    if direction == 1 or T != 1 or varlen or vec == 1:
+        return walk
+    # One step (decoding): 16-byte accesses where this call's pointers allow them; states element-wise.
+    threads = N * D // vec
+    step = _kernel("fused_recurrent_step", dtypes, vec, ((threads + STEP_BLOCK - 1) // STEP_BLOCK,), (STEP_BLOCK,),
+                   device)
+    step_strides = tuple(a.strides[0] for a in tensors)
+    masks = alignment_masks(vec, tensors)
+
+    def launch(stream_ptr, pointers, states, cu, workspace=None):
+        if aligned(pointers, masks):
+            step(stream_ptr, *pointers, *step_strides, *states, N, D)
+        else:
+            walk(stream_ptr, pointers, states, cu)
+    return launch
