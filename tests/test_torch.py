@@ -494,3 +494,126 @@ def test_non_default_stream(name, gen):
     got = {"o": o, "ht": ht, "dx": x.grad, "dg": g.grad, "dh0": h0.grad}
     errors = {k: rel_err(v, ref[k]) for k, v in got.items()}
     assert all(e <= TOL["float32"] for e in errors.values()), errors
+
+
+# ----------------------------------------------------------------------------------------------
+# the eager path, the top-level functions on tensors that require grad, a whole training step
+
+def _grad_fn_name(t):
+    return type(t.grad_fn).__name__
+
+
+def test_eager_calls_take_the_autograd_function_and_compiled_ones_the_op(gen):
+    """Plain eager tensors record the lean autograd.Function; the same values and gradients as the op."""
+    x, g, h0, cu = make_inputs(gen, "varlen", "float32")
+    do = torch.randn(x.shape, generator=gen)
+    xs, gs, hs = leaf(x), leaf(g), leaf(h0)
+    o, ht = htorch.hgrn(xs, gs, hs, True, cu)
+    assert _grad_fn_name(o) == "_EagerBackward"
+    grads = torch.autograd.grad((o * do).sum() + ht.sum(), (xs, gs, hs))
+    xo, go, ho = leaf(x), leaf(g), leaf(h0)
+    o2, ht2 = htorch._fwd_op(xo, go, ho, cu, True, False, "auto")
+    assert "Eager" not in _grad_fn_name(o2)
+    grads2 = torch.autograd.grad((o2 * do).sum() + ht2.sum(), (xo, go, ho))
+    assert torch.equal(o, o2) and torch.equal(ht, ht2)
+    for a, b in zip(grads, grads2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_top_level_on_tensors_that_require_grad_is_differentiable(kind, gen):
+    """hgrn_cupy.hgrn on tensors that require grad: same result type, and gradients flow as through
+    hgrn_cupy.torch; without grad mode, no graph."""
+    x, g, h0, cu = make_inputs(gen, kind, "float64")
+    xs, gs, hs = leaf(x), leaf(g), leaf(h0)
+    o, ht = hc.hgrn(xs, gs, hs, True, cu)
+    assert isinstance(o, torch.Tensor) and o.requires_grad and ht.requires_grad
+    do = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((o * do).sum() + ht.sum(), (xs, gs, hs))
+    xr, gr, hr = leaf(x), leaf(g), leaf(h0)
+    o2, ht2 = htorch.hgrn(xr, gr, hr, True, cu)
+    want = torch.autograd.grad((o2 * do).sum() + ht2.sum(), (xr, gr, hr))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        o3, _ = hc.hgrn(xs, gs, hs, True, cu)
+    assert not o3.requires_grad and torch.equal(o3, o.detach())
+
+
+def test_top_level_backward_refuses_tensors_that_require_grad(gen):
+    x, g, h0, _ = make_inputs(gen, "dense", "float32")
+    o, _ = hc.hgrn(x, g)
+    with pytest.raises(RuntimeError, match=r"^hgrn_backward is not differentiable"):
+        hc.hgrn_backward(leaf(g), o, torch.ones_like(o))
+    with torch.no_grad():
+        dx, dg, _ = hc.hgrn_backward(leaf(g), o, torch.ones_like(o))
+    assert dx.shape == o.shape and not dx.requires_grad
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_wrapper_argument_types(grad, gen):
+    """The torch wrappers raise the library's errors, naming the argument, on every path."""
+    x, g, _, _ = make_inputs(gen, "dense", "float32")
+    if grad:
+        x = leaf(x)
+    with pytest.raises(TypeError, match=r"^x must be"):
+        htorch.hgrn([[[1.0]]], g)
+    with pytest.raises(TypeError, match=r"^g must be"):
+        htorch.hgrn(x, g.numpy())
+    with pytest.raises(TypeError, match=r"^output_final_state must be a bool"):
+        htorch.hgrn(x, g, None, "no")
+    with pytest.raises(TypeError, match=r"^reverse must be a bool"):
+        htorch.hgrn(x, g, None, False, None, 1)
+
+
+def _training_step_model(D, device, dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"xp": torch.nn.Linear(D, D), "gp": torch.nn.Linear(D, D)}).to(device, dtype)
+
+
+def _loss(model, inp, h0, cu):
+    x, g = model["xp"](inp), F.logsigmoid(model["gp"](inp))
+    o, ht = htorch.hgrn(x, g, h0, True, cu)
+    return o.square().mean() + ht.square().mean()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_cuda_graph_whole_training_step(kind, gen):
+    """A whole step (projections, hgrn, loss, backward, SGD update) captured once and replayed: the
+    parameters follow the same path as the same steps run eagerly."""
+    B, T, D, offsets = LAYOUT[kind, "long"]
+    N = B if offsets is None else len(offsets) - 1
+    cu = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device="cuda")
+    inputs = [torch.randn(B, T, D, generator=gen).cuda() for _ in range(4)]
+    h0 = torch.randn(N, D, generator=gen).cuda()
+
+    eager = _training_step_model(D, "cuda")
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    for inp in inputs:
+        opt_e.zero_grad(set_to_none=False)
+        _loss(eager, inp, h0, cu).backward()
+        opt_e.step()
+
+    model = _training_step_model(D, "cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    static = inputs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on the model's copy, then reset
+        warm = _training_step_model(D, "cuda")
+        _loss(warm, static, h0, cu).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.zero_grad(set_to_none=False)
+        _loss(model, static, h0, cu).backward()
+        opt.step()
+    # capture queued no work; the model is still at its start
+    for inp in inputs:
+        static.copy_(inp)
+        graph.replay()
+    torch.cuda.synchronize()
+    for (name, a), b in zip(model.named_parameters(), eager.parameters()):
+        assert rel_err(a, b) <= 1e-5, (name, rel_err(a, b))

@@ -24,9 +24,10 @@ import _common as c  # noqa: E402
 def library():
     """The knobs' homes under the library's current module names: (chunk engine launcher module, the
     library's config object, a function that drops cached plans).  Re-point here after a rename."""
-    from hgrn_cupy import chunk, ops
+    from hgrn_cupy import config, plans
+    from hgrn_cupy.engines import chunk
 
-    return chunk, ops.config, ops._plans.clear
+    return chunk, config, plans._plans.clear
 
 
 def groups(chunk, config):

@@ -25,9 +25,10 @@ CASES = ["bf16:4x2048x512", "bf16:4x4096x1024", "bf16:1x32768x1024", "bf16:8x409
 def library():
     """(chunk engine launcher module, a function that drops cached plans), under the library's current
     module names.  Re-point here after a rename."""
-    from hgrn_cupy import chunk, ops
+    from hgrn_cupy import plans
+    from hgrn_cupy.engines import chunk
 
-    return chunk, ops._plans.clear
+    return chunk, plans._plans.clear
 
 
 def shape_settings(chunk, fwd=None, bwd=None, extra=()):

@@ -27,9 +27,9 @@ CASES = ["bf16:4x4096x1024", "bf16:8x4096x1024", "bf16:8x2048x1024", "bf16:4x409
 def library():
     """(the library's engine rule ``pick(N, T, D, dtypes, direction) -> engine name``, a function that
     drops cached plans), under the current module names.  Re-point here after a rename."""
-    from hgrn_cupy import ops
+    from hgrn_cupy import dispatch, plans
 
-    return ops.pick_engine, ops._plans.clear
+    return dispatch.rule, plans._plans.clear
 
 
 def main():

@@ -25,10 +25,11 @@ BACK_TO_BACK = 256
 def library():
     """(settings that make a T = 1 forward take the time walk instead of the step kernel, a function
     that drops cached plans), under the current module names.  Re-point here after a rename."""
-    from hgrn_cupy import fused_recurrent, ops
+    from hgrn_cupy import plans
+    from hgrn_cupy.engines import fused_recurrent
 
     one = [(fused_recurrent, "layout_vector_width", lambda D, arrs, vec=None: 1)]  # no wide access: no step kernel
-    return one, ops._plans.clear
+    return one, plans._plans.clear
 
 
 def back_to_back(torch, fns):

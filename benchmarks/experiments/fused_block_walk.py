@@ -29,9 +29,10 @@ OFF = 1 << 62
 def library():
     """(fused engine launcher module, the compile helper module that builds the instantiation names, a
     function that drops cached plans), under the current module names.  Re-point here after a rename."""
-    from hgrn_cupy import _compile, fused_recurrent, ops
+    from hgrn_cupy import plans
+    from hgrn_cupy.engines import fused_recurrent
 
-    return fused_recurrent, _compile, ops._plans.clear
+    return fused_recurrent, fused_recurrent, plans._plans.clear
 
 
 def everywhere(fused):
@@ -54,7 +55,7 @@ def lanes(fused, comp, nbytes):
     """Block-walk lanes of ``nbytes`` bytes in both directions.  The compile helper spells the kernels a
     module holds from the same rule, so both modules take it, and a marker option keeps the module apart."""
     def width(x_dtype, g_dtype, direction=0, narrow=False):
-        return max(1, nbytes // max(comp.ITEMSIZE[x_dtype], comp.ITEMSIZE[g_dtype]))
+        return max(1, nbytes // max(fused.nvrtc.ITEMSIZE[x_dtype], fused.nvrtc.ITEMSIZE[g_dtype]))
     return ([(fused, "block_walk_width", width), (comp, "block_walk_width", width)]
             + with_options(fused, f"-DHC_EXPERIMENT_LANES={nbytes}"))
 

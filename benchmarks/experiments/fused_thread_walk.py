@@ -21,9 +21,10 @@ import _common as c  # noqa: E402
 def library():
     """(fused engine launcher module, a function that drops cached plans), under the current module
     names.  Re-point here after a rename."""
-    from hgrn_cupy import fused_recurrent, ops
+    from hgrn_cupy import plans
+    from hgrn_cupy.engines import fused_recurrent
 
-    return fused_recurrent, ops._plans.clear
+    return fused_recurrent, plans._plans.clear
 
 
 def thread_walk(fused):
