@@ -39,7 +39,7 @@ def _acc_dtype(a, b):
 def _last_axis_dense(a):
     """The kernels read channels with stride 1; anything else (an expanded gradient such as the one
     ``o.sum()`` sends back, or a layout a compiler picked) is copied once."""
-    if a is not None and a.dim() == 3 and a.shape[2] > 1 and a.stride(2) != 1:
+    if a is not None and a.stride(-1) != 1 and a.dim() == 3 and a.shape[2] > 1:
         return a.contiguous()
     return a
 
