@@ -14,10 +14,13 @@ The top-level functions need the last axis of x, g, o and do to have stride 1 (t
 every-other-channel views there must be refused with a ValueError naming the argument.  The torch
 wrappers (``hgrn_cupy.torch``) copy such views and must compute with them.
 
-CPU part: the NumPy front end, 60 derandomized examples (fast, reproducible).  GPU part (``gpu``): CuPy and
+CPU part: the NumPy front end, a few fixed examples (EXAMPLES) then 60 derandomized ones (fast,
+reproducible).  GPU part (``gpu``): CuPy and
 torch (the top-level functions with both engines and ``hgrn_backward(engine=...)``, and the torch autograd
 wrappers), outputs NaN-poisoned before the kernels run (fixture ``poison``), 150 examples each.
 """
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 from conftest import TOL, rel_err
@@ -185,7 +188,15 @@ def check(name, out, want, dtype, acc, p, host, dtype_of):
 
 
 # ----------------------------------------------------------------------------------------------
-# CPU: the NumPy front end
+# the top-level functions, on any framework
+
+
+class Framework(NamedTuple):
+    layout: object  # (float64 values, dtype, layout, state=False) -> (buffer, view)
+    host: object  # array -> float64 NumPy copy (and a check of the array's type)
+    dtype_of: object  # array -> dtype name
+    index: object  # (offsets, int dtype name) -> array
+    sync: object
 
 
 def np_dtype_name(a):
@@ -197,21 +208,28 @@ def np_host(a):
     return a.astype(np.float64)
 
 
+NUMPY = Framework(np_layout, np_host, np_dtype_name, np.asarray, lambda: None)
+
+
 def _error_names(p, names):
     bad = [n for n in names if refused(p["layout"][n], (p["B"], p["T"], p["D"]))]
     return bad, rf"^({'|'.join(bad)})\b"
 
 
-def run_numpy(p):
-    d = host_data(p)
+def run_top_level(p, fw):
+    """Forward with p's engine, backward from the library's o with p's backward engine, each against the
+    reference; views the top level must refuse are checked to be refused."""
+    d, L, host = host_data(p), p["layout"], fw.host
     acc = acc_dtype(p["x_dtype"], p["g_dtype"])
-    L = p["layout"]
-    _, x = np_layout(d["x"], p["x_dtype"], L["x"])
-    _, g = np_layout(d["g"], p["g_dtype"], L["g"])
-    h0 = None if d["h0"] is None else np_layout(d["h0"], p["h0_dtype"], L["h0"], state=True)[1]
-    cu = None if p["cu"] is None else np.asarray(p["cu"], p["cu_dtype"])
-    inputs = [a for a in (x, g, h0, cu) if a is not None]
-    before = [a.copy() for a in inputs]
+
+    def chk(name, out, want, dtype):
+        check(name, out, want, dtype, acc, p, host, fw.dtype_of)
+    _, x = fw.layout(d["x"], p["x_dtype"], L["x"])
+    _, g = fw.layout(d["g"], p["g_dtype"], L["g"])
+    h0 = None if d["h0"] is None else fw.layout(d["h0"], p["h0_dtype"], L["h0"], state=True)[1]
+    cu = None if p["cu"] is None else fw.index(np.asarray(p["cu"], p["cu_dtype"]))
+    inputs = [a for a in (x, g, h0) if a is not None]
+    before = [host(a) for a in inputs]
 
     bad, pattern = _error_names(p, ("x", "g"))
     forward = getattr(hc, FORWARD[p["engine"]])
@@ -220,20 +238,20 @@ def run_numpy(p):
             forward(x, g, h0, p["final"], cu, p["reverse"])
         return
     o, ht = forward(x, g, h0, p["final"], cu, p["reverse"])
+    fw.sync()
     o_ref, ht_ref = reference_forward(p, d)
-    check("o", o, o_ref, p["x_dtype"], acc, p, np_host, np_dtype_name)
+    chk("o", o, o_ref, p["x_dtype"])
     if p["final"]:
-        check("ht", ht, ht_ref, acc, acc, p, np_host, np_dtype_name)
+        chk("ht", ht, ht_ref, acc)
     else:
         assert ht is None, describe(p)
 
-    o64 = o.astype(np.float64)
-    _, o_in = np_layout(o64, p["x_dtype"], L["o"])
-    do64 = rounded(d["do"], p["x_dtype"])
-    _, do = np_layout(do64, p["x_dtype"], L["do"])
-    dht = None if d["dht"] is None else np_layout(d["dht"], p["dht_dtype"], L["dht"], state=True)[1]
+    o64, do64 = host(o), rounded(d["do"], p["x_dtype"])
+    _, o_in = fw.layout(o64, p["x_dtype"], L["o"])
+    _, do = fw.layout(do64, p["x_dtype"], L["do"])
+    dht = None if d["dht"] is None else fw.layout(d["dht"], p["dht_dtype"], L["dht"], state=True)[1]
     inputs += [a for a in (o_in, do, dht) if a is not None]
-    before += [a.copy() for a in (o_in, do, dht) if a is not None]
+    before += [host(a) for a in (o_in, do, dht) if a is not None]
     bad, pattern = _error_names(p, ("o", "do"))
     args = (g, o_in, do, dht, h0, cu, p["reverse"])
     if bad:
@@ -241,15 +259,20 @@ def run_numpy(p):
             hc.hgrn_backward(*args, engine=p["bwd_engine"])
         return
     dx, dg, dh0 = hc.hgrn_backward(*args, engine=p["bwd_engine"])
+    fw.sync()
     dx_ref, dg_ref, dh0_ref = reference_backward(p, d, o64, do64)
-    check("dx", dx, dx_ref, p["x_dtype"], acc, p, np_host, np_dtype_name)
-    check("dg", dg, dg_ref, p["g_dtype"], acc, p, np_host, np_dtype_name)
+    chk("dx", dx, dx_ref, p["x_dtype"])
+    chk("dg", dg, dg_ref, p["g_dtype"])
     if h0 is None:
         assert dh0 is None, describe(p)
     else:
-        check("dh0", dh0, dh0_ref, p["h0_dtype"], acc, p, np_host, np_dtype_name)
+        chk("dh0", dh0, dh0_ref, p["h0_dtype"])
     for a, b in zip(inputs, before):
-        assert np.array_equal(a, b, equal_nan=True), f"an input was modified; {describe(p)}"
+        assert np.array_equal(host(a), b, equal_nan=True), f"an input was modified; {describe(p)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: the NumPy front end
 
 
 CPU_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None, print_blob=True)
@@ -286,7 +309,7 @@ def _with_examples(test):
 @_with_examples
 @given(p=problems(max_B=3, max_T=300, Ts=[0, 1, 2, 3, 63, 64, 65], max_D=70, Ds=[1, 2, 3, 31, 32, 33, 69, 70]))
 def test_fuzz_numpy(p):
-    run_numpy(p)
+    run_top_level(p, NUMPY)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +348,7 @@ def cupy_host(a):
 
     assert isinstance(a, cupy.ndarray), type(a)
     if a.dtype == NP_DTYPE["bfloat16"]:
-        return cupy.ascontiguousarray(a).view(cupy.uint16).get().view(ml_dtypes.bfloat16).astype(np.float64)
+        return cupy.ascontiguousarray(a.view(cupy.uint16)).get().view(ml_dtypes.bfloat16).astype(np.float64)
     return a.get().astype(np.float64)
 
 
@@ -336,104 +359,60 @@ def torch_host(a):
     return a.detach().to("cpu", torch.float64).numpy()
 
 
-def torch_dtype_name(a):
-    return str(a.dtype).replace("torch.", "")
+def cupy_framework():
+    import cupy
+
+    return Framework(cupy_layout, cupy_host, np_dtype_name, cupy.asarray,
+                     lambda: cupy.cuda.get_current_stream().synchronize())
 
 
-def cupy_dtype_name(a):
-    return np_dtype_name(a)
+def torch_framework():
+    import torch
+
+    return Framework(torch_layout, torch_host, lambda a: str(a.dtype).replace("torch.", ""),
+                     lambda a: torch.from_numpy(a).cuda(), torch.cuda.synchronize)
 
 
-def run_gpu(p, framework, autograd):
-    """The top-level functions (``autograd`` False) or the torch autograd wrappers (True) on the GPU."""
-    d = host_data(p)
+def run_torch_autograd(p):
+    """The torch wrappers (``hgrn_cupy.torch``) with autograd: every layout is accepted (copied where the
+    last axis is strided); gradients are read through the same views of the buffers' gradients."""
+    import torch
+
+    import hgrn_cupy.torch as htorch
+
+    d, L, fw = host_data(p), p["layout"], torch_framework()
     acc = acc_dtype(p["x_dtype"], p["g_dtype"])
-    L = p["layout"]
-    if framework == "cupy":
-        import cupy
 
-        make, host, dtype_of = cupy_layout, cupy_host, cupy_dtype_name
-        cu = None if p["cu"] is None else cupy.asarray(np.asarray(p["cu"], p["cu_dtype"]))
-        sync = cupy.cuda.get_current_stream().synchronize
-    else:
-        import torch
-
-        make = lambda *a, **k: torch_layout(*a, requires_grad=autograd, **k)  # noqa: E731
-        host, dtype_of = torch_host, torch_dtype_name
-        cu = None if p["cu"] is None else torch.tensor(p["cu"], dtype=getattr(torch, p["cu_dtype"]), device="cuda")
-        sync = torch.cuda.synchronize
-    xb, x = make(d["x"], p["x_dtype"], L["x"])
-    gb, g = make(d["g"], p["g_dtype"], L["g"])
-    h0b, h0 = (None, None) if d["h0"] is None else make(d["h0"], p["h0_dtype"], L["h0"], state=True)
+    def chk(name, out, want, dtype):
+        check(name, out, want, dtype, acc, p, fw.host, fw.dtype_of)
+    xb, x = torch_layout(d["x"], p["x_dtype"], L["x"], requires_grad=True)
+    gb, g = torch_layout(d["g"], p["g_dtype"], L["g"], requires_grad=True)
+    h0b, h0 = (None, None) if d["h0"] is None else torch_layout(d["h0"], p["h0_dtype"], L["h0"], True, True)
+    cu = None if p["cu"] is None else fw.index(np.asarray(p["cu"], p["cu_dtype"]))
+    o, ht = getattr(htorch, FORWARD[p["engine"]])(x, g, h0, p["final"], cu, p["reverse"])
     o_ref, ht_ref = reference_forward(p, d)
-    do64 = rounded(d["do"], p["x_dtype"])
-
-    if autograd:
-        import torch
-
-        import hgrn_cupy.torch as htorch
-
-        o, ht = getattr(htorch, FORWARD[p["engine"]])(x, g, h0, p["final"], cu, p["reverse"])
-        check("o", o, o_ref, p["x_dtype"], acc, p, host, dtype_of)
-        if p["final"]:
-            check("ht", ht, ht_ref, acc, acc, p, host, dtype_of)
-        outs, cots, dht_used = [o], [torch.from_numpy(do64).to("cuda", o.dtype)], None
-        if p["final"]:  # dht as drawn, or zeros; it reaches the kernels in the accumulation dtype
-            dht_used = rounded(d["dht"] if d["dht"] is not None else np.zeros(ht_ref.shape), acc)
-            outs.append(ht)
-            cots.append(torch.from_numpy(dht_used).to("cuda", ht.dtype))
-        torch.autograd.backward(outs, cots)
-        sync()
-        cu_np = None if p["cu"] is None else np.asarray(p["cu"], np.int64)
-        dx_ref, dg_ref, dh0_ref = hc.naive_recurrent_hgrn_bwd(d["g"], host(o), do64, dht_used, d["h0"], cu_np,
-                                                              p["reverse"])
-
-        def grad_of(buf, layout, state=False):
-            gr = buf.grad if buf.grad is not None else torch.zeros_like(buf)
-            return state_view(layout, gr) if state else btd_view(layout, gr, p["D"])
-        check("dx", grad_of(xb, L["x"]), dx_ref, p["x_dtype"], acc, p, host, dtype_of)
-        check("dg", grad_of(gb, L["g"]), dg_ref, p["g_dtype"], acc, p, host, dtype_of)
-        if h0b is not None:
-            check("dh0", grad_of(h0b, L["h0"], True), dh0_ref, p["h0_dtype"], acc, p, host, dtype_of)
-        return
-
-    before = [host(a) for a in (x, g, h0) if a is not None]
-    forward = getattr(hc, FORWARD[p["engine"]])
-    bad, pattern = _error_names(p, ("x", "g"))
-    if bad:
-        with pytest.raises(ValueError, match=pattern):
-            forward(x, g, h0, p["final"], cu, p["reverse"])
-        return
-    o, ht = forward(x, g, h0, p["final"], cu, p["reverse"])
-    sync()
-    check("o", o, o_ref, p["x_dtype"], acc, p, host, dtype_of)
+    chk("o", o, o_ref, p["x_dtype"])
     if p["final"]:
-        check("ht", ht, ht_ref, acc, acc, p, host, dtype_of)
-    else:
-        assert ht is None, describe(p)
+        chk("ht", ht, ht_ref, acc)
+    do64 = rounded(d["do"], p["x_dtype"])
+    outs, cots, dht64 = [o], [torch.from_numpy(do64).to("cuda", o.dtype)], None
+    if p["final"]:  # dht as drawn, or zeros; it reaches the kernels in the accumulation dtype
+        dht64 = rounded(d["dht"] if d["dht"] is not None else np.zeros(ht_ref.shape), acc)
+        outs.append(ht)
+        cots.append(torch.from_numpy(dht64).to("cuda", ht.dtype))
+    torch.autograd.backward(outs, cots)
+    fw.sync()
+    cu64 = None if p["cu"] is None else np.asarray(p["cu"], np.int64)
+    dx_ref, dg_ref, dh0_ref = hc.naive_recurrent_hgrn_bwd(d["g"], fw.host(o), do64, dht64, d["h0"], cu64,
+                                                          p["reverse"])
 
-    o64 = host(o)
-    _, o_in = make(o64, p["x_dtype"], L["o"])
-    _, do = make(do64, p["x_dtype"], L["do"])
-    dht = None if d["dht"] is None else make(d["dht"], p["dht_dtype"], L["dht"], state=True)[1]
-    bad, pattern = _error_names(p, ("o", "do"))
-    args = (g, o_in, do, dht, h0, cu, p["reverse"])
-    if bad:
-        with pytest.raises(ValueError, match=pattern):
-            hc.hgrn_backward(*args, engine=p["bwd_engine"])
-        return
-    dx, dg, dh0 = hc.hgrn_backward(*args, engine=p["bwd_engine"])
-    sync()
-    dx_ref, dg_ref, dh0_ref = reference_backward(p, d, o64, do64)
-    check("dx", dx, dx_ref, p["x_dtype"], acc, p, host, dtype_of)
-    check("dg", dg, dg_ref, p["g_dtype"], acc, p, host, dtype_of)
-    if h0 is None:
-        assert dh0 is None, describe(p)
-    else:
-        check("dh0", dh0, dh0_ref, p["h0_dtype"], acc, p, host, dtype_of)
-    after = [host(a) for a in (x, g, h0) if a is not None]
-    for a, b in zip(after, before):
-        assert np.array_equal(a, b, equal_nan=True), f"an input was modified; {describe(p)}"
+    def grad(buf, layout, state=False):
+        gr = buf.grad if buf.grad is not None else torch.zeros_like(buf)
+        return state_view(layout, gr) if state else btd_view(layout, gr, p["D"])
+    chk("dx", grad(xb, L["x"]), dx_ref, p["x_dtype"])
+    chk("dg", grad(gb, L["g"]), dg_ref, p["g_dtype"])
+    if h0b is not None:
+        chk("dh0", grad(h0b, L["h0"], True), dh0_ref, p["h0_dtype"])
 
 
 GPU_SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None, print_blob=True,
@@ -448,7 +427,7 @@ GPU_PROBLEMS = problems(max_B=3, max_T=5000, Ts=[0, 1, 2, 31, 32, 33, 63, 64, 65
 @given(p=GPU_PROBLEMS)
 def test_fuzz_cupy(p):
     pytest.importorskip("cupy")
-    run_gpu(p, "cupy", autograd=False)
+    run_top_level(p, cupy_framework())
 
 
 @pytest.mark.gpu
@@ -457,5 +436,8 @@ def test_fuzz_cupy(p):
 @given(p=GPU_PROBLEMS, autograd=st.booleans())
 def test_fuzz_torch(p, autograd):
     pytest.importorskip("torch")
-    run_gpu(p, "torch", autograd)
+    if autograd:
+        run_torch_autograd(p)
+    else:
+        run_top_level(p, torch_framework())
 

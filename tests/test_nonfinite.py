@@ -56,7 +56,7 @@ class Front:
         import cupy
 
         if a.dtype == NP_DTYPE["bfloat16"]:
-            return cupy.ascontiguousarray(a).view(cupy.uint16).get().view(ml_dtypes.bfloat16)
+            return cupy.ascontiguousarray(a.view(cupy.uint16)).get().view(ml_dtypes.bfloat16)
         return a.get()
 
     def forward(self, x, g, h0=None, cu=None, reverse=False):

@@ -121,7 +121,7 @@ def host64(a):
     """A float64 NumPy copy of a CuPy or torch array (bfloat16 included)."""
     if isinstance(a, cupy.ndarray):
         if a.dtype == np.dtype(ml_dtypes.bfloat16):
-            a = cupy.ascontiguousarray(a).view(cupy.uint16).get().view(ml_dtypes.bfloat16)
+            a = cupy.ascontiguousarray(a.view(cupy.uint16)).get().view(ml_dtypes.bfloat16)
         else:
             a = a.get()
         return a.astype(np.float64)
