@@ -1,0 +1,441 @@
+"""Bad input, one table of cases across every front end.
+
+Front ends: the top level on NumPy arrays, on CuPy arrays (``gpu``) and on torch CPU tensors;
+``hgrn_cupy.torch.hgrn`` with inputs that require gradients (the custom-op path); ``hgrn_cupy.jax.hgrn``
+eagerly and under ``jax.jit`` (the flags closed over, the arrays traced).  Every case expects the
+library's own exception type and a message that starts with the argument's name (the format of the
+checks: "x must ...", "cu_seqlens must ..."); no case may modify an input.
+
+Under ``jax.jit`` the values of ``cu_seqlens`` cannot be read on the host: there the policy is that every
+output of a call with invalid offsets is NaN.  The same holds on the GPU when
+``hgrn_cupy.config.check_cu_seqlens_values`` is False and inside a CUDA-graph capture (``gpu`` tests at the
+end).  Also here: ``np.memmap`` inputs work and give plain ``np.ndarray`` results; masked arrays are
+refused.  Inputs are fixed (seeded below), so every failure replays.
+"""
+import copy
+import re
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+from conftest import TOL, rel_err, to_numpy
+
+import hgrn_cupy as hc
+
+SEED = 20240611
+B, T, D = 2, 12, 5
+CU = (0, 4, 4, 12)  # varlen: B = 1, T = 12, N = 3, the second sequence empty
+N_VARLEN = len(CU) - 1
+
+
+def arg(name):
+    """The anchored pattern of an error about argument ``name``."""
+    return rf"^{re.escape(name)}\b"
+
+
+def log_sigmoid(z):
+    return -np.logaddexp(0.0, -z)
+
+
+def base_inputs(varlen):
+    """float32 (x, g, h0, cu) as NumPy arrays; x random normal, g = log(sigmoid(normal))."""
+    rng = np.random.default_rng(SEED + varlen)
+    shape = (1, T, D) if varlen else (B, T, D)
+    n = N_VARLEN if varlen else B
+    x = rng.standard_normal(shape).astype(np.float32)
+    g = log_sigmoid(rng.standard_normal(shape)).astype(np.float32)
+    h0 = rng.standard_normal((n, D)).astype(np.float32)
+    cu = np.asarray(CU, np.int64) if varlen else None
+    return x, g, h0, cu
+
+
+# ----------------------------------------------------------------------------------------------
+# front ends: how to make an array of the framework, and how to call
+
+
+def _cupy(a):
+    import cupy
+
+    return cupy.asarray(a)
+
+
+def _torch(a):
+    import torch
+
+    return torch.from_numpy(np.array(a))
+
+
+def _jax(a):
+    import jax
+
+    return jax.device_put(np.array(a), jax.devices("cpu")[0])
+
+
+def _call_top(x, g, h0, output_final_state, cu, reverse):
+    return hc.hgrn(x, g, h0, output_final_state, cu, reverse)
+
+
+def _call_torch_autograd(x, g, h0, output_final_state, cu, reverse):
+    """``hgrn_cupy.torch.hgrn`` with the floating tensors requiring gradients (views of the originals, so
+    that a write into them would show)."""
+    import torch
+
+    import hgrn_cupy.torch as htorch
+
+    def leaf(a):
+        return a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+    return htorch.hgrn(leaf(x), leaf(g), leaf(h0), output_final_state, cu, reverse)
+
+
+def _call_jax(x, g, h0, output_final_state, cu, reverse):
+    import hgrn_cupy.jax as hj
+
+    return hj.hgrn(x, g, h0, output_final_state, cu, reverse)
+
+
+def _call_jax_jit(x, g, h0, output_final_state, cu, reverse):
+    """Inside ``jax.jit``: the JAX arrays are traced arguments; everything else (a list, an array of another
+    framework, None, the flags) is closed over, so that it reaches the library as the caller wrote it."""
+    import jax
+
+    import hgrn_cupy.jax as hj
+
+    given = (x, g, h0, cu)
+    traced = [i for i, a in enumerate(given) if isinstance(a, jax.Array)]
+
+    def f(*arrays):
+        a = list(given)
+        for i, v in zip(traced, arrays):
+            a[i] = v
+        return hj.hgrn(a[0], a[1], a[2], output_final_state, a[3], reverse)
+    return jax.jit(f)(*(given[i] for i in traced))
+
+
+class FrontEnd(NamedTuple):
+    name: str
+    module: str  # what it needs installed
+    native: object  # NumPy array -> this framework's array
+    foreign: object  # NumPy array -> another framework's array (torch; NumPy for the torch front ends)
+    call: object  # (x, g, initial_state, output_final_state, cu_seqlens, reverse) -> (o, ht)
+    jit: bool = False
+
+
+FRONT_ENDS = {fe.name: fe for fe in (
+    FrontEnd("numpy", "numpy", np.array, _torch, _call_top),
+    FrontEnd("cupy", "cupy", _cupy, _torch, _call_top),
+    FrontEnd("torch", "torch", _torch, np.array, _call_top),
+    FrontEnd("torch_autograd", "torch", _torch, np.array, _call_torch_autograd),
+    FrontEnd("jax", "jax", _jax, _torch, _call_jax),
+    FrontEnd("jax_jit", "jax", _jax, _torch, _call_jax_jit, jit=True),
+)}
+
+
+def fe_params(names=tuple(FRONT_ENDS)):
+    return [pytest.param(n, id=n, marks=[pytest.mark.gpu] if n == "cupy" else []) for n in names]
+
+
+@pytest.fixture
+def fe(request):
+    pytest.importorskip(FRONT_ENDS[request.param].module)
+    if request.param == "numpy" or request.param.startswith("jax"):
+        pytest.importorskip("torch")  # their foreign arrays
+    return FRONT_ENDS[request.param]
+
+
+class Foreign(NamedTuple):
+    """In a change: this array, made in another framework than the front end's."""
+    array: np.ndarray
+
+
+def make_args(fe, varlen, change=None):
+    """The valid float32 arguments, with ``change`` (NumPy arrays and plain values) applied, as the front
+    end's arrays."""
+    x, g, h0, cu = base_inputs(varlen)
+    args = dict(x=x, g=g, initial_state=h0, output_final_state=True, cu_seqlens=cu, reverse=False)
+    args.update(change(args) if change else {})
+    convert = {np.ndarray: fe.native, Foreign: lambda f: fe.foreign(f.array)}
+    return {k: convert.get(type(v), lambda v: v)(v) for k, v in args.items()}
+
+
+def call(fe, args):
+    return fe.call(args["x"], args["g"], args["initial_state"], args["output_final_state"], args["cu_seqlens"],
+                   args["reverse"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the table: id -> (varlen, change of the valid arguments, error, pattern); the cases with invalid
+# offset values (the keys of BAD_OFFSETS) give all-NaN outputs under jit instead
+
+BAD_OFFSETS = {  # all of length N + 1 = 4 with T = 12
+    "cu_start_1": (1, 4, 4, 12),
+    "cu_start_negative": (-3, 4, 4, 12),
+    "cu_decreasing": (0, 8, 4, 12),
+    "cu_past_T": (0, 4, 4, 15),
+    "cu_inner_past_T": (0, 4, 40, 12),
+    "cu_short_of_T": (0, 4, 4, 11),
+}
+
+
+def _offsets(values):
+    return lambda a: {"cu_seqlens": np.asarray(values, np.int64)}
+
+
+CASE = {
+    "x_list": (False, lambda a: {"x": a["x"].tolist()}, TypeError, arg("x")),
+    "g_list": (False, lambda a: {"g": a["g"].tolist()}, TypeError, arg("g")),
+    "g_shape_mismatch": (False, lambda a: {"g": a["g"][:, :-1].copy()}, ValueError, arg("g")),
+    "x_int32": (False, lambda a: {"x": a["x"].astype(np.int32)}, TypeError, arg("x")),
+    "g_int64": (False, lambda a: {"g": a["g"].astype(np.int64)}, TypeError, arg("g")),
+    "x_2d": (False, lambda a: {"x": a["x"][0], "g": a["g"][0]}, ValueError, arg("x")),
+    "x_4d": (False, lambda a: {"x": a["x"][None], "g": a["g"][None]}, ValueError, arg("x")),
+    "initial_state_rows": (False, lambda a: {"initial_state": a["initial_state"][:-1]}, ValueError,
+                           arg("initial_state")),
+    "initial_state_channels": (False, lambda a: {"initial_state": a["initial_state"][:, :-1].copy()}, ValueError,
+                               arg("initial_state")),
+    "initial_state_rank3": (False, lambda a: {"initial_state": a["initial_state"][None]}, ValueError,
+                            arg("initial_state")),
+    "initial_state_rows_varlen": (True, lambda a: {"initial_state": a["initial_state"][:-1]}, ValueError,
+                                  arg("initial_state")),
+    "cu_batch2": (False, lambda a: {"cu_seqlens": np.asarray((0, 5, T)), "initial_state": None}, ValueError,
+                  arg("cu_seqlens")),
+    "cu_float": (True, lambda a: {"cu_seqlens": a["cu_seqlens"].astype(np.float32)}, ValueError, arg("cu_seqlens")),
+    "cu_2d": (True, lambda a: {"cu_seqlens": a["cu_seqlens"][None]}, ValueError, arg("cu_seqlens")),
+    **{name: (True, _offsets(v), ValueError, arg("cu_seqlens")) for name, v in BAD_OFFSETS.items()},
+    "output_final_state_str": (False, lambda a: {"output_final_state": "no"}, TypeError, arg("output_final_state")),
+    "output_final_state_int": (False, lambda a: {"output_final_state": 1}, TypeError, arg("output_final_state")),
+    "reverse_int": (False, lambda a: {"reverse": 1}, TypeError, arg("reverse")),
+    "reverse_str": (False, lambda a: {"reverse": "yes"}, TypeError, arg("reverse")),
+    "reverse_none": (False, lambda a: {"reverse": None}, TypeError, arg("reverse")),
+    "g_other_framework": (False, lambda a: {"g": Foreign(a["g"])}, TypeError, arg("g")),
+}
+
+
+def snapshot(args):
+    """Exact copies of every input (arrays as float64 NumPy copies, lists deep-copied)."""
+    out = {}
+    for k, v in args.items():
+        if isinstance(v, list):
+            out[k] = copy.deepcopy(v)
+        elif hasattr(v, "shape"):
+            out[k] = np.array(to_numpy(v))
+        else:
+            out[k] = v
+    return out
+
+
+def assert_unmodified(args, snap):
+    for k, v in args.items():
+        if isinstance(v, list):
+            assert v == snap[k], f"{k} (a list) was modified"
+        elif hasattr(v, "shape"):
+            assert np.array_equal(to_numpy(v), snap[k], equal_nan=True), f"{k} was modified"
+
+
+@pytest.mark.parametrize("fe", fe_params(), indirect=True)
+@pytest.mark.parametrize("case", list(CASE))
+def test_bad_input(fe, case):
+    varlen, change, error, pattern = CASE[case]
+    args = make_args(fe, varlen, change)
+    snap = snapshot(args)
+    if fe.jit and case in BAD_OFFSETS:
+        # Under jit the values are not known on the host: every output is NaN instead.
+        o, ht = call(fe, args)
+        assert np.isnan(to_numpy(o)).all(), "o is not all NaN under jit with invalid cu_seqlens"
+        assert ht is not None and np.isnan(to_numpy(ht)).all(), "ht is not all NaN under jit with invalid cu_seqlens"
+    else:
+        with pytest.raises(error, match=pattern):
+            call(fe, args)
+    assert_unmodified(args, snap)
+
+
+# ----------------------------------------------------------------------------------------------
+# what is accepted: NumPy bools for the flags, valid offsets under jit
+
+
+def reference(args):
+    a = {k: (None if v is None else to_numpy(v)) for k, v in args.items() if hasattr(v, "shape") or v is None}
+    cu = None if a["cu_seqlens"] is None else a["cu_seqlens"].astype(np.int64)
+    return hc.naive_recurrent_hgrn(a["x"], a["g"], a["initial_state"], True, cu, bool(args["reverse"]))
+
+
+@pytest.mark.parametrize("fe", fe_params(), indirect=True)
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_numpy_bools_are_accepted(fe, varlen):
+    args = make_args(fe, varlen)
+    args.update(output_final_state=np.bool_(True), reverse=np.bool_(True))
+    snap = snapshot(args)
+    o, ht = call(fe, args)
+    o_ref, ht_ref = reference(args)
+    assert rel_err(o, o_ref) <= TOL["float32"] and rel_err(ht, ht_ref) <= TOL["float32"]
+    assert_unmodified(args, snap)
+
+
+@pytest.mark.parametrize("fe", [pytest.param("jax_jit", id="jax_jit")], indirect=True)
+@pytest.mark.parametrize("offsets", [CU, (0, 0, 12, 12), (0, 12, 12, 12), (0, 1, 2, 12)],
+                         ids=["empty_middle", "empty_first_last", "empty_tail", "short_heads"])
+def test_valid_offsets_under_jit(fe, offsets):
+    """Valid offsets under jit give the reference's result (the guard must not fire)."""
+    args = make_args(fe, True, lambda a: {"cu_seqlens": np.asarray(offsets, np.int32)})
+    for reverse in (False, True):
+        args["reverse"] = reverse
+        o, ht = call(fe, args)
+        o_ref, ht_ref = reference(args)
+        assert rel_err(o, o_ref) <= TOL["float32"] and rel_err(ht, ht_ref) <= TOL["float32"], (offsets, reverse)
+
+
+@pytest.mark.parametrize("bad", list(BAD_OFFSETS), ids=list(BAD_OFFSETS))
+def test_jit_grad_with_bad_offsets_is_nan(bad):
+    """Under jit the backward of a call with invalid offsets is all NaN too (every output of the call)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    import hgrn_cupy.jax as hj
+
+    a = make_args(FRONT_ENDS["jax_jit"], True, lambda a: {"cu_seqlens": np.asarray(BAD_OFFSETS[bad], np.int32)})
+
+    def loss(x, g, h0, cu):
+        o, ht = hj.hgrn(x, g, h0, True, cu)
+        return jnp.sum(o) + jnp.sum(ht)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(a["x"], a["g"], a["initial_state"], a["cu_seqlens"])
+    for name, d in zip(("dx", "dg", "dh0"), grads):
+        assert np.isnan(to_numpy(d)).all(), f"{name} is not all NaN under jit with cu_seqlens {BAD_OFFSETS[bad]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy subclasses: memmap in (plain arrays out), masked arrays refused
+
+
+def _memmap(tmp_path, name, a):
+    m = np.memmap(tmp_path / f"{name}.bin", dtype=a.dtype, mode="w+", shape=a.shape)
+    m[...] = a
+    m.flush()
+    return m
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_memmap_inputs(tmp_path, varlen, reverse):
+    x, g, h0, cu = base_inputs(varlen)
+    mx, mg, mh0 = _memmap(tmp_path, "x", x), _memmap(tmp_path, "g", g), _memmap(tmp_path, "h0", h0)
+    mcu = None if cu is None else _memmap(tmp_path, "cu", cu)
+    o_ref, ht_ref = hc.hgrn(x, g, h0, True, cu, reverse)
+    o, ht = hc.hgrn(mx, mg, mh0, True, mcu, reverse)
+    assert type(o) is np.ndarray and type(ht) is np.ndarray, (type(o), type(ht))
+    assert np.array_equal(o, o_ref) and np.array_equal(ht, ht_ref)
+
+    rng = np.random.default_rng(SEED + 7)
+    do = rng.standard_normal(o.shape).astype(np.float32)
+    dht = rng.standard_normal(ht.shape).astype(np.float32)
+    want = hc.hgrn_backward(g, o_ref, do, dht, h0, cu, reverse)
+    got = hc.hgrn_backward(mg, _memmap(tmp_path, "o", o_ref), _memmap(tmp_path, "do", do),
+                           _memmap(tmp_path, "dht", dht), mh0, mcu, reverse)
+    for name, a, b in zip(("dx", "dg", "dh0"), got, want):
+        assert type(a) is np.ndarray, (name, type(a))
+        assert np.array_equal(a, b), name
+    for m, a in ((mx, x), (mg, g), (mh0, h0)):
+        assert np.array_equal(np.asarray(m), a), "a memmap input was modified"
+
+
+@pytest.mark.parametrize("func, name", [("hgrn", n) for n in ("x", "g", "initial_state")]
+                         + [("hgrn_backward", n) for n in ("g", "o", "do", "dht")])
+def test_masked_arrays_are_refused(func, name):
+    x, g, h0, _ = base_inputs(False)
+    o, ht = hc.hgrn(x, g, h0, True)
+    if func == "hgrn":
+        args = dict(x=x, g=g, initial_state=h0, output_final_state=True)
+    else:
+        args = dict(g=g, o=o, do=np.ones_like(o), dht=np.ones_like(ht), initial_state=h0)
+    args[name] = np.ma.masked_array(args[name], mask=np.zeros(args[name].shape, bool))
+    with pytest.raises(TypeError, match=rf"^{name}\b.*[Mm]asked"):
+        getattr(hc, func)(**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: unchecked offsets (config switch, CUDA-graph capture) give all-NaN outputs
+
+
+def _gpu(framework):
+    """NumPy -> a GPU array of ``framework`` (cupy or torch)."""
+    pytest.importorskip(framework)
+    if framework == "cupy":
+        return _cupy
+    return lambda a: _torch(a).cuda()
+
+
+def _gpu_args(framework):
+    """The varlen float32 inputs on the GPU, cu_seqlens int32."""
+    dev = _gpu(framework)
+    x, g, h0, cu = base_inputs(True)
+    return dev(x), dev(g), dev(h0), dev(cu.astype(np.int32))
+
+
+def _write(dst, values, framework):
+    """Write ``values`` into the GPU array ``dst`` in place, on the current stream."""
+    dst[...] = _gpu(framework)(np.asarray(values, np.int32))
+
+
+GPU_FORWARD = {"hgrn": "auto", "chunk_hgrn": "chunk", "fused_recurrent_hgrn": "fused_recurrent"}
+
+
+@pytest.fixture
+def unchecked_offsets():
+    before = hc.config.check_cu_seqlens_values
+    hc.config.check_cu_seqlens_values = False
+    try:
+        yield
+    finally:
+        hc.config.check_cu_seqlens_values = before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("framework", ["cupy", "torch"])
+@pytest.mark.parametrize("func", list(GPU_FORWARD))
+@pytest.mark.parametrize("bad", list(BAD_OFFSETS), ids=list(BAD_OFFSETS))
+def test_unchecked_bad_offsets_give_nan_gpu(framework, func, bad, unchecked_offsets):
+    """With the host check off, every output of a forward or backward with invalid offsets is NaN (and
+    valid offsets still give the right result)."""
+    x, g, h0, cu = _gpu_args(framework)
+    o_good, ht_good = getattr(hc, func)(x, g, h0, True, cu + 0)
+    o_ref, ht_ref = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), to_numpy(h0), True, np.asarray(CU))
+    assert rel_err(o_good, o_ref) <= TOL["float32"] and rel_err(ht_good, ht_ref) <= TOL["float32"]
+    snap = snapshot(dict(x=x, g=g, h0=h0, o_good=o_good))
+    _write(cu, BAD_OFFSETS[bad], framework)
+    o, ht = getattr(hc, func)(x, g, h0, True, cu)
+    assert np.isnan(to_numpy(o)).all() and np.isnan(to_numpy(ht)).all(), f"{func} with {BAD_OFFSETS[bad]}"
+    dx, dg, dh0 = hc.hgrn_backward(g, o_good, o_good * 0 + 1, ht_good * 0 + 0.5, h0, cu, engine=GPU_FORWARD[func])
+    for name, d in (("dx", dx), ("dg", dg), ("dh0", dh0)):
+        assert np.isnan(to_numpy(d)).all(), (
+            f"{name} of hgrn_backward(engine={GPU_FORWARD[func]!r}) with cu_seqlens {BAD_OFFSETS[bad]}")
+    assert_unmodified(dict(x=x, g=g, h0=h0, o_good=o_good), snap)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["hgrn", "chunk_hgrn", "fused_recurrent_hgrn"])
+def test_cuda_graph_bad_offsets_give_nan(name):
+    """Capture a torch CUDA graph of a varlen call, then replay it after writing each kind of bad offsets
+    into the captured cu_seqlens buffer (all NaN), and after writing good ones back (right again)."""
+    torch = pytest.importorskip("torch")
+    import hgrn_cupy.torch as htorch
+
+    fn = getattr(htorch, name)
+    x, g, h0, cu = _gpu_args("torch")
+    assert hc.config.check_cu_seqlens_values  # the capture itself must skip the host check
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(x, g, h0, True, cu)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, ht = fn(x, g, h0, True, cu)
+    o_ref, ht_ref = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), to_numpy(h0), True, np.asarray(CU))
+    for bad, values in BAD_OFFSETS.items():
+        _write(cu, values, "torch")
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.isnan(o).all() and torch.isnan(ht).all(), f"replay with {bad} {values}"
+        _write(cu, CU, "torch")
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(o, o_ref) <= TOL["float32"] and rel_err(ht, ht_ref) <= TOL["float32"], f"replay after {bad}"
