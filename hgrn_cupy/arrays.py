@@ -82,7 +82,7 @@ class _Numpy(Framework):
         return np.asarray(a)  # a subclass (np.memmap) as a plain array
 
     def from_numpy(self, a, like, dtype):
-        return a
+        return a if _np_dtype_name(a.dtype) == dtype else a.astype(CUPY._np_dtype(dtype))
 
     def index_values(self, a):
         return np.asarray(a)

@@ -79,12 +79,14 @@ def _concrete(a):
 
 
 def _as_jax(a, name):
+    """JAX arrays (and tracers) as they are; NumPy arrays converted; anything else refused, as the top
+    level refuses it."""
     if a is None or isinstance(a, jax.Array):
         return a
-    try:
+    if isinstance(a, np.ndarray) and not isinstance(a, np.ma.MaskedArray):
         return jnp.asarray(a)
-    except TypeError as e:
-        raise TypeError(f"{name} must be a JAX array or array-like, got {type(a).__name__}") from e
+    checks.framework(a, name)  # names masked arrays and unsupported types
+    raise TypeError(f"{name} must be a JAX or NumPy array, got {type(a).__name__}")
 
 
 def _check(x, g, h0, cu, output_final_state, reverse):
