@@ -15,6 +15,8 @@ import threading
 # The storage type of each supported dtype in kernels/common.cuh.
 C_TYPES = {"float32": "float", "float16": "hc::half_t", "bfloat16": "hc::bfloat16_t", "float64": "double"}
 DTYPES = tuple(C_TYPES)
+# The C++ type of each supported cu_seqlens dtype (the varlen guard is templated on it).
+INDEX_C_TYPES = {"int32": "int", "int64": "long long"}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 BASE_OPTIONS = ("-std=c++17",)
 
@@ -48,8 +50,8 @@ def read_source(name: str) -> str:
 
 
 def instantiation(kernel: str, *args) -> str:
-    """The name expression of one template instantiation: dtype names become their storage types,
-    bools ``true``/``false``, ints themselves."""
+    """The name expression of one template instantiation: dtype names become their storage types
+    (index dtypes ``int32``/``int64`` their C++ integers), bools ``true``/``false``, ints themselves."""
     parts = []
     for a in args:
         if isinstance(a, bool):
@@ -57,7 +59,7 @@ def instantiation(kernel: str, *args) -> str:
         elif isinstance(a, int):
             parts.append(str(a))
         else:
-            parts.append(C_TYPES[a])
+            parts.append(C_TYPES[a] if a in C_TYPES else INDEX_C_TYPES[a])
     return f"hc::{kernel}<{', '.join(parts)}>"
 
 
