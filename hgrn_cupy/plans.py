@@ -195,20 +195,22 @@ def _launches(direction, tensors, N, reverse, device, varlen):
     return launch_of
 
 
-def _guarded(kit, call, launch):
+def _guarded(kit, call, launch, cu):
     """``launch`` wrapped in the device guard where cu_seqlens' values were not checked on the host:
     ``run(stream, pointers, states, cu, workspace, outputs)`` with ``outputs`` the (pointer, bytes) the
-    guard fills with NaN when the offsets are invalid."""
+    guard fills with NaN when the offsets are invalid.  Every GPU varlen plan loads the guard, so that a
+    CUDA graph captured after an eager call finds it loaded."""
     if launch is None:
         return None
+    if call.varlen:
+        from .engines import guard
+
+        checker = guard.prepare(kit.device, ar.framework_of(cu).dtype(cu))
     if not call.varlen or call.values_checked:
         return lambda s, pointers, states, cu, ws, outputs: launch(s, pointers, states, cu, ws)
-    from .engines import guard
-
     T, n = call.T, call.N + 1
 
     def run(s, pointers, states, cu, ws, outputs):
-        checker = guard.prepare(kit.device, "int64" if cu[1] else "int32")
         flag = kit.empty((1,), "int32")
         checker.check(s, cu[0], n, T, kit.ptr(flag))
         launch(s, pointers, states, cu, ws)
@@ -264,10 +266,10 @@ def _forward_plan(engine, call, x, g, h0, final, cu, reverse):
         return o, ht
 
     def timed(name):
-        body(_guarded(kit, call, launch_of(name)), x, g, h0, cu)
+        body(_guarded(kit, call, launch_of(name), cu), x, g, h0, cu)
     s = stream()
     engine = dispatch.choose(engine, call, 0, reverse, kit.device, timed, not workspace.capturing(s), s)
-    run = _guarded(kit, call, launch_of(engine))
+    run = _guarded(kit, call, launch_of(engine), cu)
     return lambda x, g, h0, cu: body(run, x, g, h0, cu)
 
 
@@ -321,8 +323,8 @@ def _backward_plan(engine, call, g, o, do, dht, h0, cu, reverse):
         return dx, dg, dh0
 
     def timed(name):
-        body(_guarded(kit, call, launch_of(name)), g, o, do, dht, h0, cu)
+        body(_guarded(kit, call, launch_of(name), cu), g, o, do, dht, h0, cu)
     s = stream()
     engine = dispatch.choose(engine, call, 1, reverse, kit.device, timed, not workspace.capturing(s), s)
-    run = _guarded(kit, call, launch_of(engine))
+    run = _guarded(kit, call, launch_of(engine), cu)
     return lambda g, o, do, dht, h0, cu: body(run, g, o, do, dht, h0, cu)

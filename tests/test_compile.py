@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
 
 from hgrn_cupy import nvrtc, states  # noqa: E402
-from hgrn_cupy.engines import chunk, fused_recurrent  # noqa: E402
+from hgrn_cupy.engines import chunk, fused_recurrent, guard  # noqa: E402
 from hgrn_cupy.engines.layout import Arr, aligned, alignment_masks, layout_vector_width  # noqa: E402
 
 ARCH = "sm_90"
@@ -30,6 +30,7 @@ def _modules():
             out.append((f"fused-{pair}", fused_recurrent.SOURCE, fused_recurrent.names(xd, gd),
                         fused_recurrent.options(xd, gd)))
             out.append((f"states-{pair}", states.SOURCE, states.kernel_names(xd, gd), states.OPTIONS))
+    out.append(("guard", guard.SOURCE, guard.NAMES, guard.OPTIONS))
     return out
 
 
@@ -50,7 +51,7 @@ def test_every_instantiation_compiles_without_warnings():
     warned = [f"{name}:\n{log}" for name, log, err in results if not err and "warning" in log.lower()]
     assert not failed, "\n".join(failed)
     assert not warned, "NVRTC warnings:\n" + "\n".join(warned)
-    assert len(results) == 3 * len(nvrtc.DTYPES) ** 2
+    assert len(results) == 3 * len(nvrtc.DTYPES) ** 2 + 1
 
 
 def _kernel_files():
@@ -58,7 +59,7 @@ def _kernel_files():
                    if f.name.endswith((".cu", ".cuh"))), key=lambda f: f.name)
 
 
-@pytest.mark.parametrize("source", [chunk.SOURCE, fused_recurrent.SOURCE, states.SOURCE])
+@pytest.mark.parametrize("source", [chunk.SOURCE, fused_recurrent.SOURCE, states.SOURCE, guard.SOURCE])
 def test_folded_source_has_no_include_left(source):
     src = nvrtc.read_source(source)
     assert "#include" not in src.replace(" ", "").replace("\t", "")
@@ -74,7 +75,7 @@ def test_sources_need_no_cuda_headers(source):
 
 def test_kernel_sources_ship():
     names = {f.name for f in _kernel_files()}
-    assert {chunk.SOURCE, fused_recurrent.SOURCE, states.SOURCE, "common.cuh"} <= names
+    assert {chunk.SOURCE, fused_recurrent.SOURCE, states.SOURCE, guard.SOURCE, "common.cuh"} <= names
 
 
 def _pick_vec(D, tensors):
