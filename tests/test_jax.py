@@ -1,7 +1,7 @@
 """hgrn_cupy.jax: values and gradients against the float64 NumPy reference, eagerly and under jit,
 grad through a loss against a pure-JAX scan, vmap, varlen, bfloat16 and float32; the CUDA plumbing
-(XLA buffers, pointers, layouts, workspace, offsets guard) checked on CPU with fake engines; and, marked ``gpu``, the same
-checks on the CUDA kernels of both engines."""
+(XLA buffers, pointers, layouts, workspace, offsets guard) checked on CPU with fake engines; and,
+marked ``gpu``, the same checks on the CUDA kernels of both engines."""
 import subprocess
 import sys
 
