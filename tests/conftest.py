@@ -63,7 +63,7 @@ def to_numpy(a) -> np.ndarray:
 def force_block_walks(monkeypatch, narrow):
     """The fused engine's block walks for every channel count and every T where the layout allows them,
     with 4-byte forward lanes (``narrow``) or 8-byte ones."""
-    from hgrn_cupy import fused_recurrent
+    from hgrn_cupy.engines import fused_recurrent
 
     monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_CHANNELS", {(s, d): (0, 1 << 62) for s in (2, 4, 8) for d in (0, 1)})
     monkeypatch.setattr(fused_recurrent, "BLOCK_WALK_MIN_T", 0)

@@ -1,8 +1,11 @@
 """Both CUDA engines against the NumPy reference in float64 (GPU; skipped without one).
 
-Inputs are fresh random numbers each run; outputs are NaN-poisoned before every launch (fixture
-``poison``), so an element a kernel fails to write cannot pass.  Tolerances live in conftest.
+Inputs are drawn from one generator per test, seeded from the test's id (the seed is in every assertion
+message, so a failure replays); outputs are NaN-poisoned before every launch (fixture ``poison``), so an
+element a kernel fails to write cannot pass.  Tolerances live in conftest.
 """
+import zlib
+
 import numpy as np
 import pytest
 
@@ -38,22 +41,48 @@ def walk_channels(request, monkeypatch):
     if engine not in ("fused_recurrent_2ch", "fused_recurrent_block", "fused_recurrent_block4"):
         yield
         return
-    from hgrn_cupy import fused_recurrent, ops
+    from hgrn_cupy import plans
+    from hgrn_cupy.engines import fused_recurrent
 
     if engine == "fused_recurrent_2ch":
         monkeypatch.setattr(fused_recurrent, "WALK_VEC_MIN_CHANNELS", 0)
     else:
         force_block_walks(monkeypatch, narrow=engine.endswith("4"))
-    ops._plans.clear()  # plans made under the usual thresholds
+    plans._plans.clear()  # plans made under the usual thresholds
     yield
-    ops._plans.clear()
+    plans._plans.clear()
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """One generator per test, seeded from the test's id: ``_rng()`` hands it out, ``_seed()`` names it."""
+    _draw["seed"] = zlib.crc32(request.node.nodeid.encode())
+    _draw["rng"] = np.random.default_rng(_draw["seed"])
+    yield
+    _draw.clear()
+
+
+@pytest.fixture
+def fresh_plans(monkeypatch):
+    """An empty plan cache, so that every call of the test prepares its launches under its settings."""
+    from hgrn_cupy import plans
+
+    monkeypatch.setattr(plans, "_plans", {})
+    return plans._plans
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers: host float64 <-> device arrays of a given dtype
 
+_draw: dict = {}
+
+
 def _rng():
-    return np.random.default_rng()
+    return _draw["rng"]
+
+
+def _seed():
+    return f"seed {_draw['seed']}"
 
 
 def to_dev(a64, dtype):
@@ -112,13 +141,14 @@ def check_forward(engine, x64, g64, dtype, h064=None, cu=None, reverse=False, fi
                                             None if h0 is None else to_host(h0), True,
                                             None if cu is None else np.asarray(cu), reverse)
     tol = max(TOL[dtype], TOL[gdtype])
-    assert o.dtype.name == dtype and o.shape == x.shape
-    assert rel_err(to_host(o), o_ref) < tol, (engine, dtype)
+    what = f"{_seed()}: forward {engine} {dtype}/{gdtype}"
+    assert o.dtype.name == dtype and o.shape == x.shape, what
+    assert rel_err(to_host(o), o_ref) < tol, what
     if final:
-        assert ht.dtype == (np.float64 if "float64" in (dtype, gdtype) else np.float32)
-        assert rel_err(to_host(ht), ht_ref) < tol
+        assert ht.dtype == (np.float64 if "float64" in (dtype, gdtype) else np.float32), what
+        assert rel_err(to_host(ht), ht_ref) < tol, what
     else:
-        assert ht is None
+        assert ht is None, what
     return o
 
 
@@ -141,13 +171,14 @@ def check_backward(engine, x64, g64, dtype, h064=None, cu=None, reverse=False, w
         to_host(g), to_host(o), to_host(do), None if dht is None else to_host(dht),
         None if h0 is None else to_host(h0), None if cu is None else np.asarray(cu), reverse)
     tol = TOL[dtype]
-    assert dx.dtype.name == dtype and dg.dtype.name == dtype
-    assert rel_err(to_host(dx), rdx) < tol
-    assert rel_err(to_host(dg), rdg) < tol
+    what = f"{_seed()}: backward {engine} {dtype}"
+    assert dx.dtype.name == dtype and dg.dtype.name == dtype, what
+    assert rel_err(to_host(dx), rdx) < tol, what
+    assert rel_err(to_host(dg), rdg) < tol, what
     if h0 is None:
-        assert dh0 is None
+        assert dh0 is None, what
     else:
-        assert rel_err(to_host(dh0), rdh0) < tol
+        assert rel_err(to_host(dh0), rdh0) < tol, what
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +244,7 @@ def test_gate_extremes(engine, gate):
     x, g = make_inputs(2, 700, 40, gate=gate)
     h0 = _rng().standard_normal((2, 40))
     o = check_forward(engine, x, g, "float32", h0)
-    assert bool(cupy.isfinite(o).all())
+    assert bool(cupy.isfinite(o).all()), _seed()
     check_backward(engine, x, g, "float32", h0)
 
 
@@ -280,22 +311,56 @@ VECTOR_VIEWS = {  # (view, whether the chunk engine can still use 16-byte access
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("view", ["dense", "time_stride", "batch_slice", "channel_slice_aligned", "reversed_time",
                                   "odd_offset"])
-def test_chunk_access_width(dtype, view):
+def test_chunk_access_width(dtype, view, fresh_plans, monkeypatch):
     """The chunk engine reads 16 bytes per access where pointers, D and strides allow, one element
-    otherwise; both paths, across tile boundaries (D = 264 + 16 + 8 before slicing)."""
-    from hgrn_cupy import _backend, chunk
+    otherwise; both paths, across tile boundaries (D = 264 + 16 + 8 before slicing): the layout rule
+    agrees with the table, and the kernel launched is the one of that width."""
+    from hgrn_cupy import arrays
+    from hgrn_cupy.engines import layout
 
     fn, vector = VECTOR_VIEWS[view]
     rng = _rng()
     x, g = make_inputs(3, 700, 288, rng=rng)
     xv = fn(to_dev(x, dtype))
-    expect = chunk.vector_width(dtype, dtype) if vector else 1
-    arrs = [_backend.CUPY.describe(a) for a in (xv, fn(to_dev(g, dtype)))]
-    assert chunk.pick_vec(xv.shape[2], arrs) == expect
+    expect = layout.vector_width(dtype, dtype) if vector else 1
+    arrs = [arrays.CUPY.describe(a) for a in (xv, fn(to_dev(g, dtype)))]
+    vec = layout.layout_vector_width(xv.shape[2], arrs)
+    fits = layout.aligned([a.ptr for a in arrs], layout.alignment_masks(vec, arrs))
+    assert (vec if fits else 1) == expect
     h0 = rng.standard_normal((xv.shape[0], xv.shape[2]))
+    launched = launched_kernels(monkeypatch)
     check_forward("chunk", x, g, dtype, h0, views=fn, reverse=view == "dense")
+    assert [k[0] for k in launched] == ["chunk_fwd"] and launched[0][-1] == str(expect), (_seed(), launched)
     xs, gs = to_host(fn(to_dev(x, dtype))), to_host(fn(to_dev(g, dtype)))
     check_backward("chunk", xs, gs, dtype, h0, reverse=view == "batch_slice")
+
+
+def launched_kernels(monkeypatch):
+    """A list that records each kernel launched from now on, as (kernel name, template arguments...),
+    e.g. ``("chunk_fwd", "hc::half_t", "hc::half_t", "false", "8")``."""
+    import re
+
+    from hgrn_cupy import nvrtc
+
+    launched, names = [], {}
+    real_get, real_bind = nvrtc.get_function, nvrtc.bind
+
+    def get_function(source, all_names, name, device, options=()):
+        fn = real_get(source, all_names, name, device, options)
+        kernel, args = re.fullmatch(r"hc::(\w+)<(.*)>", name).groups()
+        names[fn.ptr] = (kernel,) + tuple(a.strip() for a in args.split(","))
+        return fn
+
+    def bind(fn, grid, block, device):
+        kernel = real_bind(fn, grid, block, device)
+
+        def recorded(stream_ptr, *args):
+            launched.append(names[fn.ptr])
+            kernel(stream_ptr, *args)
+        return recorded
+    monkeypatch.setattr(nvrtc, "get_function", get_function)
+    monkeypatch.setattr(nvrtc, "bind", bind)
+    return launched
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -305,63 +370,64 @@ def test_deterministic(engine):
     xd, gd = to_dev(x, "float32"), to_dev(g, "float32")
     runs = [FORWARD[engine](xd, gd, output_final_state=True) for _ in range(5)]
     for o, ht in runs[1:]:
-        assert bool((o == runs[0][0]).all()) and bool((ht == runs[0][1]).all())
+        assert bool((o == runs[0][0]).all()) and bool((ht == runs[0][1]).all()), _seed()
     do = to_dev(_rng().standard_normal(x.shape), "float32")
     grads = [hc.hgrn_backward(gd, runs[0][0], do, engine=lib_engine(engine)) for _ in range(3)]
     for dx, dg, _ in grads[1:]:
-        assert bool((dx == grads[0][0]).all()) and bool((dg == grads[0][1]).all())
+        assert bool((dx == grads[0][0]).all()) and bool((dg == grads[0][1]).all()), _seed()
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("leftover", ["earlier_launch", "random_bytes"])
-def test_chunk_workspace_leftovers(dtype, leftover, monkeypatch):
+def test_chunk_workspace_leftovers(dtype, leftover, fresh_plans, monkeypatch):
     """Fresh scratch is filled before each launch: slots left in the same memory by an earlier launch of
     the same shape (other inputs), or any other bytes, must not pass for slots of the running launch."""
-    from hgrn_cupy import ops
+    from hgrn_cupy import workspace
 
-    held = {}
+    held = {"taken": 0}
+    rng = _rng()
 
-    def workspace(nbytes, acc_itemsize, stream_ptr):  # one buffer for every launch of this test
+    def alloc(nbytes, acc_itemsize, stream_ptr):  # one buffer for every launch of this test
         buf = held.get("buf")
         if buf is None or buf.nbytes < nbytes:
             buf = held["buf"] = cupy.empty((nbytes,), cupy.uint8)
         if leftover == "random_bytes":
-            buf[...] = cupy.random.randint(0, 256, buf.shape, dtype=cupy.int32).astype(cupy.uint8)
+            buf[...] = cupy.asarray(rng.integers(0, 256, buf.shape, dtype=np.uint8))
+        held["taken"] += 1
         return buf.data.ptr, buf, False, buf.nbytes
 
-    monkeypatch.setattr(ops, "_workspace", lambda fw, like: workspace)
-    rng = _rng()
+    monkeypatch.setattr(workspace, "source", lambda torch_device=None, cupy_device=None: alloc)
     for _ in range(3):
         x, g = make_inputs(2, 3001, 136, rng=rng)
         h0 = rng.standard_normal((2, 136))
         check_forward("chunk", x, g, dtype, h0)
         check_backward("chunk", x, g, dtype, h0)
+    assert held["taken"] == 6, _seed()  # every launch took this memory
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
-def test_chunk_kept_workspace(dtype, monkeypatch):
+def test_chunk_kept_workspace(dtype, fresh_plans, monkeypatch):
     """Kept scratch: one buffer per stream and accumulation dtype serves every launch, whatever their
     sizes, each launch leaving it ready for the next.  A launch smaller than the one before must leave
     what it did not use unpublished, else the next larger launch of the same parity (forward calls alone
     alternate parity: big, small, big) reads the slots of two launches ago.  Varlen, reverse, T = 1 and
     backward launches in between; every result against the reference."""
-    from hgrn_cupy import ops
+    from hgrn_cupy import workspace
 
     seen = []
-    real = ops._workspace
+    real = workspace.source
 
-    def spy(fw, device):
-        alloc = real(fw, device)
+    def spy(torch_device=None, cupy_device=None):
+        alloc = real(torch_device=torch_device, cupy_device=cupy_device)
 
         def take(nbytes, acc_itemsize, stream_ptr):
             ws = alloc(nbytes, acc_itemsize, stream_ptr)
             seen.append((ws[0], ws[2], nbytes, ws[3]))
             return ws
         return take
-    monkeypatch.setattr(ops.config, "keep_workspaces", True)
-    monkeypatch.setattr(ops, "_kept", {})
-    monkeypatch.setattr(ops, "_plans", {})
-    monkeypatch.setattr(ops, "_workspace", spy)
+    monkeypatch.setattr(hc.config, "keep_workspaces", True)
+    monkeypatch.setattr(workspace, "_kept", {})
+    monkeypatch.setattr(workspace, "source", spy)
     rng = _rng()
     calls = [((2, 3001, 136), {}), ((1, 300, 40), {}), ((2, 3001, 136), {}), ((1, 700, 136), {"reverse": True}),
              ((3, 4000, 72), {}), ((1, 1, 8), {}), ((3, 4000, 72), {}), ((1, 5000, 72), {"cu": [0, 1200, 1200, 5000]}),
@@ -372,20 +438,19 @@ def test_chunk_kept_workspace(dtype, monkeypatch):
         h0 = rng.standard_normal((B if "cu" not in how else len(how["cu"]) - 1, D))
         check = check_backward if how.get("backward") else check_forward
         check("chunk", x, g, dtype, h0, cu=how.get("cu"), reverse=how.get("reverse", False))
-    assert len(seen) == len(calls) and all(s[1] for s in seen) and len(ops._kept) == 1
+    assert len(seen) == len(calls) and all(s[1] for s in seen) and len(workspace._kept) == 1, (_seed(), seen)
     for before, now in zip(seen, seen[1:]):  # a new buffer only where the old one was too small
-        assert (now[0] != before[0]) == (now[2] > before[3])
+        assert (now[0] != before[0]) == (now[2] > before[3]), (_seed(), seen)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("peek", [False, True], ids=["no_peek", "peek"])
 @pytest.mark.parametrize("prefetch", [False, True], ids=["no_prefetch", "prefetch"])
-def test_chunk_peek_and_prefetch(dtype, peek, prefetch, monkeypatch):
+def test_chunk_peek_and_prefetch(dtype, peek, prefetch, fresh_plans, monkeypatch):
     """The chunk engine with and without the early read of the predecessor's slots and the L2 prefetch,
     whatever the grid (the library picks them by tile count): many chunks and tiles, both directions."""
-    from hgrn_cupy import chunk, ops
+    from hgrn_cupy.engines import chunk
 
-    monkeypatch.setattr(ops, "_plans", {})  # no plan made under other settings
     monkeypatch.setattr(chunk, "PEEK_MIN_TILES", 0 if peek else 1 << 40)
     monkeypatch.setattr(chunk, "PEEK_MAX_TILES", -1)
     monkeypatch.setattr(chunk, "FEW_TILES", -1)
@@ -400,14 +465,14 @@ def test_chunk_peek_and_prefetch(dtype, peek, prefetch, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("at_once", [2, 7, 64])
-def test_chunk_stagger(dtype, at_once, monkeypatch):
+def test_chunk_stagger(dtype, at_once, fresh_plans, monkeypatch):
     """The first wave's stagger (block k waits for block k - stagger's map before its loads) on grids far
     larger than the wave it is told of, so that most blocks of the first wave wait, in both directions:
     dense, reversed, and varlen with an empty sequence."""
-    from hgrn_cupy import chunk, ops
+    from hgrn_cupy import nvrtc
+    from hgrn_cupy.engines import chunk
 
-    monkeypatch.setattr(chunk, "blocks_at_once", lambda fn, threads, device: at_once)
-    monkeypatch.setattr(ops, "_plans", {})  # no plan made under the real figure
+    monkeypatch.setattr(nvrtc, "blocks_at_once", lambda fn, threads, device: at_once)
     assert chunk.stagger(at_once + 1, at_once) == at_once // 2 > 0
     rng = _rng()
     x, g = make_inputs(3, 2001, 264, rng=rng)
@@ -426,12 +491,4 @@ def test_empty_time(engine):
     h0 = cupy.asarray(_rng().standard_normal((2, 8)).astype(np.float32))
     o, ht = FORWARD[engine](x, x, initial_state=h0, output_final_state=True)
     assert o.shape == (2, 0, 8)
-    assert bool((ht == h0).all())
-
-
-def test_auto_matches_engines():
-    x, g = make_inputs(2, 3000, 64)
-    xd, gd = to_dev(x, "float32"), to_dev(g, "float32")
-    o_auto, _ = hc.hgrn(xd, gd)
-    o_chunk, _ = hc.chunk_hgrn(xd, gd)
-    assert rel_err(to_host(o_auto), to_host(o_chunk)) < TOL["float32"]
+    assert bool((ht == h0).all()), _seed()

@@ -1,7 +1,7 @@
 """hgrn_cupy.jax: values and gradients against the float64 NumPy reference, eagerly and under jit,
 grad through a loss against a pure-JAX scan, vmap, varlen, bfloat16 and float32; the CUDA plumbing
-(XLA buffers, pointers, workspace) checked on CPU with fake launchers; and, marked ``gpu``, the same
-checks on the CUDA kernels of both engines."""
+(XLA buffers, pointers, layouts, workspace, offsets guard) checked on CPU with fake engines; and,
+marked ``gpu``, the same checks on the CUDA kernels of both engines."""
 import subprocess
 import sys
 
@@ -14,6 +14,10 @@ jnp = pytest.importorskip("jax.numpy")
 
 import hgrn_cupy as hc  # noqa: E402
 import hgrn_cupy.jax as hj  # noqa: E402
+from hgrn_cupy import checks  # noqa: E402
+from hgrn_cupy.engines import chunk as hc_chunk  # noqa: E402
+from hgrn_cupy.engines.layout import layout_vector_width, row_major  # noqa: E402
+from hgrn_cupy.nvrtc import accumulation_dtype  # noqa: E402
 
 FUNCS = {"hgrn": hj.hgrn, "chunk": hj.chunk_hgrn, "fused_recurrent": hj.fused_recurrent_hgrn}
 DTYPES = ("float32", "bfloat16")
@@ -238,7 +242,7 @@ def test_final_state_requested_but_unused(rng):
 
 def test_forward_mode_is_not_supported(rng):
     x, g, _, _ = make_inputs(rng, False, "float32", h0=False)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"^can't apply forward-mode autodiff \(jvp\) to a custom_vjp function"):
         jax.jvp(lambda x: hj.hgrn(x, g)[0], (x,), (x,))
 
 
@@ -295,16 +299,16 @@ def test_vmap_with_unbatched_arguments_and_grad(rng):
 # argument checks
 
 @pytest.mark.parametrize("case, error, match", [
-    ("x 2-D", ValueError, "x must have 3 dimensions"),
-    ("g shape", ValueError, "g must have shape"),
-    ("int x", TypeError, "x has dtype int32"),
-    ("state shape", ValueError, "initial_state must have shape"),
-    ("cu with B > 1", ValueError, "needs B == 1"),
-    ("cu float", ValueError, "cu_seqlens must be a 1-D int32 or int64"),
-    ("cu start", ValueError, "must start at 0"),
-    ("cu decreasing", ValueError, "non-decreasing"),
-    ("cu end", ValueError, "must end at T"),
-    ("reverse not bool", TypeError, "reverse must be a bool"),
+    ("x 2-D", ValueError, r"^x must have 3 dimensions"),
+    ("g shape", ValueError, r"^g must have shape"),
+    ("int x", TypeError, r"^x has dtype int32"),
+    ("state shape", ValueError, r"^initial_state must have shape"),
+    ("cu with B > 1", ValueError, r"^cu_seqlens packs sequences .* needs B == 1"),
+    ("cu float", ValueError, r"^cu_seqlens must be a 1-D int32 or int64"),
+    ("cu start", ValueError, r"^cu_seqlens must start at 0"),
+    ("cu decreasing", ValueError, r"^cu_seqlens must be non-decreasing"),
+    ("cu end", ValueError, r"^cu_seqlens must end at T"),
+    ("reverse not bool", TypeError, r"^reverse must be a bool"),
 ])
 def test_bad_arguments_are_rejected(rng, case, error, match):
     x, g, h0, _ = make_inputs(rng, False, "float32")
@@ -333,75 +337,106 @@ def test_import_hgrn_cupy_does_not_import_jax():
 
 
 # ----------------------------------------------------------------------------------------------
-# the CUDA plumbing, exercised on CPU: buffer_callback hands XLA's CPU buffers to fake launchers
-# that compute with the NumPy reference through the very pointers and descriptors we build
+# the CUDA plumbing, exercised on CPU: buffer_callback hands XLA's CPU buffers to fake engines whose
+# launches compute with the NumPy reference through the very pointers and layouts we build
 
-def _view(ptr, shape, dtype):
+def _view(ptr, shape, dtype, strides=None):
+    """Host memory at ``ptr`` as a NumPy array (``strides`` in elements; default row-major)."""
     dt = np.dtype(jnp.dtype(dtype))
     n = int(np.prod(shape))
     if n == 0:
         return np.empty(shape, dt)
     import ctypes
 
-    return np.frombuffer((ctypes.c_char * (n * dt.itemsize)).from_address(ptr), dt).reshape(shape)
+    strides = strides or row_major(shape)
+    span = sum((k - 1) * s for k, s in zip(shape, strides)) + 1
+    base = np.frombuffer((ctypes.c_char * (span * dt.itemsize)).from_address(ptr), dt)
+    return np.lib.stride_tricks.as_strided(base, shape, [s * dt.itemsize for s in strides])
 
 
 def _state_view(ptr, N, D, acc):
     return None if not ptr else _view(ptr, (N, D), acc)
 
 
-class FakeLaunchers:
-    """Stand-ins for the launchers; they record what they were given and compute the reference."""
+class FakeEngines:
+    """Stand-ins for the engines' ``prepare``: each launch records what it was given and computes the
+    reference on host memory through its pointers, the prepared layouts (``Arr``) and the offsets."""
 
     def __init__(self):
         self.calls = []
 
-    def _cu(self, cu, N):
-        if cu is None:
-            return None
-        ptr, is64 = cu
-        return _view(ptr, (N + 1,), "int64" if is64 else "int32").copy()
+    def prepare(self, engine):
+        def prepare(direction, tensors, N, reverse, device, varlen=False):
+            assert device == 0
+            B, T, D = tensors[0].shape
+            assert all(a.shape == (B, T, D) and a.strides == row_major((B, T, D)) for a in tensors), tensors
+            # the dtypes the engines read: (x, g) forward, (o, g) backward
+            xd, gd = (tensors[0].dtype, tensors[1].dtype) if direction == 0 else (tensors[1].dtype, tensors[0].dtype)
+            acc = accumulation_dtype(xd, gd)
 
-    def fwd(self, engine):
-        def launch(x, g, o, h0, ht, cu, N, reverse, device, stream, workspace=None):
-            self.calls.append((engine, "fwd", x.dtype, g.dtype, N, reverse, cu is not None))
-            assert stream.ptr == 1234 and device == 0
-            acc = "float64" if "float64" in (x.dtype, g.dtype) else "float32"
-            assert x.strides == o.strides and x.strides[2] == 1
-            if workspace is not None:  # the chunk engine's scratch is an XLA buffer we may scribble on
-                nbytes = hc.chunk.workspace_layout(N, x.shape[1], x.shape[2], cu is not None,
-                                                   np.dtype(acc).itemsize)[3]
-                ptr, owner, filled, size = workspace(nbytes, np.dtype(acc).itemsize, stream.ptr)
-                assert not filled and size == nbytes  # XLA's buffer of this call: the launcher fills it
-                _view(ptr, (nbytes,), "uint8")[:] = 0xAB
-            oo, hh = hc.naive_recurrent_hgrn(_view(x.ptr, x.shape, x.dtype), _view(g.ptr, g.shape, g.dtype),
-                                             _state_view(h0, N, x.shape[2], acc), True, self._cu(cu, N), reverse,
-                                             compute_dtype=acc)
-            _view(o.ptr, o.shape, o.dtype)[...] = oo
-            if ht:
-                _view(ht, (N, x.shape[2]), acc)[...] = hh
-        return launch
-
-    def bwd(self, engine):
-        def launch(g, o, do, dx, dg, h0, dht, dh0, cu, N, reverse, device, stream, workspace=None):
-            self.calls.append((engine, "bwd", o.dtype, g.dtype, N, reverse, cu is not None))
-            acc = "float64" if "float64" in (o.dtype, g.dtype) else "float32"
-            D = o.shape[2]
-            if workspace is not None:
-                ptr = workspace(hc.chunk.workspace_layout(N, o.shape[1], D, cu is not None, 4)[3], 4, stream.ptr)[0]
-            r = hc.naive_recurrent_hgrn_bwd(
-                _view(g.ptr, g.shape, g.dtype), _view(o.ptr, o.shape, o.dtype), _view(do.ptr, do.shape, do.dtype),
-                _state_view(dht, N, D, acc), _state_view(h0, N, D, acc), self._cu(cu, N), reverse,
-                compute_dtype=acc)
-            _view(dx.ptr, dx.shape, dx.dtype)[...] = r[0]
-            _view(dg.ptr, dg.shape, dg.dtype)[...] = r[1]
-            if dh0:
-                _view(dh0, (N, D), acc)[...] = r[2]
-        return launch
+            def launch(stream, pointers, states, cu, workspace):
+                self.calls.append((engine, ("fwd", "bwd")[direction], xd, gd, N, reverse, varlen))
+                assert stream == _STREAM and len(pointers) == len(tensors) and all(pointers)
+                assert bool(cu[0]) == varlen
+                if engine == "chunk":  # the scratch is an XLA buffer of this call, fresh: the launch fills it
+                    nbytes = hc_chunk.workspace_layout(N, T, D, varlen, np.dtype(acc).itemsize, direction,
+                                                       layout_vector_width(D, tensors))[3]
+                    ptr, owner, filled, size = workspace(nbytes, np.dtype(acc).itemsize, stream)
+                    assert not filled and size == nbytes
+                    _view(ptr, (nbytes,), "uint8")[:] = 0xAB
+                offsets = None
+                if varlen:
+                    offsets = _view(cu[0], (N + 1,), "int64" if cu[1] else "int32").copy()
+                    if not checks.offsets_valid(offsets, T):
+                        return  # a kernel on invalid offsets writes nothing meaningful; the guard fills NaN
+                t = [_view(p, a.shape, a.dtype, a.strides) for p, a in zip(pointers, tensors)]
+                if direction == 0:
+                    h0, ht = states
+                    o, hT = hc.naive_recurrent_hgrn(t[0], t[1], _state_view(h0, N, D, acc), True, offsets, reverse,
+                                                    compute_dtype=acc)
+                    t[2][...] = o
+                    if ht:
+                        _view(ht, (N, D), acc)[...] = hT
+                else:
+                    h0, dht, dh0 = states
+                    dx, dg, dh = hc.naive_recurrent_hgrn_bwd(t[0], t[1], t[2], _state_view(dht, N, D, acc),
+                                                             _state_view(h0, N, D, acc), offsets, reverse,
+                                                             compute_dtype=acc)
+                    t[3][...], t[4][...] = dx, dg
+                    if dh0:
+                        _view(dh0, (N, D), acc)[...] = dh
+            return launch
+        return prepare
 
 
-class _FakeStream:
-    ptr = 1234
+class FakeGuard:
+    """Stand-in for ``hgrn_cupy.engines.guard`` (the device check of offsets not checked on the host):
+    ``check`` sets the flag where the offsets are invalid, ``fill`` then writes NaN (all-ones bytes)
+    over every output it is given."""
+
+    def __init__(self):
+        self.checked = []
+
+    def prepare(self, device, cu_dtype):
+        assert device == 0 and cu_dtype in ("int32", "int64")
+        guard = self
+
+        class Checker:
+            def check(self, stream, cu_ptr, n, T, flag_ptr):
+                assert stream == _STREAM
+                ok = checks.offsets_valid(_view(cu_ptr, (n,), cu_dtype), T)
+                guard.checked.append(ok)
+                _view(flag_ptr, (1,), "int32")[0] = 0 if ok else 1
+
+            def fill(self, stream, flag_ptr, outputs):
+                assert stream == _STREAM and outputs
+                if _view(flag_ptr, (1,), "int32")[0]:
+                    for ptr, nbytes in outputs:
+                        _view(ptr, (nbytes,), "uint8")[:] = 0xFF
+        return Checker()
+
+
+_STREAM = 1234
 
 
 class _NoScope:
@@ -417,14 +452,17 @@ class _NoScope:
 
 @pytest.fixture
 def fake_device(monkeypatch):
-    """Route the CUDA branch to CPU: lower it on CPU and swap the launchers for NumPy fakes."""
-    fakes = FakeLaunchers()
-    monkeypatch.setattr(hj, "_launch_stream", lambda ctx: _FakeStream())
+    """Route the CUDA branch to CPU: lower it on CPU and swap the engines (and the offsets guard) for
+    NumPy fakes."""
+    import hgrn_cupy.engines as engines
+
+    fakes = FakeEngines()
+    fakes.guard = FakeGuard()
+    monkeypatch.setattr(hj, "_launch_stream", lambda ctx: _STREAM)
     monkeypatch.setattr(hj, "_device_scope", _NoScope)
-    monkeypatch.setattr(hj._fused, "fused_recurrent_fwd", fakes.fwd("fused_recurrent"))
-    monkeypatch.setattr(hj._fused, "fused_recurrent_bwd", fakes.bwd("fused_recurrent"))
-    monkeypatch.setattr(hj._chunk, "chunk_fwd", fakes.fwd("chunk"))
-    monkeypatch.setattr(hj._chunk, "chunk_bwd", fakes.bwd("chunk"))
+    for name, module in engines.ENGINES.items():
+        monkeypatch.setattr(module, "prepare", fakes.prepare(name))
+    monkeypatch.setattr(engines, "guard", fakes.guard, raising=False)
     # The branch chosen on CUDA, made the only one (eager platform_dependent picks by platform).
     monkeypatch.setattr(hj, "_host_forward", hj._device_forward)
     monkeypatch.setattr(hj, "_host_backward", hj._device_backward)
@@ -465,6 +503,27 @@ def test_device_plumbing_on_cpu(fake_device, rng, name, dtype, varlen, with_stat
     assert engines == {name}, fake_device.calls
     assert [c[1] for c in fake_device.calls] == ["fwd", "bwd"]
     assert all(c[6] == varlen and c[5] == reverse for c in fake_device.calls)
+    # traced offsets are checked on the device (the guard), before each launch
+    assert fake_device.guard.checked == ([True, True] if varlen else [])
+
+
+@pytest.mark.parametrize("cu_seqlens", [(0, 11, 5, 40, 53), (0, 11, 11, 40, 52), (1, 11, 11, 40, 53)],
+                         ids=["decreasing", "short", "late_start"])
+def test_device_guard_on_cpu(fake_device, rng, cu_seqlens):
+    """Offsets that cannot be checked on the host (under jit) and are invalid: the guard runs before the
+    launch and every output of the call, forward and backward, is NaN; valid ones leave them finite."""
+    x, g, h0, _ = make_inputs(rng, True, "float32")
+
+    def loss(x, g, h0, cu):
+        o, ht = hj.fused_recurrent_hgrn(x, g, h0, True, cu)
+        return jnp.sum(o) + jnp.sum(ht), (o, ht)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    for cu, valid in ((CU_SEQLENS, True), (cu_seqlens, False)):
+        (_, (o, ht)), grads = step(x, g, h0, jnp.asarray(cu, jnp.int32))
+        for a in (o, ht) + tuple(grads):
+            assert bool(jnp.isfinite(a).all()) if valid else bool(jnp.isnan(a).all()), (cu, a)
+    assert fake_device.guard.checked == [True, True, False, False]
 
 
 def test_device_plumbing_under_vmap(fake_device, rng):
@@ -476,6 +535,7 @@ def test_device_plumbing_under_vmap(fake_device, rng):
         ro, rht = reference(X[v], g, H[v], cu, False)
         assert rel_err(o[v], ro) <= TOL["float32"] and rel_err(ht[v], rht) <= TOL["float32"]
     assert fake_device.calls == [("chunk", "fwd", "float32", "float32", 2 * (len(CU_SEQLENS) - 1), False, True)]
+    assert fake_device.guard.checked == [True]
 
 
 def test_data_ptr_reads_dlpack(rng):
