@@ -78,10 +78,10 @@ def _check_btd(a, name, fw, shape=None):
         raise ValueError(f"{name} must be contiguous along its last axis (stride 1), got strides {fw.strides(a)}")
 
 
-def _check_state(a, name, fw, ref, N, D, places):
+def _check_state(a, name, fw, ref, ref_name, N, D, places):
     if a is None:
         return
-    _same_place(a, name, fw, ref, "x", places)
+    _same_place(a, name, fw, ref, ref_name, places)
     _float_dtype(a, name, fw)
     if tuple(a.shape) != (N, D):
         raise ValueError(f"{name} must have shape [N, D] = {(N, D)}, got {tuple(a.shape)}")
@@ -115,11 +115,11 @@ def offsets_valid(v, T) -> bool:
     return bool(v.size and v[0] == 0 and v[-1] == T and not np.any(np.diff(v) < 0))
 
 
-def _cu_seqlens(cu, fw, ref, B, T, values):
+def _cu_seqlens(cu, fw, ref, ref_name, B, T, values):
     """(N, whether the values were checked on the host)."""
     if cu is None:
         return B, True
-    _same_place(cu, "cu_seqlens", fw, ref, "x", values)
+    _same_place(cu, "cu_seqlens", fw, ref, ref_name, values)
     N = cu_seqlens_layout(cu.shape, fw.dtype(cu), B)
     if not (values and config.check_cu_seqlens_values) or (fw.is_gpu(cu) and fw.capturing(ref)):
         return N, False
@@ -138,8 +138,8 @@ def check_forward(x, g, initial_state, cu_seqlens, output_final_state, reverse, 
     flag(output_final_state, "output_final_state")
     flag(reverse, "reverse")
     B, T, D = (int(n) for n in x.shape)
-    N, checked = _cu_seqlens(cu_seqlens, fw, x, B, T, values)
-    _check_state(initial_state, "initial_state", fw, x, N, D, values)
+    N, checked = _cu_seqlens(cu_seqlens, fw, x, "x", B, T, values)
+    _check_state(initial_state, "initial_state", fw, x, "x", N, D, values)
     return Call(fw, B, T, D, N, (xd, gd), accumulation_dtype(xd, gd), cu_seqlens is not None, checked)
 
 
@@ -155,7 +155,7 @@ def check_backward(g, o, do, dht, initial_state, cu_seqlens, reverse, values=Tru
     _check_btd(do, "do", fw, tuple(o.shape))
     flag(reverse, "reverse")
     B, T, D = (int(n) for n in o.shape)
-    N, checked = _cu_seqlens(cu_seqlens, fw, o, B, T, values)
-    _check_state(initial_state, "initial_state", fw, o, N, D, values)
-    _check_state(dht, "dht", fw, o, N, D, values)
+    N, checked = _cu_seqlens(cu_seqlens, fw, o, "o", B, T, values)
+    _check_state(initial_state, "initial_state", fw, o, "o", N, D, values)
+    _check_state(dht, "dht", fw, o, "o", N, D, values)
     return Call(fw, B, T, D, N, (od, gd), accumulation_dtype(od, gd), cu_seqlens is not None, checked)
