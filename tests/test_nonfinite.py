@@ -137,6 +137,27 @@ def after_mask(shape, b, t, c, start, end, reverse):
     return m
 
 
+# Within this many steps of a poisoned step the product of the gates since it cannot underflow (inputs'
+# gates are logsigmoid of standard normals), so every engine carries the NaN or inf there.  Further on,
+# where that product has reached exactly zero, the chunk engine treats it as forgetting (its look-back
+# stops at a chunk whose gates multiply to 0), so a step may be NaN or the clean value.
+NEAR = 16
+
+
+def near_mask(m, t, reverse, against_time=False):
+    """The part of ``m`` (a mask from ``after_mask``) within NEAR steps of t."""
+    out = np.zeros_like(m)
+    lo, hi = (t - NEAR + 1, t + 1) if reverse != against_time else (t, t + NEAR)
+    out[:, max(lo, 0):hi, :] = m[:, max(lo, 0):hi, :]
+    return out
+
+
+def nan_or_same(a, clean):
+    """Each element NaN, or bitwise the clean value."""
+    a, clean = f64(a), f64(clean)
+    return bool(np.all(np.isnan(a) | (a == clean) | (np.isnan(clean) & np.isnan(a))))
+
+
 def f64(a):
     return np.asarray(a).astype(np.float64)
 
@@ -171,15 +192,18 @@ def test_forward_poisoned_input_stays_in_its_channel(front, shape, dtype, frac, 
     o, ht = front.forward(bad["x"], bad["g"], h0, cu, reverse)
 
     m = after_mask(o.shape, b, t, c, start, end, reverse)
+    near = near_mask(m, t, reverse)
     ctx = f"seed {seed}, {where}[{b}, {t}, {c}] = {value}, sequence [{start}, {end}), reverse={reverse}"
     if np.isnan(value):
-        assert np.isnan(f64(o[m])).all(), f"o is not NaN from the poisoned step on; {ctx}"
-        assert np.isnan(f64(ht[n, c])), f"ht[{n}, {c}] is not NaN; {ctx}"
+        assert np.isnan(f64(o[near])).all(), f"o is not NaN right after the poisoned step; {ctx}"
     else:
-        assert not np.isfinite(f64(o[m])).any(), f"o is finite somewhere from the +inf step on; {ctx}"
-        assert not np.isnan(f64(o[b, t, c])), f"o at the +inf step is NaN, expected +inf; {ctx}"
+        assert not np.isfinite(f64(o[near])).any(), f"o is finite right after the +inf step; {ctx}"
         assert f64(o[b, t, c]) == np.inf, f"o at the +inf step is {o[b, t, c]}; {ctx}"
-        assert not np.isfinite(f64(ht[n, c])), f"ht[{n}, {c}] is finite; {ctx}"
+    far = m & ~near
+    assert nan_or_same(np.where(np.isinf(f64(o[far])), np.nan, f64(o[far])), o_clean[far]), \
+        f"o further on is neither non-finite nor the clean value; {ctx}"
+    assert nan_or_same(np.where(np.isinf(f64(ht[n, c])), np.nan, f64(ht[n, c])), ht_clean[n, c]), \
+        f"ht[{n}, {c}] is neither non-finite nor the clean value; {ctx}"
     assert same(o[~m], o_clean[~m]), f"o changed outside the poisoned channel's remaining steps; {ctx}"
     hm = np.zeros(ht.shape, bool)
     hm[n, c] = True
@@ -296,9 +320,11 @@ def test_nan_in_do_reaches_only_earlier_steps(front, shape, dtype, frac, reverse
 
     # the gradient flows against time: to steps <= t (>= t with reverse) of the same sequence
     m = after_mask(o.shape, b, t, c, start, end, not reverse)
+    near = near_mask(m, t, reverse, against_time=True)
     ctx = f"seed {seed}, do[{b}, {t}, {c}] = NaN, sequence [{start}, {end}), reverse={reverse}"
-    assert np.isnan(f64(dx[m])).all(), f"dx is not NaN at the steps the NaN reaches; {ctx}"
-    assert np.isnan(f64(dh0[n, c])), f"dh0[{n}, {c}] is not NaN; {ctx}"
+    assert np.isnan(f64(dx[near])).all(), f"dx is not NaN right before the poisoned step; {ctx}"
+    assert nan_or_same(dx[m & ~near], clean[0][m & ~near]), f"dx further back is neither NaN nor clean; {ctx}"
+    assert nan_or_same(dh0[n, c], clean[2][n, c]), f"dh0[{n}, {c}] is neither NaN nor clean; {ctx}"
     assert same(dx[~m], clean[0][~m]), f"dx changed outside the steps the NaN reaches; {ctx}"
     assert same(dg[~m], clean[1][~m]), f"dg changed outside the steps the NaN reaches; {ctx}"
     hm = np.zeros(dh0.shape, bool)

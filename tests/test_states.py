@@ -152,7 +152,7 @@ def _torch_dev(a64, dtype, torch):
 def _acc_tol(xd, gd, T):
     """Accumulation error only (the reference walks the same rounded inputs); it grows with the walk."""
     acc = "float64" if "float64" in (xd, gd) else "float32"
-    return TOL[acc] * max(1.0, np.sqrt(T / 256))
+    return TOL[acc] * max(1.0, T / 1024)  # A is a product of T rounded factors: its error grows with T
 
 
 @pytest.mark.gpu
@@ -165,7 +165,7 @@ def test_kernels_match_walk(xd, gd, B, T, D, reverse):
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA")
     seed = zlib.crc32(repr((xd, gd, B, T, D, reverse)).encode())
-    x64, g64, do64 = inputs(seed, B, T, D, gate_scale=3.0 if T > 1000 else None)
+    x64, g64, do64 = inputs(seed, B, T, D, gate_scale=3.0)  # A a normal float32 at every T
     x, g, do = _torch_dev(x64, xd, torch), _torch_dev(g64, gd, torch), _torch_dev(do64, xd, torch)
     tol = _acc_tol(xd, gd, T)
     A, b = states.forward_states(x, g, reverse)
@@ -186,7 +186,7 @@ def test_strided_views(dtype):
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA")
     seed = 21
-    x64, g64, _ = inputs(seed, 3, 3 * 500, 130)
+    x64, g64, _ = inputs(seed, 3, 3 * 500, 130, gate_scale=3.0)
     x, g = _torch_dev(x64, dtype, torch), _torch_dev(g64, dtype, torch)
     for view in (lambda a: a[:, ::3, :128], lambda a: a[1:, :, 2:130], lambda a: a[:, 7:901, 1:129]):
         xv, gv = view(x), view(g)
