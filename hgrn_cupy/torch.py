@@ -51,26 +51,46 @@ def _no_double_backward():
 # ----------------------------------------------------------------------------------------------
 # eager: an autograd Function on the planned calls
 
+class _Options:
+    """The arguments that take no gradient, as one object: ``Function.apply`` walks its arguments as a
+    pytree, and one leaf costs less host time than four."""
+    __slots__ = ("cu_seqlens", "final", "reverse", "engine")
+
+    def __init__(self, cu_seqlens, final, reverse, engine):
+        self.cu_seqlens, self.final, self.reverse, self.engine = cu_seqlens, final, reverse, engine
+
+
 class _Eager(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, g, initial_state, cu_seqlens, output_final_state, reverse, engine):
-        o, ht = plans.forward(engine, _last_axis_dense(x), _last_axis_dense(g), initial_state,
-                              output_final_state, cu_seqlens, reverse)
+    def forward(ctx, x, g, initial_state, opts):
+        o, ht = plans.forward(opts.engine, _last_axis_dense(x), _last_axis_dense(g), initial_state, opts.final,
+                              opts.cu_seqlens, opts.reverse)
         # o holds every state the backward needs, so x is not kept
-        ctx.save_for_backward(g, o, initial_state, cu_seqlens)
-        ctx.final, ctx.reverse, ctx.engine = output_final_state, reverse, engine
+        ctx.save_for_backward(g, o, initial_state)
+        ctx.opts = opts
         ctx.set_materialize_grads(False)  # no zero tensors for outputs the loss does not use
         return o, ht
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a second backward raises
     def backward(ctx, do, dht):
-        g, o, initial_state, cu_seqlens = ctx.saved_tensors
+        g, o, initial_state = ctx.saved_tensors
+        opts = ctx.opts
         if do is None:  # only the final state reaches the loss
             do = torch.zeros_like(o)
-        dx, dg, dh0 = plans.backward(ctx.engine, _last_axis_dense(g), o, _last_axis_dense(do),
-                                     dht if ctx.final else None, initial_state, cu_seqlens, ctx.reverse)
-        return dx, dg, dh0, None, None, None, None
+        grads = plans.backward(opts.engine, _last_axis_dense(g), o, _last_axis_dense(do),
+                               dht if opts.final else None, initial_state, opts.cu_seqlens, opts.reverse)
+        if torch.is_grad_enabled():  # create_graph: differentiating these gradients raises when asked for
+            grads = _not_twice(grads)
+        return grads + (None,)
+
+
+def _not_twice(grads):
+    """The gradients behind a node that raises when it is differentiated (torch's delayed error)."""
+    present = [t for t in grads if t is not None]
+    err = torch._C._functions.DelayedError(
+        b"hgrn_cupy: the backward of HGRN is not differentiable (no double backward)", len(present))
+    marked = iter(err(*[t.detach().requires_grad_() for t in present]))
+    return tuple(None if t is None else next(marked) for t in grads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +183,7 @@ def apply(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
                 initial_state is not None and initial_state.requires_grad)):
             checks.flag(output_final_state, "output_final_state")
             checks.flag(reverse, "reverse")
-            return _Eager.apply(x, g, initial_state, cu_seqlens, output_final_state, reverse, engine)
+            return _Eager.apply(x, g, initial_state, _Options(cu_seqlens, output_final_state, reverse, engine))
         return plans.forward(engine, _last_axis_dense(x), _last_axis_dense(g), initial_state, output_final_state,
                              cu_seqlens, reverse)
     if not torch.compiler.is_compiling():

@@ -252,7 +252,7 @@ def test_no_double_backward(gen):
     x, g = leaf(x), leaf(g)
     o, _ = htorch.hgrn(x, g, h0)
     (dx,) = torch.autograd.grad(o.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward|differentiate twice"):
+    with pytest.raises(RuntimeError, match="no double backward"):
         dx.sum().backward()
 
 
