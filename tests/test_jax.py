@@ -14,6 +14,7 @@ jnp = pytest.importorskip("jax.numpy")
 
 import hgrn_cupy as hc  # noqa: E402
 import hgrn_cupy.jax as hj  # noqa: E402
+from hgrn_cupy import xla  # noqa: E402
 from hgrn_cupy import checks  # noqa: E402
 from hgrn_cupy.engines import chunk as hc_chunk  # noqa: E402
 from hgrn_cupy.engines.layout import layout_vector_width, row_major  # noqa: E402
@@ -458,14 +459,14 @@ def fake_device(monkeypatch):
 
     fakes = FakeEngines()
     fakes.guard = FakeGuard()
-    monkeypatch.setattr(hj, "_launch_stream", lambda ctx: _STREAM)
-    monkeypatch.setattr(hj, "_device_scope", _NoScope)
+    monkeypatch.setattr(xla, "_launch_stream", lambda ctx: _STREAM)
+    monkeypatch.setattr(xla, "_device_scope", _NoScope)
     for name, module in engines.ENGINES.items():
         monkeypatch.setattr(module, "prepare", fakes.prepare(name))
     monkeypatch.setattr(engines, "guard", fakes.guard, raising=False)
     # The branch chosen on CUDA, made the only one (eager platform_dependent picks by platform).
-    monkeypatch.setattr(hj, "_host_forward", hj._device_forward)
-    monkeypatch.setattr(hj, "_host_backward", hj._device_backward)
+    monkeypatch.setattr(hj, "_host_forward", xla.device_forward)
+    monkeypatch.setattr(hj, "_host_backward", xla.device_backward)
     hj._forward_op.cache_clear()
     hj._backward_op.cache_clear()
     jax.clear_caches()  # traces made before the swap must not be reused, nor these after it
@@ -545,9 +546,9 @@ def test_data_ptr_reads_dlpack(rng):
     seen = {}
 
     def cb(ctx, out, x):
-        seen["x"] = (hj._data_ptr(x), np.asarray(x).ctypes.data)
-        seen["out"] = (hj._data_ptr(out), np.asarray(out).ctypes.data)
-        seen["versioned"] = hj._capsule_data_ptr(x.__dlpack__(max_version=(1, 0)))
+        seen["x"] = (xla._data_ptr(x), np.asarray(x).ctypes.data)
+        seen["out"] = (xla._data_ptr(out), np.asarray(out).ctypes.data)
+        seen["versioned"] = xla._capsule_data_ptr(x.__dlpack__(max_version=(1, 0)))
         np.asarray(out)[...] = np.asarray(x).astype(np.float32)
 
     x = jnp.asarray(rng.standard_normal((5, 7)), jnp.bfloat16)
