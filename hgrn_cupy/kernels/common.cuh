@@ -1,5 +1,6 @@
-// Shared pieces of the hgrn_cupy kernels: storage types for 16-bit floats and their
-// conversions, the accumulation type, the affine pair, and the varlen bounds.
+// Shared pieces of the hgrn_cupy kernels: storage types for 16-bit floats and their conversions, the
+// accumulation type, gate_exp, the varlen bounds, the affine pair, the segment cursor, and the vector
+// words (Pack) every access goes through.
 // Compiles with NVRTC alone: no CUDA toolkit header is included anywhere.
 #pragma once
 
@@ -81,12 +82,8 @@ template <> struct Cvt<double, bfloat16_t> {
     static __device__ __forceinline__ double load(bfloat16_t v) { return (double)bf16_bits_to_float(v.bits); }
     static __device__ __forceinline__ bfloat16_t store(double v) { bfloat16_t r; r.bits = double_to_bf16_bits(v); return r; }
 };
-template <> struct Cvt<float, double> {  // only used for state in/out of float64 kernels; unused otherwise
-    static __device__ __forceinline__ float load(double v) { return (float)v; }
-    static __device__ __forceinline__ double store(float v) { return (double)v; }
-};
 
-// Accumulate in double when either input is double, in float otherwise (DESIGN.md section 1).
+// Accumulate in double when either input is double, in float otherwise (docs/design.md, section 1).
 template <typename A, typename B> struct AccOf { typedef float type; };
 template <typename B> struct AccOf<double, B> { typedef double type; };
 template <typename A> struct AccOf<A, double> { typedef double type; };
@@ -101,22 +98,6 @@ __device__ __forceinline__ float gate_exp(float g) {
     return r;
 }
 __device__ __forceinline__ double gate_exp(double g) { return exp(g); }
-
-// Loads that should not linger in cache: every input element is read exactly once.
-template <typename T> __device__ __forceinline__ T load_stream(const T* p) { return __ldcs(p); }
-template <> __device__ __forceinline__ half_t load_stream<half_t>(const half_t* p) {
-    half_t r; r.bits = __ldcs(reinterpret_cast<const unsigned short*>(p)); return r;
-}
-template <> __device__ __forceinline__ bfloat16_t load_stream<bfloat16_t>(const bfloat16_t* p) {
-    bfloat16_t r; r.bits = __ldcs(reinterpret_cast<const unsigned short*>(p)); return r;
-}
-template <typename T> __device__ __forceinline__ void store_stream(T* p, T v) { __stcs(p, v); }
-template <> __device__ __forceinline__ void store_stream<half_t>(half_t* p, half_t v) {
-    __stcs(reinterpret_cast<unsigned short*>(p), v.bits);
-}
-template <> __device__ __forceinline__ void store_stream<bfloat16_t>(bfloat16_t* p, bfloat16_t v) {
-    __stcs(reinterpret_cast<unsigned short*>(p), v.bits);
-}
 
 // The bounds [bos, eos) of sequence n. With cu_seqlens, sequences are packed along time of batch 0;
 // the bounds are clamped into [0, T] so that malformed offsets can never address outside the tensor.

@@ -32,17 +32,19 @@
 
 namespace hc {
 
+// Warps a block, steps of both tensors' loads a thread has in flight, and rows of the combine: the
+// launcher passes the values it launches with.
 #ifndef HC_STATES_WARPS
-#define HC_STATES_WARPS 8
+#error "HC_STATES_WARPS is set by the launcher (hgrn_cupy/states.py)"
 #endif
-#ifndef HC_STATES_UNROLL  // steps of both tensors' loads a thread has in flight
-#define HC_STATES_UNROLL 8
+#ifndef HC_STATES_UNROLL
+#error "HC_STATES_UNROLL is set by the launcher (hgrn_cupy/states.py)"
 #endif
 #ifndef HC_STATES_MIN_BLOCKS
 #define HC_STATES_MIN_BLOCKS 2
 #endif
 #ifndef HC_STATES_COMBINE_ROWS
-#define HC_STATES_COMBINE_ROWS 16
+#error "HC_STATES_COMBINE_ROWS is set by the launcher (hgrn_cupy/states.py)"
 #endif
 
 template <typename Acc, typename TV, typename TG, int VEC, bool BWD>
