@@ -4,12 +4,10 @@
     python benchmarks/experiments/chunk_shape.py [--cases ...] [--passes fwd,bwd] [--smoke]
 
 Variants (16-bit and float32 vector kernels; docs/performance.md has the reasons):
-- ticket order: blocks of the 8-channel (16-bit) kernels take an atomic ticket before their loads
-  instead of their chunk from the block index (HC_INDEX_ORDER_VEC);
-- no interior form: every chunk takes the checked form with segment bookkeeping (HC_CHUNK_INTERIOR);
-- window 16: eight predecessor slots a thread a round of the look-back instead of four (HC_LOOKBACK_BATCH);
 - one-row and four-row warps: chunks of 64 or 256 steps instead of 128 (forward; backward half of that);
-- half the steps a thread with three blocks a SM, and four warps a block with four blocks a SM.
+- half the steps a thread, and four warps a block.
+The ticket order, the checked-only form, the look-back window and the blocks a SM were compile-time
+switches once; they are constants of the kernels now (docs/performance.md keeps what they measured).
 Each variant compiles its own module (NVRTC) on first use.
 """
 import sys
@@ -49,15 +47,10 @@ def variants(chunk):
     s = lambda **kw: shape_settings(chunk, **kw)  # noqa: E731
     return {
         "as shipped": [],
-        "ticket order": s(extra=["-DHC_INDEX_ORDER_VEC=16"]),
-        "no interior form": s(extra=["-DHC_CHUNK_INTERIOR=0"]),
-        "window 16": s(extra=["-DHC_LOOKBACK_BATCH=8"]),
         "one-row warps": s(fwd=(8, 1, 8), bwd=(8, 1, 4)),
         "four-row warps": s(fwd=(8, 4, 8), bwd=(8, 4, 4)),
-        "half the steps, 3 blocks a SM": s(fwd=(8, 2, 4), bwd=(8, 2, 2),
-                                           extra=["-DHC_FWD_MIN_BLOCKS_V=3", "-DHC_BWD_MIN_BLOCKS_V=3"]),
-        "4 warps, 4 blocks a SM": s(fwd=(4, 2, 8), bwd=(4, 2, 4),
-                                    extra=["-DHC_FWD_MIN_BLOCKS_V=4", "-DHC_BWD_MIN_BLOCKS_V=4"]),
+        "half the steps": s(fwd=(8, 2, 4), bwd=(8, 2, 2)),
+        "4 warps": s(fwd=(4, 2, 8), bwd=(4, 2, 4)),
     }
 
 

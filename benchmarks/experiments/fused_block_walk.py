@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""The fused engine's block walks: where they apply, their lanes, their shape, their L2 prefetch.
+"""The fused engine's block walks: where they apply, their lanes, their shape.
 
-    python benchmarks/experiments/fused_block_walk.py --group bands|lanes|shape|prefetch|fast [--cases ...] [--smoke]
+    python benchmarks/experiments/fused_block_walk.py --group bands|lanes|shape [--cases ...] [--smoke]
 
 Groups (docs/performance.md has the reasons):
 - bands: the block walk forced at every channel count, against the thread walk forced and the chunk
@@ -9,11 +9,7 @@ Groups (docs/performance.md has the reasons):
   the engine crossover;
 - lanes: 8-byte lanes everywhere, 4-byte lanes everywhere, against the shipped rule (forward 8 bytes
   from BLOCK_WALK_NARROW_BELOW channels on, 4 below; backward 4);
-- shape: warps x steps a window and resident blocks a SM (W16S4 with one or two blocks, W8S4 with two
-  or four, W4S8 with four) against W8S8 with two;
-- prefetch: the next window asked of L2 (evict-last) one window ahead, against none and two ahead;
-- fast: the block walks' fast form (windows wholly inside the sequence skip the per-step checks, the
-  first pass's gates serve the second) turned off.
+- shape: warps x steps a window (W16S4, W8S4, W4S8) against W8S8.
 Every group but bands forces the block walk at every channel count, so the default shapes can sit
 outside the shipped bands.
 """
@@ -60,9 +56,8 @@ def lanes(fused, comp, nbytes):
             + with_options(fused, f"-DHC_EXPERIMENT_LANES={nbytes}"))
 
 
-def walk_shape(fused, warps, steps, blocks):
-    return [(fused, "BLOCK_WARPS", warps), (fused, "BLOCK_STEPS", steps), (fused, "BLOCK_WALK_MIN_T", warps * steps)
-            ] + with_options(fused, f"-DHC_BLOCK_MIN_BLOCKS={blocks}")
+def walk_shape(fused, warps, steps):
+    return [(fused, "BLOCK_WARPS", warps), (fused, "BLOCK_STEPS", steps), (fused, "BLOCK_WALK_MIN_T", warps * steps)]
 
 
 def groups(fused, comp):
@@ -79,16 +74,8 @@ def groups(fused, comp):
                   {"as shipped": ev, "8-byte lanes": ev + lanes(fused, comp, 8),
                    "4-byte lanes": ev + lanes(fused, comp, 4)}, set()),
         "shape": (["bf16:8x4096x2048", "bf16:32x4096x1024", "bf16:64x4096x1024", "f32:8x4096x2048"],
-                  {"W8S8, 2 a SM (as shipped)": ev, "W16S4, 1 a SM": ev + walk_shape(fused, 16, 4, 1),
-                   "W16S4, 2 a SM": ev + walk_shape(fused, 16, 4, 2), "W8S4, 2 a SM": ev + walk_shape(fused, 8, 4, 2),
-                   "W8S4, 4 a SM": ev + walk_shape(fused, 8, 4, 4), "W4S8, 4 a SM": ev + walk_shape(fused, 4, 8, 4)},
-                  set()),
-        "prefetch": (["bf16:16x4096x1024", "bf16:8x4096x2048", "f32:8x4096x1024", "f32:8x4096x2048"],
-                     {"one window ahead (as shipped)": ev, "none": ev + with_options(fused, "-DHC_BLOCK_L2_AHEAD=0"),
-                      "two windows ahead": ev + with_options(fused, "-DHC_BLOCK_L2_AHEAD=2")}, set()),
-        "fast": (["bf16:8x4096x2048", "bf16:32x4096x1024", "f32:8x4096x1024", "f32:8x4096x2048"],
-                 {"fast form (as shipped)": ev,
-                  "checked form only": ev + with_options(fused, "-DHC_BLOCK_FAST(TX,TG,VEC)=false")}, set()),
+                  {"W8S8 (as shipped)": ev, "W16S4": ev + walk_shape(fused, 16, 4), "W8S4": ev + walk_shape(fused, 8, 4),
+                   "W4S8": ev + walk_shape(fused, 4, 8)}, set()),
     }
 
 

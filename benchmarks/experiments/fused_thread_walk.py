@@ -1,15 +1,13 @@
 #!/usr/bin/env python
-"""The fused engine's thread walk: register tiles, two channels a thread, the fast form.
+"""The fused engine's thread walk: register tiles and two channels a thread.
 
-    python benchmarks/experiments/fused_thread_walk.py --group tiles|fast [--cases ...] [--smoke]
+    python benchmarks/experiments/fused_thread_walk.py --group tiles [--cases ...] [--smoke]
 
 The block walks are turned off throughout, so the thread walk runs at every shape.
 - tiles: one channel a thread with 16- and 32-step tiles, two channels a thread with 8-, 16- and
   32-step tiles (two tiles in flight: the next tile's loads are issued before the current one is
   scanned), at 16K to 256K channels; the shipped rule is 32 steps for float32 and 16 for 16-bit types
-  with one channel, and two channels (32 steps 16-bit, 16 float32) from WALK_VEC_MIN_CHANNELS on;
-- fast: the backward walk's fast form (tiles wholly inside the sequence skip the per-step checks; on
-  where it measured faster: one 16-bit channel a thread) forced on and off.
+  with one channel, and two channels (32 steps 16-bit, 16 float32) from WALK_VEC_MIN_CHANNELS on.
 """
 import sys
 from pathlib import Path
@@ -41,12 +39,6 @@ def tiles(fused, channels, steps):
     return [(fused, "WALK_VEC_MIN_CHANNELS", 0 if channels == 2 else 1 << 62), (fused, "options", options)]
 
 
-def fast_bwd(fused, on):
-    shipped = fused.options
-    flag = f"-DHC_WALK_FAST_BWD(TX,TG,VEC)={'true' if on else 'false'}"
-    return [(fused, "options", lambda x_dtype, g_dtype: shipped(x_dtype, g_dtype) + (flag,))]
-
-
 def groups(fused):
     tw = thread_walk(fused)
     return {
@@ -56,9 +48,6 @@ def groups(fused):
                   {"as shipped": tw, "1 ch, 16 steps": tw + tiles(fused, 1, 16), "1 ch, 32 steps": tw + tiles(fused, 1, 32),
                    "2 ch, 8 steps": tw + tiles(fused, 2, 8), "2 ch, 16 steps": tw + tiles(fused, 2, 16),
                    "2 ch, 32 steps": tw + tiles(fused, 2, 32)}),
-        "fast": (["bf16:8x4096x2048", "bf16:32x2048x4096", "f32:8x4096x2048", "f32:32x2048x4096"],
-                 {"as shipped": tw, "fast form on": tw + fast_bwd(fused, True),
-                  "fast form off": tw + fast_bwd(fused, False)}),
     }
 
 
@@ -68,7 +57,7 @@ def main():
     args, timer, gbps, hc = c.start(__doc__, "Fused engine thread walk", None, "bf16:32x2048x4096",
                                     'engine forced: fused_recurrent_hgrn and hgrn_backward(engine="fused_recurrent"); '
                                     "block walks off", groups=table,
-                                    passes=lambda a: "bwd" if a.group == "fast" else "fwd,bwd")
+                                    passes=lambda a: "fwd,bwd")
     c.run(args, timer, gbps, table[args.group][1], c.engine_calls(hc, "fused_recurrent"), forget)
 
 
