@@ -160,7 +160,12 @@ template <> struct SegmentCursor<true> {
         i64 v = load_offset(cu, cu64, i);
         return v < 0 ? 0 : (v > T ? T : v);
     }
+    // Segment 0 starts at 0 and the last one ends at T whatever the offsets say (valid offsets do so
+    // already), so that every step lies in a segment and a step before its segment's start never
+    // reads a previous step outside the tensors; results of invalid offsets are the guard's NaN.
     __device__ __forceinline__ i64 logical_start(i64 k) const {
+        if (k <= 0) return 0;
+        if (k >= nseg) return T;
         return reverse ? T - phys_offset(nseg - k) : phys_offset(k);
     }
     __device__ __forceinline__ i64 seq(i64) const { return reverse ? nseg - 1 - m : m; }
