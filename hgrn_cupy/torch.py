@@ -29,7 +29,7 @@ import torch
 
 from . import checks, plans
 
-__all__ = ["hgrn", "chunk_hgrn", "fused_recurrent_hgrn"]
+__all__ = ["hgrn", "chunk_hgrn", "fused_recurrent_hgrn", "use_in_fla"]
 
 
 def _acc_dtype(a, b):
@@ -222,3 +222,20 @@ def chunk_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=No
 def fused_recurrent_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False):
     """:func:`hgrn` on the fused recurrent engine (for many channels, decoding and varlen)."""
     return apply("fused_recurrent", x, g, initial_state, output_final_state, cu_seqlens, reverse)
+
+
+def use_in_fla(enable=True):
+    """Run flash-linear-attention's HGRN layer (``fla.layers.hgrn.HGRNAttention``, and so fla's HGRN
+    models) on these kernels: the layer's ``chunk_hgrn`` and ``fused_recurrent_hgrn`` become this
+    module's, which take the same arguments.  ``use_in_fla(False)`` puts fla's own back.  Returns the
+    patched module.  Needs fla installed (``ImportError`` otherwise)."""
+    import importlib
+
+    layer = importlib.import_module("fla.layers.hgrn")
+    if not hasattr(layer, "_hgrn_cupy_saved"):
+        layer._hgrn_cupy_saved = (layer.chunk_hgrn, layer.fused_recurrent_hgrn)
+    if enable:
+        layer.chunk_hgrn, layer.fused_recurrent_hgrn = chunk_hgrn, fused_recurrent_hgrn
+    else:
+        layer.chunk_hgrn, layer.fused_recurrent_hgrn = layer._hgrn_cupy_saved
+    return layer
