@@ -2,7 +2,7 @@
 
 Each script in this folder times hgrn_cupy on torch CUDA tensors with some of the library's knobs set
 one way and another (an A/B), and prints one Markdown table that names the GPU.  The method is the one
-`benchmarks/bench.py` uses, so the figures read alike:
+`python -m benchmarks` uses, so the figures read alike:
 
 - timer: ``triton.testing.do_bench`` median (L2 flushed by a 256 MB memset before every call); without
   triton, CUDA events around single calls after the same flush, median;
