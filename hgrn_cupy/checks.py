@@ -110,9 +110,15 @@ def cu_seqlens_values(v, T):
 
 
 def offsets_valid(v, T) -> bool:
-    """Whether host offsets ``v`` pass :func:`cu_seqlens_values`."""
+    """Whether host offsets ``v`` pass :func:`cu_seqlens_values` (an empty ``v`` does not)."""
     v = np.asarray(v)
-    return bool(v.size and v[0] == 0 and v[-1] == T and not np.any(np.diff(v) < 0))
+    if not v.size:
+        return False
+    try:
+        cu_seqlens_values(v, T)
+    except ValueError:
+        return False
+    return True
 
 
 def _cu_seqlens(cu, fw, ref, ref_name, B, T, values):

@@ -44,14 +44,6 @@ __all__ = ["hgrn", "chunk_hgrn", "fused_recurrent_hgrn"]
 # ----------------------------------------------------------------------------------------------
 # validation (once, at the public boundary; the per-example view under vmap)
 
-def _concrete(a):
-    """``a`` as a NumPy array when its values are known now (not under jit or vmap), else None."""
-    try:
-        return np.asarray(a)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
 def _as_jax(a, name):
     """JAX arrays (and tracers) as they are; NumPy arrays converted; anything else refused, as the top
     level refuses it."""
