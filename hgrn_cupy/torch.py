@@ -63,8 +63,9 @@ class _Options:
 class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, initial_state, opts):
-        o, ht = plans.forward(opts.engine, _last_axis_dense(x), _last_axis_dense(g), initial_state, opts.final,
-                              opts.cu_seqlens, opts.reverse)
+        if x.stride(2) != 1 or g.stride(2) != 1:
+            x, g = _last_axis_dense(x), _last_axis_dense(g)
+        o, ht = plans.forward(opts.engine, x, g, initial_state, opts.final, opts.cu_seqlens, opts.reverse)
         # o holds every state the backward needs, so x is not kept
         ctx.save_for_backward(g, o, initial_state)
         ctx.opts = opts
@@ -181,8 +182,7 @@ def apply(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
     if _eager(x, g, initial_state):
         if torch.is_grad_enabled() and (x.requires_grad or g.requires_grad or (
                 initial_state is not None and initial_state.requires_grad)):
-            checks.flag(output_final_state, "output_final_state")
-            checks.flag(reverse, "reverse")
+            # the flags are checked by plans.forward, which plans only calls whose flags are bools
             return _Eager.apply(x, g, initial_state, _Options(cu_seqlens, output_final_state, reverse, engine))
         return plans.forward(engine, _last_axis_dense(x), _last_axis_dense(g), initial_state, output_final_state,
                              cu_seqlens, reverse)

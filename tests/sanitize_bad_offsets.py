@@ -24,12 +24,13 @@ def main():
     T, D = 20, 40
     x = cupy.asarray(rng.standard_normal((1, T, D)), dtype=cupy.float32)
     g = cupy.asarray(-np.logaddexp(0, -rng.standard_normal((1, T, D))), dtype=cupy.float32)
-    h0 = cupy.asarray(rng.standard_normal((2, D)), dtype=cupy.float32)
+    h0s = {n: cupy.asarray(rng.standard_normal((n, D)), dtype=cupy.float32) for n in (2, 3)}  # one per sequence
     failures = 0
     for engine, fwd in (("chunk", hc.chunk_hgrn), ("fused_recurrent", hc.fused_recurrent_hgrn)):
         for dtype in ("int32", "int64"):
             for offsets in BAD:
                 cu = cupy.asarray(np.asarray(offsets, dtype=np.int64).astype(dtype))
+                h0 = h0s[len(offsets) - 1]
                 o, ht = fwd(x, g, h0, True, cu)
                 dx, dg, dh0 = hc.hgrn_backward(g, x, x, ht, h0, cu, engine=engine)
                 outs = {"o": o, "ht": ht, "dx": dx, "dg": dg, "dh0": dh0}
@@ -37,7 +38,7 @@ def main():
                 if bad:
                     failures += 1
                     print(f"{engine} {dtype} {offsets}: not all NaN: {bad}")
-            cu = cupy.asarray(np.asarray([0, 7, 20]).astype(dtype))
+            cu, h0 = cupy.asarray(np.asarray([0, 7, 20]).astype(dtype)), h0s[2]
             o, _ = fwd(x, g, h0, True, cu)
             ref, _ = hc.naive_recurrent_hgrn(x.get(), g.get(), h0.get(), True, cu.get())
             err = float(np.linalg.norm(o.get() - ref) / np.linalg.norm(ref))

@@ -131,9 +131,9 @@ __device__ __forceinline__ void fwd_fold(i64 u0, i64 T, i64 D, i64 d, i64 batch,
             for (int k = 0; k < VEC; ++k) {
                 Acc a = gate_exp(g[j].template get<Acc>(k)), b = x[j].template get<Acc>(k);
                 if (h0p) b += a * h0p[k];  // h[-1] = h0
-                if (start) a = Acc(0);     // a sequence begins
-                mine[k].b = a * mine[k].b + b;
-                mine[k].a = a * mine[k].a;
+                // a sequence begins: what came before is dropped, NaN included (0 * NaN is NaN)
+                mine[k].b = start ? b : a * mine[k].b + b;
+                mine[k].a = start ? Acc(0) : a * mine[k].a;
             }
         }
     }
@@ -163,8 +163,7 @@ __device__ __forceinline__ void fwd_scan(i64 u0, i64 T, i64 D, i64 d, i64 batch,
             for (int k = 0; k < VEC; ++k) {
                 Acc a = gate_exp(g[j].template get<Acc>(k)), b = x[j].template get<Acc>(k);
                 if (h0p) b += a * h0p[k];
-                if (start) a = Acc(0);
-                h[k] = a * h[k] + b;
+                h[k] = start ? b : a * h[k] + b;
                 out.template set<Acc>(k, h[k]);
             }
             if (live) {
@@ -200,11 +199,11 @@ __device__ __forceinline__ void bwd_fold(i64 v0, i64 T, i64 D, i64 d, i64 batch,
             }
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
-                const Acc a = last ? Acc(0) : gate_exp(j == 0 ? gnext.template get<Acc>(k) : g[j - 1].template get<Acc>(k));
+                const Acc a = gate_exp(j == 0 ? gnext.template get<Acc>(k) : g[j - 1].template get<Acc>(k));
                 Acc b = dout[j].template get<Acc>(k);
                 if (dhtp) b += dhtp[k];
-                mine[k].b = a * mine[k].b + b;
-                mine[k].a = a * mine[k].a;
+                mine[k].b = last ? b : a * mine[k].b + b;  // a segment's last step restarts the reversed scan
+                mine[k].a = last ? Acc(0) : a * mine[k].a;
             }
         }
     }
@@ -242,7 +241,7 @@ __device__ __forceinline__ void bwd_scan(i64 v0, i64 T, i64 D, i64 d, i64 batch,
             for (int k = 0; k < VEC; ++k) {
                 Acc b = dout[j].template get<Acc>(k);
                 if (dhtp) b += dhtp[k];
-                dh[k] = (last ? Acc(0) : en[k]) * dh[k] + b;
+                dh[k] = last ? b : en[k] * dh[k] + b;
                 const Acc e = gate_exp(g[j].template get<Acc>(k));
                 const Acc prev = first ? (h0p ? h0p[k] : Acc(0)) : hprev[j].template get<Acc>(k);
                 dxo.template set<Acc>(k, dh[k]);

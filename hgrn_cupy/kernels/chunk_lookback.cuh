@@ -186,7 +186,7 @@ struct ChunkBlock {
             Affine<Acc> o;
             o.a = __shfl_xor_sync(0xffffffffu, m.a, off);
             o.b = __shfl_xor_sync(0xffffffffu, m.b, off);
-            m = ((threadIdx.x & off) == 0) == LOW_EARLIER ? compose(o, m) : compose(m, o);
+            m = ((threadIdx.x & off) == 0) == LOW_EARLIER ? compose_reset(o, m) : compose_reset(m, o);
         }
         return m;
     }
@@ -227,7 +227,7 @@ struct ChunkBlock {
             const int i = i0 + r * (NT / SPLIT);
             share[r].a = Acc(1); share[r].b = Acc(0);
 #pragma unroll
-            for (int k = 0; k < GSHARE; ++k) share[r] = compose(part[s * GSHARE + k][i], share[r]);
+            for (int k = 0; k < GSHARE; ++k) share[r] = compose_reset(part[s * GSHARE + k][i], share[r]);
             total[r] = join<true>(share[r]);
         }
         char* const mine_slot = slots + ((slot0 + c) * C + i0) * S::BYTES;
@@ -284,10 +284,10 @@ struct ChunkBlock {
                     m.a = Acc(1); m.b = Acc(0);
 #pragma unroll
                     for (int k = 0; k < R; ++k)
-                        if (s * R + k < nfold) m = compose(m, e[k].map());
+                        if (s * R + k < nfold) m = compose_reset(m, e[k].map());
                     m = join<false>(m);
                     if (!done[r]) {
-                        acc[r] = compose(acc[r], m);
+                        acc[r] = compose_reset(acc[r], m);
                         if (found) {
                             carry[r] = acc[r].b;  // the inclusive prefix is (0, h): acc.a * h + acc.b
                             done[r] = true;
@@ -303,7 +303,7 @@ struct ChunkBlock {
         for (int r = 0; r < PER; ++r) {
             if (s == 0) {
                 Affine<Acc> inc;
-                inc.a = Acc(0); inc.b = total[r].a * carry[r] + total[r].b;
+                inc.a = Acc(0); inc.b = apply_reset(total[r], carry[r]);
                 S::store(mine_slot + r * (NT / SPLIT) * S::BYTES, inc, par);
             }
         }
@@ -319,18 +319,18 @@ struct ChunkBlock {
                     Affine<Acc> o;
                     o.a = __shfl_up_sync(0xffffffffu, before.a, off, SPLIT);
                     o.b = __shfl_up_sync(0xffffffffu, before.b, off, SPLIT);
-                    if (s >= off) before = compose(before, o);
+                    if (s >= off) before = compose_reset(before, o);
                 }
                 Affine<Acc> o;
                 o.a = __shfl_up_sync(0xffffffffu, before.a, 1, SPLIT);
                 o.b = __shfl_up_sync(0xffffffffu, before.b, 1, SPLIT);
-                if (s > 0) h = o.a * h + o.b;
+                if (s > 0) h = apply_reset(o, h);
             }
 #pragma unroll
             for (int k = 0; k < GSHARE; ++k) {
                 const Affine<Acc> m = part[s * GSHARE + k][i];
                 part[s * GSHARE + k][i].a = h;
-                h = m.a * h + m.b;
+                h = apply_reset(m, h);
             }
         }
         __syncthreads();

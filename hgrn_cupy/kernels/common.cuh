@@ -130,6 +130,20 @@ __device__ __forceinline__ Affine<Acc> compose(Affine<Acc> later, Affine<Acc> ea
     return r;
 }
 
+// compose() for maps that may begin a sequence (a == 0 exactly): such a map drops what came before even
+// where that is NaN or inf (0 * NaN would be NaN), so a sequence never inherits a non-finite state from the
+// sequence packed before it.
+template <typename Acc>
+__device__ __forceinline__ Affine<Acc> compose_reset(Affine<Acc> later, Affine<Acc> earlier) {
+    return later.a == Acc(0) ? later : compose(later, earlier);
+}
+
+// The map applied to a state h, with compose_reset's rule: a map that begins a sequence ignores h.
+template <typename Acc>
+__device__ __forceinline__ Acc apply_reset(Affine<Acc> m, Acc h) {
+    return m.a == Acc(0) ? m.b : m.a * h + m.b;
+}
+
 }  // namespace hc
 
 namespace hc {
