@@ -63,9 +63,8 @@ class _Options:
 class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, initial_state, opts):
-        if x.stride(2) != 1 or g.stride(2) != 1:
-            x, g = _last_axis_dense(x), _last_axis_dense(g)
-        o, ht = plans.forward(opts.engine, x, g, initial_state, opts.final, opts.cu_seqlens, opts.reverse)
+        o, ht = plans.forward(opts.engine, _last_axis_dense(x), _last_axis_dense(g), initial_state, opts.final,
+                              opts.cu_seqlens, opts.reverse)
         # o holds every state the backward needs, so x is not kept
         ctx.save_for_backward(g, o, initial_state)
         ctx.opts = opts
