@@ -24,7 +24,8 @@ def main():
     T, D = 20, 40
     x = cupy.asarray(rng.standard_normal((1, T, D)), dtype=cupy.float32)
     g = cupy.asarray(-np.logaddexp(0, -rng.standard_normal((1, T, D))), dtype=cupy.float32)
-    h0s = {n: cupy.asarray(rng.standard_normal((n, D)), dtype=cupy.float32) for n in (2, 3)}  # one per sequence
+    counts = {len(offsets) - 1 for offsets in BAD} | {2}  # sequences per offsets list (2: the valid call)
+    h0s = {n: cupy.asarray(rng.standard_normal((n, D)), dtype=cupy.float32) for n in sorted(counts)}
     failures = 0
     for engine, fwd in (("chunk", hc.chunk_hgrn), ("fused_recurrent", hc.fused_recurrent_hgrn)):
         for dtype in ("int32", "int64"):

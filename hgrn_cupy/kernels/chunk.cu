@@ -131,7 +131,8 @@ __device__ __forceinline__ void fwd_fold(i64 u0, i64 T, i64 D, i64 d, i64 batch,
             for (int k = 0; k < VEC; ++k) {
                 Acc a = gate_exp(g[j].template get<Acc>(k)), b = x[j].template get<Acc>(k);
                 if (h0p) b += a * h0p[k];  // h[-1] = h0
-                // a sequence begins: what came before is dropped, NaN included (0 * NaN is NaN)
+                // a sequence begins: what came before is dropped, NaN included (0 * NaN is NaN).  A select on
+                // `start`, not compose_reset: start is false at compile time in interior steps, so they pay nothing.
                 mine[k].b = start ? b : a * mine[k].b + b;
                 mine[k].a = start ? Acc(0) : a * mine[k].a;
             }
