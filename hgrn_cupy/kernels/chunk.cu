@@ -103,12 +103,65 @@ __device__ __forceinline__ void prefetch_rows(const T* p, i64 step, i64 n) {
     }
 }
 
+// Where a block of the chunk engine works, and its share of the launch's bookkeeping: its count (got) and
+// its place in the order chunks are handed out (ticket, of total blocks, whose slots span slot_bytes), its
+// chunk and tile, the tile's batch row, and this thread's step group q, channel lane cl, first channel d
+// (live: d < D, a multiple of VEC) and first step s0 (u in the forward, v = T - 1 - u in the backward).
+// Counting the block in and the staggered start of the first wave happen here, in the kernels' order.
+template <typename Acc, typename Block, int STEPS> struct ChunkPlace {
+    typename Block::Counted got;
+    unsigned total, ticket, chunk, tile, ntd;
+    unsigned long long slot_bytes;
+    i64 batch, d, s0, slot0;  // slot0: the workspace slot of the tile's chunk 0
+    int cl, q;
+    bool live;
+    __device__ __forceinline__ ChunkPlace(Block* sm, Header* hdr, const char* slots, i64 ntiles, i64 nchunks, i64 D,
+                                          i64 stagger) {
+        total = (unsigned)(ntiles * nchunks);  // grid < 2^31
+        slot_bytes = (unsigned long long)total * Block::C * Slot<Acc>::BYTES;
+        got = Block::count_in(hdr);
+        ticket = Block::chunk_order(got, sm);
+        chunk = ticket / (unsigned)ntiles; tile = ticket % (unsigned)ntiles;
+        slot0 = (i64)tile * nchunks;
+        ntd = (unsigned)((D + Block::C - 1) / Block::C);
+        batch = tile / ntd;
+        cl = threadIdx.x % Block::LC; q = threadIdx.y * (32 / Block::LC) + threadIdx.x / Block::LC;
+        d = (i64)(tile % ntd) * Block::C + cl * (Block::C / Block::LC);  // C / LC = VEC
+        live = d < D;
+        s0 = (i64)chunk * (Block::G * STEPS) + (i64)q * STEPS;
+        Block::stagger_start(slots, got, ticket, (unsigned)stagger, (unsigned)ntiles, nchunks);
+    }
+    // Empty sequences own no step: the blocks of chunk 0 write their state out (out[n] = in[n], or 0 where
+    // in is null); out is ht in the forward, dh0 in the backward.
+    template <int VEC>
+    __device__ __forceinline__ void pass_empty(const void* cu_seqlens, int cu64, i64 N, i64 D, const Acc* in,
+                                               Acc* out) const {
+        if (!out || chunk != 0 || !live) return;
+        for (i64 n = q; n < N; n += Block::G)
+            if (load_offset(cu_seqlens, cu64, n) >= load_offset(cu_seqlens, cu64, n + 1))
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) out[n * D + d + k] = in ? in[n * D + d + k] : Acc(0);
+    }
+};
+
 // The two passes over one thread's STEPS steps of a chunk, from the raw words it holds in registers through
 // the look-back.  Each is written once for two forms: CHECKED skips steps past T and keeps the segment
 // bookkeeping (a segment's start and end: h0, ht, dht, dh0); the interior form (steps strictly inside a
 // dense row) has none of it.  The thread's place: its first logical step (u0 forward, v0 backward) of T,
 // batch row `batch`, channels d .. d + VEC - 1 of D (live: d < D); seg.seq(batch) * D + d addresses its
 // channels of the current sequence's row of a state [N, D].
+
+// A forward step's segment bookkeeping (CHECKED; the interior form has none): whether a segment starts at
+// step u (into start), and where its initial state's channels are when it does and one is given (null
+// otherwise).
+template <bool CHECKED, typename Acc, bool VARLEN>
+__device__ __forceinline__ const Acc* enter(i64 u, SegmentCursor<VARLEN>& seg, const Acc* h0, i64 batch, i64 D, i64 d,
+                                            bool live, bool& start) {
+    if (!CHECKED) return nullptr;
+    seg.forward_to(u);
+    start = u == seg.start;
+    return start && h0 && live ? h0 + seg.seq(batch) * D + d : nullptr;
+}
 
 // Forward, pass 1: the map of steps u0 + j (x[j], g[j]) per channel, h0 entering at a segment's start.
 template <bool CHECKED, typename Acc, typename TX, typename TG, bool VARLEN, int VEC, int STEPS>
@@ -121,12 +174,7 @@ __device__ __forceinline__ void fwd_fold(i64 u0, i64 T, i64 D, i64 d, i64 batch,
         const i64 u = u0 + j;
         if (!CHECKED || u < T) {
             bool start = false;
-            const Acc* h0p = nullptr;
-            if (CHECKED) {
-                seg.forward_to(u);
-                start = u == seg.start;
-                h0p = start && h0 && live ? h0 + seg.seq(batch) * D + d : nullptr;
-            }
+            const Acc* h0p = enter<CHECKED>(u, seg, h0, batch, D, d, live, start);
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
                 Acc a = gate_exp(g[j].template get<Acc>(k)), b = x[j].template get<Acc>(k);
@@ -152,12 +200,7 @@ __device__ __forceinline__ void fwd_scan(i64 u0, i64 T, i64 D, i64 d, i64 batch,
         const i64 u = u0 + j;
         if (!CHECKED || u < T) {
             bool start = false;
-            const Acc* h0p = nullptr;
-            if (CHECKED) {
-                seg.forward_to(u);
-                start = u == seg.start;
-                h0p = start && h0 && live ? h0 + seg.seq(batch) * D + d : nullptr;
-            }
+            const Acc* h0p = enter<CHECKED>(u, seg, h0, batch, D, d, live, start);
             Pack<TX, VEC> out;
             if (CHECKED) out.clear();
 #pragma unroll
@@ -267,20 +310,10 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int WARPS = Shape<0, VEC>::WARPS, ROWS = Shape<0, VEC>::ROWS, STEPS = Shape<0, VEC>::STEPS;
     typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
-    constexpr int CHUNK_LEN = Block::G * STEPS;
     __shared__ Block sm;
-    const unsigned total = (unsigned)(ntiles * nchunks);  // grid < 2^31
-    const unsigned long long slot_bytes = (unsigned long long)total * Block::C * Slot<Acc>::BYTES;
-    const typename Block::Counted got = Block::count_in(ws_hdr);
-    const unsigned ticket = Block::chunk_order(got, &sm);
-    const unsigned chunk = ticket / (unsigned)ntiles, tile = ticket % (unsigned)ntiles;  // grid < 2^31
-    const unsigned ntd = (unsigned)((D + Block::C - 1) / Block::C);
-    const i64 batch = tile / ntd;
-    const int cl = threadIdx.x % Block::LC, q = threadIdx.y * ROWS + threadIdx.x / Block::LC;
-    const i64 d = (i64)(tile % ntd) * Block::C + cl * VEC;
-    const bool live = d < D;  // D is a multiple of VEC
-    const i64 u0 = (i64)chunk * CHUNK_LEN + (i64)q * STEPS;
-    Block::stagger_start(ws_slots, got, ticket, (unsigned)stagger, (unsigned)ntiles, nchunks);
+    const ChunkPlace<Acc, Block, STEPS> at(&sm, ws_hdr, ws_slots, ntiles, nchunks, D, stagger);
+    const i64 batch = at.batch, d = at.d, u0 = at.s0;
+    const bool live = at.live;
 
     // Logical step u0 + j of this thread lives at p + j * step for each tensor.
     const i64 tdir = reverse ? -1 : 1, t0 = reverse ? T - 1 - u0 : u0;
@@ -297,16 +330,16 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
         xq += sxt; gq += sgt;
     }
     Slot<Acc> pre[Block::PER];  // the predecessor's slots, asked for behind this thread's loads
-    Block::peek(ws_slots, (i64)tile * nchunks, chunk, peek != 0, pre);
-    if (!VARLEN && l2_ahead > 0 && ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
-        const Later<Block, STEPS> later(ticket + l2_ahead, ntiles, ntd, cl, q, T, reverse ? 1 : 0, 0);
+    Block::peek(ws_slots, at.slot0, at.chunk, peek != 0, pre);
+    if (!VARLEN && l2_ahead > 0 && at.ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
+        const Later<Block, STEPS> later(at.ticket + l2_ahead, ntiles, at.ntd, at.cl, at.q, T, reverse ? 1 : 0, 0);
         if (later.d < D && later.n > 0) {
             prefetch_rows<STEPS>(x + later.batch * sxb + later.t * (sxt * tdir) + later.d, sxt, later.n);
             prefetch_rows<STEPS>(g + later.batch * sgb + later.t * (sgt * tdir) + later.d, sgt, later.n);
         }
     }
 
-    sm.park(got);  // behind this thread's loads
+    sm.park(at.got);  // behind this thread's loads
 
     // Pass 1, then the look-back, then pass 2.  Dense steps strictly inside the row (no start, not the last
     // step) take the interior form (docs/performance.md, "Interior form").
@@ -318,8 +351,8 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     if (interior) fwd_fold<false>(u0, T, D, d, batch, live, seg, xr, gr, h0, mine);
     else fwd_fold<true>(u0, T, D, d, batch, live, seg, xr, gr, h0, mine);
 
-    sm.settle(ws_hdr, total, slot_bytes);
-    sm.carry_in(ws_slots, (i64)tile * nchunks, chunk, q, cl, mine, pre);
+    sm.settle(ws_hdr, at.total, at.slot_bytes);
+    sm.carry_in(ws_slots, at.slot0, at.chunk, at.q, at.cl, mine, pre);
     Acc h[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) h[k] = mine[k].a;
@@ -328,14 +361,8 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     sot *= tdir;
     if (interior) fwd_scan<false>(u0, T, D, d, batch, live, seg, xr, gr, h0, ht, oq, sot, h);
     else fwd_scan<true>(u0, T, D, d, batch, live, seg, xr, gr, h0, ht, oq, sot, h);
-    // Empty sequences never own a step: the blocks of chunk 0 pass their initial state through.
-    if (VARLEN && ht && chunk == 0 && live) {
-        for (i64 n = q; n < N; n += Block::G)
-            if (load_offset(cu_seqlens, cu64, n) >= load_offset(cu_seqlens, cu64, n + 1))
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) ht[n * D + d + k] = h0 ? h0[n * D + d + k] : Acc(0);
-    }
-    sm.finish(ws_slots, ticket, total, slot_bytes, (unsigned long long)ws_capacity);
+    if (VARLEN) at.template pass_empty<VEC>(cu_seqlens, cu64, N, D, h0, ht);
+    sm.finish(ws_slots, at.ticket, at.total, at.slot_bytes, (unsigned long long)ws_capacity);
 }
 
 // Backward: the same scan over v = T - 1 - u.  With the gate shifted by one step,
@@ -354,20 +381,10 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int WARPS = Shape<1, VEC>::WARPS, ROWS = Shape<1, VEC>::ROWS, STEPS = Shape<1, VEC>::STEPS;
     typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
-    constexpr int CHUNK_LEN = Block::G * STEPS;
     __shared__ Block sm;
-    const unsigned total = (unsigned)(ntiles * nchunks);  // grid < 2^31
-    const unsigned long long slot_bytes = (unsigned long long)total * Block::C * Slot<Acc>::BYTES;
-    const typename Block::Counted got = Block::count_in(ws_hdr);
-    const unsigned ticket = Block::chunk_order(got, &sm);
-    const unsigned chunk = ticket / (unsigned)ntiles, tile = ticket % (unsigned)ntiles;  // grid < 2^31
-    const unsigned ntd = (unsigned)((D + Block::C - 1) / Block::C);
-    const i64 batch = tile / ntd;
-    const int cl = threadIdx.x % Block::LC, q = threadIdx.y * ROWS + threadIdx.x / Block::LC;
-    const i64 d = (i64)(tile % ntd) * Block::C + cl * VEC;
-    const bool live = d < D;
-    const i64 v0 = (i64)chunk * CHUNK_LEN + (i64)q * STEPS;  // u = T - 1 - v
-    Block::stagger_start(ws_slots, got, ticket, (unsigned)stagger, (unsigned)ntiles, nchunks);
+    const ChunkPlace<Acc, Block, STEPS> at(&sm, ws_hdr, ws_slots, ntiles, nchunks, D, stagger);
+    const i64 batch = at.batch, d = at.d, v0 = at.s0;  // u = T - 1 - v
+    const bool live = at.live;
 
     // Step j of this thread is u = T - 1 - v0 - j, at physical t = t0 - tdir * j.
     const i64 tdir = reverse ? -1 : 1, t0 = reverse ? v0 : T - 1 - v0;
@@ -401,9 +418,9 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
         gq += sgt; dq += sdot; oq += sot;
     }
     Slot<Acc> pre[Block::PER];  // the predecessor's slots, asked for behind this thread's loads
-    Block::peek(ws_slots, (i64)tile * nchunks, chunk, peek != 0, pre);
-    if (!VARLEN && l2_ahead > 0 && ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
-        const Later<Block, STEPS> later(ticket + l2_ahead, ntiles, ntd, cl, q, T, reverse ? 1 : 0, 1);
+    Block::peek(ws_slots, at.slot0, at.chunk, peek != 0, pre);
+    if (!VARLEN && l2_ahead > 0 && at.ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
+        const Later<Block, STEPS> later(at.ticket + l2_ahead, ntiles, at.ntd, at.cl, at.q, T, reverse ? 1 : 0, 1);
         if (later.d < D && later.n > 0) {
             prefetch_rows<STEPS>(g + later.batch * sgb + later.t * (-tdir * sgt) + later.d, sgt, later.n);
             prefetch_rows<STEPS>(dout + later.batch * sdob + later.t * (-tdir * sdot) + later.d, sdot, later.n);
@@ -412,7 +429,7 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
         }
     }
 
-    sm.park(got);  // behind this thread's loads
+    sm.park(at.got);  // behind this thread's loads
 
     // Pass 1, then the look-back, then pass 2.  Dense steps strictly inside the row (not the last step, not
     // the first) take the interior form (docs/performance.md, "Interior form").
@@ -423,8 +440,8 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     if (interior) bwd_fold<false>(v0, T, D, d, batch, live, seg, gnext, gr, dr, dht, mine);
     else bwd_fold<true>(v0, T, D, d, batch, live, seg, gnext, gr, dr, dht, mine);
 
-    sm.settle(ws_hdr, total, slot_bytes);
-    sm.carry_in(ws_slots, (i64)tile * nchunks, chunk, q, cl, mine, pre);
+    sm.settle(ws_hdr, at.total, at.slot_bytes);
+    sm.carry_in(ws_slots, at.slot0, at.chunk, at.q, at.cl, mine, pre);
     Acc dh[VEC], en[VEC];  // en: exp of the gate one step later, the a of the current step
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -438,13 +455,8 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     if (interior)
         bwd_scan<false>(v0, T, D, d, batch, live, seg, first_mask, gr, dr, orr, h0, dht, dh0, dxq, sdx, dgq, sdg, dh, en);
     else bwd_scan<true>(v0, T, D, d, batch, live, seg, first_mask, gr, dr, orr, h0, dht, dh0, dxq, sdx, dgq, sdg, dh, en);
-    if (VARLEN && dh0 && chunk == 0 && live) {
-        for (i64 n = q; n < N; n += Block::G)
-            if (load_offset(cu_seqlens, cu64, n) >= load_offset(cu_seqlens, cu64, n + 1))
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) dh0[n * D + d + k] = dht ? dht[n * D + d + k] : Acc(0);
-    }
-    sm.finish(ws_slots, ticket, total, slot_bytes, (unsigned long long)ws_capacity);
+    if (VARLEN) at.template pass_empty<VEC>(cu_seqlens, cu64, N, D, dht, dh0);
+    sm.finish(ws_slots, at.ticket, at.total, at.slot_bytes, (unsigned long long)ws_capacity);
 }
 
 }  // namespace hc

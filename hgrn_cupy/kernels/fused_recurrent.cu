@@ -84,17 +84,13 @@ __global__ void __launch_bounds__(256) fused_recurrent_fwd(
     const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int P = Prefetch<VEC>::STEPS;
-    const i64 d = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
-    const i64 n = blockIdx.y;
-    if (d >= D) return;
-    const SeqBounds sb = seq_bounds(cu_seqlens, cu64, n, T);
-    const i64 len = sb.eos - sb.bos;
-    const i64 t0 = reverse ? sb.eos - 1 : sb.bos;  // physical time of logical step 0
-    const i64 dir = reverse ? -1 : 1;
-    const TX* xp = x + sb.batch * sxb + t0 * sxt + d;
-    const TG* gp = g + sb.batch * sgb + t0 * sgt + d;
-    TX* op = o + sb.batch * sob + t0 * sot + d;
-    sxt *= dir; sgt *= dir; sot *= dir;
+    const WalkPlace at(blockDim.x, VEC, cu_seqlens, cu64, T, D, reverse);
+    if (!at.live) return;
+    const i64 d = at.d, n = at.n, len = at.len, b0 = at.sb.batch;
+    const TX* xp = x + b0 * sxb + at.t0 * sxt + d;
+    const TG* gp = g + b0 * sgb + at.t0 * sgt + d;
+    TX* op = o + b0 * sob + at.t0 * sot + d;
+    sxt *= at.dir; sgt *= at.dir; sot *= at.dir;
 
     Acc h[VEC];
 #pragma unroll
@@ -189,21 +185,17 @@ __global__ void __launch_bounds__(256) fused_recurrent_bwd(
     const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int P = Prefetch<VEC>::STEPS;
-    const i64 d = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
-    const i64 n = blockIdx.y;
-    if (d >= D) return;
-    const SeqBounds sb = seq_bounds(cu_seqlens, cu64, n, T);
-    const i64 len = sb.eos - sb.bos;
-    const i64 t0 = reverse ? sb.eos - 1 : sb.bos;
-    const i64 dir = reverse ? -1 : 1;
+    const WalkPlace at(blockDim.x, VEC, cu_seqlens, cu64, T, D, reverse);
+    if (!at.live) return;
+    const i64 d = at.d, n = at.n, b0 = at.sb.batch, t0 = at.t0, dir = at.dir;
     sgt *= dir; sot *= dir; sdot *= dir; sdxt *= dir; sdgt *= dir;
     // Pointers start at the last logical step, len - 1 (o one step earlier), and walk back.
-    const i64 last = len - 1;
-    const TG* gp = g + sb.batch * sgb + t0 * dir * sgt + last * sgt + d;
-    const TX* op = o + sb.batch * sob + t0 * dir * sot + (last - 1) * sot + d;
-    const TX* dop = dout + sb.batch * sdob + t0 * dir * sdot + last * sdot + d;
-    TX* dxp = dx + sb.batch * sdxb + t0 * dir * sdxt + last * sdxt + d;
-    TG* dgp = dg + sb.batch * sdgb + t0 * dir * sdgt + last * sdgt + d;
+    const i64 last = at.len - 1;
+    const TG* gp = g + b0 * sgb + t0 * dir * sgt + last * sgt + d;
+    const TX* op = o + b0 * sob + t0 * dir * sot + (last - 1) * sot + d;
+    const TX* dop = dout + b0 * sdob + t0 * dir * sdot + last * sdot + d;
+    TX* dxp = dx + b0 * sdxb + t0 * dir * sdxt + last * sdxt + d;
+    TG* dgp = dg + b0 * sdgb + t0 * dir * sdgt + last * sdgt + d;
 
     Acc h_init[VEC], dh[VEC], a_next[VEC];
 #pragma unroll
@@ -247,7 +239,7 @@ fused_recurrent_block_fwd(
     typedef typename Walk::Acc Acc;
     constexpr int W = Walk::W, S = Walk::S, C = Walk::C, WIN = W * S;
     __shared__ Affine<Acc> part[2][W][C];
-    const BlockPlace at(VEC, cu_seqlens, cu64, T, D, reverse);
+    const WalkPlace at(32, VEC, cu_seqlens, cu64, T, D, reverse);
     const i64 d = at.d, n = at.n, len = at.len, b0 = at.sb.batch, t0 = at.t0, rem = at.rem;
     const bool live = at.live;
     const i64 first = (i64)threadIdx.y * S;  // this warp's first logical step of window 0
@@ -329,7 +321,7 @@ fused_recurrent_block_bwd(
     typedef typename Walk::Acc Acc;
     constexpr int W = Walk::W, S = Walk::S, C = Walk::C, WIN = W * S;
     __shared__ Affine<Acc> part[2][W][C];
-    const BlockPlace at(VEC, cu_seqlens, cu64, T, D, reverse);
+    const WalkPlace at(32, VEC, cu_seqlens, cu64, T, D, reverse);
     const i64 d = at.d, n = at.n, len = at.len, b0 = at.sb.batch, t0 = at.t0, rem = at.rem;
     const bool live = at.live;
     const TG* g0 = g + b0 * sgb + t0 * sgt + d;  // logical step 0 of each tensor

@@ -8,7 +8,7 @@
 // `reverse` mirrors time as in the recurrence.  Both walk "logical" steps u = 0 .. T-1: physical step
 // t = u, or t = T-1-u where the walk runs backwards in time (forward with reverse, backward without).
 //
-// states_fwd / states_bwd
+// states_walk<false> (states_fwd) / states_walk<true> (states_bwd)
 //   grid  (ntiles, nsplit)  a tile is 32 * VEC channels of one batch row; split s owns logical steps
 //                           [s * span, (s+1) * span), span a multiple of WARPS * UNROLL.
 //   block (32, WARPS)       lane = VEC consecutive channels (one 16-byte word per tensor where the host
@@ -81,9 +81,10 @@ __device__ __forceinline__ void walk(Affine<Acc>* m, const TV* pv, const TG* pg,
     }
 }
 
-// The body both directions share.  v: x (forward) or do (backward); out_a, out_b: [nsplit, N, D].
+// One pass: BWD = false walks x and g (states_fwd above), BWD = true do and g (states_bwd).
+// out_a, out_b: [nsplit, N, D].
 template <bool BWD, typename TV, typename TG, int VEC>
-__device__ __forceinline__ void states_body(
+__global__ void __launch_bounds__(32 * HC_STATES_WARPS, HC_STATES_MIN_BLOCKS) states_walk(
     const TV* __restrict__ v, const TG* __restrict__ g, i64 svb, i64 svt, i64 sgb, i64 sgt,
     i64 N, i64 T, i64 D, int reverse, i64 span, typename AccOf<TV, TG>::type* __restrict__ out_a,
     typename AccOf<TV, TG>::type* __restrict__ out_b) {
@@ -122,22 +123,6 @@ __device__ __forceinline__ void states_body(
         for (int q = 1; q < WARPS; ++q) r = compose(part[q][c], r);
         if (d_tile + c < D) { out_a[base + c] = r.a; out_b[base + c] = r.b; }
     }
-}
-
-template <typename TX, typename TG, int VEC>
-__global__ void __launch_bounds__(32 * HC_STATES_WARPS, HC_STATES_MIN_BLOCKS) states_fwd(
-    const TX* __restrict__ x, const TG* __restrict__ g, i64 sxb, i64 sxt, i64 sgb, i64 sgt,
-    i64 N, i64 T, i64 D, int reverse, i64 span, typename AccOf<TX, TG>::type* __restrict__ out_a,
-    typename AccOf<TX, TG>::type* __restrict__ out_b) {
-    states_body<false, TX, TG, VEC>(x, g, sxb, sxt, sgb, sgt, N, T, D, reverse, span, out_a, out_b);
-}
-
-template <typename TX, typename TG, int VEC>
-__global__ void __launch_bounds__(32 * HC_STATES_WARPS, HC_STATES_MIN_BLOCKS) states_bwd(
-    const TX* __restrict__ dout, const TG* __restrict__ g, i64 sdb, i64 sdt, i64 sgb, i64 sgt,
-    i64 N, i64 T, i64 D, int reverse, i64 span, typename AccOf<TX, TG>::type* __restrict__ out_a,
-    typename AccOf<TX, TG>::type* __restrict__ out_b) {
-    states_body<true, TX, TG, VEC>(dout, g, sdb, sdt, sgb, sgt, N, T, D, reverse, span, out_a, out_b);
 }
 
 // pa, pb: [nsplit, nd] maps in walk order; a, b: [nd].
