@@ -69,12 +69,12 @@ def _float_dtype(a, name, fw):
     return dt
 
 
-def _check_btd(a, name, fw, shape=None):
+def _check_btd(a, name, fw, shape=None, strides=True):
     if len(a.shape) != 3:
         raise ValueError(f"{name} must have 3 dimensions [B, T, D], got shape {tuple(a.shape)}")
     if shape is not None and tuple(a.shape) != shape:
         raise ValueError(f"{name} must have shape {shape} like the other inputs, got {tuple(a.shape)}")
-    if a.shape[2] > 1 and min(a.shape) > 0 and fw.strides(a)[2] != 1:
+    if strides and a.shape[2] > 1 and min(a.shape) > 0 and fw.strides(a)[2] != 1:
         raise ValueError(f"{name} must be contiguous along its last axis (stride 1), got strides {fw.strides(a)}")
 
 
@@ -165,3 +165,19 @@ def check_backward(g, o, do, dht, initial_state, cu_seqlens, reverse, values=Tru
     _check_state(initial_state, "initial_state", fw, o, "o", N, D, values)
     _check_state(dht, "dht", fw, o, "o", N, D, values)
     return Call(fw, B, T, D, N, (od, gd), accumulation_dtype(od, gd), cu_seqlens is not None, checked)
+
+
+def check_states(v, g, reverse, v_name):
+    """Validate a state-only pass's arguments (:mod:`hgrn_cupy.states`): ``v`` (x or do) and g
+    ``[B, T, D]`` of one framework (not JAX) and place, float dtypes, a bool ``reverse``.  Any channel
+    stride is accepted (the pass copies what its kernels cannot read).  Returns the framework."""
+    fw = _eager_framework(v, v_name, True)
+    if fw is ar.JAX:
+        raise TypeError(f"{v_name} must be a NumPy, CuPy or PyTorch array, got {type(v).__name__} "
+                        "(JAX slices go through hgrn_cupy.distributed.jax)")
+    _same_place(g, "g", fw, v, v_name, True)
+    _float_dtype(v, v_name, fw), _float_dtype(g, "g", fw)
+    _check_btd(v, v_name, fw, strides=False)
+    _check_btd(g, "g", fw, tuple(v.shape), strides=False)
+    flag(reverse, "reverse")
+    return fw

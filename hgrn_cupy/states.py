@@ -79,7 +79,7 @@ def _cpu(fw, v, g, reverse, backward):
 def kernel_names(v_dtype, g_dtype):
     """Every kernel of the module of one dtype pair: both passes at VEC 1 and 16 bytes, and the combine."""
     vecs = sorted({1, vector_width(v_dtype, g_dtype)})
-    passes = tuple(instantiation(k, v_dtype, g_dtype, w) for k in ("states_fwd", "states_bwd") for w in vecs)
+    passes = tuple(instantiation("states_walk", bwd, v_dtype, g_dtype, w) for bwd in (False, True) for w in vecs)
     return passes + (instantiation("states_combine", accumulation_dtype(v_dtype, g_dtype)),)
 
 
@@ -121,7 +121,7 @@ def _launch(v, g, fw, reverse, backward):
         combine = get_function(kernel_names(vd, gd)[-1], vd, gd, dev)
         nsplit, span, ws = 0, 0, None
         if T > 0:
-            fn = get_function(instantiation("states_bwd" if backward else "states_fwd", vd, gd, vec), vd, gd, dev)
+            fn = get_function(instantiation("states_walk", backward, vd, gd, vec), vd, gd, dev)
             ntiles = B * (-(-D // (32 * vec)))
             nsplit, span = split_plan(ntiles, T, blocks_at_once(fn, 32 * WARPS, dev))
             if nsplit > 1:
@@ -141,24 +141,6 @@ def _launch(v, g, fw, reverse, backward):
 # ----------------------------------------------------------------------------------------------
 # public functions
 
-def _check(v, g, v_name):
-    fw = bk.framework_of(v)
-    if fw is None or fw is bk.JAX:
-        raise TypeError(f"{v_name} must be a NumPy, CuPy or PyTorch array, got {type(v).__name__}")
-    if bk.framework_of(g) is not fw:
-        raise TypeError(f"g must be an array of the same kind as {v_name}, got {type(g).__name__}")
-    if fw.is_gpu(v) != fw.is_gpu(g) or (fw.is_gpu(v) and fw.device(v) != fw.device(g)):
-        raise ValueError(f"g is on {fw.device(g)} but {v_name} is on {fw.device(v)}")
-    for a, name in ((v, v_name), (g, "g")):
-        if fw.dtype(a) not in bk.FLOAT_DTYPES:
-            raise TypeError(f"{name} has dtype {fw.dtype(a)}; supported: {', '.join(bk.FLOAT_DTYPES)}")
-    if len(v.shape) != 3:
-        raise ValueError(f"{v_name} must have 3 dimensions [B, T, D], got shape {tuple(v.shape)}")
-    if tuple(g.shape) != tuple(v.shape):
-        raise ValueError(f"g must have shape {tuple(v.shape)} like {v_name}, got {tuple(g.shape)}")
-    return fw
-
-
 def _dense_last_axis(fw, a):
     """The kernels read channels with stride 1; anything else is copied once."""
     if a.shape[2] > 1 and min(a.shape) > 0 and fw.strides(a)[2] != 1:
@@ -167,8 +149,7 @@ def _dense_last_axis(fw, a):
 
 
 def _run(v, g, reverse, backward, v_name):
-    fw = _check(v, g, v_name)
-    checks.flag(reverse, "reverse")
+    fw = checks.check_states(v, g, reverse, v_name)
     if not fw.is_gpu(v):
         return _cpu(fw, v, g, reverse, backward)
     return _launch(_dense_last_axis(fw, v), _dense_last_axis(fw, g), fw, reverse, backward)

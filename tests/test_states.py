@@ -118,8 +118,17 @@ def test_argument_errors():
         states.forward_states(np.zeros((2, 3, 4), np.int64), x)
     with pytest.raises(TypeError, match="reverse must be a bool"):
         states.forward_states(x, x, reverse=1)
-    with pytest.raises(TypeError, match="x must be a NumPy, CuPy or PyTorch array"):
+    with pytest.raises(TypeError, match="^x must be a NumPy, CuPy, PyTorch or JAX array, got list"):
         states.forward_states([[[0.0]]], x)
+
+
+def test_argument_errors_across_frameworks():
+    torch = pytest.importorskip("torch")
+    jnp = pytest.importorskip("jax.numpy")
+    with pytest.raises(TypeError, match="^g is a numpy array but do is a torch array"):
+        states.backward_states(np.zeros((2, 3, 4)), torch.zeros(2, 3, 4))
+    with pytest.raises(TypeError, match="^x must be a NumPy, CuPy or PyTorch array, got .*hgrn_cupy.distributed.jax"):
+        states.forward_states(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)))
 
 
 def test_split_plan():
