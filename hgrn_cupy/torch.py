@@ -84,6 +84,37 @@ class _Eager(torch.autograd.Function):
         return grads + (None,)
 
 
+def _plain(engine, reverse):
+    """The Function of the commonest training call, ``o = hgrn(x, g)`` with or without cu_seqlens: no
+    initial state, no final state, the engine and direction fixed per class.  Its apply takes three
+    arguments and returns one tensor, the least host time torch's autograd allows (the general Function
+    pays for a second output and an options leaf)."""
+
+    class Plain(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, g, cu_seqlens):
+            o, _ = plans.forward(engine, _last_axis_dense(x), _last_axis_dense(g), None, False, cu_seqlens, reverse)
+            ctx.save_for_backward(g, o, cu_seqlens)
+            return o
+
+        @staticmethod
+        def backward(ctx, do):
+            g, o, cu_seqlens = ctx.saved_tensors
+            dx, dg, _ = plans.backward(engine, _last_axis_dense(g), o, _last_axis_dense(do), None, None, cu_seqlens,
+                                       reverse)
+            grads = (dx, dg)
+            if torch.is_grad_enabled():  # create_graph: differentiating these gradients raises when asked for
+                grads = _not_twice(grads)
+            return grads + (None,)
+
+    Plain.__name__ = Plain.__qualname__ = f"HgrnPlain_{engine}{'_reverse' if reverse else ''}"
+    return Plain
+
+
+_PLAIN = {(engine, reverse): _plain(engine, reverse)
+          for engine in ("auto", "chunk", "fused_recurrent") for reverse in (False, True)}
+
+
 def _not_twice(grads):
     """The gradients behind a node that raises when it is differentiated (torch's delayed error)."""
     present = [t for t in grads if t is not None]
@@ -182,6 +213,8 @@ def apply(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
         if torch.is_grad_enabled() and (x.requires_grad or g.requires_grad or (
                 initial_state is not None and initial_state.requires_grad)):
             # the flags are checked by plans.forward, which plans only calls whose flags are bools
+            if initial_state is None and output_final_state is False and type(reverse) is bool:
+                return _PLAIN[engine, reverse].apply(x, g, cu_seqlens), None
             return _Eager.apply(x, g, initial_state, _Options(cu_seqlens, output_final_state, reverse, engine))
         return plans.forward(engine, _last_axis_dense(x), _last_axis_dense(g), initial_state, output_final_state,
                              cu_seqlens, reverse)
