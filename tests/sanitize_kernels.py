@@ -1,0 +1,91 @@
+"""Every kernel family on small shapes, for compute-sanitizer (not a pytest module): the chunk engine, the
+fused engine's thread walk and block walk, forward and backward, dense and varlen (an empty sequence
+included), with and without states, both directions of time; the state-only passes.
+
+    compute-sanitizer --tool memcheck python tests/sanitize_kernels.py
+    compute-sanitizer --tool racecheck python tests/sanitize_kernels.py
+
+CuPy's memory pool is off, so every array is an allocation of exactly its size and the sanitizer sees any
+access past an end.  Each result is compared with the float64 NumPy reference; exits non-zero on a wrong
+result (the sanitizer's own summary says whether any access was bad).
+"""
+import sys
+
+import cupy
+import numpy as np
+
+import hgrn_cupy as hc
+from hgrn_cupy import states
+
+TOL = {"float32": 2e-5, "float16": 3e-3, "float64": 1e-12}
+# (B, T, D, cu_seqlens): thread walk (few channels), block walk (N * D of 8192), varlen with an empty sequence.
+CASES = ((2, 150, 72, None), (2, 200, 4096, None), (1, 300, 72, [0, 0, 100, 300]))
+
+
+def _err(a, ref):
+    a = np.asarray(cupy.asnumpy(a), np.float64)
+    return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-300))
+
+
+def main():
+    cupy.cuda.set_allocator(None)
+    seed = 20261204
+    rng = np.random.default_rng(seed)
+    failures, launches = [], 0
+    for dtype in TOL:
+        for B, T, D, offsets in CASES:
+            N = B if offsets is None else len(offsets) - 1
+            xs = rng.standard_normal((B, T, D))
+            gs = -np.logaddexp(0, -rng.standard_normal((B, T, D)))
+            dos = rng.standard_normal((B, T, D))
+            h0s, dhts = rng.standard_normal((N, D)), rng.standard_normal((N, D))
+            x, g, do = (cupy.asarray(a).astype(dtype) for a in (xs, gs, dos))
+            xr, gr, dor = (cupy.asnumpy(a).astype(np.float64) for a in (x, g, do))
+            cu = None if offsets is None else cupy.asarray(offsets, dtype=cupy.int32)
+            cur = None if offsets is None else np.asarray(offsets)
+            for reverse in (False, True):
+                for with_states in (False, True):
+                    h0 = cupy.asarray(h0s) if with_states else None
+                    dht = cupy.asarray(dhts) if with_states else None
+                    h0r = h0s if with_states else None
+                    ref_o, ref_ht = hc.naive_recurrent_hgrn(xr, gr, h0r, True, cur, reverse)
+                    ref_b = hc.naive_recurrent_hgrn_bwd(gr, ref_o, dor, dhts if with_states else None, h0r, cur,
+                                                        reverse)
+                    for engine in ("chunk", "fused_recurrent"):
+                        name = f"{dtype} {B}x{T}x{D} cu={offsets} reverse={reverse} states={with_states} {engine}"
+                        o, ht = (hc.chunk_hgrn if engine == "chunk" else hc.fused_recurrent_hgrn)(
+                            x, g, h0, True, cu, reverse)
+                        grads = hc.hgrn_backward(g, o, do, dht, h0, cu, reverse, engine)
+                        launches += 2
+                        errs = {"o": _err(o, ref_o), "ht": _err(ht, ref_ht), "dx": _err(grads[0], ref_b[0]),
+                                "dg": _err(grads[1], ref_b[1])}
+                        if with_states:
+                            errs["dh0"] = _err(grads[2], ref_b[2])
+                        bad = {k: v for k, v in errs.items() if not v < TOL[dtype]}
+                        if bad:
+                            failures.append(f"{name}: {bad}")
+                if offsets is None:  # gates near 0, so that A = exp(sum g) stays a normal number
+                    g = cupy.asarray(gs / T).astype(dtype)
+                    gr = cupy.asnumpy(g).astype(np.float64)
+                    A, b = states.forward_states(x, g, reverse)
+                    Ac, c = states.backward_states(g, do, reverse)
+                    launches += 2
+                    zero = np.zeros((B, D))
+                    ref_b_only = hc.naive_recurrent_hgrn(xr, gr, zero, True, None, reverse)[1]
+                    ref_a = np.exp(gr.sum(axis=1))
+                    ref_o0 = hc.naive_recurrent_hgrn(xr, gr, None, False, None, reverse)[0]
+                    ref_c = hc.naive_recurrent_hgrn_bwd(gr, ref_o0, dor, zero, zero, None, reverse)[2]
+                    for what, got, ref in (("A", A, ref_a), ("b", b, ref_b_only), ("A bwd", Ac, ref_a),
+                                           ("c", c, ref_c)):
+                        e = _err(got, ref)
+                        if not e < TOL[dtype]:
+                            failures.append(f"states {dtype} {B}x{T}x{D} reverse={reverse} {what}: {e}")
+    cupy.cuda.runtime.deviceSynchronize()
+    for f in failures:
+        print(f)
+    print(f"seed {seed}: kernel launches checked: {launches} failures: {len(failures)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
