@@ -1,9 +1,13 @@
 """Host time of a PyTorch training step through hgrn_cupy.torch against the minimal autograd.Function
-probe, interleaved rounds (the median of each), and where the difference goes (cProfile of each step).
+probe, in paired rounds, and where the difference goes (cProfile of each step).
 
-    python benchmarks/experiments/eager_step.py [--shape 4x2048x512] [--rounds 7] [--steps 500] [--varlen]
+    python benchmarks/experiments/eager_step.py [--shape 4x2048x512,...] [--rounds 15] [--steps 300] [--varlen]
 
-Prints a Markdown table naming the GPU, then the top functions of each profile by own time.
+Each round times every step once, in an order that rotates from round to round (so that neither step
+always follows the other or a synchronisation); the table gives each step's median and minimum, and the
+median over rounds of its difference to the probe in the same round, which host drift between rounds
+does not enter.  Prints a Markdown table per shape naming the GPU, then the top functions of each
+profile by own time (first shape only).
 """
 from __future__ import annotations
 
@@ -38,12 +42,17 @@ class Probe(torch.autograd.Function):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="4x2048x512")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--shape", default="4x2048x512", help="comma-separated BxTxD")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--varlen", action="store_true", help="the B sequences packed along time with cu_seqlens")
     args = p.parse_args()
-    B, T, D = (int(v) for v in args.shape.split("x"))
+    for i, shape in enumerate(args.shape.split(",")):
+        run(shape, args, profile=i == 0)
+
+
+def run(shape, args, profile):
+    B, T, D = (int(v) for v in shape.split("x"))
     cu = None
     if args.varlen:
         cu = torch.arange(0, B * T + 1, T, device="cuda", dtype=torch.int32)
@@ -59,24 +68,37 @@ def main():
     def probe():
         return torch.autograd.grad(Probe.apply(x, g, cu), (x, g), do)
 
-    steps = {"hgrn_cupy.torch": ours, "probe": probe}
+    plain = htorch._PLAIN["auto", False]
+
+    def function_only():  # our Function without the routing in front of it
+        return torch.autograd.grad(plain.apply(x, g, cu), (x, g), do)
+
+    steps = {"hgrn_cupy.torch": ours, "its Function alone": function_only, "probe": probe}
+    names = list(steps)
     times = {k: [] for k in steps}
     for f in steps.values():
         for _ in range(50):
             f()
     torch.cuda.synchronize()
-    for _ in range(args.rounds):
-        for name, f in steps.items():
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            f = steps[name]
+            torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 f()
             torch.cuda.synchronize()
             times[name].append((time.perf_counter() - t0) / args.steps * 1e6)
     kind = " packed with cu_seqlens" if args.varlen else ""
-    print(f"## Host us per training step, {torch.cuda.get_device_name()}, bf16 {args.shape}{kind}\n")
-    print("| step | median us | min us |\n|---|---|---|")
+    print(f"## Host us per training step, {torch.cuda.get_device_name()}, bf16 {shape}{kind}\n")
+    print(f"{args.rounds} rounds of {args.steps} steps.\n")
+    print("| step | median us | min us | minus probe, median of rounds, us |\n|---|---|---|---|")
     for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts):.1f} | {min(ts):.1f} |")
+        diff = statistics.median(a - b for a, b in zip(ts, times["probe"]))
+        print(f"| {name} | {statistics.median(ts):.1f} | {min(ts):.1f} | {diff:+.1f} |")
+    print()
+    if not profile:
+        return
     for name, f in steps.items():
         prof = cProfile.Profile()
         prof.enable()
