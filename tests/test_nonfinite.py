@@ -101,15 +101,16 @@ def log_sigmoid(z):
     return -np.logaddexp(0.0, -z)
 
 
-def inputs(seed, shape_kind, kind, dtype):
-    """x, g, h0 (host, in dtype; h0 float32) and cu (int32) for one of SHAPES."""
-    B, T, D, cu = SHAPES[kind][shape_kind]
+def inputs(seed, shape_kind, front, dtype):
+    """x, g, h0 (fresh host arrays, in dtype; h0 float32) and cu (int32) for one of the front end's SHAPES,
+    and a generator seeded ``seed + 1`` for what the test draws next."""
+    B, T, D, cu = SHAPES["gpu" if front.gpu else "cpu"][shape_kind]
     rng = np.random.default_rng(seed)
     N = B if cu is None else len(cu) - 1
     x = rng.standard_normal((B, T, D)).astype(NP_DTYPE[dtype])
     g = log_sigmoid(rng.standard_normal((B, T, D))).astype(NP_DTYPE[dtype])
     h0 = rng.standard_normal((N, D)).astype(np.float32)
-    return x, g, h0, (None if cu is None else np.asarray(cu, np.int32))
+    return x, g, h0, (None if cu is None else np.asarray(cu, np.int32)), np.random.default_rng(seed + 1)
 
 
 def segments(B, T, cu):
@@ -180,9 +181,8 @@ REVERSE = [pytest.param(False, id="forward"), pytest.param(True, id="reverse")]
 @pytest.mark.parametrize("frac", [0.0, 0.4, 1.0], ids=["first", "middle", "last"])
 @pytest.mark.parametrize("front, shape, dtype", fronts_and_shapes())
 def test_forward_poisoned_input_stays_in_its_channel(front, shape, dtype, frac, where, value, reverse):
-    kind = "gpu" if front.gpu else "cpu"
     seed = 101
-    x, g, h0, cu = inputs(seed, shape, kind, dtype)
+    x, g, h0, cu, rng = inputs(seed, shape, front, dtype)
     B, T, D = x.shape
     b, t, n, start, end = pick(B, T, cu, frac)
     c = D // 2
@@ -225,17 +225,14 @@ def reference(x, g, h0, cu, reverse, do=None, dht=None):
 @pytest.mark.parametrize("reverse", REVERSE)
 @pytest.mark.parametrize("front, shape, dtype", fronts_and_shapes())
 def test_minus_inf_gate_resets(front, shape, dtype, reverse):
-    kind = "gpu" if front.gpu else "cpu"
     seed = 202
-    x, g, h0, cu = inputs(seed, shape, kind, dtype)
+    x, g, h0, cu, rng = inputs(seed, shape, front, dtype)
     B, T, D = x.shape
-    rng = np.random.default_rng(seed + 1)
     resets = rng.random(g.shape) < 0.02
     for b, start, end, _ in segments(B, T, cu):  # also at every sequence's first and last step, channel 0
         if end > start:
             resets[b, start, 0] = resets[b, end - 1, 0] = True
     resets[:, :, D - 1] = True  # a channel that forgets at every step: o == x
-    g = g.copy()
     g[resets] = -np.inf
     o, ht = front.forward(x, g, h0, cu, reverse)
     ctx = f"seed {seed}, reverse={reverse}"
@@ -273,12 +270,9 @@ def finite_close(got, want, dtype, what):
 @pytest.mark.parametrize("reverse", REVERSE)
 @pytest.mark.parametrize("front, shape, dtype", fronts_and_shapes(("float32", "bfloat16", "float16")))
 def test_positive_gates_grow(front, shape, dtype, reverse):
-    kind = "gpu" if front.gpu else "cpu"
     seed = 303
-    x, g, h0, cu = inputs(seed, shape, kind, dtype)
+    x, g, h0, cu, rng = inputs(seed, shape, front, dtype)
     B, T, D = x.shape
-    rng = np.random.default_rng(seed + 1)
-    g = g.copy()
     # half the channels grow: by about exp(0.01) a step, which overflows float16 over the long GPU shapes
     g[:, :, ::2] = rng.uniform(0.0, 0.02, g[:, :, ::2].shape).astype(g.dtype)
     o, ht = front.forward(x, g, h0, cu, reverse)
@@ -303,12 +297,10 @@ def test_positive_gates_grow(front, shape, dtype, reverse):
 @pytest.mark.parametrize("frac", [0.0, 0.5, 1.0], ids=["first", "middle", "last"])
 @pytest.mark.parametrize("front, shape, dtype", fronts_and_shapes())
 def test_nan_in_do_reaches_only_earlier_steps(front, shape, dtype, frac, reverse):
-    kind = "gpu" if front.gpu else "cpu"
     seed = 404
-    x, g, h0, cu = inputs(seed, shape, kind, dtype)
+    x, g, h0, cu, rng = inputs(seed, shape, front, dtype)
     B, T, D = x.shape
     o, ht = front.forward(x, g, h0, cu, reverse)
-    rng = np.random.default_rng(seed + 1)
     do = rng.standard_normal(o.shape).astype(o.dtype)
     dht = rng.standard_normal(ht.shape).astype(np.float32)
     clean = front.backward(g, o, do, dht, h0, cu, reverse)

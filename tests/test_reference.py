@@ -273,21 +273,21 @@ def test_bfloat16_via_ml_dtypes(rng):
     np.testing.assert_array_equal(float32_to_bf16_bits(f), f.astype(bf16).view(np.uint16))
 
 
-@pytest.mark.parametrize("f32_bits, bf16_bits", [
-    pytest.param(0x3F800000, 0x3F80, id="one_exact"),
-    pytest.param(0x3F807FFF, 0x3F80, id="below_half_rounds_down"),
-    pytest.param(0x3F808000, 0x3F80, id="tie_to_even_down"),
-    pytest.param(0x3F818000, 0x3F82, id="tie_to_even_up"),
-    pytest.param(0x3F808001, 0x3F81, id="above_half_rounds_up"),
-    pytest.param(0xBF80FFFF, 0xBF81, id="negative_rounds_magnitude"),
-    pytest.param(0x3FFFFFFF, 0x4000, id="carry_into_exponent"),
-    pytest.param(0x7F7FFFFF, 0x7F80, id="max_float_rounds_to_inf"),
-    pytest.param(0x00018000, 0x0002, id="subnormal_tie_up"),
-    pytest.param(0x80000000, 0x8000, id="negative_zero"),
-    pytest.param(0x7F800000, 0x7F80, id="inf"),
-    pytest.param(0xFF800000, 0xFF80, id="minus_inf"),
-    pytest.param(0x7FC00000, 0x7FC0, id="quiet_nan"),
-])
+# float32 bits -> the bfloat16 bits of round-to-nearest-even, one case a line: id, float32 hex, bfloat16 hex.
+ROUNDING = """
+one_exact 3F800000 3F80;  below_half_rounds_down 3F807FFF 3F80;  tie_to_even_down 3F808000 3F80
+tie_to_even_up 3F818000 3F82;  above_half_rounds_up 3F808001 3F81;  negative_rounds_magnitude BF80FFFF BF81
+carry_into_exponent 3FFFFFFF 4000;  max_float_rounds_to_inf 7F7FFFFF 7F80;  subnormal_tie_up 00018000 0002
+negative_zero 80000000 8000;  inf 7F800000 7F80;  minus_inf FF800000 FF80;  quiet_nan 7FC00000 7FC0
+"""
+
+
+def _rounding_cases():
+    cases = (c.split() for line in ROUNDING.strip().splitlines() for c in line.split(";"))
+    return [pytest.param(int(f, 16), int(b, 16), id=name) for name, f, b in cases]
+
+
+@pytest.mark.parametrize("f32_bits, bf16_bits", _rounding_cases())
 def test_float32_to_bf16_bits_rounds_to_nearest_even(f32_bits, bf16_bits):
     f = np.array([f32_bits], np.uint32).view(np.float32)
     assert float32_to_bf16_bits(f)[0] == bf16_bits

@@ -11,23 +11,14 @@ from pathlib import Path
 
 from ..context import log, version_of
 from ..extbuild import Child
-from .base import LinearGateScan, Unavailable, power_of_two_skip
+from .base import LinearGateScan, Unavailable, linear_scan_skip
 
 NAMES = ("ascan-triton", "ascan-triton+T", "ascan-warp", "ascan-warp+T")
 ASCAN_TRITON_BLOCK = 2048  # accelerated_scan.scalar's scan block (time steps per program iteration)
 
 
 def ascan_skip_reason(variant, B, T, D, dtype):
-    why = power_of_two_skip(T, 1, 1 << 62) if variant == "triton" else power_of_two_skip(T, 32, 65536)
-    if why:
-        return why
-    if D > 65535:
-        return "D > 65535 (grid y dimension)"
-    if B * D * T >= 2 ** 31:
-        return "B*D*T >= 2^31 (32-bit offsets)"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        return f"{dtype} unsupported"
-    return None
+    return linear_scan_skip(B, T, D, dtype, *((1, 1 << 62) if variant == "triton" else (32, 65536)))
 
 
 class Ascan(LinearGateScan):

@@ -77,6 +77,21 @@ def power_of_two_skip(T, lo, hi):
     return None
 
 
+def linear_scan_skip(B, T, D, dtype, lo, hi):
+    """Why a [B, D, T] scan of the accelerated-scan / fpscan kind cannot run a shape, or None: T a power
+    of two in [lo, hi], D within the grid's y dimension, 32-bit offsets, a 16- or 32-bit float dtype."""
+    why = power_of_two_skip(T, lo, hi)
+    if why:
+        return why
+    if D > 65535:
+        return "D > 65535 (grid y dimension)"
+    if B * D * T >= 2 ** 31:
+        return "B*D*T >= 2^31 (32-bit offsets)"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        return f"{dtype} unsupported"
+    return None
+
+
 class LinearGateScan(Impl):
     """A peer that scans ``h[t] = a[t] * h[t-1] + x[t]`` on its own layout [B, D, T] with linear gates
     (accelerated-scan, fpscan), mapped onto our [B, T, D] op with log gates g: a = exp(g).

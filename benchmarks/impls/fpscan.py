@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..context import log, one_line
 from ..extbuild import Child
-from .base import LinearGateScan, Unavailable, power_of_two_skip
+from .base import LinearGateScan, Unavailable, linear_scan_skip
 
 NAMES = ("fpscan", "fpscan+T")
 SKIP_DIRS = {"build", "dist", "__pycache__", ".git"}
@@ -32,16 +32,7 @@ class FpScan(LinearGateScan):
     family = "fpscan"
 
     def skip_reason(self, B, T, D, dtype):
-        why = power_of_two_skip(T, 32, 65536)
-        if why:
-            return why
-        if D > 65535:
-            return "D > 65535 (grid y dimension)"
-        if B * D * T >= 2 ** 31:
-            return "B*D*T >= 2^31 (32-bit offsets)"
-        if dtype not in ("float32", "bfloat16", "float16"):
-            return f"{dtype} unsupported"
-        return None
+        return linear_scan_skip(B, T, D, dtype, 32, 65536)
 
 
 def find_source(path):
