@@ -166,7 +166,8 @@ def hoststep_table(res):
     names = used_impls(rows, order=IMPLS + ("ours-probe",))
     names = [n for n in ("ours-auto", "ours-probe", "ours-auto-direct") if n in names] + \
         [n for n in names if n not in OURS]
-    headers = ["shape", "copy floor us", "practical floor us (x copy)"] + names + ["ours-auto - probe, host us"]
+    headers = (["shape", "copy floor us", "practical floor us (x copy)"] + names
+               + ["ours-auto - probe, host us (paired)"])
     body = [[shape_text(r)] + floor_cells(r, "us") + [step_cell(r["results"].get(n, {}), r["practical_ms"])
                                                       for n in names] + [probe_text(r)] for r in rows]
     notes = notes_text(rows, names, where=shape_text)
@@ -175,7 +176,7 @@ def hoststep_table(res):
 
 def options_table(res):
     names = ("ours-auto", "ours-probe")
-    headers = ["shape", "option", "practical floor us (x copy)"] + list(names) + ["ours-auto - probe, host us",
+    headers = ["shape", "option", "practical floor us (x copy)"] + list(names) + ["ours-auto - probe, host us (paired)",
                                                                                  "rel err (auto / probe)"]
     body = []
     for r in res["options"]:

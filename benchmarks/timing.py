@@ -205,11 +205,27 @@ def host_steps_us(ctx, named, steps, target_s=0.25, repeats=3):
         counts[name] = max(10, min(steps, int(target_s / max(est, 1e-7))))
     for _ in range(repeats):
         for name, fns in named.items():
-            n, k = counts[name], len(fns)
-            ctx.sync()
-            t0 = time.perf_counter()
-            for i in range(n):
-                fns[i % k]()
-            ctx.sync()
-            times[name].append((time.perf_counter() - t0) / n * 1e6)
+            times[name].append(_block_us(ctx, fns, counts[name]))
     return {name: (statistics.median(times[name]), counts[name]) for name in named}
+
+
+def _block_us(ctx, fns, n):
+    """Host us per step of n steps queued back to back (input sets in turn), synchronised before and after."""
+    ctx.sync()
+    t0 = time.perf_counter()
+    for i in range(n):
+        fns[i % len(fns)]()
+    ctx.sync()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def paired_host_diff_us(ctx, a, b, n, pairs=6):
+    """(host us per step of a) - (host us per step of b), from ``pairs`` rounds of four blocks in the
+    order a b b a: each round's mean difference cancels a host whose speed drifts linearly through the
+    round, and the median over rounds drops a round a hiccup hit.  Columns timed seconds apart can differ
+    by tens of us from drift alone.  a, b: [callable per input set]; n steps a block."""
+    diffs = []
+    for _ in range(pairs):
+        a1, b1, b2, a2 = (_block_us(ctx, fns, n) for fns in (a, b, b, a))
+        diffs.append((a1 + a2 - b1 - b2) / 2)
+    return statistics.median(diffs)

@@ -258,7 +258,7 @@ def test_host_step_table_reads_host_and_device_against_the_practical_floor():
     assert cells["ours-auto"] == "61.0 (1.52x) / 44.0 (1.10x)"
     assert cells["ours-auto-direct"] == "50.0 (1.25x) / 40.0 (1.00x)*"  # not from a graph: marked
     assert cells["fla-chunk"] == "MISMATCH" and cells["fpscan"] == "n/a"
-    assert cells["ours-auto - probe, host us"] == "+7.0 (over 5 us)"
+    assert cells["ours-auto - probe, host us (paired)"] == "+7.0 (over 5 us)"
     row["autograd_minus_probe_us"] = 4.0
     body = report.hoststep_table({"rows": [row], "options": []}).splitlines()[2]
     assert body.split("|")[-2].strip() == "+4.0"
@@ -312,3 +312,24 @@ def test_probe_gradients_equal_ours_autograd_and_a_float64_loop(option):
         assert len(set(torch.diff(inputs["cu"]).tolist())) > 1  # uneven lengths
     for step in steps.values():  # the timed callables run and return the gradients
         assert len(step()) == (3 if final else 2)
+
+
+def test_paired_host_diff_cancels_drift_between_rounds(monkeypatch):
+    """a costs 10 us a step, b 3 us, and the host slows by 3 us a step from one block to the next (72 us
+    over the run): the paired difference is still 7 us."""
+    from benchmarks import timing
+
+    clock = {"t": 0.0, "slow": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+
+    def step(cost_us):
+        def run():
+            clock["t"] += (cost_us + clock["slow"]) * 1e-6
+        return run
+
+    def sync():
+        clock["slow"] += 1.5  # the drift grows through the blocks
+
+    ctx = types.SimpleNamespace(sync=sync)
+    diff = timing.paired_host_diff_us(ctx, [step(10.0)], [step(3.0)], n=20)
+    assert abs(diff - 7.0) < 1e-6, diff
