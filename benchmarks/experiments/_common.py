@@ -44,7 +44,7 @@ MIN_SETS = 3
 TOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3, "float64": 1e-10}
 DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "f64": "float64"}
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
-TENSORS = {"fwd": 3, "bwd": 5, "fwdbwd": 8}
+TENSORS = {"fwd": 3, "bwd": 5, "fwdbwd": 8, "states_fwd": 2, "states_bwd": 2}  # states_*: the state-only passes
 SHORT = {v: k for k, v in DTYPES.items()}
 
 
