@@ -42,9 +42,14 @@ OPTIONS = (f"-DHC_STATES_WARPS={WARPS}", f"-DHC_STATES_UNROLL={UNROLL}", f"-DHC_
 
 def fold_maps(A, b, xp):
     """The composition of stacked affine maps ``[K, ...]`` applied in index order (index 0 first), as
-    ``(A, b)`` of shape ``[...]``: pairs are composed level by level, ``(A2, b2) o (A1, b1) = (A2*A1,
-    A2*b1 + b2)``, an odd level padded with the identity (1, 0).  ``xp``: the arrays' namespace (needs
-    ``concat``, ``ones_like``, ``zeros_like``).  K = 0 is not allowed."""
+    ``(A, b)`` of shape ``[...]``, ``(A2, b2) o (A1, b1) = (A2*A1, A2*b1 + b2)``.  K = 0 is not allowed.
+
+    CUDA arrays (PyTorch, CuPy) of float32 or float64 take one launch of the combine kernel on the caller's
+    stream (a rank composing its predecessors would otherwise queue a dozen tiny element-wise kernels);
+    the rest compose pairs level by level, an odd level padded with the identity (1, 0), in ``xp``, the
+    arrays' namespace (needs ``concat``, ``ones_like``, ``zeros_like``)."""
+    if A.shape[0] > 1 and _gpu_fold_fits(A, b):
+        return _fold_gpu(A, b)
     while A.shape[0] > 1:
         if A.shape[0] % 2:
             A = xp.concat([A, xp.ones_like(A[:1])], axis=0)
@@ -101,6 +106,37 @@ def split_plan(ntiles, T, at_once):
     return -(-T // span), span
 
 
+def _gpu_fold_fits(A, b):
+    fw = bk.framework_of(A)
+    return (fw in (bk.TORCH, bk.CUPY) and bk.framework_of(b) is fw and fw.is_gpu(A) and fw.is_gpu(b)
+            and fw.device(A) == fw.device(b) and fw.dtype(A) == fw.dtype(b) in ("float32", "float64")
+            and tuple(A.shape) == tuple(b.shape))
+
+
+def _fold_gpu(A, b):
+    fw = bk.framework_of(A)
+    acc = fw.dtype(A)
+    K, rest = A.shape[0], tuple(A.shape[1:])
+    A, b = fw.contiguous(A), fw.contiguous(b)
+    out_a, out_b = fw.empty(rest, acc, A), fw.empty(rest, acc, A)
+    nd = int(np.prod(rest))
+    if nd:
+        import cupy
+
+        dev = A.device.index if fw is bk.TORCH else A.device.id
+        with cupy.cuda.Device(dev):
+            _combine(fw, dev, fw.stream(A), acc, acc, fw.describe(A).ptr, fw.describe(b).ptr, nd, K, out_a, out_b)
+    return out_a, out_b
+
+
+def _combine(fw, dev, stream, vd, gd, pa, pb, nd, nsplit, A, b):
+    """Queue states_combine (of the (vd, gd) module): the nsplit maps [nsplit, nd] at pa, pb composed
+    into A, b [nd] (nsplit = 0: the identity; pa, pb unread)."""
+    fn = get_function(kernel_names(vd, gd)[-1], vd, gd, dev)
+    bind(fn, (-(-nd // 32),), (32, COMBINE_ROWS), dev)(stream, pa, pb, nd, nsplit, fw.describe(A).ptr,
+                                                       fw.describe(b).ptr)
+
+
 def _launch(v, g, fw, reverse, backward):
     """Queue one pass on the caller's stream; returns (A, b) ``[B, D]`` in the accumulation dtype."""
     B, T, D = v.shape
@@ -118,7 +154,6 @@ def _launch(v, g, fw, reverse, backward):
         vec = 1
     with cupy.cuda.Device(dev):
         stream = fw.stream(v)
-        combine = get_function(kernel_names(vd, gd)[-1], vd, gd, dev)
         nsplit, span, ws = 0, 0, None
         if T > 0:
             fn = get_function(instantiation("states_walk", backward, vd, gd, vec), vd, gd, dev)
@@ -131,10 +166,8 @@ def _launch(v, g, fw, reverse, backward):
                 stream, arrs[0].ptr, arrs[1].ptr, *arrs[0].strides[:2], *arrs[1].strides[:2], B, T, D,
                 int(bool(reverse)), span, *(fw.describe(o).ptr for o in outs))
         if nsplit != 1:  # several splits to compose, or T = 0: the identity
-            nd = B * D
             ptrs = (0, 0) if ws is None else (fw.describe(ws[0]).ptr, fw.describe(ws[1]).ptr)
-            bind(combine, (-(-nd // 32),), (32, COMBINE_ROWS), dev)(
-                stream, *ptrs, nd, nsplit, fw.describe(A).ptr, fw.describe(b).ptr)
+            _combine(fw, dev, stream, vd, gd, *ptrs, B * D, nsplit, A, b)
     return A, b
 
 
