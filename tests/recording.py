@@ -1,0 +1,220 @@
+"""The recording driver: CUDA stood in for by the host, for tests of the GPU plan body on CPU.
+
+``RecordingDriver`` replaces ``nvrtc.get_function``, ``driver.launchKernel`` and ``memsetAsync``: each
+launch is recorded with its arguments read back from the packed parameters, then computed by the
+float64 reference on the host memory its pointers name.  The ``fake_cuda`` fixture installs it with torch
+CPU tensors posing as CUDA ones; ``fresh_plans`` gives a test an empty plan cache.  Also the torch input
+cases (``CASES``, ``_torch_case``) that the CPU and GPU plan tests draw from.  Test modules import the
+fixtures by name.
+"""
+import ctypes
+import re
+import types
+
+import numpy as np
+import pytest
+
+import hgrn_cupy as hc
+from hgrn_cupy import arrays as ar
+from hgrn_cupy import nvrtc, plans, workspace
+from hgrn_cupy.naive import bf16_bits_to_float32, float32_to_bf16_bits
+
+
+@pytest.fixture
+def fresh_plans(monkeypatch):
+    """An empty plan cache for the test, thrown away after it."""
+    monkeypatch.setattr(plans, "_plans", {})
+    return plans._plans
+
+
+NP_STORAGE = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": np.uint16}
+WALK_FWD_ARGS = ("x", "g", "o", "sxb", "sxt", "sgb", "sgt", "sob", "sot", "h0", "ht", "cu", "cu64", "T", "D",
+                 "reverse")
+STEP_ARGS = ("x", "g", "o", "sxb", "sgb", "sob", "h0", "ht", "N", "D")  # fused_recurrent_step (T = 1)
+WALK_BWD_ARGS = ("g", "o", "do", "dx", "dg", "sgb", "sgt", "sob", "sot", "sdob", "sdot", "sdxb", "sdxt", "sdgb", "sdgt",
+                 "h0", "dht", "dh0", "cu", "cu64", "T", "D", "reverse")
+CHUNK_FWD_ARGS = ("x", "g", "o", "sxb", "sxt", "sgb", "sgt", "sob", "sot", "h0", "ht", "cu", "cu64", "N", "T", "D",
+                  "reverse", "hdr", "slots", "capacity", "ntiles", "nchunks", "l2_ahead", "peek", "stagger")
+CHUNK_BWD_ARGS = ("g", "o", "do", "dx", "dg", "sgb", "sgt", "sob", "sot", "sdob", "sdot", "sdxb", "sdxt", "sdgb",
+                  "sdgt", "h0", "dht", "dh0", "cu", "cu64", "N", "T", "D", "reverse", "hdr", "slots", "capacity",
+                  "ntiles", "nchunks", "l2_ahead", "peek", "stagger")
+KERNEL_ARGS = {"fused_recurrent_fwd": WALK_FWD_ARGS, "fused_recurrent_block_fwd": WALK_FWD_ARGS,
+               "fused_recurrent_step": STEP_ARGS, "fused_recurrent_bwd": WALK_BWD_ARGS,
+               "fused_recurrent_block_bwd": WALK_BWD_ARGS, "chunk_fwd": CHUNK_FWD_ARGS, "chunk_bwd": CHUNK_BWD_ARGS}
+POINTERS = ("x", "g", "o", "do", "dx", "dg", "h0", "ht", "dht", "dh0", "hdr", "slots")
+C_NAMES = {c: d for d, c in nvrtc.C_TYPES.items()}
+
+
+def _view(ptr, shape, strides, dtype):
+    """A NumPy view of device memory that is really host memory (strides in elements)."""
+    st_ = NP_STORAGE[dtype]
+    size = np.dtype(st_).itemsize
+    if 0 in shape:
+        return np.zeros(shape, st_)
+    lo = sum(min(0, (n - 1) * s) for n, s in zip(shape, strides))
+    hi = sum(max(0, (n - 1) * s) for n, s in zip(shape, strides))
+    base = np.frombuffer((ctypes.c_char * ((hi - lo + 1) * size)).from_address(ptr + lo * size), st_)
+    return np.lib.stride_tricks.as_strided(base[-lo:], shape, [s * size for s in strides])
+
+
+def _load(v, dtype):
+    return bf16_bits_to_float32(v) if dtype == "bfloat16" else v
+
+
+def _store(v, a, dtype):
+    v[...] = float32_to_bf16_bits(np.asarray(a, np.float32)) if dtype == "bfloat16" else a
+
+
+def _state(ptr, N, D, acc):
+    return _view(ptr, (N, D), (D, 1), acc) if ptr else None
+
+
+def _vector_ready(vec, a, tensors, shape):
+    """The rules of a ``vec``-wide kernel: D, every pointer and every stride of an axis longer than one
+    are multiples of ``vec`` (pointers in bytes of their dtype)."""
+    assert shape[-1] % vec == 0
+    for name, dtype, strides in tensors:
+        assert a[name] % (vec * nvrtc.ITEMSIZE[dtype]) == 0, (name, a[name], vec)
+        assert all(a[s] % vec == 0 for n, s in zip(shape, strides) if n > 1), (name, vec)
+
+
+class RecordingDriver:
+    """``nvrtc.get_function``, ``driver.launchKernel`` and ``memsetAsync`` stand-ins: each kernel launch is
+    recorded with its arguments read back from the packed parameters, then computed by the reference
+    on the host memory the pointers name; each fill writes its bytes."""
+
+    def __init__(self):
+        self.functions, self.by_ptr, self.launches, self.events = {}, {}, [], []
+        self.stream = 77
+
+    def get_function(self, source, names, name, device, options=()):
+        assert name in names
+        fn = self.functions.get(name)
+        if fn is None:
+            kernel, targs = re.fullmatch(r"hc::(\w+)<(.*)>", name).groups()
+            targs = [t.strip() for t in targs.split(",")]
+            varlen = targs[2] == "true" if kernel.startswith("chunk") else None  # the walks take it at run time
+            fn = types.SimpleNamespace(ptr=1000 + len(self.functions), kernel=kernel,
+                                       dtypes=tuple(C_NAMES[t] for t in targs[:2]), vec=int(targs[-1]), varlen=varlen)
+            self.functions[name] = self.by_ptr[fn.ptr] = fn
+        return fn
+
+    def memset(self, ptr, value, nbytes, stream):
+        self.events.append(("fill", ptr, value, nbytes, stream))
+        ctypes.memset(ptr, value, nbytes)
+
+    def launch_kernel(self, fn_ptr, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
+        fn = self.by_ptr[fn_ptr]
+        names = KERNEL_ARGS[fn.kernel]
+        slots = (ctypes.c_void_p * len(names)).from_address(params)
+        a = dict(zip(names, (ctypes.c_int64.from_address(p).value for p in slots)))
+        ln = {"kernel": fn.kernel, "vec": fn.vec, "dtypes": fn.dtypes, "grid": (gx, gy, gz), "block": (bx, by, bz),
+              "stream": stream, **a}
+        self.launches.append(ln)
+        self.events.append(("kernel", ln))
+        assert shmem == 0 and extra == 0 and not a.get("cu") and not fn.varlen  # dense calls only here
+        if fn.kernel == "fused_recurrent_step":
+            self._step(fn, ln)
+        elif fn.kernel.startswith("chunk"):
+            assert (gy, gz) == (1, 1) and gx == a["ntiles"] * a["nchunks"] and bx == 32
+            (self._forward if fn.kernel == "chunk_fwd" else self._backward)(fn, ln, a["N"])
+        else:  # the walks: blocks of bx x by threads cover bx * VEC channels of one sequence (grid y)
+            assert gz == 1 and gx * bx * fn.vec >= a["D"] > (gx - 1) * bx * fn.vec
+            (self._backward if fn.kernel.endswith("bwd") else self._forward)(fn, ln, gy)
+
+    def _forward(self, fn, a, N):
+        (xd, gd), vec = fn.dtypes, fn.vec
+        acc = nvrtc.accumulation_dtype(xd, gd)
+        T, D = a["T"], a["D"]
+        _vector_ready(vec, a, (("x", xd, ("sxb", "sxt")), ("g", gd, ("sgb", "sgt")), ("o", xd, ("sob", "sot"))),
+                      (N, T, D))
+        x = _load(_view(a["x"], (N, T, D), (a["sxb"], a["sxt"], 1), xd), xd)
+        g = _load(_view(a["g"], (N, T, D), (a["sgb"], a["sgt"], 1), gd), gd)
+        o, ht = hc.naive_recurrent_hgrn(x, g, _state(a["h0"], N, D, acc), True, None, bool(a["reverse"]),
+                                        compute_dtype=acc)
+        _store(_view(a["o"], (N, T, D), (a["sob"], a["sot"], 1), xd), o, xd)
+        if a["ht"]:
+            _state(a["ht"], N, D, acc)[...] = ht
+
+    def _step(self, fn, a):
+        """The single-step (T = 1) kernel: VEC channels per thread over the flattened [N, D]."""
+        (xd, gd), vec = fn.dtypes, fn.vec
+        acc = nvrtc.accumulation_dtype(xd, gd)
+        N, D = a["N"], a["D"]
+        gx, gy, gz = a["grid"]
+        bx, by, bz = a["block"]
+        assert (gy, gz, by, bz) == (1, 1, 1, 1) and gx * bx * vec >= N * D
+        _vector_ready(vec, a, (("x", xd, ("sxb",)), ("g", gd, ("sgb",)), ("o", xd, ("sob",))), (N, D))
+        x = _load(_view(a["x"], (N, 1, D), (a["sxb"], 1, 1), xd), xd)
+        g = _load(_view(a["g"], (N, 1, D), (a["sgb"], 1, 1), gd), gd)
+        o, ht = hc.naive_recurrent_hgrn(x, g, _state(a["h0"], N, D, acc), True, compute_dtype=acc)
+        _store(_view(a["o"], (N, 1, D), (a["sob"], 1, 1), xd), o, xd)
+        if a["ht"]:
+            _state(a["ht"], N, D, acc)[...] = ht
+
+    def _backward(self, fn, a, N):
+        (od, gd), vec = fn.dtypes, fn.vec
+        acc = nvrtc.accumulation_dtype(od, gd)
+        T, D = a["T"], a["D"]
+        layout = (("g", gd, ("sgb", "sgt")), ("o", od, ("sob", "sot")), ("do", od, ("sdob", "sdot")),
+                  ("dx", od, ("sdxb", "sdxt")), ("dg", gd, ("sdgb", "sdgt")))
+        _vector_ready(vec, a, layout, (N, T, D))
+        g, o, do = (_load(_view(a[k], (N, T, D), (a[s[0]], a[s[1]], 1), dt), dt) for k, dt, s in layout[:3])
+        dx, dg, dh0 = hc.naive_recurrent_hgrn_bwd(g, o, do, _state(a["dht"], N, D, acc), _state(a["h0"], N, D, acc),
+                                                  None, bool(a["reverse"]), compute_dtype=acc)
+        for (k, dt, s), v in zip(layout[3:], (dx, dg)):
+            _store(_view(a[k], (N, T, D), (a[s[0]], a[s[1]], 1), dt), v, dt)
+        if a["dh0"]:
+            _state(a["dh0"], N, D, acc)[...] = dh0 if dh0 is not None else 0
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch, fresh_plans):
+    torch = pytest.importorskip("torch")
+    driver = pytest.importorskip("cupy_backends.cuda.api.driver")
+    cupy = pytest.importorskip("cupy")
+    rec = RecordingDriver()
+    monkeypatch.setattr(type(ar.TORCH), "is_gpu", lambda self, a: True)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: rec.stream, raising=False)
+    monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: None)  # a CPU tensor's device index
+    monkeypatch.setattr(cupy.cuda.runtime, "setDevice", lambda device: None)
+    monkeypatch.setattr(cupy.cuda.runtime, "memsetAsync", rec.memset)
+    monkeypatch.setattr(nvrtc, "get_function", rec.get_function)
+    monkeypatch.setattr(nvrtc, "blocks_at_once", lambda fn, threads, device: 8)
+    monkeypatch.setattr(driver, "launchKernel", rec.launch_kernel)
+    monkeypatch.setattr(workspace, "capturing", lambda stream_ptr: False)
+    monkeypatch.setattr(workspace, "_kept", {})
+    return rec
+
+
+def _torch_case(gen, case, device="cpu"):
+    """x, g, h0 as torch tensors; drawn on the CPU with ``gen`` in float64, then moved and cast.  The
+    "views" layout reads x and g as the two halves of one projection (batch and time strides 2 D)
+    and h0 as every other column of a wider tensor."""
+    import torch
+
+    B, T, D, xd, gd, hd, layout = case
+    x = torch.randn(B, T, D, generator=gen, dtype=torch.float64)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, D, generator=gen, dtype=torch.float64))
+    h0 = torch.randn(B, 2 * D, generator=gen, dtype=torch.float64)
+    if layout == "views":
+        assert xd == gd
+        x, g = torch.cat([x, g], -1).to(device, getattr(torch, xd)).chunk(2, -1)
+        h0 = h0.to(device, getattr(torch, hd))[:, ::2]
+    else:
+        x, g = x.to(device, getattr(torch, xd)), g.to(device, getattr(torch, gd))
+        h0 = h0[:, :D].contiguous().to(device, getattr(torch, hd)) if hd else None
+    return x, g, h0
+
+
+CASES = {  # (B, T, D, x dtype, g dtype, h0 dtype or None, layout)
+    "decode_f32": (1, 1, 1024, "float32", "float32", "float32", "dense"),
+    "decode_bf16": (1, 1, 1024, "bfloat16", "bfloat16", "float32", "dense"),
+    "batch_mixed_f16_state": (3, 5, 33, "bfloat16", "float32", "float16", "dense"),
+    "float64_g_f32_state": (2, 4, 9, "float32", "float64", "float32", "dense"),
+    "views": (2, 6, 17, "float32", "float32", "float32", "views"),
+    "no_state": (2, 3, 65, "float16", "float16", None, "dense"),
+    "empty_time": (2, 0, 8, "float32", "float32", "float32", "dense"),
+    "no_channels": (2, 3, 0, "float32", "float32", "float32", "dense"),
+}
+

@@ -1,0 +1,334 @@
+"""The GPU plan body on a recording driver, and kept scratch (``hgrn_cupy.plans``, ``hgrn_cupy.workspace``;
+CPU).
+
+With torch CPU tensors posing as CUDA ones and reference "kernels" reading and writing through the
+packed parameters (``recording.RecordingDriver``), the GPU plan body's launches compute the float64
+reference, on the stream read at each call, with the widest accesses each call's pointers allow, and
+with kept or fresh scratch; poisoned outputs are filled before the launch.  Kept scratch (host memory
+standing in for the allocators'): one buffer per framework, device, stream and accumulation itemsize,
+grown, bypassed while capturing or when switched off, released on request, and per thread on the
+default stream's handles.
+"""
+import threading
+import types
+
+import numpy as np
+import pytest
+from conftest import TOL, force_block_walks, rel_err, to_numpy
+from recording import CASES, POINTERS, _torch_case, fake_cuda, fresh_plans  # noqa: F401  (fixtures)
+
+import hgrn_cupy as hc
+from hgrn_cupy import plans, workspace
+from hgrn_cupy.engines import chunk, fused_recurrent
+from hgrn_cupy.engines.layout import vector_width
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU plan body on a recording driver (CPU): torch CPU tensors pose as CUDA tensors
+
+def _tol(case):
+    return max(TOL[CASES[case][3]], TOL[CASES[case][4]])
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
+@pytest.mark.parametrize("final", [True, False], ids=["final", "no_final"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fake_cuda_forward_matches_reference(case, final, reverse, fake_cuda, fresh_plans):
+    """The fused forward's GPU plan, made and kept, then called through both front doors: each call's
+    launch gets that call's pointers and stream (read at each call) and the same everything else, reads
+    h0 in place where it can, and computes the reference."""
+    torch = pytest.importorskip("torch")
+    import hgrn_cupy.torch as htorch
+
+    gen = torch.Generator().manual_seed(1234)
+    x, g, h0 = _torch_case(gen, CASES[case])
+    acc = torch.float64 if torch.float64 in (x.dtype, g.dtype) else torch.float32
+    ref_o, ref_ht = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), None if h0 is None else to_numpy(h0), True,
+                                            None, reverse)
+    tol = _tol(case)
+
+    # a NumPy bool: a plan made for this call alone; then one kept and used through both front doors
+    runs = [hc.fused_recurrent_hgrn(x, g, h0, final, None, np.bool_(reverse))]
+    assert not fresh_plans
+    runs.append(hc.fused_recurrent_hgrn(x, g, h0, final, None, reverse))  # makes the plan
+    assert len(fresh_plans) == 1
+    fake_cuda.stream = 78  # the stream is read at every call
+    runs.append(hc.fused_recurrent_hgrn(x, g, h0, final, None, reverse))
+    with torch.no_grad():
+        runs.append(htorch.fused_recurrent_hgrn(x, g, h0, final, None, reverse))
+    assert len(fresh_plans) == 1
+
+    launches = fake_cuda.launches
+    if 0 in (x.shape[0], x.shape[2]):
+        assert not launches
+    else:
+        assert len(launches) == len(runs)
+        assert [ln["stream"] for ln in launches] == [77, 77, 78, 78]
+        for ln, (o, ht) in zip(launches, runs):
+            same = {k: v for k, v in ln.items() if k not in POINTERS + ("stream",)}
+            assert same == {k: v for k, v in launches[0].items() if k not in POINTERS + ("stream",)}
+            assert (ln["x"], ln["g"], ln["o"]) == (x.data_ptr(), g.data_ptr(), o.data_ptr())
+            assert ln["ht"] == (ht.data_ptr() if final else 0) and (ln["h0"] != 0) == (h0 is not None)
+            if h0 is not None and h0.dtype == acc and h0.is_contiguous():
+                assert ln["h0"] == h0.data_ptr()  # read in place
+    for o, ht in runs:
+        assert o.dtype == x.dtype and o.shape == x.shape and o.is_contiguous()
+        assert rel_err(o, ref_o) <= tol
+        if final:
+            assert ht.dtype == acc and ht.shape == (x.shape[0], x.shape[2])
+            assert rel_err(ht, ref_ht) <= tol
+        else:
+            assert ht is None
+
+
+def test_poisoned_outputs_are_filled_before_the_launch(fake_cuda, fresh_plans, monkeypatch):
+    """``plans.poison_outputs(True)`` drops the plans made before; the next plan fills every output with
+    all-ones bytes (NaN) on the call's stream before its kernel runs, which then writes them all."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(5)
+    x, g, h0 = _torch_case(gen, CASES["decode_f32"])
+    hc.fused_recurrent_hgrn(x, g, h0, True)
+    assert len(fresh_plans) == 1 and not [e for e in fake_cuda.events if e[0] == "fill"]
+    monkeypatch.setattr(plans, "_poison", False)  # the switch is put back after the test
+    plans.poison_outputs(True)
+    assert not fresh_plans
+    fake_cuda.events.clear()
+    o, ht = hc.fused_recurrent_hgrn(x, g, h0, True)
+    kinds = [e[0] for e in fake_cuda.events]
+    assert kinds == ["fill", "fill", "kernel"]
+    assert {e[1:] for e in fake_cuda.events[:2]} == {(o.data_ptr(), 0xFF, o.nbytes, 77),
+                                                     (ht.data_ptr(), 0xFF, ht.nbytes, 77)}
+    ref_o, ref_ht = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), to_numpy(h0), True)
+    assert rel_err(o, ref_o) <= TOL["float32"] and rel_err(ht, ref_ht) <= TOL["float32"]
+
+
+def _three_bf16_calls(gen, layout, vec, fresh_plans):
+    """Three fused forward calls (plan made, then used twice) on 3 x 5 x D bfloat16 inputs against the
+    reference: D = 36 ("dense": contiguous; "odd_offset": views one element off a tensor of D + vec
+    columns, so the strides are multiples of ``vec`` and the pointers are checked at each call) or 35."""
+    D = 35 if layout == "odd_d" else 36
+    x, g, h0 = _torch_case(gen, (3, 5, D + vec, "bfloat16", "bfloat16", "float32", "dense"))
+    if layout == "odd_offset":
+        x, g, h0 = x[..., 1:D + 1], g[..., 1:D + 1], h0[:, 1:D + 1].contiguous()
+    else:
+        x, g, h0 = x[..., :D].contiguous(), g[..., :D].contiguous(), h0[:, :D].contiguous()
+    ref_o, ref_ht = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), to_numpy(h0), True)
+    for _ in range(3):
+        o, ht = hc.fused_recurrent_hgrn(x, g, h0, True)
+        assert rel_err(o, ref_o) <= TOL["bfloat16"] and rel_err(ht, ref_ht) <= TOL["bfloat16"]
+    assert len(fresh_plans) == 1
+
+
+@pytest.mark.parametrize("layout", ["dense", "odd_offset", "odd_d"])
+def test_two_channels_per_thread_where_the_layout_allows(layout, fake_cuda, fresh_plans, monkeypatch):
+    """The fused walk takes two channels per thread from WALK_VEC_MIN_CHANNELS on (lowered to 0 here)
+    where D, strides and this call's pointers allow it, and one otherwise, planned or not."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(fused_recurrent, "WALK_VEC_MIN_CHANNELS", 0)
+    _three_bf16_calls(torch.Generator().manual_seed(7), layout, 2, fresh_plans)
+    got = [(ln["kernel"], ln["vec"]) for ln in fake_cuda.launches]
+    assert got == [("fused_recurrent_fwd", 2 if layout == "dense" else 1)] * 3
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("layout", ["dense", "odd_offset", "odd_d"])
+def test_block_walk_where_the_layout_allows(layout, narrow, fake_cuda, fresh_plans, monkeypatch):
+    """The fused forward runs as a block walk (32 x BLOCK_WARPS threads on 32 * VEC channels; 8-byte
+    lanes, or 4-byte ones below BLOCK_WALK_NARROW_BELOW channels) where its channel band and T allow
+    (opened to everything here) and D, strides and this call's pointers allow the lanes; the thread walk
+    otherwise, planned or not."""
+    torch = pytest.importorskip("torch")
+    force_block_walks(monkeypatch, narrow)
+    vec = fused_recurrent.block_walk_width("bfloat16", "bfloat16", 0, narrow)
+    _three_bf16_calls(torch.Generator().manual_seed(8), layout, vec, fresh_plans)
+    got = [(ln["kernel"], ln["vec"], ln["grid"], ln["block"]) for ln in fake_cuda.launches]
+    if layout == "dense":
+        assert got == [("fused_recurrent_block_fwd", vec, (1, 3, 1), (32, fused_recurrent.BLOCK_WARPS, 1))] * 3
+    else:
+        assert [k[:2] for k in got] == [("fused_recurrent_fwd", 1)] * 3
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "fresh"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_fake_cuda_chunk_launches(offset, kept, fake_cuda, fresh_plans, monkeypatch):
+    """The chunk engine's planned launches, forward and backward (without and with states), compute the
+    reference, with 16-byte accesses only where the call's pointers allow them and the same arguments
+    at every call but the pointers.  Kept scratch: one buffer, filled once when it is made; fresh
+    scratch: filled before each launch."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(hc.config, "keep_workspaces", kept)
+    gen = torch.Generator().manual_seed(3)
+    base_x = torch.randn(3, 300, 72, generator=gen).to(torch.bfloat16)
+    base_g = torch.nn.functional.logsigmoid(torch.randn(3, 300, 72, generator=gen)).to(torch.bfloat16)
+    x, g = base_x[:, :, offset:offset + 64], base_g[:, :, offset:offset + 64]  # views: pointers 2 bytes off or not
+    do = torch.randn(3, 300, 64, generator=gen).to(torch.bfloat16)
+    dht, h0 = torch.randn(3, 64, generator=gen), torch.randn(3, 64, generator=gen).to(torch.bfloat16)
+    outs = [hc.chunk_hgrn(x, g)[0] for _ in range(3)]  # the plan is made, then used
+    o = outs[0]
+    outs += [hc.hgrn_backward(g, o, do, engine="chunk") for _ in range(3)]
+    outs += [hc.hgrn_backward(g, o, do, dht, h0, engine="chunk") for _ in range(3)]  # with states: a key of its own
+    assert len(fresh_plans) == 3  # one forward key, two backward keys
+
+    ref_o = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g))[0]
+    refs = [hc.naive_recurrent_hgrn_bwd(to_numpy(g), to_numpy(o), to_numpy(do), *states)
+            for states in ((None, None), (to_numpy(dht), to_numpy(h0)))]
+    for k, out in enumerate(outs):
+        if k < 3:
+            assert rel_err(out, ref_o) <= TOL["bfloat16"], k
+            continue
+        ref = refs[k >= 6]
+        assert rel_err(out[0], ref[0]) <= TOL["bfloat16"] and rel_err(out[1], ref[1]) <= TOL["bfloat16"], k
+        assert (out[2] is None) if k < 6 else (out[2].dtype == torch.bfloat16 and rel_err(out[2], ref[2])
+                                               <= TOL["bfloat16"]), k
+
+    kernels = [e[1] for e in fake_cuda.events if e[0] == "kernel"]
+    fills = [e for e in fake_cuda.events if e[0] == "fill"]
+    assert len(kernels) == 9 and len(fills) == (1 if kept else 9)
+    assert all(k["h0"] and k["dht"] and k["dh0"] for k in kernels[6:])
+    assert not any(k["h0"] or k["dht"] or k["dh0"] for k in kernels[3:6])
+    vec = 1 if offset else vector_width("bfloat16", "bfloat16")  # views 2 bytes off take no 16-byte accesses
+    for kernel, group in (("chunk_fwd", kernels[:3]), ("chunk_bwd", kernels[3:6]), ("chunk_bwd", kernels[6:])):
+        first = group[0]
+        assert first["kernel"] == kernel and first["vec"] == vec
+        assert first["stagger"] == chunk.stagger(first["grid"][0], 8) > 0  # more blocks than the 8 at once
+        for k in group[1:]:
+            assert {n: v for n, v in k.items() if n not in POINTERS} == \
+                   {n: v for n, v in first.items() if n not in POINTERS}
+    if kept:  # one buffer (MIN_BYTES at least), filled with ones before the first launch, then used as it is
+        (_, p, v, n, s), = fills
+        assert fake_cuda.events[0][0] == "fill" and v == 0xFF and s == fake_cuda.stream and n == workspace.MIN_BYTES
+        assert [w[0] for w in workspace._kept.values()] == [p]
+        for k in kernels:
+            assert k["stream"] == s and k["hdr"] == p and k["slots"] + k["capacity"] == p + n
+    else:
+        assert [e[0] for e in fake_cuda.events] == ["fill", "kernel"] * 9  # each launch's scratch filled first
+        for (_, p, v, n, s), (_, k) in zip(fake_cuda.events[::2], fake_cuda.events[1::2]):
+            assert v == 0xFF and s == k["stream"] == fake_cuda.stream and k["hdr"] == p
+            assert k["slots"] > p and k["slots"] + k["capacity"] == p + n
+        assert not workspace._kept
+    assert kernels[0]["x"] == x.data_ptr() and kernels[3]["do"] == do.data_ptr()
+
+
+@pytest.mark.parametrize("shape", [(3, 300, 64), (2, 200, 4096)], ids=["walk", "block_walk"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_fake_cuda_fused_backward(shape, offset, fake_cuda, fresh_plans):
+    """The fused engine's planned backward launches, without and with states, compute the reference: the
+    block walk where the layout and the pointers allow it, else the walk, one channel a thread where a
+    pointer is misaligned; every call with its own pointers and the same everything else."""
+    torch = pytest.importorskip("torch")
+    B, T, D = shape
+    gen = torch.Generator().manual_seed(5)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, D + 8, generator=gen)).to(torch.bfloat16)
+    g = g[:, :, offset:offset + D]
+    o, do = (torch.randn(B, T, D, generator=gen).to(torch.bfloat16) for _ in range(2))
+    dht, h0 = torch.randn(B, D, generator=gen), torch.randn(B, D, generator=gen)
+    outs = []
+    for states in ((None, None), (dht, h0)):
+        ref = hc.naive_recurrent_hgrn_bwd(to_numpy(g), to_numpy(o), to_numpy(do),
+                                          *(None if s is None else to_numpy(s) for s in states))
+        for _ in range(3):  # the plan is made, then used
+            out = hc.hgrn_backward(g, o, do, *states, engine="fused_recurrent")
+            assert rel_err(out[0], ref[0]) <= TOL["bfloat16"] and rel_err(out[1], ref[1]) <= TOL["bfloat16"]
+            assert out[2] is None if states[1] is None else rel_err(out[2], ref[2]) <= TOL["float32"]
+            outs.append(out)
+    calls = fake_cuda.launches
+    assert len(fresh_plans) == 2 and len(calls) == 6
+    block = fused_recurrent.block_walk_fits(B, T, D, "bfloat16", "bfloat16", 1) if not offset else 0
+    assert (D == 4096) == bool(fused_recurrent.block_walk_fits(B, T, D, "bfloat16", "bfloat16", 1))
+    assert calls[0]["kernel"] == ("fused_recurrent_block_bwd" if block else "fused_recurrent_bwd")
+    assert calls[0]["vec"] == (block or 1)
+    for group, out in ((calls[:3], outs[:3]), (calls[3:], outs[3:])):
+        first = group[0]
+        for c, (dx, dg, dh0) in zip(group, out):
+            assert c["stream"] == fake_cuda.stream
+            assert {n: v for n, v in c.items() if n not in POINTERS} == \
+                   {n: v for n, v in first.items() if n not in POINTERS}
+            assert (c["g"], c["o"], c["do"]) == (g.data_ptr(), o.data_ptr(), do.data_ptr())
+            assert (c["dx"], c["dg"]) == (dx.data_ptr(), dg.data_ptr())
+            assert c["dh0"] == (0 if dh0 is None else dh0.data_ptr())
+    assert not any(c["h0"] or c["dht"] for c in calls[:3])
+    assert all(c["h0"] == h0.data_ptr() and c["dht"] == dht.data_ptr() for c in calls[3:])  # read in place
+
+
+# ----------------------------------------------------------------------------------------------
+# kept scratch (CPU: host memory standing in for the allocators')
+
+@pytest.mark.parametrize("fw", ["torch", "cupy"])
+def test_kept_workspaces(fw, monkeypatch):
+    """Kept scratch is one buffer per (framework, device, stream, accumulation itemsize), at least
+    MIN_BYTES and a power of two, made (and filled with ones, on its stream) only when none is big
+    enough; it is not used while the stream captures a graph or when switched off, and
+    release_workspaces frees it."""
+    cupy = pytest.importorskip("cupy")
+    fills, made = [], []
+    monkeypatch.setattr(cupy.cuda.runtime, "memsetAsync", lambda p, v, n, s: fills.append((p, v, n, s)))
+    monkeypatch.setattr(workspace, "_kept", {})
+    capturing = set()
+    monkeypatch.setattr(workspace, "capturing", lambda stream_ptr: stream_ptr in capturing)
+    if fw == "torch":
+        torch = pytest.importorskip("torch")
+        real_empty = torch.empty
+
+        def empty(shape, dtype, device):  # host memory standing in for the device's
+            made.append((shape, device))
+            return real_empty(shape, dtype=dtype)
+        monkeypatch.setattr(torch, "empty", empty)
+        alloc = workspace.source(torch_device=types.SimpleNamespace(index=1))
+    else:
+        alloc = _cupy_alloc(monkeypatch, made)
+
+    small, least = 1000, workspace.MIN_BYTES
+    a = alloc(small, 4, 5)
+    assert a[2] and a[3] == least and fills == [(a[0], 0xFF, least, 5)]
+    assert alloc(least, 4, 5) is a and len(fills) == 1  # fits: the same buffer, no fill
+    b = alloc(small, 8, 5)  # another accumulation itemsize: its own buffer
+    c = alloc(small, 4, 6)  # another stream: its own buffer
+    assert len({a[0], b[0], c[0]}) == 3 and len(fills) == 3 and len(workspace._kept) == 3
+    d = alloc(least + 1, 4, 5)  # grown to the next power of two, filled
+    assert d[0] != a[0] and d[3] == 2 * least and fills[-1] == (d[0], 0xFF, 2 * least, 5)
+    assert len(workspace._kept) == 3
+    capturing.add(5)  # capturing: fresh memory of the size asked, which the launcher fills
+    e = alloc(small, 4, 5)
+    assert not e[2] and e[3] == small and e[0] != d[0] and len(fills) == 4
+    capturing.clear()
+    monkeypatch.setattr(hc.config, "keep_workspaces", False)
+    assert not alloc(small, 4, 5)[2] and len(fills) == 4
+    monkeypatch.setattr(hc.config, "keep_workspaces", True)
+    assert alloc(small, 4, 5) is d
+    hc.release_workspaces()
+    assert not workspace._kept
+    assert alloc(small, 4, 5)[0] != d[0] and len(fills) == 5 and len(made) == 7
+    # the default stream's handles may name another stream in each thread: memory per thread there
+    for handle, per_thread in ((0, True), (2, True), (5, False)):
+        mine = alloc(small, 4, handle)
+        theirs = []
+        t = threading.Thread(target=lambda: theirs.append(alloc(small, 4, handle)))
+        t.start()
+        t.join()
+        assert (theirs[0][0] != mine[0]) == per_thread and alloc(small, 4, handle) is mine
+
+
+def _cupy_alloc(monkeypatch, made):
+    """workspace.source for CuPy device 1 with host arrays standing in for CuPy's (data.ptr their
+    address) and no device switch."""
+    cupy = pytest.importorskip("cupy")
+
+    class HostArray:
+        def __init__(self, shape, dtype):
+            made.append((shape, dtype))
+            self.a = np.empty(shape, dtype)
+            self.data = types.SimpleNamespace(ptr=self.a.ctypes.data)
+
+    class NoDevice:
+        def __init__(self, device):
+            assert device == 1
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(cupy, "empty", HostArray)
+    monkeypatch.setattr(cupy.cuda, "Device", NoDevice)
+    return workspace.source(cupy_device=1)
+
