@@ -1,6 +1,7 @@
 """Every kernel family on small shapes, for compute-sanitizer (not a pytest module): the chunk engine, the
 fused engine's thread walk and block walk, forward and backward, dense and varlen (an empty sequence
-included), with and without states, both directions of time; the state-only passes.
+included), with and without states, both directions of time; the state-only passes and the composition
+of their maps (fold_maps on the GPU).
 
     compute-sanitizer --tool memcheck python tests/sanitize_kernels.py
     compute-sanitizer --tool racecheck python tests/sanitize_kernels.py
@@ -75,8 +76,13 @@ def main():
                     ref_a = np.exp(gr.sum(axis=1))
                     ref_o0 = hc.naive_recurrent_hgrn(xr, gr, None, False, None, reverse)[0]
                     ref_c = hc.naive_recurrent_hgrn_bwd(gr, ref_o0, dor, zero, zero, None, reverse)[2]
+                    # the combine kernel as fold_maps: the two batch rows' maps composed, row 0 first
+                    Af, bf = states.fold_maps(cupy.stack([A, A]), cupy.stack([b, b]), cupy)
+                    launches += 1
+                    ref_af = ref_a * ref_a
+                    ref_bf = ref_a * ref_b_only + ref_b_only
                     for what, got, ref in (("A", A, ref_a), ("b", b, ref_b_only), ("A bwd", Ac, ref_a),
-                                           ("c", c, ref_c)):
+                                           ("c", c, ref_c), ("folded A", Af, ref_af), ("folded b", bf, ref_bf)):
                         e = _err(got, ref)
                         if not e < TOL[dtype]:
                             failures.append(f"states {dtype} {B}x{T}x{D} reverse={reverse} {what}: {e}")
