@@ -79,3 +79,23 @@ def rel_err(out, ref) -> float:
     den = np.linalg.norm(ref)
     num = np.linalg.norm(out - ref)
     return float(num / den) if den > 0 else float(num)
+
+
+def capture_torch(fn, before_capture=None):
+    """A torch CUDA graph of ``fn()``: two warm-up calls on a side stream first (kernels compile and plans
+    are made outside the capture), then ``before_capture()`` if given.  Returns (graph, what the captured
+    call returned)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    if before_capture is not None:
+        before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

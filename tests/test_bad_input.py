@@ -17,7 +17,7 @@ import pytest
 from bad_input_cases import (
     BAD_OFFSETS, CASE, CU, FRONT_ENDS, SEED, _cupy, _torch, assert_unmodified, base_inputs, call, fe_params,
     make_args, snapshot)
-from conftest import TOL, rel_err, to_numpy
+from conftest import TOL, capture_torch, rel_err, to_numpy
 
 import hgrn_cupy as hc
 
@@ -223,15 +223,7 @@ def test_cuda_graph_bad_offsets_give_nan(name):
     fn = getattr(htorch, name)
     x, g, h0, cu = _gpu_args("torch")
     assert hc.config.check_cu_seqlens_values  # the capture itself must skip the host check
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn(x, g, h0, True, cu)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o, ht = fn(x, g, h0, True, cu)
+    graph, (o, ht) = capture_torch(lambda: fn(x, g, h0, True, cu))
     o_ref, ht_ref = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), to_numpy(h0), True, np.asarray(CU))
     for bad, values in BAD_OFFSETS.items():
         _write(cu, values, "torch")

@@ -3,7 +3,7 @@ float64 reference, CUDA graph capture and replay (forward, forward and backward,
 step), and work on a non-default stream.  Inputs are fresh random numbers each run (the seed is printed).
 """
 import pytest
-from conftest import TOL, rel_err, to_numpy
+from conftest import TOL, capture_torch, rel_err, to_numpy
 
 torch = pytest.importorskip("torch")
 import hgrn_cupy as hc  # noqa: E402
@@ -43,15 +43,7 @@ def test_cuda_graph_forward(name, kind, gen):
     assert hc.config.check_cu_seqlens_values  # the capture must take the skip, not lose the check
     fn = FUNCTIONS[name]
     x, g, h0, cu = cuda_inputs(gen, kind, "float32")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up compiles the kernels outside the capture
-        for _ in range(2):
-            fn(x, g, h0, True, cu)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o, ht = fn(x, g, h0, True, cu)
+    graph, (o, ht) = capture_torch(lambda: fn(x, g, h0, True, cu))
     for _ in range(2):
         _fill_((x, g, h0), gen)
         graph.replay()
@@ -78,17 +70,11 @@ def test_cuda_graph_forward_backward(name, kind, gen):
         ((o * w_o).sum() + (ht * w_h).sum()).backward()
         return o, ht
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    for a in (x, g, h0):
-        a.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o, ht = step()
+    def clear_grads():
+        for a in (x, g, h0):
+            a.grad = None
+
+    graph, (o, ht) = capture_torch(step, clear_grads)
     for _ in range(2):
         with torch.no_grad():
             _fill_((x, g, h0), gen)
