@@ -11,7 +11,10 @@ on the same work (a real run spreads it over W GPUs, each taking about total / W
 Reported, per shape (bf16) and W: split total / single call, forward and forward+backward (targets: <= 1.7
 and <= 1.5; the ideal is 5/3 and 12/8 of the floor, as the split reads x and g twice forward and g and do
 twice backward), the state passes' time per rank and their read bandwidth against the copy floor (a
-device-to-device copy, bytes read + written over time).  Prints a Markdown table naming the GPU.
+device-to-device copy, bytes read + written over time).  The ratios come twice: timed with CUDA events
+around the calls from an idle GPU (host time included wherever the Python of the W ranks outruns their
+kernels: one process adds up what W hosts would each spend on their own), and from CUDA graphs of the
+same work (device time only, split and single call alike).  Prints a Markdown table naming the GPU.
 Standalone: needs torch with CUDA and hgrn_cupy importable.
 """
 from __future__ import annotations
@@ -39,6 +42,22 @@ def timed(fn, reps, warmup=2):
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def graphed(fn, reps):
+    """Median milliseconds of one replay of a CUDA graph of ``fn()`` (captured after a warm-up on a side
+    stream): the device time of the work, without the host time of the calls that queue it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    result = timed(graph.replay, reps)
+    del graph
+    return result
 
 
 def cuts(T, W):
@@ -89,17 +108,22 @@ def bench_shape(B, T, D, splits, reps):
     o_full = hc.hgrn(x, g)[0]
     fwd_ms = timed(lambda: hc.hgrn(x, g), reps)
     bwd_ms = timed(lambda: hc.hgrn_backward(g, o_full, do), reps)
+    fwd_dev, bwd_dev = graphed(lambda: hc.hgrn(x, g), reps), graphed(lambda: hc.hgrn_backward(g, o_full, do), reps)
     rows = []
     for W in splits:
         fwd_split = timed(lambda: split_forward(x, g, W), reps)
         outs, states = split_forward(x, g, W)
         bwd_split = timed(lambda: split_backward(g, outs, states, do, W), reps)
+        fwd_split_dev = graphed(lambda: split_forward(x, g, W), reps)
+        bwd_split_dev = graphed(lambda: split_backward(g, outs, states, do, W), reps)
         s0 = cuts(T, W)[0]
         xs, gs, ds = x[:, s0], g[:, s0], do[:, s0]
         st_f = timed(lambda: forward_states(xs, gs), reps)
         st_b = timed(lambda: backward_states(gs, ds), reps)
         read = 2 * xs.numel() * xs.element_size()
         rows.append(dict(W=W, fwd=fwd_split / fwd_ms, fwdbwd=(fwd_split + bwd_split) / (fwd_ms + bwd_ms),
+                         fwd_dev=fwd_split_dev / fwd_dev,
+                         fwdbwd_dev=(fwd_split_dev + bwd_split_dev) / (fwd_dev + bwd_dev),
                          fwd_split=fwd_split, bwd_split=bwd_split, st_f=st_f, st_b=st_b,
                          bw_f=read / st_f / 1e6, bw_b=read / st_b / 1e6))
         del outs, states
@@ -118,14 +142,16 @@ def main():
     reps = 3 if a.quick else a.reps
     splits = [int(w) for w in a.splits.split(",")]
     print(f"## Context-parallel split on one GPU: {torch.cuda.get_device_name()}, bf16\n")
-    print("| shape | W | split/single fwd | split/single fwd+bwd | split fwd ms | split bwd ms | state pass fwd ms "
-          "(per rank) | GB/s (x copy floor) | state pass bwd ms | GB/s (x copy floor) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | W | split/single fwd | split/single fwd+bwd | device (graphs): fwd | fwd+bwd | split fwd ms | "
+          "split bwd ms | state pass fwd ms (per rank) | GB/s (x copy floor) | state pass bwd ms | "
+          "GB/s (x copy floor) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for spec in shapes.split(","):
         B, T, D = (int(n) for n in spec.split("x"))
         r = bench_shape(B, T, D, splits, reps)
         for row in r["rows"]:
-            print(f"| {r['shape']} | {row['W']} | {row['fwd']:.3f} | {row['fwdbwd']:.3f} | {row['fwd_split']:.3f} | "
+            print(f"| {r['shape']} | {row['W']} | {row['fwd']:.3f} | {row['fwdbwd']:.3f} | {row['fwd_dev']:.3f} | "
+                  f"{row['fwdbwd_dev']:.3f} | {row['fwd_split']:.3f} | "
                   f"{row['bwd_split']:.3f} | {row['st_f']:.3f} | "
                   f"{row['bw_f']:.0f} ({row['bw_f'] / r['copy_bw']:.2f}) | "
                   f"{row['st_b']:.3f} | {row['bw_b']:.0f} ({row['bw_b'] / r['copy_bw']:.2f}) |")
