@@ -99,3 +99,14 @@ def capture_torch(fn, before_capture=None):
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+def device_scope_on(expected):
+    """A stand-in for ``cupy.cuda.Device`` (or any device scope) on a machine without a GPU: asking for a
+    device other than ``expected`` fails the test; entering the scope does nothing."""
+    import contextlib
+
+    def scope(device):
+        assert device == expected, f"device {device} asked for, {expected} expected"
+        return contextlib.nullcontext()
+    return scope

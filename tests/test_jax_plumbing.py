@@ -5,7 +5,7 @@ read from DLPack.
 """
 import numpy as np
 import pytest
-from conftest import TOL, rel_err
+from conftest import TOL, device_scope_on, rel_err
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -120,17 +120,6 @@ class FakeGuard:
 _STREAM = 1234
 
 
-class _NoScope:
-    def __init__(self, device):
-        assert device == 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @pytest.fixture
 def fake_device(monkeypatch):
     """Route the CUDA branch to CPU: lower it on CPU and swap the engines (and the offsets guard) for
@@ -140,7 +129,7 @@ def fake_device(monkeypatch):
     fakes = FakeEngines()
     fakes.guard = FakeGuard()
     monkeypatch.setattr(xla, "_launch_stream", lambda ctx: _STREAM)
-    monkeypatch.setattr(xla, "_device_scope", _NoScope)
+    monkeypatch.setattr(xla, "_device_scope", device_scope_on(0))
     for name, module in engines.ENGINES.items():
         monkeypatch.setattr(module, "prepare", fakes.prepare(name))
     monkeypatch.setattr(engines, "guard", fakes.guard, raising=False)

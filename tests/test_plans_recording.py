@@ -14,7 +14,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import TOL, force_block_walks, rel_err, to_numpy
+from conftest import TOL, device_scope_on, force_block_walks, rel_err, to_numpy
 from recording import CASES, POINTERS, _torch_case, fake_cuda, fresh_plans  # noqa: F401  (fixtures)
 
 import hgrn_cupy as hc
@@ -319,16 +319,7 @@ def _cupy_alloc(monkeypatch, made):
             self.a = np.empty(shape, dtype)
             self.data = types.SimpleNamespace(ptr=self.a.ctypes.data)
 
-    class NoDevice:
-        def __init__(self, device):
-            assert device == 1
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
     monkeypatch.setattr(cupy, "empty", HostArray)
-    monkeypatch.setattr(cupy.cuda, "Device", NoDevice)
+    monkeypatch.setattr(cupy.cuda, "Device", device_scope_on(1))
     return workspace.source(cupy_device=1)
 
