@@ -176,7 +176,8 @@ def check_states(v, g, reverse, v_name):
         raise TypeError(f"{v_name} must be a NumPy, CuPy or PyTorch array, got {type(v).__name__} "
                         "(JAX slices go through hgrn_cupy.distributed.jax)")
     _same_place(g, "g", fw, v, v_name, True)
-    _float_dtype(v, v_name, fw), _float_dtype(g, "g", fw)
+    _float_dtype(v, v_name, fw)
+    _float_dtype(g, "g", fw)
     _check_btd(v, v_name, fw, strides=False)
     _check_btd(g, "g", fw, tuple(v.shape), strides=False)
     flag(reverse, "reverse")

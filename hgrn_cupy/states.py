@@ -48,8 +48,9 @@ def fold_maps(A, b, xp):
     stream (a rank composing its predecessors would otherwise queue a dozen tiny element-wise kernels);
     the rest compose pairs level by level, an odd level padded with the identity (1, 0), in ``xp``, the
     arrays' namespace (needs ``concat``, ``ones_like``, ``zeros_like``)."""
-    if A.shape[0] > 1 and _gpu_fold_fits(A, b):
-        return _fold_gpu(A, b)
+    fw = _gpu_fold_framework(A, b) if A.shape[0] > 1 else None
+    if fw is not None:
+        return _fold_gpu(fw, A, b)
     while A.shape[0] > 1:
         if A.shape[0] % 2:
             A = xp.concat([A, xp.ones_like(A[:1])], axis=0)
@@ -106,15 +107,22 @@ def split_plan(ntiles, T, at_once):
     return -(-T // span), span
 
 
-def _gpu_fold_fits(A, b):
+def _device_index(fw, a):
+    """The CUDA device ordinal of a torch tensor or CuPy array."""
+    return a.device.index if fw is bk.TORCH else a.device.id
+
+
+def _gpu_fold_framework(A, b):
+    """The framework of A and b where the combine kernel can fold them (CUDA arrays of one device, float32 or
+    float64, the same shape), else None."""
     fw = bk.framework_of(A)
-    return (fw in (bk.TORCH, bk.CUPY) and bk.framework_of(b) is fw and fw.is_gpu(A) and fw.is_gpu(b)
+    fits = (fw in (bk.TORCH, bk.CUPY) and bk.framework_of(b) is fw and fw.is_gpu(A) and fw.is_gpu(b)
             and fw.device(A) == fw.device(b) and fw.dtype(A) == fw.dtype(b) in ("float32", "float64")
             and tuple(A.shape) == tuple(b.shape))
+    return fw if fits else None
 
 
-def _fold_gpu(A, b):
-    fw = bk.framework_of(A)
+def _fold_gpu(fw, A, b):
     acc = fw.dtype(A)
     K, rest = A.shape[0], tuple(A.shape[1:])
     A, b = fw.contiguous(A), fw.contiguous(b)
@@ -123,7 +131,7 @@ def _fold_gpu(A, b):
     if nd:
         import cupy
 
-        dev = A.device.index if fw is bk.TORCH else A.device.id
+        dev = _device_index(fw, A)
         with cupy.cuda.Device(dev):
             _combine(fw, dev, fw.stream(A), acc, acc, fw.describe(A).ptr, fw.describe(b).ptr, nd, K, out_a, out_b)
     return out_a, out_b
@@ -142,7 +150,7 @@ def _launch(v, g, fw, reverse, backward):
     B, T, D = v.shape
     vd, gd = fw.dtype(v), fw.dtype(g)
     acc = accumulation_dtype(vd, gd)
-    dev = v.device.index if fw is bk.TORCH else v.device.id
+    dev = _device_index(fw, v)
     A, b = fw.empty((B, D), acc, v), fw.empty((B, D), acc, v)
     if B * D == 0:
         return A, b
