@@ -85,15 +85,16 @@ __device__ __forceinline__ void block_carry(Affine<Acc> (*part)[32 * VEC], const
 }
 
 // Where a walk thread sits (the thread walks' and the block walks' alike: a block row of `lanes` threads,
-// blockDim.x, takes vec channels a thread; the block walks pass their 32 as a constant): its first channel d (live: d < D; in a block walk every thread takes part
-// in the barriers, live or not), the channels rem from its block's first on, its sequence n with bounds sb
-// and length len, and the physical time t0 of logical step 0 with the direction dir of logical time.
+// blockDim.x, takes vec channels a thread; the block walks pass their 32 as a constant): its first
+// channel d (live: d < D; in a block walk every thread takes part in the barriers, live or not), the
+// channels rem from its block's first on, its sequence n with bounds sb and length len, and the physical
+// time t0 of logical step 0 with the direction dir of logical time.
 struct WalkPlace {
     i64 d, n, len, t0, dir, rem;
     SeqBounds sb;
     bool live;
     __device__ __forceinline__ WalkPlace(int lanes, int vec, const void* cu_seqlens, int cu64, i64 T, i64 D,
-                                               int reverse) {
+                                         int reverse) {
         d = ((i64)blockIdx.x * lanes + threadIdx.x) * vec;
         n = blockIdx.y;
         live = d < D;
