@@ -196,12 +196,7 @@ def host_steps_us(ctx, named, steps, target_s=0.25, repeats=3):
     for name, fns in named.items():
         for i in range(max(5, len(fns))):  # warm-up, every set once
             fns[i % len(fns)]()
-        ctx.sync()
-        t0 = time.perf_counter()
-        for i in range(5):
-            fns[i % len(fns)]()
-        ctx.sync()
-        est = (time.perf_counter() - t0) / 5
+        est = _block_us(ctx, fns, 5) * 1e-6
         counts[name] = max(10, min(steps, int(target_s / max(est, 1e-7))))
     for _ in range(repeats):
         for name, fns in named.items():
