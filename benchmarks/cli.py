@@ -90,6 +90,8 @@ def parse_args(argv=None):
                     help="seconds the run waits for the precompile children (default 60)")
     ap.add_argument("--host-steps", type=int, default=300,
                     help="training steps queued per host-time figure (fewer where a step is slow; default 300)")
+    ap.add_argument("--host-pairs", type=int, default=15,
+                    help="a-b-b-a rounds behind the paired host-time difference to the probe (default 15)")
     ap.add_argument("--jax-reps", type=int, default=None, help="timed calls per JAX forward+backward cell "
                     "(default 50, quick 10)")
     ap.add_argument("--decode-calls", type=int, default=2000)

@@ -54,8 +54,9 @@ def _time(ctx, row, live):
     t0 = time.perf_counter()
     host = host_steps_us(ctx, live, ctx.args.host_steps)
     if "ours-auto" in live and "ours-probe" in live:
-        row["autograd_minus_probe_us"] = paired_host_diff_us(
-            ctx, live["ours-auto"], live["ours-probe"], min(host["ours-auto"][1], host["ours-probe"][1]))
+        diff, q1, q3 = paired_host_diff_us(ctx, live["ours-auto"], live["ours-probe"],
+                                           min(host["ours-auto"][1], host["ours-probe"][1]), ctx.args.host_pairs)
+        row["autograd_minus_probe_us"], row["autograd_minus_probe_iqr_us"] = diff, [q1, q3]
     share = (time.perf_counter() - t0) / len(live)
     for name, fns in live.items():
         t1 = time.perf_counter()

@@ -154,11 +154,16 @@ def step_cell(c, practical_ms):
     return f"{c['host_us']:.1f} ({ratio(c['host_us'], prac_us)}) / {dev}"
 
 
+PROBE_HEADER = "ours-auto - probe, host us (paired; [quartiles])"
+
+
 def probe_text(row):
     diff = row.get("autograd_minus_probe_us")
     if diff is None:
         return "-"
-    return f"{diff:+.1f}" + ("" if diff <= PROBE_MARGIN_US else " (over 5 us)")
+    iqr = row.get("autograd_minus_probe_iqr_us")
+    spread = f" [{iqr[0]:+.1f}, {iqr[1]:+.1f}]" if iqr else ""
+    return f"{diff:+.1f}{spread}" + ("" if diff <= PROBE_MARGIN_US else " (over 5 us)")
 
 
 def hoststep_table(res):
@@ -167,7 +172,7 @@ def hoststep_table(res):
     names = [n for n in ("ours-auto", "ours-probe", "ours-auto-direct") if n in names] + \
         [n for n in names if n not in OURS]
     headers = (["shape", "copy floor us", "practical floor us (x copy)"] + names
-               + ["ours-auto - probe, host us (paired)"])
+               + [PROBE_HEADER])
     body = [[shape_text(r)] + floor_cells(r, "us") + [step_cell(r["results"].get(n, {}), r["practical_ms"])
                                                       for n in names] + [probe_text(r)] for r in rows]
     notes = notes_text(rows, names, where=shape_text)
@@ -176,7 +181,7 @@ def hoststep_table(res):
 
 def options_table(res):
     names = ("ours-auto", "ours-probe")
-    headers = ["shape", "option", "practical floor us (x copy)"] + list(names) + ["ours-auto - probe, host us (paired)",
+    headers = ["shape", "option", "practical floor us (x copy)"] + list(names) + [PROBE_HEADER,
                                                                                  "rel err (auto / probe)"]
     body = []
     for r in res["options"]:

@@ -214,13 +214,18 @@ def _block_us(ctx, fns, n):
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def paired_host_diff_us(ctx, a, b, n, pairs=6):
+def paired_host_diff_us(ctx, a, b, n, pairs=15):
     """(host us per step of a) - (host us per step of b), from ``pairs`` rounds of four blocks in the
     order a b b a: each round's mean difference cancels a host whose speed drifts linearly through the
     round, and the median over rounds drops a round a hiccup hit.  Columns timed seconds apart can differ
-    by tens of us from drift alone.  a, b: [callable per input set]; n steps a block."""
+    by tens of us from drift alone.  a, b: [callable per input set]; n steps a block.  Returns (median,
+    lower quartile, upper quartile) of the rounds' differences: the quartiles say how far one round's
+    figure can be trusted."""
     diffs = []
     for _ in range(pairs):
         a1, b1, b2, a2 = (_block_us(ctx, fns, n) for fns in (a, b, b, a))
         diffs.append((a1 + a2 - b1 - b2) / 2)
-    return statistics.median(diffs)
+    if len(diffs) < 2:
+        return diffs[0], diffs[0], diffs[0]
+    q1, _, q3 = statistics.quantiles(diffs, n=4)
+    return statistics.median(diffs), q1, q3

@@ -258,10 +258,10 @@ def test_host_step_table_reads_host_and_device_against_the_practical_floor():
     assert cells["ours-auto"] == "61.0 (1.52x) / 44.0 (1.10x)"
     assert cells["ours-auto-direct"] == "50.0 (1.25x) / 40.0 (1.00x)*"  # not from a graph: marked
     assert cells["fla-chunk"] == "MISMATCH" and cells["fpscan"] == "n/a"
-    assert cells["ours-auto - probe, host us (paired)"] == "+7.0 (over 5 us)"
-    row["autograd_minus_probe_us"] = 4.0
+    assert cells[report.PROBE_HEADER] == "+7.0 (over 5 us)"
+    row["autograd_minus_probe_us"], row["autograd_minus_probe_iqr_us"] = 4.0, [-1.5, 6.25]
     body = report.hoststep_table({"rows": [row], "options": []}).splitlines()[2]
-    assert body.split("|")[-2].strip() == "+4.0"
+    assert body.split("|")[-2].strip() == "+4.0 [-1.5, +6.2]"
 
 
 def test_ascan_triton_backward_is_skipped_where_it_reads_out_of_bounds():
@@ -331,5 +331,5 @@ def test_paired_host_diff_cancels_drift_between_rounds(monkeypatch):
         clock["slow"] += 1.5  # the drift grows through the blocks
 
     ctx = types.SimpleNamespace(sync=sync)
-    diff = timing.paired_host_diff_us(ctx, [step(10.0)], [step(3.0)], n=20)
-    assert abs(diff - 7.0) < 1e-6, diff
+    diff, q1, q3 = timing.paired_host_diff_us(ctx, [step(10.0)], [step(3.0)], n=20)
+    assert abs(diff - 7.0) < 1e-6 and abs(q1 - 7.0) < 1e-6 and abs(q3 - 7.0) < 1e-6, (diff, q1, q3)
