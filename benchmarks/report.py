@@ -154,16 +154,17 @@ def step_cell(c, practical_ms):
     return f"{c['host_us']:.1f} ({ratio(c['host_us'], prac_us)}) / {dev}"
 
 
-PROBE_HEADER = "ours-auto - probe, host us (paired; [quartiles])"
+PROBE_HEADER = "ours-auto - probe, host us (paired: median [quartiles]; fastest blocks)"
 
 
 def probe_text(row):
     diff = row.get("autograd_minus_probe_us")
     if diff is None:
         return "-"
-    iqr = row.get("autograd_minus_probe_iqr_us")
+    iqr, fastest = row.get("autograd_minus_probe_iqr_us"), row.get("autograd_minus_probe_fastest_us")
     spread = f" [{iqr[0]:+.1f}, {iqr[1]:+.1f}]" if iqr else ""
-    return f"{diff:+.1f}{spread}" + ("" if diff <= PROBE_MARGIN_US else " (over 5 us)")
+    fast = f"; fastest {fastest:+.1f}" if fastest is not None else ""
+    return f"{diff:+.1f}{spread}" + ("" if diff <= PROBE_MARGIN_US else " (over 5 us)") + fast
 
 
 def hoststep_table(res):

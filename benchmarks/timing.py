@@ -4,6 +4,7 @@ finds its inputs in L2, the copy bandwidth that sets the copy floor, device time
 replay, and host time per step (steps queued back to back, one synchronisation at the end)."""
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -205,13 +206,21 @@ def host_steps_us(ctx, named, steps, target_s=0.25, repeats=3):
 
 
 def _block_us(ctx, fns, n):
-    """Host us per step of n steps queued back to back (input sets in turn), synchronised before and after."""
+    """Host us per step of n steps queued back to back (input sets in turn), synchronised before and after.
+    The garbage collector pauses during the block (its youngest generation collected first, which is
+    cheap), so that a collection the steps' garbage triggers lands between blocks rather than in whichever
+    column's block it happens to fall."""
     ctx.sync()
-    t0 = time.perf_counter()
-    for i in range(n):
-        fns[i % len(fns)]()
-    ctx.sync()
-    return (time.perf_counter() - t0) / n * 1e6
+    gc.collect(0)
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for i in range(n):
+            fns[i % len(fns)]()
+        ctx.sync()
+        return (time.perf_counter() - t0) / n * 1e6
+    finally:
+        gc.enable()
 
 
 def paired_host_diff_us(ctx, a, b, n, pairs=15):
@@ -219,13 +228,14 @@ def paired_host_diff_us(ctx, a, b, n, pairs=15):
     order a b b a: each round's mean difference cancels a host whose speed drifts linearly through the
     round, and the median over rounds drops a round a hiccup hit.  Columns timed seconds apart can differ
     by tens of us from drift alone.  a, b: [callable per input set]; n steps a block.  Returns (median,
-    lower quartile, upper quartile) of the rounds' differences: the quartiles say how far one round's
-    figure can be trusted."""
-    diffs = []
+    lower quartile, upper quartile, fastest): the quartiles of the rounds' differences say how far one
+    round can be trusted; ``fastest`` is a's fastest block minus b's, which noise that only ever adds
+    time (a busy host) does not enter."""
+    diffs, blocks_a, blocks_b = [], [], []
     for _ in range(pairs):
         a1, b1, b2, a2 = (_block_us(ctx, fns, n) for fns in (a, b, b, a))
         diffs.append((a1 + a2 - b1 - b2) / 2)
-    if len(diffs) < 2:
-        return diffs[0], diffs[0], diffs[0]
-    q1, _, q3 = statistics.quantiles(diffs, n=4)
-    return statistics.median(diffs), q1, q3
+        blocks_a += [a1, a2]
+        blocks_b += [b1, b2]
+    q1, _, q3 = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else diffs * 3
+    return statistics.median(diffs), q1, q3, min(blocks_a) - min(blocks_b)
