@@ -108,18 +108,19 @@ def compile_for_arch(source: str, names: tuple, arch: str, options: tuple = ()) 
 # ---------------------------------------------------------------------------------------------
 # Launching.  CuPy's Function.__call__ converts each argument to a temporary object (about 15 us for
 # 16-25 arguments); here every argument is one 8-byte slot of a reused per-thread buffer (a 4-byte int
-# parameter reads the low half, little-endian) and the driver is called directly.
+# parameter reads the low half, little-endian) and the driver is called directly.  A kernel whose last
+# parameter is a struct of 8-byte fields takes them as that many consecutive slots (``tail_words``).
 
 _tls = threading.local()
 _at_once: dict = {}
 
 
-def _thread_slots(n, device):
-    """This thread's parameter buffer for ``n`` arguments: ``(buffer, address of the pointer array,
-    packer, pointers)``.  Made on a thread's first launch on ``device``, which also makes that device's
-    primary context current (a new thread has none)."""
+def _thread_slots(n, device, tail_words=1):
+    """This thread's parameter buffer for ``n`` argument words whose last ``tail_words`` form one
+    parameter: ``(buffer, address of the pointer array, packer, pointers)``.  Made on a thread's first
+    launch on ``device``, which also makes that device's primary context current (a new thread has none)."""
     try:
-        return _tls.slots[n, device]
+        return _tls.slots[n, device, tail_words]
     except AttributeError:
         _tls.slots = {}
     except KeyError:
@@ -132,8 +133,9 @@ def _thread_slots(n, device):
     cupy.cuda.runtime.setDevice(device)
     buf = ctypes.create_string_buffer(8 * n)
     base = ctypes.addressof(buf)
-    params = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
-    entry = _tls.slots[n, device] = (buf, ctypes.addressof(params), struct.Struct(f"<{n}q"), params)
+    nparams = n - tail_words + 1
+    params = (ctypes.c_void_p * nparams)(*[base + 8 * i for i in range(nparams)])
+    entry = _tls.slots[n, device, tail_words] = (buf, ctypes.addressof(params), struct.Struct(f"<{n}q"), params)
     return entry
 
 
@@ -150,10 +152,11 @@ def blocks_at_once(fn, threads, device):
     return n
 
 
-def bind(fn, grid, block, device):
+def bind(fn, grid, block, device, tail_words=1):
     """``fn`` (a ``cupy.cuda.Function`` of ``device``) with its grid and block fixed: a function
     ``kernel(stream_ptr, *args)`` that queues it on the stream ``stream_ptr``.  ``args`` are Python ints
-    (pointers, 64-bit integers, or 32-bit ints) in the kernel's parameter order."""
+    (pointers, 64-bit integers, or 32-bit ints) in the kernel's parameter order; the last ``tail_words``
+    of them are the fields of its last parameter, a struct of that many 8-byte fields."""
     from cupy_backends.cuda.api import driver
 
     launch_kernel, fn_ptr = driver.launchKernel, fn.ptr
@@ -161,7 +164,7 @@ def bind(fn, grid, block, device):
     bx, by, bz = (tuple(block) + (1, 1))[:3]
 
     def kernel(stream_ptr, *args):
-        buf, params, packer, _ = _thread_slots(len(args), device)
+        buf, params, packer, _ = _thread_slots(len(args), device, tail_words)
         packer.pack_into(buf, 0, *args)
         launch_kernel(fn_ptr, gx, gy, gz, bx, by, bz, 0, stream_ptr, params, 0)
 

@@ -156,8 +156,8 @@ def launched_kernels(monkeypatch):
         names[fn.ptr] = (kernel,) + tuple(a.strip() for a in args.split(","))
         return fn
 
-    def bind(fn, grid, block, device):
-        kernel = real_bind(fn, grid, block, device)
+    def bind(fn, grid, block, device, **kw):
+        kernel = real_bind(fn, grid, block, device, **kw)
 
         def recorded(stream_ptr, *args):
             launched.append(names[fn.ptr])

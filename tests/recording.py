@@ -106,8 +106,9 @@ class RecordingDriver:
     def launch_kernel(self, fn_ptr, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
         fn = self.by_ptr[fn_ptr]
         names = KERNEL_ARGS[fn.kernel]
-        slots = (ctypes.c_void_p * len(names)).from_address(params)
-        a = dict(zip(names, (ctypes.c_int64.from_address(p).value for p in slots)))
+        # every argument word lies in one buffer, in order, from the first parameter's address on
+        first = ctypes.c_void_p.from_address(params).value
+        a = dict(zip(names, (ctypes.c_int64 * len(names)).from_address(first)))
         ln = {"kernel": fn.kernel, "vec": fn.vec, "dtypes": fn.dtypes, "grid": (gx, gy, gz), "block": (bx, by, bz),
               "stream": stream, **a}
         self.launches.append(ln)

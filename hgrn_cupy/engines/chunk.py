@@ -17,6 +17,9 @@ from .layout import aligned, alignment_masks, layout_vector_width, vector_width
 SOURCE = "chunk.cu"
 KERNELS = ("chunk_fwd", "chunk_bwd")
 LANES = 32
+# The kernels' last parameter, ChunkGrid: workspace header and slots, slot capacity, tiles, chunks, L2
+# distance, peek, stagger, each an 8-byte field.
+GRID_WORDS = 8
 # (warps per block, rows per warp, steps per thread) per (direction, vector kernel?).  A warp row is
 # 32 / rows lanes across channels; a chunk is warps * rows * steps steps of 32 / rows * VEC channels.  The
 # vector kernels hold 16 bytes per tensor and step in registers (docs/performance.md, chunk shapes).
@@ -102,7 +105,7 @@ def _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device,
     fn = nvrtc.get_function(SOURCE, names(*dtypes), nvrtc.instantiation(KERNELS[direction], *dtypes, varlen, vec),
                             device, OPTIONS)
     threads = LANES * SHAPES[direction, vec > 1][0]
-    kernel = nvrtc.bind(fn, (ntiles * nchunks,), (LANES, threads // LANES), device)
+    kernel = nvrtc.bind(fn, (ntiles * nchunks,), (LANES, threads // LANES), device, tail_words=GRID_WORDS)
     strides = tuple(s for a in tensors for s in a.strides[:2])
     shape = (N, T, D, int(bool(reverse)))
     grid = (ntiles, nchunks, l2_ahead(ntiles, nchunks, varlen), peek(ntiles),

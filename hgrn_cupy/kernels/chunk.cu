@@ -103,37 +103,59 @@ __device__ __forceinline__ void prefetch_rows(const T* p, i64 step, i64 n) {
     }
 }
 
-// Where a block of the chunk engine works, and its share of the launch's bookkeeping: its count (got) and
-// its place in the order chunks are handed out (ticket, of total blocks, whose slots span slot_bytes), its
-// chunk and tile, the tile's batch row, and this thread's step group q, channel lane cl, first channel d
-// (live: d < D, a multiple of VEC) and first step s0 (u in the forward, v = T - 1 - u in the backward).
-// Counting the block in and the staggered start of the first wave happen here, in the kernels' order.
-template <typename Acc, typename Block, int STEPS> struct ChunkPlace {
+// The launch's schedule and workspace, one argument of both kernels (hgrn_cupy/engines/chunk.py packs it
+// as eight 8-byte words, in this order): the workspace header and slots (capacity: bytes from slots), the
+// grid's tiles and chunks, how many tickets ahead a block asks L2 for rows (0: none), whether a block asks
+// for its predecessor's slots before its loads (peek), and the first wave's stagger.
+struct ChunkGrid {
+    Header* hdr;
+    char* slots;
+    i64 capacity, ntiles, nchunks, l2_ahead, peek, stagger;
+    // The ticket of the block whose rows the block of `ticket` asks L2 for, or -1: none.
+    __device__ __forceinline__ i64 ahead(unsigned ticket) const {
+        return l2_ahead > 0 && ticket + l2_ahead < ntiles * nchunks ? ticket + l2_ahead : -1;
+    }
+};
+
+// Where a block of one chunk kernel (DIRECTION 0 forward, 1 backward) works, and its share of the
+// launch's bookkeeping: its count (got) and its place in the order chunks are handed out (ticket, of
+// total blocks, whose slots span slot_bytes), its chunk and tile, the tile's batch row, and this thread's
+// step group q, channel lane cl, first channel d (live: d < D, a multiple of VEC) and first step s0 (u in
+// the forward, v = T - 1 - u in the backward).  Counting the block in and the staggered start of the first
+// wave happen here, in the kernels' order.  Also the kernel's types: its accumulation type, its block
+// (shared() is the block's shared memory) and the steps a thread owns.
+template <int DIRECTION, typename TX, typename TG, int VEC> struct ChunkPlace {
+    typedef typename AccOf<TX, TG>::type Acc;
+    typedef Shape<DIRECTION, VEC> S;
+    typedef ChunkBlock<Acc, S::WARPS, S::ROWS, VEC> Block;
+    static constexpr int STEPS = S::STEPS;
     typename Block::Counted got;
     unsigned total, ticket, chunk, tile, ntd;
     unsigned long long slot_bytes;
     i64 batch, d, s0, slot0;  // slot0: the workspace slot of the tile's chunk 0
     int cl, q;
     bool live;
-    __device__ __forceinline__ ChunkPlace(Block* sm, Header* hdr, const char* slots, i64 ntiles, i64 nchunks, i64 D,
-                                          i64 stagger) {
-        total = (unsigned)(ntiles * nchunks);  // grid < 2^31
+    __device__ __forceinline__ static Block& shared() {
+        __shared__ Block sm;
+        return sm;
+    }
+    __device__ __forceinline__ ChunkPlace(const ChunkGrid& grid, i64 D) {
+        total = (unsigned)(grid.ntiles * grid.nchunks);  // grid < 2^31
         slot_bytes = (unsigned long long)total * Block::C * Slot<Acc>::BYTES;
-        got = Block::count_in(hdr);
-        ticket = Block::chunk_order(got, sm);
-        chunk = ticket / (unsigned)ntiles; tile = ticket % (unsigned)ntiles;
-        slot0 = (i64)tile * nchunks;
+        got = Block::count_in(grid.hdr);
+        ticket = Block::chunk_order(got, &shared());
+        chunk = ticket / (unsigned)grid.ntiles; tile = ticket % (unsigned)grid.ntiles;
+        slot0 = (i64)tile * grid.nchunks;
         ntd = (unsigned)((D + Block::C - 1) / Block::C);
         batch = tile / ntd;
         cl = threadIdx.x % Block::LC; q = threadIdx.y * (32 / Block::LC) + threadIdx.x / Block::LC;
         d = (i64)(tile % ntd) * Block::C + cl * (Block::C / Block::LC);  // C / LC = VEC
         live = d < D;
         s0 = (i64)chunk * (Block::G * STEPS) + (i64)q * STEPS;
-        Block::stagger_start(slots, got, ticket, (unsigned)stagger, (unsigned)ntiles, nchunks);
+        Block::stagger_start(grid.slots, got, ticket, (unsigned)grid.stagger, (unsigned)grid.ntiles, grid.nchunks);
     }
     // Empty sequences own no step: the blocks of chunk 0 write their state out (out[n] = in[n], or 0 where
     // in is null); out is ht in the forward, dh0 in the backward.
-    template <int VEC>
     __device__ __forceinline__ void pass_empty(const void* cu_seqlens, int cu64, i64 N, i64 D, const Acc* in,
                                                Acc* out) const {
         if (!out || chunk != 0 || !live) return;
@@ -151,16 +173,27 @@ template <typename Acc, typename Block, int STEPS> struct ChunkPlace {
 // batch row `batch`, channels d .. d + VEC - 1 of D (live: d < D); seg.seq(batch) * D + d addresses its
 // channels of the current sequence's row of a state [N, D].
 
-// A forward step's segment bookkeeping (CHECKED; the interior form has none): whether a segment starts at
-// step u (into start), and where its initial state's channels are when it does and one is given (null
-// otherwise).
-template <bool CHECKED, typename Acc, bool VARLEN>
-__device__ __forceinline__ const Acc* enter(i64 u, SegmentCursor<VARLEN>& seg, const Acc* h0, i64 batch, i64 D, i64 d,
-                                            bool live, bool& start) {
-    if (!CHECKED) return nullptr;
-    seg.forward_to(u);
-    start = u == seg.start;
-    return start && h0 && live ? h0 + seg.seq(batch) * D + d : nullptr;
+// The steps u = u0 + j (j < STEPS) of one forward pass, with their segment bookkeeping where CHECKED (the
+// interior form has none): step(j, u, start, h0p) for each step inside T, where start says that a segment
+// starts at u and h0p is where its initial state's channels are when it does and one is given (else null).
+template <bool CHECKED, int STEPS, typename Acc, bool VARLEN, typename Step>
+__device__ __forceinline__ void fwd_steps(i64 u0, i64 T, i64 D, i64 d, i64 batch, bool live,
+                                          SegmentCursor<VARLEN>& seg, const Acc* h0, Step step) {
+    if (CHECKED && u0 < T) seg.seek(u0);
+#pragma unroll
+    for (int j = 0; j < STEPS; ++j) {
+        const i64 u = u0 + j;
+        if (!CHECKED || u < T) {
+            bool start = false;
+            const Acc* h0p = nullptr;
+            if (CHECKED) {
+                seg.forward_to(u);
+                start = u == seg.start;
+                h0p = start && h0 && live ? h0 + seg.seq(batch) * D + d : nullptr;
+            }
+            step(j, u, start, h0p);
+        }
+    }
 }
 
 // Forward, pass 1: the map of steps u0 + j (x[j], g[j]) per channel, h0 entering at a segment's start.
@@ -168,24 +201,17 @@ template <bool CHECKED, typename Acc, typename TX, typename TG, bool VARLEN, int
 __device__ __forceinline__ void fwd_fold(i64 u0, i64 T, i64 D, i64 d, i64 batch, bool live, SegmentCursor<VARLEN>& seg,
                                          const Pack<TX, VEC> (&x)[STEPS], const Pack<TG, VEC> (&g)[STEPS],
                                          const Acc* h0, Affine<Acc>* mine) {
-    if (CHECKED && u0 < T) seg.seek(u0);
+    fwd_steps<CHECKED, STEPS>(u0, T, D, d, batch, live, seg, h0, [&](int j, i64, bool start, const Acc* h0p) {
 #pragma unroll
-    for (int j = 0; j < STEPS; ++j) {
-        const i64 u = u0 + j;
-        if (!CHECKED || u < T) {
-            bool start = false;
-            const Acc* h0p = enter<CHECKED>(u, seg, h0, batch, D, d, live, start);
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                Acc a = gate_exp(g[j].template get<Acc>(k)), b = x[j].template get<Acc>(k);
-                if (h0p) b += a * h0p[k];  // h[-1] = h0
-                // a sequence begins: what came before is dropped, NaN included (0 * NaN is NaN).  A select on
-                // `start`, not compose_reset: start is false at compile time in interior steps, so they pay nothing.
-                mine[k].b = start ? b : a * mine[k].b + b;
-                mine[k].a = start ? Acc(0) : a * mine[k].a;
-            }
+        for (int k = 0; k < VEC; ++k) {
+            Acc a = gate_exp(g[j].template get<Acc>(k)), b = x[j].template get<Acc>(k);
+            if (h0p) b += a * h0p[k];  // h[-1] = h0
+            // a sequence begins: what came before is dropped, NaN included (0 * NaN is NaN).  A select on
+            // `start`, not compose_reset: start is false at compile time in interior steps, so they pay nothing.
+            mine[k].b = start ? b : a * mine[k].b + b;
+            mine[k].a = start ? Acc(0) : a * mine[k].a;
         }
-    }
+    });
 }
 
 // Forward, pass 2: from h (the state before step u0) the states, written to oq + j * sot, and to ht at a
@@ -194,33 +220,26 @@ template <bool CHECKED, typename Acc, typename TX, typename TG, bool VARLEN, int
 __device__ __forceinline__ void fwd_scan(i64 u0, i64 T, i64 D, i64 d, i64 batch, bool live, SegmentCursor<VARLEN>& seg,
                                          const Pack<TX, VEC> (&x)[STEPS], const Pack<TG, VEC> (&g)[STEPS],
                                          const Acc* h0, Acc* ht, TX* oq, i64 sot, Acc* h) {
-    if (CHECKED && u0 < T) seg.seek(u0);
+    fwd_steps<CHECKED, STEPS>(u0, T, D, d, batch, live, seg, h0, [&](int j, i64 u, bool start, const Acc* h0p) {
+        Pack<TX, VEC> out;
+        if (CHECKED) out.clear();
 #pragma unroll
-    for (int j = 0; j < STEPS; ++j) {
-        const i64 u = u0 + j;
-        if (!CHECKED || u < T) {
-            bool start = false;
-            const Acc* h0p = enter<CHECKED>(u, seg, h0, batch, D, d, live, start);
-            Pack<TX, VEC> out;
-            if (CHECKED) out.clear();
+        for (int k = 0; k < VEC; ++k) {
+            Acc a = gate_exp(g[j].template get<Acc>(k)), b = x[j].template get<Acc>(k);
+            if (h0p) b += a * h0p[k];
+            h[k] = start ? b : a * h[k] + b;
+            out.template set<Acc>(k, h[k]);
+        }
+        if (live) {
+            out.store(oq);
+            if (CHECKED && ht && u == seg.end - 1) {
+                Acc* htp = ht + seg.seq(batch) * D + d;
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                Acc a = gate_exp(g[j].template get<Acc>(k)), b = x[j].template get<Acc>(k);
-                if (h0p) b += a * h0p[k];
-                h[k] = start ? b : a * h[k] + b;
-                out.template set<Acc>(k, h[k]);
-            }
-            if (live) {
-                out.store(oq);
-                if (CHECKED && ht && u == seg.end - 1) {
-                    Acc* htp = ht + seg.seq(batch) * D + d;
-#pragma unroll
-                    for (int k = 0; k < VEC; ++k) htp[k] = h[k];
-                }
+                for (int k = 0; k < VEC; ++k) htp[k] = h[k];
             }
         }
         oq += sot;
-    }
+    });
 }
 
 // Backward, pass 1: the map of the reversed scan's steps u = T - 1 - v0 - j (do[j]) per channel, with
@@ -304,21 +323,20 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o,
     i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
     const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
-    const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse,
-    Header* ws_hdr, char* ws_slots, i64 ws_capacity, i64 ntiles, i64 nchunks, i64 l2_ahead, int peek,
-    i64 stagger) {
-    typedef typename AccOf<TX, TG>::type Acc;
-    constexpr int WARPS = Shape<0, VEC>::WARPS, ROWS = Shape<0, VEC>::ROWS, STEPS = Shape<0, VEC>::STEPS;
-    typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
-    __shared__ Block sm;
-    const ChunkPlace<Acc, Block, STEPS> at(&sm, ws_hdr, ws_slots, ntiles, nchunks, D, stagger);
-    const i64 batch = at.batch, d = at.d, u0 = at.s0;
+    const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse, const ChunkGrid grid) {
+    typedef ChunkPlace<0, TX, TG, VEC> Place;
+    typedef typename Place::Acc Acc;
+    constexpr int STEPS = Place::STEPS;
+    const Place at(grid, D);
+    const i64 d = at.d, u0 = at.s0;
     const bool live = at.live;
+    typedef typename Place::Block Block;
+    Block& sm = Place::shared();
 
     // Logical step u0 + j of this thread lives at p + j * step for each tensor.
     const i64 tdir = reverse ? -1 : 1, t0 = reverse ? T - 1 - u0 : u0;
-    const TX* xq = x + batch * sxb + t0 * sxt + d;
-    const TG* gq = g + batch * sgb + t0 * sgt + d;
+    const TX* xq = x + at.batch * sxb + t0 * sxt + d;
+    const TG* gq = g + at.batch * sgb + t0 * sgt + d;
     sxt *= tdir; sgt *= tdir;
 
     Pack<TX, VEC> xr[STEPS];
@@ -330,9 +348,9 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
         xq += sxt; gq += sgt;
     }
     Slot<Acc> pre[Block::PER];  // the predecessor's slots, asked for behind this thread's loads
-    Block::peek(ws_slots, at.slot0, at.chunk, peek != 0, pre);
-    if (!VARLEN && l2_ahead > 0 && at.ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
-        const Later<Block, STEPS> later(at.ticket + l2_ahead, ntiles, at.ntd, at.cl, at.q, T, reverse ? 1 : 0, 0);
+    Block::peek(grid.slots, at.slot0, at.chunk, grid.peek != 0, pre);
+    if (!VARLEN && grid.ahead(at.ticket) >= 0) {  // rows a later block will load
+        const Later<Block, STEPS> later(grid.ahead(at.ticket), grid.ntiles, at.ntd, at.cl, at.q, T, reverse ? 1 : 0, 0);
         if (later.d < D && later.n > 0) {
             prefetch_rows<STEPS>(x + later.batch * sxb + later.t * (sxt * tdir) + later.d, sxt, later.n);
             prefetch_rows<STEPS>(g + later.batch * sgb + later.t * (sgt * tdir) + later.d, sgt, later.n);
@@ -348,21 +366,21 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     Affine<Acc> mine[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) { mine[k].a = Acc(1); mine[k].b = Acc(0); }
-    if (interior) fwd_fold<false>(u0, T, D, d, batch, live, seg, xr, gr, h0, mine);
-    else fwd_fold<true>(u0, T, D, d, batch, live, seg, xr, gr, h0, mine);
+    if (interior) fwd_fold<false>(u0, T, D, d, at.batch, live, seg, xr, gr, h0, mine);
+    else fwd_fold<true>(u0, T, D, d, at.batch, live, seg, xr, gr, h0, mine);
 
-    sm.settle(ws_hdr, at.total, at.slot_bytes);
-    sm.carry_in(ws_slots, at.slot0, at.chunk, at.q, at.cl, mine, pre);
+    sm.settle(grid.hdr, at.total, at.slot_bytes);
+    sm.carry_in(grid.slots, at.slot0, at.chunk, at.q, at.cl, mine, pre);
     Acc h[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) h[k] = mine[k].a;
 
-    TX* oq = o + batch * sob + t0 * sot + d;
+    TX* oq = o + at.batch * sob + t0 * sot + d;
     sot *= tdir;
-    if (interior) fwd_scan<false>(u0, T, D, d, batch, live, seg, xr, gr, h0, ht, oq, sot, h);
-    else fwd_scan<true>(u0, T, D, d, batch, live, seg, xr, gr, h0, ht, oq, sot, h);
-    if (VARLEN) at.template pass_empty<VEC>(cu_seqlens, cu64, N, D, h0, ht);
-    sm.finish(ws_slots, at.ticket, at.total, at.slot_bytes, (unsigned long long)ws_capacity);
+    if (interior) fwd_scan<false>(u0, T, D, d, at.batch, live, seg, xr, gr, h0, ht, oq, sot, h);
+    else fwd_scan<true>(u0, T, D, d, at.batch, live, seg, xr, gr, h0, ht, oq, sot, h);
+    if (VARLEN) at.pass_empty(cu_seqlens, cu64, N, D, h0, ht);
+    sm.finish(grid.slots, at.ticket, at.total, at.slot_bytes, (unsigned long long)grid.capacity);
 }
 
 // Backward: the same scan over v = T - 1 - u.  With the gate shifted by one step,
@@ -375,16 +393,15 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     i64 sgb, i64 sgt, i64 sob, i64 sot, i64 sdob, i64 sdot, i64 sdxb, i64 sdxt, i64 sdgb, i64 sdgt,
     const typename AccOf<TX, TG>::type* __restrict__ h0, const typename AccOf<TX, TG>::type* __restrict__ dht,
     typename AccOf<TX, TG>::type* __restrict__ dh0,
-    const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse,
-    Header* ws_hdr, char* ws_slots, i64 ws_capacity, i64 ntiles, i64 nchunks, i64 l2_ahead, int peek,
-    i64 stagger) {
-    typedef typename AccOf<TX, TG>::type Acc;
-    constexpr int WARPS = Shape<1, VEC>::WARPS, ROWS = Shape<1, VEC>::ROWS, STEPS = Shape<1, VEC>::STEPS;
-    typedef ChunkBlock<Acc, WARPS, ROWS, VEC> Block;
-    __shared__ Block sm;
-    const ChunkPlace<Acc, Block, STEPS> at(&sm, ws_hdr, ws_slots, ntiles, nchunks, D, stagger);
+    const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse, const ChunkGrid grid) {
+    typedef ChunkPlace<1, TX, TG, VEC> Place;
+    typedef typename Place::Acc Acc;
+    constexpr int STEPS = Place::STEPS;
+    const Place at(grid, D);
     const i64 batch = at.batch, d = at.d, v0 = at.s0;  // u = T - 1 - v
     const bool live = at.live;
+    typedef typename Place::Block Block;
+    Block& sm = Place::shared();
 
     // Step j of this thread is u = T - 1 - v0 - j, at physical t = t0 - tdir * j.
     const i64 tdir = reverse ? -1 : 1, t0 = reverse ? v0 : T - 1 - v0;
@@ -418,9 +435,9 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
         gq += sgt; dq += sdot; oq += sot;
     }
     Slot<Acc> pre[Block::PER];  // the predecessor's slots, asked for behind this thread's loads
-    Block::peek(ws_slots, at.slot0, at.chunk, peek != 0, pre);
-    if (!VARLEN && l2_ahead > 0 && at.ticket + l2_ahead < ntiles * nchunks) {  // rows a later block will load
-        const Later<Block, STEPS> later(at.ticket + l2_ahead, ntiles, at.ntd, at.cl, at.q, T, reverse ? 1 : 0, 1);
+    Block::peek(grid.slots, at.slot0, at.chunk, grid.peek != 0, pre);
+    if (!VARLEN && grid.ahead(at.ticket) >= 0) {  // rows a later block will load
+        const Later<Block, STEPS> later(grid.ahead(at.ticket), grid.ntiles, at.ntd, at.cl, at.q, T, reverse ? 1 : 0, 1);
         if (later.d < D && later.n > 0) {
             prefetch_rows<STEPS>(g + later.batch * sgb + later.t * (-tdir * sgt) + later.d, sgt, later.n);
             prefetch_rows<STEPS>(dout + later.batch * sdob + later.t * (-tdir * sdot) + later.d, sdot, later.n);
@@ -440,8 +457,8 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     if (interior) bwd_fold<false>(v0, T, D, d, batch, live, seg, gnext, gr, dr, dht, mine);
     else bwd_fold<true>(v0, T, D, d, batch, live, seg, gnext, gr, dr, dht, mine);
 
-    sm.settle(ws_hdr, at.total, at.slot_bytes);
-    sm.carry_in(ws_slots, at.slot0, at.chunk, at.q, at.cl, mine, pre);
+    sm.settle(grid.hdr, at.total, at.slot_bytes);
+    sm.carry_in(grid.slots, at.slot0, at.chunk, at.q, at.cl, mine, pre);
     Acc dh[VEC], en[VEC];  // en: exp of the gate one step later, the a of the current step
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -455,8 +472,8 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     if (interior)
         bwd_scan<false>(v0, T, D, d, batch, live, seg, first_mask, gr, dr, orr, h0, dht, dh0, dxq, sdx, dgq, sdg, dh, en);
     else bwd_scan<true>(v0, T, D, d, batch, live, seg, first_mask, gr, dr, orr, h0, dht, dh0, dxq, sdx, dgq, sdg, dh, en);
-    if (VARLEN) at.template pass_empty<VEC>(cu_seqlens, cu64, N, D, dht, dh0);
-    sm.finish(ws_slots, at.ticket, at.total, at.slot_bytes, (unsigned long long)ws_capacity);
+    if (VARLEN) at.pass_empty(cu_seqlens, cu64, N, D, dht, dh0);
+    sm.finish(grid.slots, at.ticket, at.total, at.slot_bytes, (unsigned long long)grid.capacity);
 }
 
 }  // namespace hc
