@@ -43,6 +43,12 @@ template <typename TX, typename TG, int VEC> struct BlockWindow {
     // traffic does not push the lines out first) for its rows of the window L2_AHEAD after it, windows
     // wholly inside the sequence only; two ahead lost to one (docs/performance.md, "Block-walk L2 prefetch").
     static constexpr int L2_AHEAD = 1;
+    // The block's window partials in shared memory, two buffers of [W][C] (see block_carry).
+    typedef Affine<Acc> Parts[W][C];
+    __device__ __forceinline__ static Parts* parts() {
+        __shared__ Parts part[2];
+        return part;
+    }
 };
 
 // Asks L2 for the S rows of 32 * VEC channels that a warp reads from p0 on (rows `stride` elements apart,

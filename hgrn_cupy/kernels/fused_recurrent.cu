@@ -237,15 +237,15 @@ fused_recurrent_block_fwd(
     const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
     typedef BlockWalkFwd<TX, TG, VEC> Walk;
     typedef typename Walk::Acc Acc;
-    constexpr int W = Walk::W, S = Walk::S, C = Walk::C, WIN = W * S;
-    __shared__ Affine<Acc> part[2][W][C];
+    constexpr int S = Walk::S, C = Walk::C, WIN = Walk::WIN;
     const WalkPlace at(32, VEC, cu_seqlens, cu64, T, D, reverse);
-    const i64 d = at.d, n = at.n, len = at.len, b0 = at.sb.batch, t0 = at.t0, rem = at.rem;
+    const i64 d = at.d, n = at.n, len = at.len, rem = at.rem;
     const bool live = at.live;
+    typename Walk::Parts* part = Walk::parts();
     const i64 first = (i64)threadIdx.y * S;  // this warp's first logical step of window 0
-    const TX* xp = x + b0 * sxb + t0 * sxt + d;
-    const TG* gp = g + b0 * sgb + t0 * sgt + d;
-    TX* op = o + b0 * sob + t0 * sot + d;
+    const TX* xp = x + at.sb.batch * sxb + at.t0 * sxt + d;
+    const TG* gp = g + at.sb.batch * sgb + at.t0 * sgt + d;
+    TX* op = o + at.sb.batch * sob + at.t0 * sot + d;
     sxt *= at.dir; sgt *= at.dir; sot *= at.dir;
     xp += first * sxt; gp += first * sgt; op += first * sot;
 
@@ -319,11 +319,11 @@ fused_recurrent_block_bwd(
     const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
     typedef BlockWalkBwd<TX, TG, VEC> Walk;
     typedef typename Walk::Acc Acc;
-    constexpr int W = Walk::W, S = Walk::S, C = Walk::C, WIN = W * S;
-    __shared__ Affine<Acc> part[2][W][C];
+    constexpr int S = Walk::S, WIN = Walk::WIN;
     const WalkPlace at(32, VEC, cu_seqlens, cu64, T, D, reverse);
     const i64 d = at.d, n = at.n, len = at.len, b0 = at.sb.batch, t0 = at.t0, rem = at.rem;
     const bool live = at.live;
+    typename Walk::Parts* part = Walk::parts();
     const TG* g0 = g + b0 * sgb + t0 * sgt + d;  // logical step 0 of each tensor
     const TX* op = o + b0 * sob + t0 * sot + d;
     const TX* dop = dout + b0 * sdob + t0 * sdot + d;
