@@ -316,45 +316,37 @@ def test_probe_gradients_equal_ours_autograd_and_a_float64_loop(option):
         assert len(step()) == (3 if final else 2)
 
 
-def test_paired_host_diff_cancels_drift_between_rounds(monkeypatch):
-    """a costs 10 us a step, b 3 us, and the host slows by 3 us a step from one block to the next (72 us
-    over the run): the paired difference is still 7 us."""
+def _paired_on_fake_host(monkeypatch, extra_us):
+    """paired_host_diff_us of a step of 10 us against one of 3 us on a fake clock whose host adds
+    ``extra_us()`` us to every step of a block (drawn at each synchronisation)."""
     from benchmarks import timing
 
-    clock = {"t": 0.0, "slow": 0.0}
+    clock = {"t": 0.0, "extra": 0.0}
     monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
 
     def step(cost_us):
         def run():
-            clock["t"] += (cost_us + clock["slow"]) * 1e-6
+            clock["t"] += (cost_us + clock["extra"]) * 1e-6
         return run
 
     def sync():
-        clock["slow"] += 1.5  # the drift grows through the blocks
+        clock["extra"] = extra_us()
 
-    ctx = types.SimpleNamespace(sync=sync)
-    diff, q1, q3, fastest = timing.paired_host_diff_us(ctx, [step(10.0)], [step(3.0)], n=20)
+    return timing.paired_host_diff_us(types.SimpleNamespace(sync=sync), [step(10.0)], [step(3.0)], n=20, pairs=15)
+
+
+def test_paired_host_diff_cancels_drift_between_rounds(monkeypatch):
+    """The host slows by 1.5 us a step at every synchronisation (hundreds of us over the run): the
+    paired difference is still 7 us, in every round."""
+    drift = iter(np.arange(1, 1000) * 1.5)
+    diff, q1, q3, _ = _paired_on_fake_host(monkeypatch, lambda: float(next(drift)))
     assert abs(diff - 7.0) < 1e-6 and abs(q1 - 7.0) < 1e-6 and abs(q3 - 7.0) < 1e-6, (diff, q1, q3)
 
 
 def test_paired_host_diff_fastest_blocks_drop_a_busy_host(monkeypatch):
-    """a costs 10 us a step, b 3 us; a busy host adds 0 to 40 us a step to whole blocks at random: the
-    fastest blocks' difference is the true 7 us, and the quartiles widen around it."""
-    from benchmarks import timing
-
+    """A busy host adds 0, 10 or 40 us a step to whole blocks at random: the fastest blocks' difference
+    is the true 7 us, and the quartiles widen around the median."""
     rng = np.random.default_rng(5)
-    clock = {"t": 0.0, "busy": 0.0}
-    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
-
-    def step(cost_us):
-        def run():
-            clock["t"] += (cost_us + clock["busy"]) * 1e-6
-        return run
-
-    def sync():
-        clock["busy"] = float(rng.choice([0.0, 0.0, 10.0, 40.0]))
-
-    ctx = types.SimpleNamespace(sync=sync)
-    diff, q1, q3, fastest = timing.paired_host_diff_us(ctx, [step(10.0)], [step(3.0)], n=20, pairs=15)
+    diff, q1, q3, fastest = _paired_on_fake_host(monkeypatch, lambda: float(rng.choice([0.0, 0.0, 10.0, 40.0])))
     assert abs(fastest - 7.0) < 1e-6, fastest
     assert q1 <= diff <= q3 and q3 - q1 > 1.0, (q1, diff, q3)
