@@ -7,7 +7,8 @@ Each round times every step once, in an order that rotates from round to round (
 always follows the other or a synchronisation); the table gives each step's median and minimum, and the
 median over rounds of its difference to the probe in the same round, which host drift between rounds
 does not enter.  Prints a Markdown table per shape naming the GPU, then the top functions of each
-profile by own time (first shape only).
+profile by own time and the functions whose call counts differ between hgrn_cupy.torch and its Function
+alone (what the routing adds) and the time of each test the routing makes (first shape only).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import io
 import pstats
 import statistics
 import time
+import timeit
 
 import torch
 
@@ -99,6 +101,7 @@ def run(shape, args, profile):
     print()
     if not profile:
         return
+    stats = {}
     for name, f in steps.items():
         prof = cProfile.Profile()
         prof.enable()
@@ -107,8 +110,33 @@ def run(shape, args, profile):
         prof.disable()
         torch.cuda.synchronize()
         out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+        st = pstats.Stats(prof, stream=out)
+        st.sort_stats("tottime").print_stats(14)
+        stats[name] = st.stats
         print(f"\n### {name}\n```\n{out.getvalue()[-2600:]}\n```")
+    routing_parts(x, g)
+    print("\n### What the routing adds: functions whose calls per step differ, hgrn_cupy.torch against its "
+          "Function alone (own time under the profiler)\n")
+    print("| function | calls per step (ours / Function) | own us per step (ours / Function) |\n|---|---|---|")
+    ours, alone = stats["hgrn_cupy.torch"], stats["its Function alone"]
+    for key in sorted(set(ours) | set(alone), key=lambda k: -(ours.get(k, (0, 0, 0))[2])):
+        a, b = ours.get(key, (0, 0, 0.0)), alone.get(key, (0, 0, 0.0))
+        if a[1] != b[1]:
+            where = f"{key[0].rsplit('/', 2)[-1]}:{key[1]}({key[2]})"
+            print(f"| {where} | {a[1] / args.steps:.2f} / {b[1] / args.steps:.2f} | "
+                  f"{a[2] / args.steps * 1e6:.2f} / {b[2] / args.steps * 1e6:.2f} |")
+
+
+def routing_parts(x, g):
+    """Nanoseconds per call of each test the routing in front of the Function makes (timeit, best of 5)."""
+    print("\n### The routing's parts, ns per call (timeit, best of 5 repeats of 100000)\n")
+    print("| call | ns |\n|---|---|")
+    env = {"torch": torch, "htorch": htorch, "x": x, "g": g}
+    for stmt in ("htorch._eager(x, g, None)", "torch.compiler.is_compiling()", "torch._C._get_tracing_state()",
+                 "torch._C._len_torch_dispatch_stack()", "htorch._functorch_active()", "torch.is_grad_enabled()",
+                 "x.requires_grad or g.requires_grad", "htorch._PLAIN['auto', False]", "htorch._last_axis_dense(x)"):
+        ns = min(timeit.repeat(stmt, globals=env, number=100000, repeat=5)) / 100000 * 1e9
+        print(f"| `{stmt}` | {ns:.0f} |")
 
 
 if __name__ == "__main__":
