@@ -63,8 +63,9 @@ class _Options:
 class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, initial_state, opts):
-        o, ht = plans.forward(opts.engine, _last_axis_dense(x), _last_axis_dense(g), initial_state, opts.final,
-                              opts.cu_seqlens, opts.reverse)
+        g = _last_axis_dense(g)  # kept in the form the kernels read
+        o, ht = plans.forward(opts.engine, _last_axis_dense(x), g, initial_state, opts.final, opts.cu_seqlens,
+                              opts.reverse)
         # o holds every state the backward needs, so x is not kept
         ctx.save_for_backward(g, o, initial_state)
         ctx.opts = opts
@@ -77,7 +78,7 @@ class _Eager(torch.autograd.Function):
         opts = ctx.opts
         if do is None:  # only the final state reaches the loss
             do = torch.zeros_like(o)
-        grads = plans.backward(opts.engine, _last_axis_dense(g), o, _last_axis_dense(do),
+        grads = plans.backward(opts.engine, g, o, _last_axis_dense(do),
                                dht if opts.final else None, initial_state, opts.cu_seqlens, opts.reverse)
         if torch.is_grad_enabled():  # create_graph: differentiating these gradients raises when asked for
             grads = _not_twice(grads)
@@ -93,15 +94,15 @@ def _plain(engine, reverse):
     class Plain(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, g, cu_seqlens):
-            o, _ = plans.forward(engine, _last_axis_dense(x), _last_axis_dense(g), None, False, cu_seqlens, reverse)
+            g = _last_axis_dense(g)  # kept in the form the kernels read
+            o, _ = plans.forward(engine, _last_axis_dense(x), g, None, False, cu_seqlens, reverse)
             ctx.save_for_backward(g, o, cu_seqlens)
             return o
 
         @staticmethod
         def backward(ctx, do):
             g, o, cu_seqlens = ctx.saved_tensors
-            dx, dg, _ = plans.backward(engine, _last_axis_dense(g), o, _last_axis_dense(do), None, None, cu_seqlens,
-                                       reverse)
+            dx, dg, _ = plans.backward(engine, g, o, _last_axis_dense(do), None, None, cu_seqlens, reverse)
             grads = (dx, dg)
             if torch.is_grad_enabled():  # create_graph: differentiating these gradients raises when asked for
                 grads = _not_twice(grads)
@@ -195,21 +196,17 @@ _Tensor = torch.Tensor
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
-def _eager(x, g, initial_state):
-    """True when nothing needs to see an operator: no compiler or tracer, no dispatch mode or functorch
-    transform, plain tensors.  ``is_compiling`` comes first, so dynamo folds the test to False."""
-    return (not torch.compiler.is_compiling()
+def apply(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
+    """The differentiable call behind every function here and behind ``hgrn_cupy.hgrn`` on tensors that
+    require grad.  Eager calls take the Functions when nothing needs to see an operator: no compiler or
+    tracer, no dispatch mode or functorch transform, plain tensors (``is_compiling`` comes first, so dynamo
+    folds the test to False)."""
+    if (not torch.compiler.is_compiling()
             and type(x) is _Tensor and type(g) is _Tensor
             and (initial_state is None or type(initial_state) is _Tensor)
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._get_tracing_state()
-            and not _functorch_active())
-
-
-def apply(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
-    """The differentiable call behind every function here and behind ``hgrn_cupy.hgrn`` on tensors that
-    require grad."""
-    if _eager(x, g, initial_state):
+            and not _functorch_active()):
         if torch.is_grad_enabled() and (x.requires_grad or g.requires_grad or (
                 initial_state is not None and initial_state.requires_grad)):
             # the flags are checked by plans.forward, which plans only calls whose flags are bools

@@ -132,7 +132,7 @@ def routing_parts(x, g):
     print("\n### The routing's parts, ns per call (timeit, best of 5 repeats of 100000)\n")
     print("| call | ns |\n|---|---|")
     env = {"torch": torch, "htorch": htorch, "x": x, "g": g}
-    for stmt in ("htorch._eager(x, g, None)", "torch.compiler.is_compiling()", "torch._C._get_tracing_state()",
+    for stmt in ("torch.compiler.is_compiling()", "torch._C._get_tracing_state()",
                  "torch._C._len_torch_dispatch_stack()", "htorch._functorch_active()", "torch.is_grad_enabled()",
                  "x.requires_grad or g.requires_grad", "htorch._PLAIN['auto', False]", "htorch._last_axis_dense(x)"):
         ns = min(timeit.repeat(stmt, globals=env, number=100000, repeat=5)) / 100000 * 1e9
