@@ -322,7 +322,7 @@ template <typename TX, typename TG, bool VARLEN, int VEC>
 __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_BLOCKS) chunk_fwd(
     const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o,
     i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
-    const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
+    const AccT<TX, TG>* __restrict__ h0, AccT<TX, TG>* __restrict__ ht,
     const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse, const ChunkGrid grid) {
     typedef ChunkPlace<0, TX, TG, VEC> Place;
     typedef typename Place::Acc Acc;
@@ -391,8 +391,7 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     const TG* __restrict__ g, const TX* __restrict__ o, const TX* __restrict__ dout,
     TX* __restrict__ dx, TG* __restrict__ dg,
     i64 sgb, i64 sgt, i64 sob, i64 sot, i64 sdob, i64 sdot, i64 sdxb, i64 sdxt, i64 sdgb, i64 sdgt,
-    const typename AccOf<TX, TG>::type* __restrict__ h0, const typename AccOf<TX, TG>::type* __restrict__ dht,
-    typename AccOf<TX, TG>::type* __restrict__ dh0,
+    const AccT<TX, TG>* __restrict__ h0, const AccT<TX, TG>* __restrict__ dht, AccT<TX, TG>* __restrict__ dh0,
     const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse, const ChunkGrid grid) {
     typedef ChunkPlace<1, TX, TG, VEC> Place;
     typedef typename Place::Acc Acc;

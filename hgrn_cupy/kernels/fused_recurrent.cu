@@ -80,7 +80,7 @@ template <typename TX, typename TG, int VEC>
 __global__ void __launch_bounds__(256) fused_recurrent_fwd(
     const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o,
     i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
-    const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
+    const AccT<TX, TG>* __restrict__ h0, AccT<TX, TG>* __restrict__ ht,
     const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int P = Prefetch<VEC>::STEPS;
@@ -180,8 +180,7 @@ __global__ void __launch_bounds__(256) fused_recurrent_bwd(
     const TG* __restrict__ g, const TX* __restrict__ o, const TX* __restrict__ dout,
     TX* __restrict__ dx, TG* __restrict__ dg,
     i64 sgb, i64 sgt, i64 sob, i64 sot, i64 sdob, i64 sdot, i64 sdxb, i64 sdxt, i64 sdgb, i64 sdgt,
-    const typename AccOf<TX, TG>::type* __restrict__ h0, const typename AccOf<TX, TG>::type* __restrict__ dht,
-    typename AccOf<TX, TG>::type* __restrict__ dh0,
+    const AccT<TX, TG>* __restrict__ h0, const AccT<TX, TG>* __restrict__ dht, AccT<TX, TG>* __restrict__ dh0,
     const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
     typedef typename AccOf<TX, TG>::type Acc;
     constexpr int P = Prefetch<VEC>::STEPS;
@@ -233,7 +232,7 @@ __global__ void __launch_bounds__(32 * BlockWindow<TX, TG, VEC>::W, BlockWindow<
 fused_recurrent_block_fwd(
     const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o,
     i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
-    const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
+    const AccT<TX, TG>* __restrict__ h0, AccT<TX, TG>* __restrict__ ht,
     const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
     typedef BlockWalkFwd<TX, TG, VEC> Walk;
     typedef typename Walk::Acc Acc;
@@ -314,8 +313,7 @@ fused_recurrent_block_bwd(
     const TG* __restrict__ g, const TX* __restrict__ o, const TX* __restrict__ dout,
     TX* __restrict__ dx, TG* __restrict__ dg,
     i64 sgb, i64 sgt, i64 sob, i64 sot, i64 sdob, i64 sdot, i64 sdxb, i64 sdxt, i64 sdgb, i64 sdgt,
-    const typename AccOf<TX, TG>::type* __restrict__ h0, const typename AccOf<TX, TG>::type* __restrict__ dht,
-    typename AccOf<TX, TG>::type* __restrict__ dh0,
+    const AccT<TX, TG>* __restrict__ h0, const AccT<TX, TG>* __restrict__ dht, AccT<TX, TG>* __restrict__ dh0,
     const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
     typedef BlockWalkBwd<TX, TG, VEC> Walk;
     typedef typename Walk::Acc Acc;
@@ -387,7 +385,7 @@ fused_recurrent_block_bwd(
 template <typename TX, typename TG, int VEC>
 __global__ void __launch_bounds__(128) fused_recurrent_step(
     const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o, i64 sxb, i64 sgb, i64 sob,
-    const typename AccOf<TX, TG>::type* __restrict__ h0, typename AccOf<TX, TG>::type* __restrict__ ht,
+    const AccT<TX, TG>* __restrict__ h0, AccT<TX, TG>* __restrict__ ht,
     i64 N, i64 D) {
     typedef typename AccOf<TX, TG>::type Acc;
     const i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
