@@ -125,7 +125,7 @@ struct ChunkGrid {
 // wave happen here, in the kernels' order.  Also the kernel's types: its accumulation type, its block
 // (shared() is the block's shared memory) and the steps a thread owns.
 template <int DIRECTION, typename TX, typename TG, int VEC> struct ChunkPlace {
-    typedef typename AccOf<TX, TG>::type Acc;
+    typedef AccT<TX, TG> Acc;
     typedef Shape<DIRECTION, VEC> S;
     typedef ChunkBlock<Acc, S::WARPS, S::ROWS, VEC> Block;
     static constexpr int STEPS = S::STEPS;

@@ -88,7 +88,7 @@ template <typename A, typename B> struct AccOf { typedef float type; };
 template <typename B> struct AccOf<double, B> { typedef double type; };
 template <typename A> struct AccOf<A, double> { typedef double type; };
 template <> struct AccOf<double, double> { typedef double type; };
-template <typename A, typename B> using AccT = typename AccOf<A, B>::type;  // the kernels' state arrays
+template <typename A, typename B> using AccT = typename AccOf<A, B>::type;
 
 // exp(g) as ex2.approx.ftz(g * log2(e)): two instructions (FMUL, MUFU.EX2; __expf adds three for
 // results below 2^-126, which flush to 0 here: a gate that small changes h by less than 1e-38 |h|).

@@ -28,7 +28,7 @@ namespace hc {
 //
 // The window and the rules both block walks share.
 template <typename TX, typename TG, int VEC> struct BlockWindow {
-    typedef typename AccOf<TX, TG>::type Acc;
+    typedef AccT<TX, TG> Acc;
     static constexpr int W = HC_BLOCK_WARPS, S = HC_BLOCK_STEPS, C = 32 * VEC, WIN = W * S;
     // Two resident blocks a SM (at most 128 registers): within it only the float64 walks spill, and the
     // library launches none of them; three spilled (docs/performance.md, "Block walks: a block of warps

@@ -43,7 +43,7 @@ __device__ __forceinline__ void forward_step(Acc* h, const Pack<TX, VEC>& x, con
 
 template <typename TX, typename TG, int VEC>
 struct FwdTile {
-    typedef typename AccOf<TX, TG>::type Acc;
+    typedef AccT<TX, TG> Acc;
     static constexpr int P = Prefetch<VEC>::STEPS;
     Pack<TX, VEC> x[P];
     Pack<TG, VEC> g[P];
@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(256) fused_recurrent_fwd(
     i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
     const AccT<TX, TG>* __restrict__ h0, AccT<TX, TG>* __restrict__ ht,
     const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
-    typedef typename AccOf<TX, TG>::type Acc;
+    typedef AccT<TX, TG> Acc;
     constexpr int P = Prefetch<VEC>::STEPS;
     const WalkPlace at(blockDim.x, VEC, cu_seqlens, cu64, T, D, reverse);
     if (!at.live) return;
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(256) fused_recurrent_fwd(
 // state o[s-1] (h0 at s = 0); it carries dh[s+1] and exp(g[s+1]).
 template <typename TX, typename TG, int VEC>
 struct BwdTile {
-    typedef typename AccOf<TX, TG>::type Acc;
+    typedef AccT<TX, TG> Acc;
     static constexpr int P = Prefetch<VEC>::STEPS;
     // The fast loop (tiles wholly inside the sequence, no per-step checks) lengthens live ranges: the
     // backward takes it only with one 16-bit channel a thread, where it does not spill (docs/performance.md,
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(256) fused_recurrent_bwd(
     i64 sgb, i64 sgt, i64 sob, i64 sot, i64 sdob, i64 sdot, i64 sdxb, i64 sdxt, i64 sdgb, i64 sdgt,
     const AccT<TX, TG>* __restrict__ h0, const AccT<TX, TG>* __restrict__ dht, AccT<TX, TG>* __restrict__ dh0,
     const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
-    typedef typename AccOf<TX, TG>::type Acc;
+    typedef AccT<TX, TG> Acc;
     constexpr int P = Prefetch<VEC>::STEPS;
     const WalkPlace at(blockDim.x, VEC, cu_seqlens, cu64, T, D, reverse);
     if (!at.live) return;
@@ -387,7 +387,7 @@ __global__ void __launch_bounds__(128) fused_recurrent_step(
     const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o, i64 sxb, i64 sgb, i64 sob,
     const AccT<TX, TG>* __restrict__ h0, AccT<TX, TG>* __restrict__ ht,
     i64 N, i64 D) {
-    typedef typename AccOf<TX, TG>::type Acc;
+    typedef AccT<TX, TG> Acc;
     const i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     if (i >= N * D) return;
     const i64 n = i / D, d = i - n * D;

@@ -87,7 +87,7 @@ template <bool BWD, typename TV, typename TG, int VEC>
 __global__ void __launch_bounds__(32 * HC_STATES_WARPS, HC_STATES_MIN_BLOCKS) states_walk(
     const TV* __restrict__ v, const TG* __restrict__ g, i64 svb, i64 svt, i64 sgb, i64 sgt,
     i64 N, i64 T, i64 D, int reverse, i64 span, AccT<TV, TG>* __restrict__ out_a, AccT<TV, TG>* __restrict__ out_b) {
-    typedef typename AccOf<TV, TG>::type Acc;
+    typedef AccT<TV, TG> Acc;
     constexpr int WARPS = HC_STATES_WARPS;
     constexpr int TILE = 32 * VEC;
     __shared__ Affine<Acc> part[WARPS][TILE];
