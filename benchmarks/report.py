@@ -154,7 +154,7 @@ def step_cell(c, practical_ms):
     return f"{c['host_us']:.1f} ({ratio(c['host_us'], prac_us)}) / {dev}"
 
 
-PROBE_HEADER = "ours-auto - probe, host us (paired: median [quartiles]; fastest blocks)"
+PROBE_HEADER = "ours-auto - probe, host us (paired: median [quartiles]; fastest blocks; CPU time)"
 
 
 def probe_text(row):
@@ -162,9 +162,11 @@ def probe_text(row):
     if diff is None:
         return "-"
     iqr, fastest = row.get("autograd_minus_probe_iqr_us"), row.get("autograd_minus_probe_fastest_us")
+    cpu = row.get("autograd_minus_probe_cpu_us")
     spread = f" [{iqr[0]:+.1f}, {iqr[1]:+.1f}]" if iqr else ""
     fast = f"; fastest {fastest:+.1f}" if fastest is not None else ""
-    return f"{diff:+.1f}{spread}" + ("" if diff <= PROBE_MARGIN_US else " (over 5 us)") + fast
+    cpu_text = f"; CPU {cpu:+.1f}" if cpu is not None else ""
+    return f"{diff:+.1f}{spread}" + ("" if diff <= PROBE_MARGIN_US else " (over 5 us)") + fast + cpu_text
 
 
 def hoststep_table(res):

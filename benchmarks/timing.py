@@ -197,16 +197,18 @@ def host_steps_us(ctx, named, steps, target_s=0.25, repeats=3):
     for name, fns in named.items():
         for i in range(max(5, len(fns))):  # warm-up, every set once
             fns[i % len(fns)]()
-        est = _block_us(ctx, fns, 5) * 1e-6
+        est = _block_us(ctx, fns, 5)[0] * 1e-6
         counts[name] = max(10, min(steps, int(target_s / max(est, 1e-7))))
     for _ in range(repeats):
         for name, fns in named.items():
-            times[name].append(_block_us(ctx, fns, counts[name]))
+            times[name].append(_block_us(ctx, fns, counts[name])[0])
     return {name: (statistics.median(times[name]), counts[name]) for name in named}
 
 
 def _block_us(ctx, fns, n):
-    """Host us per step of n steps queued back to back (input sets in turn), synchronised before and after.
+    """Host us per step of n steps queued back to back (input sets in turn), synchronised before and after:
+    ``(wall, CPU)``, CPU being the process's CPU time (every thread: torch runs the backward of CUDA
+    tensors on a thread of its own), which leaves out the spells the host spent on something else.
     The garbage collector pauses during the block (its youngest generation collected first, which is
     cheap), so that a collection the steps' garbage triggers lands between blocks rather than in whichever
     column's block it happens to fall."""
@@ -214,11 +216,11 @@ def _block_us(ctx, fns, n):
     gc.collect(0)
     gc.disable()
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(n):
             fns[i % len(fns)]()
         ctx.sync()
-        return (time.perf_counter() - t0) / n * 1e6
+        return (time.perf_counter() - t0) / n * 1e6, (time.process_time() - c0) / n * 1e6
     finally:
         gc.enable()
 
@@ -228,14 +230,16 @@ def paired_host_diff_us(ctx, a, b, n, pairs=15):
     order a b b a: each round's mean difference cancels a host whose speed drifts linearly through the
     round, and the median over rounds drops a round a hiccup hit.  Columns timed seconds apart can differ
     by tens of us from drift alone.  a, b: [callable per input set]; n steps a block.  Returns (median,
-    lower quartile, upper quartile, fastest): the quartiles of the rounds' differences say how far one
+    lower quartile, upper quartile, fastest, cpu): the quartiles of the rounds' differences say how far one
     round can be trusted; ``fastest`` is a's fastest block minus b's, which noise that only ever adds
-    time (a busy host) does not enter."""
-    diffs, blocks_a, blocks_b = [], [], []
+    time (a busy host) does not enter; ``cpu`` is the median over rounds of the same difference in the
+    process's CPU time, which time the host gave to other work does not enter either."""
+    diffs, cpu_diffs, blocks_a, blocks_b = [], [], [], []
     for _ in range(pairs):
-        a1, b1, b2, a2 = (_block_us(ctx, fns, n) for fns in (a, b, b, a))
+        (a1, ca1), (b1, cb1), (b2, cb2), (a2, ca2) = (_block_us(ctx, fns, n) for fns in (a, b, b, a))
         diffs.append((a1 + a2 - b1 - b2) / 2)
+        cpu_diffs.append((ca1 + ca2 - cb1 - cb2) / 2)
         blocks_a += [a1, a2]
         blocks_b += [b1, b2]
     q1, _, q3 = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else diffs * 3
-    return statistics.median(diffs), q1, q3, min(blocks_a) - min(blocks_b)
+    return statistics.median(diffs), q1, q3, min(blocks_a) - min(blocks_b), statistics.median(cpu_diffs)

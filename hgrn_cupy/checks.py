@@ -69,13 +69,19 @@ def _float_dtype(a, name, fw):
     return dt
 
 
+class ChannelStrideError(ValueError):
+    """An array whose channel axis (the last) is not contiguous: the kernels read channels with stride 1.
+    ``hgrn_cupy.torch`` copies such tensors and calls again; the other front ends report it."""
+
+
 def _check_btd(a, name, fw, shape=None, strides=True):
     if len(a.shape) != 3:
         raise ValueError(f"{name} must have 3 dimensions [B, T, D], got shape {tuple(a.shape)}")
     if shape is not None and tuple(a.shape) != shape:
         raise ValueError(f"{name} must have shape {shape} like the other inputs, got {tuple(a.shape)}")
     if strides and a.shape[2] > 1 and min(a.shape) > 0 and fw.strides(a)[2] != 1:
-        raise ValueError(f"{name} must be contiguous along its last axis (stride 1), got strides {fw.strides(a)}")
+        raise ChannelStrideError(f"{name} must be contiguous along its last axis (stride 1), got strides "
+                                 f"{fw.strides(a)}")
 
 
 def _check_state(a, name, fw, ref, ref_name, N, D, places):

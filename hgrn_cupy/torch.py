@@ -44,6 +44,18 @@ def _last_axis_dense(a):
     return a
 
 
+def _forward(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
+    """``(o, ht, g as the kernels read it)``: plans.forward on x and g as given, or, where the check finds
+    a channel axis with a stride (an expanded tensor, a layout a compiler picked), on copies whose channels
+    are dense.  Testing strides only on that failure keeps them off the path of every dense call."""
+    try:
+        o, ht = plans.forward(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse)
+    except checks.ChannelStrideError:
+        x, g = _last_axis_dense(x), _last_axis_dense(g)
+        o, ht = plans.forward(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse)
+    return o, ht, g
+
+
 def _no_double_backward():
     raise RuntimeError("hgrn_cupy: the backward of HGRN is not differentiable (no double backward)")
 
@@ -63,10 +75,8 @@ class _Options:
 class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, initial_state, opts):
-        g = _last_axis_dense(g)  # kept in the form the kernels read
-        o, ht = plans.forward(opts.engine, _last_axis_dense(x), g, initial_state, opts.final, opts.cu_seqlens,
-                              opts.reverse)
-        # o holds every state the backward needs, so x is not kept
+        o, ht, g = _forward(opts.engine, x, g, initial_state, opts.final, opts.cu_seqlens, opts.reverse)
+        # o holds every state the backward needs, so x is not kept; g is kept in the form the kernels read
         ctx.save_for_backward(g, o, initial_state)
         ctx.opts = opts
         ctx.set_materialize_grads(False)  # no zero tensors for outputs the loss does not use
@@ -85,35 +95,51 @@ class _Eager(torch.autograd.Function):
         return grads + (None,)
 
 
-def _plain(engine, reverse):
-    """The Function of the commonest training call, ``o = hgrn(x, g)`` with or without cu_seqlens: no
-    initial state, no final state, the engine and direction fixed per class.  Its apply takes three
-    arguments and returns one tensor, the least host time torch's autograd allows (the general Function
-    pays for a second output and an options leaf)."""
+def _plain_grads(engine, g, o, do, cu_seqlens, reverse):
+    dx, dg, _ = plans.backward(engine, g, o, _last_axis_dense(do), None, None, cu_seqlens, reverse)
+    if torch.is_grad_enabled():  # create_graph: differentiating these gradients raises when asked for
+        return _not_twice((dx, dg))
+    return dx, dg
 
-    class Plain(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, g, cu_seqlens):
-            g = _last_axis_dense(g)  # kept in the form the kernels read
-            o, _ = plans.forward(engine, _last_axis_dense(x), g, None, False, cu_seqlens, reverse)
-            ctx.save_for_backward(g, o, cu_seqlens)
-            return o
 
-        @staticmethod
-        def backward(ctx, do):
-            g, o, cu_seqlens = ctx.saved_tensors
-            dx, dg, _ = plans.backward(engine, g, o, _last_axis_dense(do), None, None, cu_seqlens, reverse)
-            grads = (dx, dg)
-            if torch.is_grad_enabled():  # create_graph: differentiating these gradients raises when asked for
-                grads = _not_twice(grads)
-            return grads + (None,)
+def _plain(engine, reverse, varlen):
+    """The Function of the commonest training call, ``o = hgrn(x, g)`` (with cu_seqlens where ``varlen``):
+    no initial state, no final state, the engine and direction fixed per class.  Its apply takes the
+    tensors alone and returns one, the least host time torch's autograd allows (the general Function pays
+    for a second output and an options leaf; a cu_seqlens slot that holds None, for an argument and a
+    saved tensor)."""
+    if varlen:
+        class Plain(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, g, cu_seqlens):
+                o, _, g = _forward(engine, x, g, None, False, cu_seqlens, reverse)
+                ctx.save_for_backward(g, o, cu_seqlens)
+                return o
 
-    Plain.__name__ = Plain.__qualname__ = f"HgrnPlain_{engine}{'_reverse' if reverse else ''}"
+            @staticmethod
+            def backward(ctx, do):
+                g, o, cu_seqlens = ctx.saved_tensors
+                return _plain_grads(engine, g, o, do, cu_seqlens, reverse) + (None,)
+    else:
+        class Plain(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, g):
+                o, _, g = _forward(engine, x, g, None, False, None, reverse)
+                ctx.save_for_backward(g, o)
+                return o
+
+            @staticmethod
+            def backward(ctx, do):
+                g, o = ctx.saved_tensors
+                return _plain_grads(engine, g, o, do, None, reverse)
+
+    Plain.__name__ = Plain.__qualname__ = (f"HgrnPlain_{engine}{'_reverse' if reverse else ''}"
+                                           f"{'_varlen' if varlen else ''}")
     return Plain
 
 
-_PLAIN = {(engine, reverse): _plain(engine, reverse)
-          for engine in ("auto", "chunk", "fused_recurrent") for reverse in (False, True)}
+_PLAIN = {(engine, reverse, varlen): _plain(engine, reverse, varlen)
+          for engine in ("auto", "chunk", "fused_recurrent") for reverse in (False, True) for varlen in (False, True)}
 
 
 def _not_twice(grads):
@@ -133,8 +159,7 @@ def _not_twice(grads):
     schema="(Tensor x, Tensor g, Tensor? initial_state, Tensor? cu_seqlens, bool output_final_state, "
            "bool reverse, str engine) -> (Tensor, Tensor)")
 def _fwd(x, g, initial_state, cu_seqlens, output_final_state, reverse, engine):
-    o, ht = plans.forward(engine, _last_axis_dense(x), _last_axis_dense(g), initial_state, output_final_state,
-                          cu_seqlens, reverse)
+    o, ht, _ = _forward(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse)
     if ht is None:
         ht = x.new_empty((0, x.shape[2]), dtype=_acc_dtype(x, g))
     return o, ht
@@ -142,7 +167,9 @@ def _fwd(x, g, initial_state, cu_seqlens, output_final_state, reverse, engine):
 
 @_fwd.register_fake
 def _fwd_fake(x, g, initial_state, cu_seqlens, output_final_state, reverse, engine):
-    call = checks.check_forward(x, g, initial_state, cu_seqlens, output_final_state, reverse, values=False)
+    # the checks of the call the kernels see: channels made dense as _fwd makes them
+    call = checks.check_forward(_last_axis_dense(x), _last_axis_dense(g), initial_state, cu_seqlens,
+                                output_final_state, reverse, values=False)
     N = call.N if output_final_state else 0
     return x.new_empty(x.shape), x.new_empty((N, call.D), dtype=_acc_dtype(x, g))
 
@@ -161,7 +188,8 @@ def _bwd(g, o, do, dht, initial_state, cu_seqlens, reverse, engine):
 
 @_bwd.register_fake
 def _bwd_fake(g, o, do, dht, initial_state, cu_seqlens, reverse, engine):
-    call = checks.check_backward(g, o, do, dht, initial_state, cu_seqlens, reverse, values=False)
+    call = checks.check_backward(_last_axis_dense(g), _last_axis_dense(o), _last_axis_dense(do), dht,
+                                 initial_state, cu_seqlens, reverse, values=False)
     dh0 = (o.new_empty((0, call.D), dtype=_acc_dtype(o, g)) if initial_state is None
            else initial_state.new_empty(initial_state.shape))
     return o.new_empty(o.shape), g.new_empty(g.shape), dh0
@@ -211,10 +239,11 @@ def apply(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
                 initial_state is not None and initial_state.requires_grad)):
             # the flags are checked by plans.forward, which plans only calls whose flags are bools
             if initial_state is None and output_final_state is False and type(reverse) is bool:
-                return _PLAIN[engine, reverse].apply(x, g, cu_seqlens), None
+                if cu_seqlens is None:
+                    return _PLAIN[engine, reverse, False].apply(x, g), None
+                return _PLAIN[engine, reverse, True].apply(x, g, cu_seqlens), None
             return _Eager.apply(x, g, initial_state, _Options(cu_seqlens, output_final_state, reverse, engine))
-        return plans.forward(engine, _last_axis_dense(x), _last_axis_dense(g), initial_state, output_final_state,
-                             cu_seqlens, reverse)
+        return _forward(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse)[:2]
     if not torch.compiler.is_compiling():
         for a, name in ((x, "x"), (g, "g"), (initial_state, "initial_state"), (cu_seqlens, "cu_seqlens")):
             if a is not None and not isinstance(a, _Tensor):

@@ -6,7 +6,8 @@ probe, in paired rounds, and where the difference goes (cProfile of each step).
 Each round times every step once, in an order that rotates from round to round (so that neither step
 always follows the other or a synchronisation); the table gives each step's median and minimum, and the
 median over rounds of its difference to the probe in the same round, which host drift between rounds
-does not enter.  Prints a Markdown table per shape naming the GPU, then the top functions of each
+does not enter; the same for the process's CPU time (``time.process_time``, every thread: torch runs the
+backward of CUDA tensors on its own thread), which leaves out the spells the host ran something else.  Prints a Markdown table per shape naming the GPU, then the top functions of each
 profile by own time and the functions whose call counts differ between hgrn_cupy.torch and its Function
 alone (what the routing adds) and the time of each test the routing makes (first shape only).
 """
@@ -28,6 +29,22 @@ import hgrn_cupy.torch as htorch
 
 class Probe(torch.autograd.Function):
     """What any autograd wrapper of the two planned calls costs: forward hgrn, backward hgrn_backward."""
+
+    @staticmethod
+    def forward(ctx, x, g):
+        o, _ = hc.hgrn(x, g)
+        ctx.save_for_backward(g, o)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        g, o = ctx.saved_tensors
+        dx, dg, _ = hc.hgrn_backward(g, o, do)
+        return dx, dg
+
+
+class ProbeVarlen(torch.autograd.Function):
+    """The probe with cu_seqlens."""
 
     @staticmethod
     def forward(ctx, x, g, cu):
@@ -67,17 +84,21 @@ def run(shape, args, profile):
         o, _ = htorch.hgrn(x, g, cu_seqlens=cu)
         return torch.autograd.grad(o, (x, g), do)
 
-    def probe():
-        return torch.autograd.grad(Probe.apply(x, g, cu), (x, g), do)
+    # the probe and our Function take cu_seqlens only where there is one
+    args = (x, g) if cu is None else (x, g, cu)
+    probe_fn = Probe if cu is None else ProbeVarlen
+    plain = htorch._PLAIN["auto", False, cu is not None]
 
-    plain = htorch._PLAIN["auto", False]
+    def probe():
+        return torch.autograd.grad(probe_fn.apply(*args), (x, g), do)
 
     def function_only():  # our Function without the routing in front of it
-        return torch.autograd.grad(plain.apply(x, g, cu), (x, g), do)
+        return torch.autograd.grad(plain.apply(*args), (x, g), do)
 
     steps = {"hgrn_cupy.torch": ours, "its Function alone": function_only, "probe": probe}
     names = list(steps)
     times = {k: [] for k in steps}
+    cpu = {k: [] for k in steps}  # process CPU time: what the host spent, its idle and preempted spells left out
     for f in steps.values():
         for _ in range(50):
             f()
@@ -86,18 +107,22 @@ def run(shape, args, profile):
         for name in names[r % len(names):] + names[:r % len(names)]:
             f = steps[name]
             torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 f()
             torch.cuda.synchronize()
             times[name].append((time.perf_counter() - t0) / args.steps * 1e6)
+            cpu[name].append((time.process_time() - c0) / args.steps * 1e6)
     kind = " packed with cu_seqlens" if args.varlen else ""
     print(f"## Host us per training step, {torch.cuda.get_device_name()}, bf16 {shape}{kind}\n")
     print(f"{args.rounds} rounds of {args.steps} steps.\n")
-    print("| step | median us | min us | minus probe, median of rounds, us |\n|---|---|---|---|")
+    print("| step | median us | min us | minus probe, median of rounds, us | CPU us, median | CPU minus probe, "
+          "median of rounds, us |\n|---|---|---|---|---|---|")
     for name, ts in times.items():
         diff = statistics.median(a - b for a, b in zip(ts, times["probe"]))
-        print(f"| {name} | {statistics.median(ts):.1f} | {min(ts):.1f} | {diff:+.1f} |")
+        cdiff = statistics.median(a - b for a, b in zip(cpu[name], cpu["probe"]))
+        print(f"| {name} | {statistics.median(ts):.1f} | {min(ts):.1f} | {diff:+.1f} | "
+              f"{statistics.median(cpu[name]):.1f} | {cdiff:+.1f} |")
     print()
     if not profile:
         return
@@ -134,7 +159,7 @@ def routing_parts(x, g):
     env = {"torch": torch, "htorch": htorch, "x": x, "g": g}
     for stmt in ("torch.compiler.is_compiling()", "torch._C._get_tracing_state()",
                  "torch._C._len_torch_dispatch_stack()", "htorch._functorch_active()", "torch.is_grad_enabled()",
-                 "x.requires_grad or g.requires_grad", "htorch._PLAIN['auto', False]", "htorch._last_axis_dense(x)"):
+                 "x.requires_grad or g.requires_grad", "htorch._PLAIN['auto', False, False]", "htorch._last_axis_dense(x)"):
         ns = min(timeit.repeat(stmt, globals=env, number=100000, repeat=5)) / 100000 * 1e9
         print(f"| `{stmt}` | {ns:.0f} |")
 
