@@ -85,15 +85,15 @@ def run(shape, args, profile):
         return torch.autograd.grad(o, (x, g), do)
 
     # the probe and our Function take cu_seqlens only where there is one
-    args = (x, g) if cu is None else (x, g, cu)
+    inputs = (x, g) if cu is None else (x, g, cu)
     probe_fn = Probe if cu is None else ProbeVarlen
     plain = htorch._PLAIN["auto", False, cu is not None]
 
     def probe():
-        return torch.autograd.grad(probe_fn.apply(*args), (x, g), do)
+        return torch.autograd.grad(probe_fn.apply(*inputs), (x, g), do)
 
     def function_only():  # our Function without the routing in front of it
-        return torch.autograd.grad(plain.apply(*args), (x, g), do)
+        return torch.autograd.grad(plain.apply(*inputs), (x, g), do)
 
     steps = {"hgrn_cupy.torch": ours, "its Function alone": function_only, "probe": probe}
     names = list(steps)
