@@ -18,45 +18,21 @@ import cProfile
 import io
 import pstats
 import statistics
+import sys
 import time
 import timeit
+from pathlib import Path
 
 import torch
 
-import hgrn_cupy as hc
-import hgrn_cupy.torch as htorch
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for the benchmark's probe
+import hgrn_cupy as hc  # noqa: E402
+import hgrn_cupy.torch as htorch  # noqa: E402
+from benchmarks.impls.ours import probe_functions  # noqa: E402
 
 
-class Probe(torch.autograd.Function):
-    """What any autograd wrapper of the two planned calls costs: forward hgrn, backward hgrn_backward."""
-
-    @staticmethod
-    def forward(ctx, x, g):
-        o, _ = hc.hgrn(x, g)
-        ctx.save_for_backward(g, o)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        g, o = ctx.saved_tensors
-        dx, dg, _ = hc.hgrn_backward(g, o, do)
-        return dx, dg
-
-
-class ProbeVarlen(torch.autograd.Function):
-    """The probe with cu_seqlens."""
-
-    @staticmethod
-    def forward(ctx, x, g, cu):
-        o, _ = hc.hgrn(x, g, cu_seqlens=cu)
-        ctx.save_for_backward(g, o, cu)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        g, o, cu = ctx.saved_tensors
-        dx, dg, _ = hc.hgrn_backward(g, o, do, cu_seqlens=cu)
-        return dx, dg, None
+# The benchmark's probes (the host-step table's "ours-probe"): the minimal Function, and the one with options.
+Probe, ProbeWithOptions = probe_functions(torch, hc)
 
 
 def main():
@@ -84,13 +60,14 @@ def run(shape, args, profile):
         o, _ = htorch.hgrn(x, g, cu_seqlens=cu)
         return torch.autograd.grad(o, (x, g), do)
 
-    # the probe and our Function take cu_seqlens only where there is one
+    # our Function takes cu_seqlens only where there is one; so does the probe (its form with options)
     inputs = (x, g) if cu is None else (x, g, cu)
-    probe_fn = Probe if cu is None else ProbeVarlen
+    probe_inputs = (x, g) if cu is None else (x, g, None, cu, False, False)
+    probe_fn = Probe if cu is None else ProbeWithOptions
     plain = htorch._PLAIN["auto", False, cu is not None]
 
     def probe():
-        return torch.autograd.grad(probe_fn.apply(*inputs), (x, g), do)
+        return torch.autograd.grad(probe_fn.apply(*probe_inputs), (x, g), do)
 
     def function_only():  # our Function without the routing in front of it
         return torch.autograd.grad(plain.apply(*inputs), (x, g), do)

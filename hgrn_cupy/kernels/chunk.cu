@@ -349,8 +349,7 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     }
     Slot<Acc> pre[Block::PER];  // the predecessor's slots, asked for behind this thread's loads
     Block::peek(grid.slots, at.slot0, at.chunk, grid.peek != 0, pre);
-    const i64 ahead = VARLEN ? -1 : grid.ahead(at.ticket);
-    if (ahead >= 0) {  // rows a later block will load
+    if (const i64 ahead = VARLEN ? -1 : grid.ahead(at.ticket); ahead >= 0) {  // rows a later block will load
         const Later<Block, STEPS> later(ahead, grid.ntiles, at.ntd, at.cl, at.q, T, reverse ? 1 : 0, 0);
         if (later.d < D && later.n > 0) {
             prefetch_rows<STEPS>(x + later.batch * sxb + later.t * (sxt * tdir) + later.d, sxt, later.n);
@@ -436,8 +435,7 @@ __global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_
     }
     Slot<Acc> pre[Block::PER];  // the predecessor's slots, asked for behind this thread's loads
     Block::peek(grid.slots, at.slot0, at.chunk, grid.peek != 0, pre);
-    const i64 ahead = VARLEN ? -1 : grid.ahead(at.ticket);
-    if (ahead >= 0) {  // rows a later block will load
+    if (const i64 ahead = VARLEN ? -1 : grid.ahead(at.ticket); ahead >= 0) {  // rows a later block will load
         const Later<Block, STEPS> later(ahead, grid.ntiles, at.ntd, at.cl, at.q, T, reverse ? 1 : 0, 1);
         if (later.d < D && later.n > 0) {
             prefetch_rows<STEPS>(g + later.batch * sgb + later.t * (-tdir * sgt) + later.d, sgt, later.n);
