@@ -2,7 +2,7 @@
 """What the look-back and each other phase cost the chunk engine, and two ways to shorten the look-back
 where a grid has few tiles.
 
-    python benchmarks/experiments/chunk_lookback.py [--group lookback|phases] [--cases ...] [--smoke]
+    python benchmarks/experiments/chunk_lookback.py [--group lookback|rows|phases] [--cases ...] [--smoke]
 
 A tile's chunks are chained by the look-back: a block whose predecessors have published only their
 aggregates walks back over them, WINDOW slots a round (each round one trip to L2), until it meets an
@@ -16,6 +16,8 @@ Groups:
   of 256 steps (forward; 128 backward) over tiles of 64 channels, so a grid has twice the tiles and each
   tile half the chunks (``chunk_shape.py`` has it too); "window 16", each thread reads 8 slots a round
   instead of 4 (``R0`` of ``ChunkBlock``).
+- rows (both passes): four-row warps against the shipped two-row warps on grids of one, two and four
+  two-row tiles (the few-tile shapes where the look-back weighs most).
 - phases (forward): bounds that take one phase away after another, all timed only: no look-back; then
   no first pass (the fold); then a second pass that writes x + g (the kernel's loads and stores in its
   tile pattern, with none of the recurrence: the memory schedule alone); and, apart, no look-back with
@@ -51,6 +53,9 @@ GROUPS = {
     "lookback": (["bf16:1x262144x256", "bf16:1x32768x1024", "bf16:2x131072x512", "bf16:4x4096x1024",
                   "bf16:8x4096x2048", "bf16:4x2048x512", "f32:1x262144x256", "f32:8x4096x2048"],
                  ["as shipped", "no look-back (bound)", "four-row warps", "window 16"]),
+    "rows": (["bf16:1x524288x128", "bf16:1x262144x256", "bf16:1x65536x256", "f16:1x262144x256",
+              "bf16:1x131072x512", "bf16:2x131072x256", "bf16:4x65536x256"],
+             ["as shipped", "four-row warps"]),
     "phases": (["bf16:1x262144x256", "bf16:1x32768x1024", "bf16:8x4096x2048", "bf16:4x2048x512",
                 "f32:8x4096x2048"],
                ["as shipped", "no look-back (bound)", "no look-back, no fold (bound)",
@@ -85,7 +90,7 @@ def main():
     groups = {name: (cases,) for name, (cases, _) in GROUPS.items()}
     args, timer, gbps, hc = c.start(__doc__, "Chunk engine look-back and phases", None, "bf16:4x2048x512",
                                     'engine forced: chunk_hgrn and hgrn_backward(engine="chunk")', groups=groups,
-                                    passes=lambda a: "fwd,bwd" if a.group == "lookback" else "fwd")
+                                    passes=lambda a: "fwd" if a.group == "phases" else "fwd,bwd")
     variants = {}
     for name in GROUPS[args.group][1]:
         if name == "as shipped":
