@@ -44,6 +44,9 @@ class Framework:
     def to_numpy(self, a) -> np.ndarray: ...
     def from_numpy(self, a: np.ndarray, like, dtype: str): ...
     def index_values(self, a) -> np.ndarray: ...
+    def version(self, a) -> int | None:
+        """A counter that changes whenever the framework writes the array's values (None: none kept)."""
+        return None
     def strides(self, a) -> tuple:  # in elements
         return tuple(s // a.itemsize for s in a.strides)
     def capturing(self, like) -> bool:
@@ -241,6 +244,12 @@ class _Torch(Framework):
 
     def index_values(self, a):
         return a.detach().cpu().numpy()
+
+    def version(self, a):
+        try:
+            return a._version  # bumped by every in-place write, views sharing their base's counter
+        except RuntimeError:  # an inference tensor keeps none
+            return None
 
     def strides(self, a):
         return tuple(a.stride())

@@ -263,3 +263,37 @@ def test_auto_asks_the_tuner(N, T, D, x_dtype, g_dtype, direction, reverse, varl
             dispatch.choose("auto", call, direction, reverse, device, run, allow_timing, 5)
             dispatch.choose(pinned, call, direction, reverse, device, run, allow_timing, 5)
             assert not asked
+
+
+def test_offsets_read_once_per_unchanged_tensor(monkeypatch):
+    """A torch cu_seqlens is read back (on a GPU, a synchronisation) once: later calls on the same tensor
+    with the same T reuse the check; an in-place write (its version counter), another T, another tensor
+    with the same values, or an inference tensor (no counter) are read again, and bad values still raise."""
+    torch = pytest.importorskip("torch")
+    reads = []  # the checks' reads (the CPU reference reads the offsets as well, to compute)
+    real = checks.cu_seqlens_values
+    monkeypatch.setattr(checks, "cu_seqlens_values", lambda v, T: reads.append(1) or real(v, T))
+    monkeypatch.setattr(checks, "_offsets_checked", {})
+    T, D = 9, 4
+    x = torch.randn(1, T, D, dtype=torch.float64)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, T, D, dtype=torch.float64))
+    cu = torch.tensor([0, 4, T])
+    want = hc.hgrn(x, g, cu_seqlens=cu)[0]
+    for _ in range(3):
+        torch.testing.assert_close(hc.hgrn(x, g, cu_seqlens=cu)[0], want)
+        hc.hgrn_backward(g, want, x, cu_seqlens=cu)
+    assert len(reads) == 1
+    with pytest.raises(ValueError, match="end at T"):  # another T: read again
+        hc.hgrn(x[:, :7], g[:, :7], cu_seqlens=cu)
+    assert len(reads) == 2
+    hc.hgrn(x, g, cu_seqlens=torch.tensor([0, 4, T]))  # equal values, another tensor
+    assert len(reads) == 3
+    cu[1] = 11  # written in place: read again, and refused
+    with pytest.raises(ValueError, match="non-decreasing"):
+        hc.hgrn(x, g, cu_seqlens=cu)
+    assert len(reads) == 4
+    with torch.inference_mode():
+        cu_inf = torch.tensor([0, 4, T])
+    for _ in range(2):
+        hc.hgrn(x, g, cu_seqlens=cu_inf)
+    assert len(reads) == 6
