@@ -55,8 +55,8 @@ def _time(ctx, row, live):
     host = host_steps_us(ctx, live, ctx.args.host_steps)
     if "ours-auto" in live and "ours-probe" in live:
         diff, q1, q3, fastest, cpu = paired_host_diff_us(ctx, live["ours-auto"], live["ours-probe"],
-                                                    min(host["ours-auto"][1], host["ours-probe"][1]),
-                                                    ctx.args.host_pairs)
+                                                         min(host["ours-auto"][1], host["ours-probe"][1]),
+                                                         ctx.args.host_pairs)
         row.update(autograd_minus_probe_us=diff, autograd_minus_probe_iqr_us=[q1, q3],
                    autograd_minus_probe_fastest_us=fastest, autograd_minus_probe_cpu_us=cpu)
     share = (time.perf_counter() - t0) / len(live)

@@ -206,10 +206,11 @@ def header(title, timer, gbps, note=""):
     print("\n".join(lines) + "\n", flush=True)
 
 
-def make_sets(torch, case):
-    """Input sets for one case: enough that the working set exceeds ROTATE_MB, MIN_SETS at least."""
-    count = max(MIN_SETS, math.ceil((ROTATE_MB << 20) / max(1, case.nbytes(3))))
-    count = min(count, 64)
+def make_sets(torch, case, count=None):
+    """Input sets for one case: ``count``, by default enough that the working set exceeds ROTATE_MB,
+    MIN_SETS at least."""
+    if count is None:
+        count = min(max(MIN_SETS, math.ceil((ROTATE_MB << 20) / max(1, case.nbytes(3)))), 64)
     dt = getattr(torch, case.dtype)
     F = torch.nn.functional
     sets = []

@@ -33,7 +33,7 @@ def main():
     import hgrn_cupy as hc
 
     nvrtc, chunk, forget = lb.library()
-    s = c.make_sets(torch, args.case)[0]
+    (s,) = c.make_sets(torch, args.case, count=1)
     s["o"] = hc.hgrn(s["x"], s["g"])[0]
     settings = [] if args.variant == "as shipped" else lb.patched_source(nvrtc, chunk, args.variant)
     if args.what == "add":

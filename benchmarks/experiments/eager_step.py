@@ -7,9 +7,10 @@ Each round times every step once, in an order that rotates from round to round (
 always follows the other or a synchronisation); the table gives each step's median and minimum, and the
 median over rounds of its difference to the probe in the same round, which host drift between rounds
 does not enter; the same for the process's CPU time (``time.process_time``, every thread: torch runs the
-backward of CUDA tensors on its own thread), which leaves out the spells the host ran something else.  Prints a Markdown table per shape naming the GPU, then the top functions of each
-profile by own time and the functions whose call counts differ between hgrn_cupy.torch and its Function
-alone (what the routing adds) and the time of each test the routing makes (first shape only).
+backward of CUDA tensors on its own thread), which leaves out the spells the host ran something else.
+Prints a Markdown table per shape naming the GPU, then the top functions of each profile by own time and
+the functions whose call counts differ between hgrn_cupy.torch and its Function alone (what the routing
+adds) and the time of each test the routing makes (first shape only).
 """
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ def routing_parts(x, g):
     env = {"torch": torch, "htorch": htorch, "x": x, "g": g}
     for stmt in ("torch.compiler.is_compiling()", "torch._C._get_tracing_state()",
                  "torch._C._len_torch_dispatch_stack()", "htorch._functorch_active()", "torch.is_grad_enabled()",
-                 "x.requires_grad or g.requires_grad", "htorch._PLAIN['auto', False, False]", "htorch._last_axis_dense(x)"):
+                 "x.requires_grad or g.requires_grad", "htorch._PLAIN['auto', False, False]",
+                 "htorch._last_axis_dense(x)"):
         ns = min(timeit.repeat(stmt, globals=env, number=100000, repeat=5)) / 100000 * 1e9
         print(f"| `{stmt}` | {ns:.0f} |")
 
