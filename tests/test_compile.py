@@ -30,6 +30,9 @@ def _modules():
         for gd in nvrtc.DTYPES:
             pair, arch = f"x_{xd}-g_{gd}", ARCH if xd == gd else PTX_ARCH
             out.append((f"chunk-{pair}", chunk.SOURCE, chunk.names(xd, gd), chunk.OPTIONS, arch))
+            if chunk.narrow_bwd_names(xd, gd):
+                out.append((f"chunk-narrow-bwd-{pair}", chunk.SOURCE, chunk.narrow_bwd_names(xd, gd),
+                            chunk.NARROW_BWD_OPTIONS, arch))
             out.append((f"fused-{pair}", fused_recurrent.SOURCE, fused_recurrent.names(xd, gd),
                         fused_recurrent.options(xd, gd), arch))
             out.append((f"states-{pair}", states.SOURCE, states.kernel_names(xd, gd), states.OPTIONS, arch))
@@ -54,7 +57,8 @@ def test_every_instantiation_compiles_without_warnings():
     warned = [f"{name}:\n{log}" for name, log, err in results if not err and "warning" in log.lower()]
     assert not failed, "\n".join(failed)
     assert not warned, "NVRTC warnings:\n" + "\n".join(warned)
-    assert len(results) == 3 * len(nvrtc.DTYPES) ** 2 + 1
+    sixteen_bit = sum(nvrtc.ITEMSIZE[d] == 2 for d in nvrtc.DTYPES)
+    assert len(results) == 3 * len(nvrtc.DTYPES) ** 2 + 1 + sixteen_bit ** 2  # + the 16-bit pairs' narrow backward
 
 
 def _kernel_files():
@@ -120,7 +124,8 @@ def test_chunk_workspace_and_prefetch():
         assert (ntiles, nchunks) == (3 * 5, 11)
         assert header == chunk.HEADER_BYTES and off >= header and off % 256 == 0
         assert total - off >= ntiles * nchunks * tile * 2 * acc
-        assert chunk.workspace_layout(3, length, tile, True, acc, direction, vec)[:2] == (1, 1)  # varlen: one row
+        # varlen: one row (three tiles wide, which no narrow backward takes)
+        assert chunk.workspace_layout(3, length, 3 * tile, True, acc, direction, vec)[:2] == (3, 1)
     big = chunk.L2_MIN_BLOCKS // chunk.L2_MIN_TILES
     assert chunk.l2_ahead(chunk.L2_MIN_TILES, big, False) == chunk.L2_AHEAD > 0
     assert chunk.l2_ahead(chunk.FEW_TILES, 10 * big, False) == chunk.L2_AHEAD               # few tiles
@@ -133,3 +138,28 @@ def test_chunk_workspace_and_prefetch():
     assert chunk.FEW_TILES <= chunk.PEEK_MAX_TILES < chunk.PEEK_MIN_TILES - 1
     assert [chunk.peek(n) for n in (1, chunk.PEEK_MAX_TILES, chunk.PEEK_MAX_TILES + 1, chunk.PEEK_MIN_TILES - 1,
                                     chunk.PEEK_MIN_TILES)] == [1, 1, 0, 0, 1]
+
+
+def test_chunk_narrow_backward():
+    """The 16-bit backward on grids of at most NARROW_BWD_MAX_TILES two-row tiles takes four-row warps
+    (tiles of half the channels, chunks of twice the steps); wider grids, the forward and the other
+    widths keep SHAPES."""
+    two_row = chunk.SHAPES[1, True]
+    tile = 32 // two_row[1] * 8
+    most = chunk.NARROW_BWD_MAX_TILES
+    assert chunk.NARROW_BWD[1] == 2 * two_row[1]
+    assert chunk.block_shape(1, 8, 1, most * tile, False) == chunk.NARROW_BWD
+    assert chunk.block_shape(1, 8, most, tile, False) == chunk.NARROW_BWD
+    assert chunk.block_shape(1, 8, 50, most * tile, True) == chunk.NARROW_BWD  # varlen: one packed row
+    assert chunk.block_shape(1, 8, 1, most * tile + 8, False) == two_row      # one tile more
+    assert chunk.block_shape(1, 8, most + 1, tile, False) == two_row
+    assert chunk.block_shape(0, 8, 1, tile, False) == chunk.SHAPES[0, True]   # the forward
+    assert chunk.block_shape(1, 4, 1, 64, False) == chunk.SHAPES[1, True]     # float32's width
+    assert chunk.block_shape(1, 1, 1, 64, False) == chunk.SHAPES[1, False]    # the scalar kernels
+    warps, rows, steps = chunk.NARROW_BWD
+    ntiles, nchunks, _, total, off = chunk.workspace_layout(1, 1000, most * tile, False, 4, 1, 8)
+    assert (ntiles, nchunks) == (most * tile // (32 // rows * 8), -(-1000 // (warps * rows * steps)))
+    assert total - off >= ntiles * nchunks * (32 // rows * 8) * 2 * 4
+    assert [n for xd in nvrtc.DTYPES for gd in nvrtc.DTYPES for n in chunk.narrow_bwd_names(xd, gd)] == [
+        nvrtc.instantiation("chunk_bwd", xd, gd, v, 8) for xd in nvrtc.DTYPES for gd in nvrtc.DTYPES
+        if nvrtc.ITEMSIZE[xd] == nvrtc.ITEMSIZE[gd] == 2 for v in (False, True)]

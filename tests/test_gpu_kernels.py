@@ -314,6 +314,24 @@ def test_chunk_peek_and_prefetch(dtype, peek, prefetch, fresh_plans, monkeypatch
     check_backward("chunk", x, g, dtype, h0, reverse=True)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("B,D,narrow", [(1, 256, True), (2, 128, True), (1, 264, False), (3, 128, False)],
+                         ids=["1x256", "2x128", "1x264", "3x128"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
+def test_chunk_narrow_backward(dtype, B, D, narrow, reverse):
+    """The 16-bit backward takes four-row warps on grids of at most NARROW_BWD_MAX_TILES two-row tiles and
+    two-row warps beyond: both sides against the reference, with h0 and dht over many chunks; in one
+    row, also packed with cu_seqlens (an empty sequence first)."""
+    from hgrn_cupy.engines import chunk
+
+    assert (chunk.block_shape(1, 8, B, D, False) == chunk.NARROW_BWD) == narrow
+    rng = _rng()
+    x, g = make_inputs(B, 1500, D, rng=rng)
+    check_backward("chunk", x, g, dtype, rng.standard_normal((B, D)), reverse=reverse)
+    if B == 1:
+        check_backward("chunk", x, g, dtype, rng.standard_normal((3, D)), cu=[0, 0, 400, 1500], reverse=reverse)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("at_once", [2, 7, 64])
 def test_chunk_stagger(dtype, at_once, fresh_plans, monkeypatch):

@@ -16,8 +16,9 @@ Groups:
   of 256 steps (forward; 128 backward) over tiles of 64 channels, so a grid has twice the tiles and each
   tile half the chunks (``chunk_shape.py`` has it too); "window 16", each thread reads 8 slots a round
   instead of 4 (``R0`` of ``ChunkBlock``).
-- rows (both passes): four-row warps against the shipped two-row warps on grids of one, two and four
-  two-row tiles (the few-tile shapes where the look-back weighs most).
+- rows (both passes): on grids of one, two, four and eight two-row tiles (the few-tile shapes where the
+  look-back weighs most), the library as shipped (the 16-bit backward takes four-row warps up to
+  NARROW_BWD_MAX_TILES tiles) against two-row warps everywhere and four-row warps everywhere.
 - phases (forward): bounds that take one phase away after another, all timed only: no look-back; then
   no first pass (the fold); then a second pass that writes x + g (the kernel's loads and stores in its
   tile pattern, with none of the recurrence: the memory schedule alone); and, apart, no look-back with
@@ -55,7 +56,7 @@ GROUPS = {
                  ["as shipped", "no look-back (bound)", "four-row warps", "window 16"]),
     "rows": (["bf16:1x524288x128", "bf16:1x262144x256", "bf16:1x65536x256", "f16:1x262144x256",
               "bf16:1x131072x512", "bf16:2x131072x256", "bf16:4x65536x256"],
-             ["as shipped", "four-row warps"]),
+             ["as shipped", "two-row backward everywhere", "four-row warps"]),
     "phases": (["bf16:1x262144x256", "bf16:1x32768x1024", "bf16:8x4096x2048", "bf16:4x2048x512",
                 "f32:8x4096x2048"],
                ["as shipped", "no look-back (bound)", "no look-back, no fold (bound)",
@@ -97,6 +98,8 @@ def main():
             variants[name] = []
         elif name == "four-row warps":
             variants[name] = shape_settings(chunk, fwd=(8, 4, 8), bwd=(8, 4, 4))
+        elif name == "two-row backward everywhere":
+            variants[name] = [(chunk, "NARROW_BWD_MAX_TILES", 0)]
         else:
             variants[name] = patched_source(nvrtc, chunk, name)
     c.run(args, timer, gbps, variants, c.engine_calls(hc, "chunk"), forget,

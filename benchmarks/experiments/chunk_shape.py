@@ -8,7 +8,8 @@ Variants (16-bit and float32 vector kernels; docs/performance.md has the reasons
 - half the steps a thread, and four warps a block.
 The ticket order, the checked-only form, the look-back window and the blocks a SM were compile-time
 switches once; they are constants of the kernels now (docs/performance.md keeps what they measured).
-Each variant compiles its own module (NVRTC) on first use.
+Each variant compiles its own module (NVRTC) on first use.  The 16-bit backward on grids of at most
+NARROW_BWD_MAX_TILES tiles keeps its own four-row shape (NARROW_BWD) in every variant.
 """
 import sys
 from pathlib import Path

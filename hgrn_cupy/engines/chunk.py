@@ -1,13 +1,14 @@
 """The chunk engine: prepared launches of ``kernels/chunk.cu``, for long T.
 
-Time is split into chunks (warps x rows x steps per thread, see ``SHAPES``) scanned in parallel; a block
-covers 32 / rows x VEC channels of one chunk, and the chunks of a tile are joined by single-pass decoupled
-look-back through a workspace: a 32-byte header (ticket counter and launch count, the extents of the last
-launches), then one slot per (tile, chunk, channel) that holds the chunk's aggregate map, then its
-inclusive prefix, marked with the launch's parity.  Memory filled once with one bits serves any number of
-launches queued on one stream: each launch leaves it ready for the next.  VEC is the number of channels
-one thread moves per access: 16 bytes' worth where every tensor's pointer, channel count and strides
-allow it, 1 otherwise.  Launches check nothing: :mod:`hgrn_cupy.checks` has validated the call.
+Time is split into chunks (warps x rows x steps per thread, see ``SHAPES`` and ``block_shape``) scanned
+in parallel; a block covers 32 / rows x VEC channels of one chunk, and the chunks of a tile are joined by
+single-pass decoupled look-back through a workspace: a 32-byte header (ticket counter and launch count,
+the extents of the last launches), then one slot per (tile, chunk, channel) that holds the chunk's
+aggregate map, then its inclusive prefix, marked with the launch's parity.  Memory filled once with one
+bits serves any number of launches queued on one stream: each launch leaves it ready for the next.  VEC
+is the number of channels one thread moves per access: 16 bytes' worth where every tensor's pointer,
+channel count and strides allow it, 1 otherwise.  Launches check nothing: :mod:`hgrn_cupy.checks` has
+validated the call.
 """
 from __future__ import annotations
 
@@ -24,10 +25,25 @@ GRID_WORDS = 8
 # 32 / rows lanes across channels; a chunk is warps * rows * steps steps of 32 / rows * VEC channels.  The
 # vector kernels hold 16 bytes per tensor and step in registers (docs/performance.md, chunk shapes).
 SHAPES = {(0, False): (4, 1, 16), (1, False): (16, 1, 8), (0, True): (8, 2, 8), (1, True): (8, 2, 4)}
+# The backward's 8-channel kernels (16-bit types) on grids of at most NARROW_BWD_MAX_TILES tiles of
+# SHAPES' width take four-row warps instead: tiles of half the channels, so twice as many chains of
+# chunks for the look-back (docs/performance.md, "Where a launch's time goes on the H200").  They are a
+# module of their own, compiled with these rows.
+NARROW_BWD = (8, 4, 4)
+NARROW_BWD_MAX_TILES = 2
+NARROW_BWD_VEC = 8
+
+
+def _options(shapes):
+    """The compile options that give the kernels the block shapes ``shapes`` (as SHAPES)."""
+    return tuple(f"-DHC_{'FWD' if d == 0 else 'BWD'}_{what}_{'V' if v else '1'}={shapes[d, v][i]}"
+                 for (d, v) in shapes for i, what in enumerate(("WARPS", "ROWS", "STEPS"))
+                 if what != "ROWS" or v)
+
+
 # The kernels take their shapes at compile time from these.
-OPTIONS = tuple(f"-DHC_{'FWD' if d == 0 else 'BWD'}_{what}_{'V' if v else '1'}={SHAPES[d, v][i]}"
-                for (d, v) in SHAPES for i, what in enumerate(("WARPS", "ROWS", "STEPS"))
-                if what != "ROWS" or v)
+OPTIONS = _options(SHAPES)
+NARROW_BWD_OPTIONS = _options({**SHAPES, (1, True): NARROW_BWD})
 HEADER_BYTES = 32
 
 # L2 prefetch (dense only): each block asks L2 for the rows of the block L2_AHEAD tickets later, where
@@ -48,6 +64,24 @@ def names(x_dtype, g_dtype):
     """Every kernel of the module of one dtype pair: both directions, dense and varlen, VEC 1 and wide."""
     vecs = sorted({1, vector_width(x_dtype, g_dtype)})
     return tuple(nvrtc.instantiation(k, x_dtype, g_dtype, v, w) for k in KERNELS for v in (False, True) for w in vecs)
+
+
+def narrow_bwd_names(x_dtype, g_dtype):
+    """The kernels of the four-row backward module of one dtype pair (dense and varlen), or () where the
+    pair's vector kernels are not 8 channels wide."""
+    if vector_width(x_dtype, g_dtype) != NARROW_BWD_VEC:
+        return ()
+    return tuple(nvrtc.instantiation(KERNELS[1], x_dtype, g_dtype, v, NARROW_BWD_VEC) for v in (False, True))
+
+
+def block_shape(direction, vec, N, D, varlen):
+    """(warps, rows, steps) of the launch of one direction and access width for N rows of D channels."""
+    shape = SHAPES[direction, vec > 1]
+    if direction == 1 and vec == NARROW_BWD_VEC:
+        tiles = (1 if varlen else N) * -(-D // (LANES // shape[1] * vec))
+        if tiles <= NARROW_BWD_MAX_TILES:
+            return NARROW_BWD
+    return shape
 
 
 def l2_ahead(ntiles, nchunks, varlen):
@@ -79,7 +113,7 @@ def workspace_layout(N, T, D, varlen, acc_itemsize, direction=0, vec=1):
     per (tile, chunk, channel): the published map, 8 bytes (float accumulation) or 16 (float64).  Memory
     is ready for a launch when every byte of it was filled with ones, or when it was so filled once and
     then used only by launches of the same accumulation dtype, in stream order."""
-    warps, rows, steps = SHAPES[direction, vec > 1]
+    warps, rows, steps = block_shape(direction, vec, N, D, varlen)
     tile = LANES // rows * vec
     ntiles = (1 if varlen else N) * ((D + tile - 1) // tile)
     nchunks = (T + warps * rows * steps - 1) // (warps * rows * steps)
@@ -102,9 +136,12 @@ def _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device,
         return None
     import cupy
 
-    fn = nvrtc.get_function(SOURCE, names(*dtypes), nvrtc.instantiation(KERNELS[direction], *dtypes, varlen, vec),
-                            device, OPTIONS)
-    threads = LANES * SHAPES[direction, vec > 1][0]
+    shape = block_shape(direction, vec, N, D, varlen)
+    module = ((narrow_bwd_names(*dtypes), NARROW_BWD_OPTIONS) if shape is NARROW_BWD
+              else (names(*dtypes), OPTIONS))
+    fn = nvrtc.get_function(SOURCE, module[0], nvrtc.instantiation(KERNELS[direction], *dtypes, varlen, vec),
+                            device, module[1])
+    threads = LANES * shape[0]
     kernel = nvrtc.bind(fn, (ntiles * nchunks,), (LANES, threads // LANES), device, tail_words=GRID_WORDS)
     strides = tuple(s for a in tensors for s in a.strides[:2])
     shape = (N, T, D, int(bool(reverse)))
