@@ -18,7 +18,7 @@ from conftest import TOL, device_scope_on, force_block_walks, rel_err, to_numpy
 from recording import CASES, POINTERS, _torch_case, fake_cuda, fresh_plans  # noqa: F401  (fixtures)
 
 import hgrn_cupy as hc
-from hgrn_cupy import plans, workspace
+from hgrn_cupy import nvrtc, plans, workspace
 from hgrn_cupy.engines import chunk, fused_recurrent
 from hgrn_cupy.engines.layout import vector_width
 
@@ -323,3 +323,31 @@ def _cupy_alloc(monkeypatch, made):
     monkeypatch.setattr(cupy.cuda, "Device", device_scope_on(1))
     return workspace.source(cupy_device=1)
 
+
+
+def test_fake_cuda_narrow_backward(fake_cuda, fresh_plans, monkeypatch):
+    """The 16-bit backward on a grid of at most NARROW_BWD_MAX_TILES two-row tiles launches four-row warps
+    from the narrow module (compiled with those rows), over the tiles and chunks of that shape, and
+    computes the reference; with one tile more it launches SHAPES' two-row warps from the usual module."""
+    torch = pytest.importorskip("torch")
+    asked = []
+    real = nvrtc.get_function
+    monkeypatch.setattr(nvrtc, "get_function", lambda source, names, name, device, options=():
+                        asked.append((name, options)) or real(source, names, name, device, options))
+    gen = torch.Generator().manual_seed(5)
+    T = 300
+    for B, narrow in ((1, True), (chunk.NARROW_BWD_MAX_TILES + 1, False)):
+        x = torch.randn(B, T, 64, generator=gen).to(torch.bfloat16)
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T, 64, generator=gen)).to(torch.bfloat16)
+        do = torch.randn(B, T, 64, generator=gen).to(torch.bfloat16)
+        o = hc.chunk_hgrn(x, g)[0]
+        dx, dg, _ = hc.hgrn_backward(g, o, do, engine="chunk")
+        rdx, rdg, _ = hc.naive_recurrent_hgrn_bwd(to_numpy(g), to_numpy(o), to_numpy(do))
+        assert rel_err(dx, rdx) <= TOL["bfloat16"] and rel_err(dg, rdg) <= TOL["bfloat16"]
+        warps, rows, steps = chunk.NARROW_BWD if narrow else chunk.SHAPES[1, True]
+        launch = fake_cuda.launches[-1]
+        assert launch["kernel"] == "chunk_bwd" and launch["vec"] == 8 and launch["block"] == (32, warps, 1)
+        tile, length = 32 // rows * 8, warps * rows * steps
+        assert (launch["ntiles"], launch["nchunks"]) == (B * -(-64 // tile), -(-T // length))
+        options = asked[-1][1]
+        assert (options == chunk.NARROW_BWD_OPTIONS) == narrow and f"-DHC_BWD_ROWS_V={rows}" in options
