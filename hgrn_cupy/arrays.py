@@ -51,6 +51,7 @@ class Framework:
         return tuple(s // a.itemsize for s in a.strides)
     def capturing(self, like) -> bool:
         return False
+
     def signature(self, x, g, h, head) -> tuple | None:
         """``head`` plus everything the checks and the launch read from x, g and the optional state h
         (framework, device, dtype, shape, strides), or None when they are not all of x's exact type.

@@ -5,8 +5,10 @@ its launch prepared (:mod:`hgrn_cupy.engines`) into a plan: a function that allo
 the caller's allocator, reads the caller's current stream and queues the kernels.  A later call whose
 arrays match in framework, device, dtype, shape and strides (its key) reuses the plan and skips every
 check and decision: decoding repeats one key at every step, where checks would cost more than the
-launch.  Varlen calls are not kept (their offsets are checked at each call).  CPU arrays run the NumPy
-reference; JAX arrays on a GPU are viewed as CuPy arrays (DLPack) and back.
+launch.  A varlen call is checked at every call (its offsets' values: read back once per unchanged tensor,
+see :mod:`hgrn_cupy.checks`) and keeps its plan under its arrays' key plus the checked call and the
+offsets' dtype, which is all a plan reads from the offsets (their values are read by the kernels, or by
+the device guard where the host did not check them).  CPU arrays run the NumPy reference; JAX arrays on a GPU are viewed as CuPy arrays (DLPack) and back.
 """
 from __future__ import annotations
 
@@ -66,18 +68,30 @@ def _state_key(o, a):
     return fw.signature(a, a, None, None)
 
 
+def _varlen_key(key, call, cu):
+    """The key of a checked varlen call: its arrays' key, the call (sequences, and whether the offsets'
+    values were checked, which decides the device guard) and the offsets' dtype (the guard's kernel)."""
+    return key, call, call.fw.dtype(cu)
+
+
 # ----------------------------------------------------------------------------------------------
 # the interface
 
 def forward(engine, x, g, h0, final, cu, reverse):
     """``(o, ht)`` of the recurrence (arguments as ``hgrn_cupy.hgrn``; ``engine`` as asked)."""
     key = None
-    if cu is None and (final is True or final is False) and (reverse is True or reverse is False):
+    if (final is True or final is False) and (reverse is True or reverse is False):
         key = _key(("fwd", engine, config.engine, final, reverse), x, g, h0)
+        if cu is None:
+            plan = _plans.get(key)
+            if plan is not None:
+                return plan(x, g, h0, None)
+    call = checks.check_forward(x, g, h0, cu, final, reverse)
+    if cu is not None and key is not None:
+        key = _varlen_key(key, call, cu)
         plan = _plans.get(key)
         if plan is not None:
-            return plan(x, g, h0, None)
-    call = checks.check_forward(x, g, h0, cu, final, reverse)
+            return plan(x, g, h0, cu)
     plan = _forward_plan(engine, call, x, g, h0, bool(final), cu, bool(reverse))
     if key is not None:
         _remember(key, plan)
@@ -87,15 +101,21 @@ def forward(engine, x, g, h0, final, cu, reverse):
 def backward(engine, g, o, do, dht, h0, cu, reverse):
     """``(dx, dg, dh0)`` (arguments as ``hgrn_cupy.hgrn_backward``)."""
     key = None
-    if cu is None and (reverse is True or reverse is False):
+    if reverse is True or reverse is False:
         states = (_state_key(o, dht), _state_key(o, h0))
         if False not in states:
             key = _key(("bwd", engine, config.engine, reverse) + states, g, o, do)
-            plan = _plans.get(key)
-            if plan is not None:
-                return plan(g, o, do, dht, h0, None)
+            if cu is None:
+                plan = _plans.get(key)
+                if plan is not None:
+                    return plan(g, o, do, dht, h0, None)
     dispatch.check_engine(engine)
     call = checks.check_backward(g, o, do, dht, h0, cu, reverse)
+    if cu is not None and key is not None:
+        key = _varlen_key(key, call, cu)
+        plan = _plans.get(key)
+        if plan is not None:
+            return plan(g, o, do, dht, h0, cu)
     plan = _backward_plan(engine, call, g, o, do, dht, h0, cu, bool(reverse))
     if key is not None:
         _remember(key, plan)

@@ -17,6 +17,7 @@ import pytest
 import hgrn_cupy as hc
 from hgrn_cupy import arrays as ar
 from hgrn_cupy import nvrtc, plans, workspace
+from hgrn_cupy.engines import guard
 from hgrn_cupy.naive import bf16_bits_to_float32, float32_to_bf16_bits
 
 
@@ -27,7 +28,8 @@ def fresh_plans(monkeypatch):
     return plans._plans
 
 
-NP_STORAGE = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": np.uint16}
+NP_STORAGE = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": np.uint16,
+              "int32": np.int32, "int64": np.int64}
 WALK_FWD_ARGS = ("x", "g", "o", "sxb", "sxt", "sgb", "sgt", "sob", "sot", "h0", "ht", "cu", "cu64", "T", "D",
                  "reverse")
 STEP_ARGS = ("x", "g", "o", "sxb", "sgb", "sob", "h0", "ht", "N", "D")  # fused_recurrent_step (T = 1)
@@ -69,6 +71,13 @@ def _state(ptr, N, D, acc):
     return _view(ptr, (N, D), (D, 1), acc) if ptr else None
 
 
+def _offsets(a, N):
+    """(the offsets a launch reads, or None where it packs no sequences; the batch rows of its tensors)."""
+    if not a["cu"]:
+        return None, N
+    return _view(a["cu"], (N + 1,), (1,), "int64" if a["cu64"] else "int32").copy(), 1
+
+
 def _vector_ready(vec, a, tensors, shape):
     """The rules of a ``vec``-wide kernel: D, every pointer and every stride of an axis longer than one
     are multiples of ``vec`` (pointers in bytes of their dtype)."""
@@ -99,6 +108,15 @@ class RecordingDriver:
             self.functions[name] = self.by_ptr[fn.ptr] = fn
         return fn
 
+    def prepare_guard(self, device, cu_dtype):
+        """The device guard of varlen plans, loaded by each (as on a GPU) and never run here: the recording
+        driver's varlen calls have their offsets checked on the host."""
+        self.events.append(("guard", cu_dtype))
+
+        def unchecked(*args):
+            raise AssertionError("the guard ran on offsets the host checked")
+        return types.SimpleNamespace(check=unchecked, fill=unchecked)
+
     def memset(self, ptr, value, nbytes, stream):
         self.events.append(("fill", ptr, value, nbytes, stream))
         ctypes.memset(ptr, value, nbytes)
@@ -113,7 +131,8 @@ class RecordingDriver:
               "stream": stream, **a}
         self.launches.append(ln)
         self.events.append(("kernel", ln))
-        assert shmem == 0 and extra == 0 and not a.get("cu") and not fn.varlen  # dense calls only here
+        assert shmem == 0 and extra == 0
+        assert fn.varlen is None or fn.varlen == bool(a["cu"])  # the chunk kernels are compiled for one of them
         if fn.kernel == "fused_recurrent_step":
             self._step(fn, ln)
         elif fn.kernel.startswith("chunk"):
@@ -127,13 +146,14 @@ class RecordingDriver:
         (xd, gd), vec = fn.dtypes, fn.vec
         acc = nvrtc.accumulation_dtype(xd, gd)
         T, D = a["T"], a["D"]
+        cu, B = _offsets(a, N)
         _vector_ready(vec, a, (("x", xd, ("sxb", "sxt")), ("g", gd, ("sgb", "sgt")), ("o", xd, ("sob", "sot"))),
-                      (N, T, D))
-        x = _load(_view(a["x"], (N, T, D), (a["sxb"], a["sxt"], 1), xd), xd)
-        g = _load(_view(a["g"], (N, T, D), (a["sgb"], a["sgt"], 1), gd), gd)
-        o, ht = hc.naive_recurrent_hgrn(x, g, _state(a["h0"], N, D, acc), True, None, bool(a["reverse"]),
+                      (B, T, D))
+        x = _load(_view(a["x"], (B, T, D), (a["sxb"], a["sxt"], 1), xd), xd)
+        g = _load(_view(a["g"], (B, T, D), (a["sgb"], a["sgt"], 1), gd), gd)
+        o, ht = hc.naive_recurrent_hgrn(x, g, _state(a["h0"], N, D, acc), True, cu, bool(a["reverse"]),
                                         compute_dtype=acc)
-        _store(_view(a["o"], (N, T, D), (a["sob"], a["sot"], 1), xd), o, xd)
+        _store(_view(a["o"], (B, T, D), (a["sob"], a["sot"], 1), xd), o, xd)
         if a["ht"]:
             _state(a["ht"], N, D, acc)[...] = ht
 
@@ -157,14 +177,15 @@ class RecordingDriver:
         (od, gd), vec = fn.dtypes, fn.vec
         acc = nvrtc.accumulation_dtype(od, gd)
         T, D = a["T"], a["D"]
+        cu, B = _offsets(a, N)
         layout = (("g", gd, ("sgb", "sgt")), ("o", od, ("sob", "sot")), ("do", od, ("sdob", "sdot")),
                   ("dx", od, ("sdxb", "sdxt")), ("dg", gd, ("sdgb", "sdgt")))
-        _vector_ready(vec, a, layout, (N, T, D))
-        g, o, do = (_load(_view(a[k], (N, T, D), (a[s[0]], a[s[1]], 1), dt), dt) for k, dt, s in layout[:3])
+        _vector_ready(vec, a, layout, (B, T, D))
+        g, o, do = (_load(_view(a[k], (B, T, D), (a[s[0]], a[s[1]], 1), dt), dt) for k, dt, s in layout[:3])
         dx, dg, dh0 = hc.naive_recurrent_hgrn_bwd(g, o, do, _state(a["dht"], N, D, acc), _state(a["h0"], N, D, acc),
-                                                  None, bool(a["reverse"]), compute_dtype=acc)
+                                                  cu, bool(a["reverse"]), compute_dtype=acc)
         for (k, dt, s), v in zip(layout[3:], (dx, dg)):
-            _store(_view(a[k], (N, T, D), (a[s[0]], a[s[1]], 1), dt), v, dt)
+            _store(_view(a[k], (B, T, D), (a[s[0]], a[s[1]], 1), dt), v, dt)
         if a["dh0"]:
             _state(a["dh0"], N, D, acc)[...] = dh0 if dh0 is not None else 0
 
@@ -176,6 +197,8 @@ def fake_cuda(monkeypatch, fresh_plans):
     cupy = pytest.importorskip("cupy")
     rec = RecordingDriver()
     monkeypatch.setattr(type(ar.TORCH), "is_gpu", lambda self, a: True)
+    monkeypatch.setattr(type(ar.TORCH), "capturing", lambda self, like: False)
+    monkeypatch.setattr(guard, "prepare", rec.prepare_guard)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: rec.stream, raising=False)
     monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: None)  # a CPU tensor's device index
     monkeypatch.setattr(cupy.cuda.runtime, "setDevice", lambda device: None)
