@@ -1,0 +1,204 @@
+// Memory schedules for the chunk engine, with no recurrence: o = x + g over [B, T, D], moved in the chunk
+// engine's geometry (stream_schedule.py times them against torch.add).  An item is one chunk of S steps
+// of one tile (SEG bytes of one batch row's channels); items are numbered chunk-major (item i: chunk
+// i / ntiles, tile i % ntiles), the order the chunk kernels hand chunks out in.  A block is 8 warps; a
+// warp is 32 / LC rows of LC lanes, a lane moves one 16-byte word a row, so SEG = 16 * LC; row slot q
+// (of G = 8 * 32 / LC) owns steps q * STEPS .. q * STEPS + STEPS - 1 of the item, as in chunk.cu.
+//
+//   stream_blocks  one block an item, every word in registers (the shipped schedule's shape);
+//   stream_regpipe persistent blocks that load their next item while they add and store this one;
+//   stream_tma     persistent blocks, one a SM, whose next STAGES items are on their way into shared
+//                  memory by bulk copies (cp.async.bulk, sm_90) while they add and store this one.
+
+namespace ss {
+
+typedef long long i64;
+
+struct Bf16 {
+    __device__ __forceinline__ static unsigned pack(float f) {
+        unsigned u = __float_as_uint(f);
+        return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    }
+    __device__ __forceinline__ static unsigned add2(unsigned a, unsigned b) {
+        const float lo = __uint_as_float(a << 16) + __uint_as_float(b << 16);
+        const float hi = __uint_as_float(a & 0xffff0000u) + __uint_as_float(b & 0xffff0000u);
+        return pack(lo) | (pack(hi) << 16);
+    }
+    __device__ __forceinline__ static uint4 add(uint4 a, uint4 b) {
+        return make_uint4(add2(a.x, b.x), add2(a.y, b.y), add2(a.z, b.z), add2(a.w, b.w));
+    }
+};
+
+struct F32 {
+    __device__ __forceinline__ static unsigned add1(unsigned a, unsigned b) {
+        return __float_as_uint(__uint_as_float(a) + __uint_as_float(b));
+    }
+    __device__ __forceinline__ static uint4 add(uint4 a, uint4 b) {
+        return make_uint4(add1(a.x, b.x), add1(a.y, b.y), add1(a.z, b.z), add1(a.w, b.w));
+    }
+};
+
+constexpr int WARPS = 8;
+
+// Where item `item` lies and where this thread's rows of it are.
+template <int LC, int STEPS> struct Place {
+    static constexpr int SEG = 16 * LC;
+    static constexpr int G = WARPS * (32 / LC);
+    static constexpr int S = G * STEPS;
+    i64 base;  // byte offset of the item's first row, this lane's word
+    i64 t0;    // the item's first step
+    int q, lane;
+    __device__ __forceinline__ Place(i64 item, i64 ntiles, i64 tiles_per_row, i64 T, i64 row_bytes) {
+        const i64 chunk = item / ntiles, tile = item % ntiles;
+        const i64 b = tile / tiles_per_row, seg = tile % tiles_per_row;
+        lane = threadIdx.x % LC;
+        q = threadIdx.y * (32 / LC) + threadIdx.x / LC;
+        t0 = chunk * S;
+        base = (b * T + t0) * row_bytes + seg * SEG + lane * 16;
+    }
+    // the item's row r (0 <= r < S) of this thread's j-th step, and whether it is inside T
+    __device__ __forceinline__ int row(int j) const { return q * STEPS + j; }
+};
+
+template <int LC, int STEPS>
+__device__ __forceinline__ void load(const char* x, const char* g, const Place<LC, STEPS>& p, i64 T, i64 row_bytes,
+                                     uint4 (&xs)[STEPS], uint4 (&gs)[STEPS]) {
+#pragma unroll
+    for (int j = 0; j < STEPS; ++j) {
+        const int r = p.row(j);
+        if (p.t0 + r < T) {
+            const i64 off = p.base + r * row_bytes;
+            xs[j] = __ldg(reinterpret_cast<const uint4*>(x + off));
+            gs[j] = __ldg(reinterpret_cast<const uint4*>(g + off));
+        }
+    }
+}
+
+template <typename E, int LC, int STEPS>
+__device__ __forceinline__ void store(char* o, const Place<LC, STEPS>& p, i64 T, i64 row_bytes,
+                                      const uint4 (&xs)[STEPS], const uint4 (&gs)[STEPS]) {
+#pragma unroll
+    for (int j = 0; j < STEPS; ++j) {
+        const int r = p.row(j);
+        if (p.t0 + r < T) *reinterpret_cast<uint4*>(o + p.base + r * row_bytes) = E::add(xs[j], gs[j]);
+    }
+}
+
+// grid (ntiles * nchunks,), block (32, WARPS)
+template <typename E, int LC, int STEPS, int MINB>
+__global__ void __launch_bounds__(32 * WARPS, MINB)
+stream_blocks(const char* __restrict__ x, const char* __restrict__ g, char* __restrict__ o, i64 T, i64 row_bytes,
+              i64 ntiles, i64 nchunks, i64 tiles_per_row) {
+    const Place<LC, STEPS> p(blockIdx.x, ntiles, tiles_per_row, T, row_bytes);
+    uint4 xs[STEPS], gs[STEPS];
+    load(x, g, p, T, row_bytes, xs, gs);
+    store<E>(o, p, T, row_bytes, xs, gs);
+}
+
+// grid (persistent blocks,), block (32, WARPS): items blockIdx.x, + gridDim.x, ... with the next one's
+// words in flight while this one is added and stored.
+template <typename E, int LC, int STEPS, int MINB>
+__global__ void __launch_bounds__(32 * WARPS, MINB)
+stream_regpipe(const char* __restrict__ x, const char* __restrict__ g, char* __restrict__ o, i64 T, i64 row_bytes,
+               i64 ntiles, i64 nchunks, i64 tiles_per_row) {
+    const i64 total = ntiles * nchunks, stride = gridDim.x;
+    i64 a = blockIdx.x;
+    if (a >= total) return;
+    uint4 xa[STEPS], ga[STEPS], xb[STEPS], gb[STEPS];
+    Place<LC, STEPS> pa(a, ntiles, tiles_per_row, T, row_bytes);
+    load(x, g, pa, T, row_bytes, xa, ga);
+    for (;;) {
+        const i64 b = a + stride;
+        const Place<LC, STEPS> pb(b, ntiles, tiles_per_row, T, row_bytes);
+        if (b < total) load(x, g, pb, T, row_bytes, xb, gb);
+        store<E>(o, pa, T, row_bytes, xa, ga);
+        if (b >= total) return;
+        a = b + stride;
+        pa = Place<LC, STEPS>(a, ntiles, tiles_per_row, T, row_bytes);
+        if (a < total) load(x, g, pa, T, row_bytes, xa, ga);
+        store<E>(o, pb, T, row_bytes, xb, gb);
+        if (a >= total) return;
+    }
+}
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void bar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+                     "selp.u32 %0, 1, 0, p;\n\t}" : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+
+// Warp 0 starts the bulk copies of item `item`'s rows of x and g into stage `stage` (x rows, then g rows).
+template <int LC, int STEPS>
+__device__ __forceinline__ void issue(i64 item, i64 total, unsigned char* stage, unsigned bar, const char* x,
+                                      const char* g, i64 T, i64 row_bytes, i64 ntiles, i64 tiles_per_row) {
+    typedef Place<LC, STEPS> P;
+    if (item >= total) return;
+    const i64 chunk = item / ntiles, tile = item % ntiles;
+    const i64 b = tile / tiles_per_row, seg = tile % tiles_per_row;
+    const i64 t0 = chunk * P::S;
+    const int rows = T - t0 < P::S ? (int)(T - t0) : P::S;
+    const int lane = threadIdx.x;
+    if (lane == 0)
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                     :: "r"(bar), "r"(2 * rows * P::SEG) : "memory");
+    __syncwarp();
+    const i64 first = (b * T + t0) * row_bytes + seg * P::SEG;
+    for (int r = lane; r < 2 * rows; r += 32) {
+        const int row = r < rows ? r : r - rows;
+        const char* src = (r < rows ? x : g) + first + row * row_bytes;
+        const unsigned dst = smem_addr(stage + (r < rows ? 0 : P::S * P::SEG) + row * P::SEG);
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     :: "r"(dst), "l"(src), "n"(P::SEG), "r"(bar) : "memory");
+    }
+}
+
+// grid (SMs,), block (32, WARPS), dynamic shared memory STAGES * 2 * S * SEG bytes.
+template <typename E, int LC, int STEPS, int STAGES>
+__global__ void __launch_bounds__(32 * WARPS, 1)
+stream_tma(const char* __restrict__ x, const char* __restrict__ g, char* __restrict__ o, i64 T, i64 row_bytes,
+           i64 ntiles, i64 nchunks, i64 tiles_per_row) {
+    typedef Place<LC, STEPS> P;
+    extern __shared__ __align__(128) unsigned char smem[];
+    __shared__ __align__(8) unsigned long long bars[STAGES];
+    constexpr int STAGE_BYTES = 2 * P::S * P::SEG;
+    const i64 total = ntiles * nchunks, stride = gridDim.x;
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&bars[s])) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    if (threadIdx.y == 0)
+        for (int s = 0; s < STAGES; ++s)
+            issue<LC, STEPS>(blockIdx.x + s * stride, total, smem + s * STAGE_BYTES, smem_addr(&bars[s]), x, g, T,
+                             row_bytes, ntiles, tiles_per_row);
+    int k = 0;
+    for (i64 item = blockIdx.x; item < total; item += stride, ++k) {
+        const int s = k % STAGES;
+        const unsigned char* stage = smem + s * STAGE_BYTES;
+        bar_wait(smem_addr(&bars[s]), (unsigned)(k / STAGES) & 1u);
+        const P p(item, ntiles, tiles_per_row, T, row_bytes);
+#pragma unroll
+        for (int j = 0; j < STEPS; ++j) {
+            const int r = p.row(j);
+            if (p.t0 + r < T) {
+                const uint4 xv = *reinterpret_cast<const uint4*>(stage + r * P::SEG + p.lane * 16);
+                const uint4 gv = *reinterpret_cast<const uint4*>(stage + (P::S + r) * P::SEG + p.lane * 16);
+                *reinterpret_cast<uint4*>(o + p.base + r * row_bytes) = E::add(xv, gv);
+            }
+        }
+        __syncthreads();  // every thread has read stage s: it may be refilled
+        if (threadIdx.y == 0)
+            issue<LC, STEPS>(item + STAGES * stride, total, smem + s * STAGE_BYTES, smem_addr(&bars[s]), x, g, T,
+                             row_bytes, ntiles, tiles_per_row);
+    }
+}
+
+}  // namespace ss

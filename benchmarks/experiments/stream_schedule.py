@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Memory schedules a chunk kernel could have, with no recurrence: how close to torch.add each moves the
+forward's bytes (x, g in, o = x + g out) in the chunk engine's geometry (``stream_schedule.cu``).
+
+    python benchmarks/experiments/stream_schedule.py [--cases ...] [--smoke]
+    python benchmarks/experiments/stream_schedule.py --compile-only    (NVRTC alone, no GPU)
+
+The question: the shipped block design's memory schedule alone sits 1.08-1.09x the add on the H200
+("loads and stores alone (bound)", here as "chunk bound", timed unchecked), so a forward at 1.05x of the
+practical floor needs a schedule that keeps loads in flight through a block's life.  Variants:
+
+- ``blocks SEG xSTEPS``: one block an item (8 warps; rows of SEG bytes; STEPS words of x and of g a
+  thread in registers), the shipped shape without ticket, peek, prefetch or look-back;
+- ``regpipe SEG 2xSTEPS``: persistent blocks (two a SM) that load their next item while they add and
+  store this one;
+- ``tma SEG S=steps xSTAGES``: persistent blocks (one a SM) whose next STAGES items come into shared
+  memory by bulk copies (``cp.async.bulk``, sm_90 and later) while they add and store this one.
+
+Every variant but the chunk bound is checked against torch.add (the first column).  A schedule that
+reaches the add's ratio here is worth a recurrence on top (its look-back and scan cost what
+``chunk_lookback.py --group phases`` measures); one that does not rules the design out.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+
+CASES = ["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:1x32768x1024", "bf16:32x2048x4096", "bf16:4x2048x512",
+         "f32:8x4096x2048"]
+SOURCE = Path(__file__).with_name("stream_schedule.cu")
+OPTIONS = ("-std=c++17", "--use_fast_math")
+WARPS = 8
+# name: (kernel, lanes a row (SEG = 16 * lanes bytes), steps a thread, third template argument: resident
+# blocks a SM (blocks, regpipe) or stages (tma)); persistent grids: blocks a SM
+VARIANTS = {
+    "blocks 256B x8": ("stream_blocks", 16, 8, 2),
+    "blocks 256B x4": ("stream_blocks", 16, 4, 4),
+    "blocks 512B x8": ("stream_blocks", 32, 8, 2),
+    "regpipe 256B 2x4": ("stream_regpipe", 16, 4, 2),
+    "regpipe 512B 2x4": ("stream_regpipe", 32, 4, 2),
+    "tma 256B S=128 x3": ("stream_tma", 16, 8, 3),
+    "tma 256B S=64 x6": ("stream_tma", 16, 4, 6),
+    "tma 512B S=64 x3": ("stream_tma", 32, 8, 3),
+}
+ELEMENT = {"bfloat16": "ss::Bf16", "float32": "ss::F32"}
+
+
+def name_of(kernel, element, lanes, steps, third):
+    return f"ss::{kernel}<{element}, {lanes}, {steps}, {third}>"
+
+
+def names():
+    return [name_of(k, e, lanes, steps, third) for e in ELEMENT.values() for k, lanes, steps, third in VARIANTS.values()]
+
+
+def compile_only():
+    """Every instantiation through NVRTC for sm_90 (no GPU): prints the log, exits non-zero on failure."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(SOURCE.read_text(), SOURCE.name, [], [])
+    try:
+        for n in names():
+            nvrtc.addNameExpression(prog, n)
+        try:
+            nvrtc.compileProgram(prog, ["--gpu-architecture=sm_90", *OPTIONS])
+        except nvrtc.NVRTCError as e:
+            sys.exit(f"NVRTC failed: {e}\n{nvrtc.getProgramLog(prog)}")
+        print(nvrtc.getProgramLog(prog) or f"{len(names())} kernels compiled for sm_90")
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def launcher(torch, module, name, sms):
+    """``fwd(set)``: o = x + g by variant ``name`` on the set's x and g (its launch made once a shape)."""
+    import cupy
+
+    kernel, lanes, steps, third = VARIANTS[name]
+    made = {}
+
+    def launch_for(x):
+        B, T, D = x.shape
+        dtype = str(x.dtype).removeprefix("torch.")
+        fn = module.get_function(name_of(kernel, ELEMENT[dtype], lanes, steps, third))
+        seg, rows, row_bytes = 16 * lanes, WARPS * (32 // lanes) * steps, D * x.element_size()
+        if row_bytes % seg:
+            raise ValueError(f"D * itemsize = {row_bytes} is not a multiple of {seg}")
+        ntiles, nchunks = B * (row_bytes // seg), -(-T // rows)
+        shared = 0
+        if kernel == "stream_blocks":
+            grid = ntiles * nchunks
+        elif kernel == "stream_regpipe":
+            grid = min(ntiles * nchunks, third * sms)
+        else:
+            grid, shared = min(ntiles * nchunks, sms), third * 2 * rows * seg
+            fn.max_dynamic_shared_size_bytes = shared
+        scalars = tuple(np.int64(v) for v in (T, row_bytes, ntiles, nchunks, row_bytes // seg))
+        return fn, grid, shared, scalars
+
+    def fwd(s):
+        x = s["x"]
+        key = (tuple(x.shape), x.dtype)
+        if key not in made:
+            made[key] = launch_for(x)
+        fn, grid, shared, scalars = made[key]
+        o = torch.empty_like(x)
+        ptrs = tuple(np.uint64(t.data_ptr()) for t in (x, s["g"], o))
+        with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+            fn((grid,), (32, WARPS), ptrs + scalars, shared_mem=shared)
+        return o
+    return fwd
+
+
+def main():
+    if "--compile-only" in sys.argv:
+        return compile_only()
+    torch = c.torch_cuda()
+    import cupy
+
+    import chunk_lookback as lb
+
+    args, timer, gbps, hc = c.start(__doc__, "Stream schedules", CASES, "bf16:1x32768x1024",
+                                    "o = x + g in the chunk engine's geometry; chunk bound: the shipped kernel with "
+                                    "loads and stores alone (unchecked)", passes="fwd")
+    nvrtc, chunk, forget = lb.library()
+    module = cupy.RawModule(code=SOURCE.read_text(), options=OPTIONS, name_expressions=names())
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    variants = {"torch.add": [], "chunk bound": lb.patched_source(nvrtc, chunk, "loads and stores alone (bound)")}
+    variants.update({n: [] for n in VARIANTS})
+    calls = {"torch.add": {"fwd": lambda s: torch.add(s["x"], s["g"])}, "chunk bound": c.engine_calls(hc, "chunk")}
+    calls.update({n: {"fwd": launcher(torch, module, n, sms)} for n in VARIANTS})
+    c.run(args, timer, gbps, variants, calls, forget, practical=False, unchecked=("chunk bound",))
+
+
+if __name__ == "__main__":
+    main()
