@@ -147,22 +147,35 @@ def _offsets_known(cu, fw, T):
     return version
 
 
+def offsets_on_host(cu, fw, ref):
+    """Whether an eager call on ``ref`` checks the values of its cu_seqlens ``cu`` on the host: unless
+    ``config.check_cu_seqlens_values`` is off or a CUDA graph is being captured (the device guard checks
+    them then)."""
+    return config.check_cu_seqlens_values and not (fw.is_gpu(cu) and fw.capturing(ref))
+
+
+def offsets_values(cu, fw, T):
+    """Check the values of cu_seqlens ``cu`` for T steps on the host (ValueError), reading them back
+    unless this array passed for the same T unwritten since."""
+    known = _offsets_known(cu, fw, T)
+    if known is True:
+        return
+    cu_seqlens_values(fw.index_values(cu), T)
+    if known is not None:
+        if len(_offsets_checked) >= OFFSETS_CHECKED_MAX:
+            _offsets_checked.clear()
+        _offsets_checked[id(cu)] = (weakref.ref(cu), known, T)
+
+
 def _cu_seqlens(cu, fw, ref, ref_name, B, T, values):
     """(N, whether the values were checked on the host)."""
     if cu is None:
         return B, True
     _same_place(cu, "cu_seqlens", fw, ref, ref_name, values)
     N = cu_seqlens_layout(cu.shape, fw.dtype(cu), B)
-    if not (values and config.check_cu_seqlens_values) or (fw.is_gpu(cu) and fw.capturing(ref)):
+    if not (values and offsets_on_host(cu, fw, ref)):
         return N, False
-    known = _offsets_known(cu, fw, T)
-    if known is True:
-        return N, True
-    cu_seqlens_values(fw.index_values(cu), T)
-    if known is not None:
-        if len(_offsets_checked) >= OFFSETS_CHECKED_MAX:
-            _offsets_checked.clear()
-        _offsets_checked[id(cu)] = (weakref.ref(cu), known, T)
+    offsets_values(cu, fw, T)
     return N, True
 
 

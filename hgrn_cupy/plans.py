@@ -5,10 +5,10 @@ its launch prepared (:mod:`hgrn_cupy.engines`) into a plan: a function that allo
 the caller's allocator, reads the caller's current stream and queues the kernels.  A later call whose
 arrays match in framework, device, dtype, shape and strides (its key) reuses the plan and skips every
 check and decision: decoding repeats one key at every step, where checks would cost more than the
-launch.  A varlen call is checked at every call (its offsets' values: read back once per unchanged tensor,
-see :mod:`hgrn_cupy.checks`) and keeps its plan under its arrays' key plus the checked call and the
-offsets' dtype, which is all a plan reads from the offsets (their values are read by the kernels, or by
-the device guard where the host did not check them).  CPU arrays run the NumPy reference; JAX arrays on a GPU are viewed as CuPy arrays (DLPack) and back.
+launch.  A varlen call's key adds the offsets' signature and whether the host checks their values; a hit
+checks those values alone (read back once per unchanged tensor, see :mod:`hgrn_cupy.checks`), since
+everything else the checks read is in the key.  CPU arrays run the NumPy reference; JAX arrays on a GPU
+are viewed as CuPy arrays (DLPack) and back.
 """
 from __future__ import annotations
 
@@ -68,10 +68,15 @@ def _state_key(o, a):
     return fw.signature(a, a, None, None)
 
 
-def _varlen_key(key, call, cu):
-    """The key of a checked varlen call: its arrays' key, the call (sequences, and whether the offsets'
-    values were checked, which decides the device guard) and the offsets' dtype (the guard's kernel)."""
-    return key, call, call.fw.dtype(cu)
+def _varlen_key(key, ref, cu):
+    """A varlen call's key, or None: its arrays' key (``ref`` the first of them), the offsets' signature
+    (their dtype and length decide the checks' outcome but for the values, and the guard's kernel),
+    whether the host checks their values (else the plan brackets the launch in the device guard), and
+    the framework (which a hit checks the values with)."""
+    if key is None or type(cu) is not type(ref):
+        return None
+    fw = ar.PLANNABLE[type(ref)]
+    return key, fw.signature(cu, cu, None, None), checks.offsets_on_host(cu, fw, ref), fw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,16 +87,14 @@ def forward(engine, x, g, h0, final, cu, reverse):
     key = None
     if (final is True or final is False) and (reverse is True or reverse is False):
         key = _key(("fwd", engine, config.engine, final, reverse), x, g, h0)
-        if cu is None:
-            plan = _plans.get(key)
-            if plan is not None:
-                return plan(x, g, h0, None)
-    call = checks.check_forward(x, g, h0, cu, final, reverse)
-    if cu is not None and key is not None:
-        key = _varlen_key(key, call, cu)
+        if cu is not None:
+            key = _varlen_key(key, x, cu)
         plan = _plans.get(key)
         if plan is not None:
+            if cu is not None and key[2]:
+                checks.offsets_values(cu, key[3], x.shape[1])
             return plan(x, g, h0, cu)
+    call = checks.check_forward(x, g, h0, cu, final, reverse)
     plan = _forward_plan(engine, call, x, g, h0, bool(final), cu, bool(reverse))
     if key is not None:
         _remember(key, plan)
@@ -105,17 +108,15 @@ def backward(engine, g, o, do, dht, h0, cu, reverse):
         states = (_state_key(o, dht), _state_key(o, h0))
         if False not in states:
             key = _key(("bwd", engine, config.engine, reverse) + states, g, o, do)
-            if cu is None:
-                plan = _plans.get(key)
-                if plan is not None:
-                    return plan(g, o, do, dht, h0, None)
+            if cu is not None:
+                key = _varlen_key(key, o, cu)
+            plan = _plans.get(key)
+            if plan is not None:
+                if cu is not None and key[2]:
+                    checks.offsets_values(cu, key[3], o.shape[1])
+                return plan(g, o, do, dht, h0, cu)
     dispatch.check_engine(engine)
     call = checks.check_backward(g, o, do, dht, h0, cu, reverse)
-    if cu is not None and key is not None:
-        key = _varlen_key(key, call, cu)
-        plan = _plans.get(key)
-        if plan is not None:
-            return plan(g, o, do, dht, h0, cu)
     plan = _backward_plan(engine, call, g, o, do, dht, h0, cu, bool(reverse))
     if key is not None:
         _remember(key, plan)

@@ -250,46 +250,6 @@ def test_fake_cuda_fused_backward(shape, offset, fake_cuda, fresh_plans):
     assert all(c["h0"] == h0.data_ptr() and c["dht"] == dht.data_ptr() for c in calls[3:])  # read in place
 
 
-@pytest.mark.parametrize("engine", ["chunk", "fused_recurrent"])
-def test_fake_cuda_varlen_plans_kept(engine, fake_cuda, fresh_plans):
-    """Varlen calls keep their plan: the first call of a signature makes it, later calls use it with their
-    own offsets (other values, an empty sequence, int64) and compute the reference, forward and backward;
-    every call is still checked (offsets that fail raise with a plan kept), and another number of sequences
-    is a key of its own."""
-    torch = pytest.importorskip("torch")
-    gen = torch.Generator().manual_seed(11)
-    T, D = 300, 64
-    x, do = (torch.randn(1, T, D, generator=gen).to(torch.bfloat16) for _ in range(2))
-    g = torch.nn.functional.logsigmoid(torch.randn(1, T, D, generator=gen)).to(torch.bfloat16)
-    h0, dht = torch.randn(3, D, generator=gen), torch.randn(3, D, generator=gen)
-    run = hc.chunk_hgrn if engine == "chunk" else hc.fused_recurrent_hgrn
-    xs, gs, dos, h0s, dhts = (to_numpy(a) for a in (x, g, do, h0, dht))
-    cases = (([0, 120, 200, 300], torch.int32), ([0, 0, 170, 300], torch.int32), ([0, 290, 300, 300], torch.int64))
-    for k, (values, dtype) in enumerate(cases):
-        cu = torch.tensor(values, dtype=dtype)
-        o, ht = run(x, g, h0, True, cu)
-        dx, dg, dh0 = hc.hgrn_backward(g, o, do, dht, h0, cu, engine=engine)
-        ref_o, ref_ht = hc.naive_recurrent_hgrn(xs, gs, h0s, True, np.asarray(values))
-        ref = hc.naive_recurrent_hgrn_bwd(gs, to_numpy(o), dos, dhts, h0s, np.asarray(values))
-        assert rel_err(o, ref_o) <= TOL["bfloat16"] and rel_err(ht, ref_ht) <= TOL["float32"], values
-        for got, want in zip((dx, dg, dh0), ref):
-            assert rel_err(got, want) <= TOL["bfloat16"], values
-        fwd, bwd = fake_cuda.launches[-2:]
-        assert fwd["cu"] == bwd["cu"] == cu.data_ptr() and fwd["cu64"] == bwd["cu64"] == (dtype == torch.int64)
-        assert len(fresh_plans) == (2 if k < 2 else 4)  # int64 offsets: a key of their own (the guard's dtype)
-    with pytest.raises(ValueError, match="non-decreasing"):
-        run(x, g, h0, True, torch.tensor([0, 200, 100, 300], dtype=torch.int32))
-    with pytest.raises(ValueError, match="end at T"):
-        hc.hgrn_backward(g, o, do, dht, h0, torch.tensor([0, 1, 2, 299], dtype=torch.int32), engine=engine)
-    assert len(fake_cuda.launches) == 6
-    cu = torch.tensor([0, 150, 300], dtype=torch.int32)
-    o, _ = run(x, g, h0[:2], False, cu)
-    assert rel_err(o, hc.naive_recurrent_hgrn(xs, gs, h0s[:2], False, np.asarray([0, 150, 300]))[0]) \
-        <= TOL["bfloat16"]
-    assert len(fresh_plans) == 5 and len(fake_cuda.launches) == 7
-    assert [e[1] for e in fake_cuda.events if e[0] == "guard"] == ["int32"] * 2 + ["int64"] * 2 + ["int32"]
-
-
 # ----------------------------------------------------------------------------------------------
 # kept scratch (CPU: host memory standing in for the allocators')
 
