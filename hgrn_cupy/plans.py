@@ -75,8 +75,11 @@ def _varlen_key(key, ref, cu):
     the framework (which a hit checks the values with)."""
     if key is None or type(cu) is not type(ref):
         return None
+    signature = _key(None, cu, cu, None)
+    if signature is None:
+        return None
     fw = ar.PLANNABLE[type(ref)]
-    return key, fw.signature(cu, cu, None, None), checks.offsets_on_host(cu, fw, ref), fw
+    return key, signature, checks.offsets_on_host(cu, fw, ref), fw
 
 
 # ----------------------------------------------------------------------------------------------
