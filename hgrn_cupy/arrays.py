@@ -44,6 +44,9 @@ class Framework:
     def to_numpy(self, a) -> np.ndarray: ...
     def from_numpy(self, a: np.ndarray, like, dtype: str): ...
     def index_values(self, a) -> np.ndarray: ...
+    def unsupported(self, a) -> str | None:
+        """Why the kernels cannot read array ``a`` (its layout, its device), or None."""
+        return None
     def version(self, a) -> int | None:
         """A counter that changes whenever the framework writes the array's values (None: none kept)."""
         return None
@@ -222,6 +225,15 @@ class _Torch(Framework):
         import torch
 
         return torch.cuda.is_current_stream_capturing()
+
+    def unsupported(self, a):
+        import torch
+
+        if a.layout is not torch.strided:
+            return f"a {a.layout} tensor; hgrn_cupy reads dense (strided) tensors (.to_dense() makes one)"
+        if a.device.type not in ("cpu", "cuda"):
+            return f"on the {a.device.type} device; hgrn_cupy reads CPU and CUDA tensors"
+        return None
 
     def to_numpy(self, a):
         import torch

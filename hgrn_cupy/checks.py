@@ -40,11 +40,20 @@ def framework(a, name):
     return fw
 
 
+def _readable(a, name, fw):
+    """TypeError where the kernels cannot read ``a`` (a sparse torch tensor, one on the meta device)."""
+    why = fw.unsupported(a)
+    if why:
+        raise TypeError(f"{name} is {why}")
+
+
 def _eager_framework(a, name, values):
     fw = framework(a, name)
     if values and fw is ar.JAX and ar.is_jax_tracer(a):  # inside jax.jit, grad or vmap
         raise TypeError(f"{name} is a traced JAX value; inside jax.jit, grad or vmap use hgrn_cupy.jax.hgrn "
                         "(and friends), which run inside the compiled program")
+    if values:
+        _readable(a, name, fw)
     return fw
 
 
@@ -59,8 +68,10 @@ def _same_place(a, name, fw, ref, ref_name, places):
     other = framework(a, name)
     if other is not fw:
         raise TypeError(f"{name} is a {other.name} array but {ref_name} is a {fw.name} array")
-    if places and fw.device(a) != fw.device(ref):
-        raise ValueError(f"{name} is on {fw.device(a)} but {ref_name} is on {fw.device(ref)}")
+    if places:
+        _readable(a, name, fw)
+        if fw.device(a) != fw.device(ref):
+            raise ValueError(f"{name} is on {fw.device(a)} but {ref_name} is on {fw.device(ref)}")
 
 
 def _float_dtype(a, name, fw):

@@ -153,6 +153,29 @@ def test_masked_arrays_are_refused(func, name):
         getattr(hc, func)(**args)
 
 
+@pytest.mark.parametrize("front", ["top level", "hgrn_cupy.torch"])
+@pytest.mark.parametrize("name", ["x", "g", "initial_state", "cu_seqlens"])
+@pytest.mark.parametrize("how", ["sparse", "meta"])
+def test_torch_tensors_the_kernels_cannot_read(front, name, how):
+    """A sparse torch tensor, or one on the meta device, is refused by name (TypeError) through either
+    front end; the same inputs dense and on the CPU pass."""
+    pytest.importorskip("torch")
+    x, g, h0, cu = (_torch(a) for a in base_inputs(True))
+    args = dict(x=x, g=g, initial_state=h0, cu_seqlens=cu)
+    if front == "hgrn_cupy.torch":
+        import hgrn_cupy.torch as differentiable
+
+        func = differentiable.hgrn
+        args["x"] = x.clone().requires_grad_()
+    else:
+        func = hc.hgrn
+    assert func(**args)[0].shape == x.shape
+    args[name] = args[name].detach().to_sparse() if how == "sparse" else args[name].detach().to("meta")
+    pattern = r"torch\.sparse_coo tensor.*dense" if how == "sparse" else "on the meta device"
+    with pytest.raises(TypeError, match=rf"^{name} is .*{pattern}"):
+        func(**args)
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: unchecked offsets (config switch, CUDA-graph capture) give all-NaN outputs
 
