@@ -8,6 +8,9 @@ always follows the other or a synchronisation); the table gives each step's medi
 median over rounds of its difference to the probe in the same round, which host drift between rounds
 does not enter; the same for the process's CPU time (``time.process_time``, every thread: torch runs the
 backward of CUDA tensors on its own thread), which leaves out the spells the host ran something else.
+Then the same steps interleaved one by one, each timed on its own (its host time: a step that does not
+wait for the GPU returns when its work is queued), the order reversed every other cycle; the median over
+cycles of each step's difference to the probe in the same cycle is free of drift slower than a cycle.
 Prints a Markdown table per shape naming the GPU, then the top functions of each profile by own time and
 the functions whose call counts differ between hgrn_cupy.torch and its Function alone (what the routing
 adds) and the time of each test the routing makes (first shape only).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import statistics
@@ -102,6 +106,15 @@ def run(shape, args, profile):
         print(f"| {name} | {statistics.median(ts):.1f} | {min(ts):.1f} | {diff:+.1f} | "
               f"{statistics.median(cpu[name]):.1f} | {cdiff:+.1f} |")
     print()
+    per = interleaved(steps, args.rounds * args.steps // len(steps), torch.cuda.synchronize)
+    print(f"Each step timed on its own, the steps in turn ({len(per['probe'])} of each; order reversed every "
+          "other cycle):\n")
+    print("| step | median us | minus probe, median over cycles, us | quartiles |\n|---|---|---|---|")
+    for name, ts in per.items():
+        diffs = [a - b for a, b in zip(ts, per["probe"])]
+        q1, med, q3 = statistics.quantiles(diffs, n=4)
+        print(f"| {name} | {statistics.median(ts):.1f} | {med:+.2f} | [{q1:+.1f}, {q3:+.1f}] |")
+    print()
     if not profile:
         return
     stats = {}
@@ -128,6 +141,29 @@ def run(shape, args, profile):
             where = f"{key[0].rsplit('/', 2)[-1]}:{key[1]}({key[2]})"
             print(f"| {where} | {a[1] / args.steps:.2f} / {b[1] / args.steps:.2f} | "
                   f"{a[2] / args.steps * 1e6:.2f} / {b[2] / args.steps * 1e6:.2f} |")
+
+
+def interleaved(steps, cycles, sync):
+    """{name: host us of each of its steps}: every step timed on its own, the steps taken in turn (a b c,
+    then c b a, ...), so that drift slower than one cycle cancels in each cycle's differences.  The
+    garbage collector runs between cycles only (its youngest generation, every 50 cycles)."""
+    names = list(steps)
+    per = {k: [] for k in names}
+    clock = time.perf_counter_ns
+    sync()
+    gc.disable()
+    try:
+        for i in range(cycles):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                t0 = clock()
+                steps[name]()
+                per[name].append((clock() - t0) / 1e3)
+            if i % 50 == 49:
+                gc.collect(0)
+    finally:
+        gc.enable()
+    sync()
+    return per
 
 
 def routing_parts(x, g):
