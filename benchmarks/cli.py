@@ -92,6 +92,9 @@ def parse_args(argv=None):
                     help="training steps queued per host-time figure (fewer where a step is slow; default 300)")
     ap.add_argument("--host-pairs", type=int, default=15,
                     help="a-b-b-a rounds behind the paired host-time difference to the probe (default 15)")
+    ap.add_argument("--host-cycles", type=int, default=2000,
+                    help="cycles of one step each, in turn, behind the step-by-step difference to the probe "
+                    "(default 2000; 0: not measured)")
     ap.add_argument("--jax-reps", type=int, default=None, help="timed calls per JAX forward+backward cell "
                     "(default 50, quick 10)")
     ap.add_argument("--decode-calls", type=int, default=2000)
@@ -162,6 +165,7 @@ def run_benchmark(args, plan, extras, t_start, children, build):
     if args.cpu_smoke:
         args.copy_mb = min(args.copy_mb, 64)
         args.rotate_mb = min(args.rotate_mb, 1.0)
+        args.host_cycles = min(args.host_cycles, 50)
     if not plan:
         args.warp = False  # decode, host step and JAX never use the warp scan: don't build it
     ctx = Context(args, t_start)
@@ -176,7 +180,8 @@ def run_benchmark(args, plan, extras, t_start, children, build):
                                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                                timer=ctx.timer.kind, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
                                rotate_mb=ctx.rotate_bytes / 1e6, max_gb=args.max_gb, budget_s=args.budget,
-                               time_limit_s=args.time_limit, host_steps=args.host_steps, argv=sys.argv[1:],
+                               time_limit_s=args.time_limit, host_steps=args.host_steps, host_cycles=args.host_cycles,
+                               argv=sys.argv[1:],
                                tolerances=P.TOL)
     with contextlib.suppress(Exception):
         rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,

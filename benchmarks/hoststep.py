@@ -10,7 +10,8 @@ where a step cannot be captured.  Each column is checked against the reference f
 
 Columns: ours-auto (hgrn_cupy.torch.hgrn + torch.autograd.grad), ours-probe (the minimal
 autograd.Function over hgrn_cupy.hgrn / hgrn_backward: ours-auto should be within 5 us of it; their
-difference is measured apart, in paired rounds, see ``paired_host_diff_us``),
+difference is measured apart, in paired rounds of blocks, see ``paired_host_diff_us``, and step by step,
+the two in turn, see ``interleaved_host_diff_us``),
 ours-auto-direct (hgrn_cupy.hgrn then hgrn_cupy.hgrn_backward), and the peers' training steps.
 The options table runs ours-auto and the probe with states in and out, packed sequences
 (cu_seqlens), reverse, and all three at once, checked against a float64 loop on a channel slice."""
@@ -24,7 +25,8 @@ from .impls.ours import option_steps
 from .plan import (BUDGET_NOTE, HOSTSTEP_DTYPE, HOSTSTEP_IMPLS, HOSTSTEP_OPTIONS, OURS, TOL, min_bytes,
                    practical_scale)
 from .sections import add_fns, make_sets, skip_reason
-from .timing import device_ms, host_steps_us, paired_host_diff_us, rotation_count
+from .timing import (device_ms, host_steps_us, interleaved_host_diff_us, paired_host_diff_us,
+                     rotation_count)
 
 CHECK_CHANNELS = 8  # channels of the float64 loop that checks each option row
 
@@ -59,6 +61,10 @@ def _time(ctx, row, live):
                                                          ctx.args.host_pairs)
         row.update(autograd_minus_probe_us=diff, autograd_minus_probe_iqr_us=[q1, q3],
                    autograd_minus_probe_fastest_us=fastest, autograd_minus_probe_cpu_us=cpu)
+        if ctx.args.host_cycles:
+            diff, q1, q3 = interleaved_host_diff_us(ctx, live["ours-auto"], live["ours-probe"],
+                                                    ctx.args.host_cycles)
+            row.update(autograd_minus_probe_step_us=diff, autograd_minus_probe_step_iqr_us=[q1, q3])
     share = (time.perf_counter() - t0) / len(live)
     for name, fns in live.items():
         t1 = time.perf_counter()

@@ -65,8 +65,10 @@ def hoststep_text(hs):
             "(`*`: not capturable, the run's timer instead). Cells read `host (x practical) / device "
             "(x practical)`; where host is well above device, the step is host-bound. ours-probe is a plain "
             "torch.autograd.Function over hgrn_cupy.hgrn / hgrn_backward; ours-auto should stay within 5 us "
-            "of it. The last column pairs the two in a-b-b-a rounds; its CPU figure is the same difference in "
-            "the process's CPU time, which leaves out time the host gave to other work.")
+            "of it. The last column pairs the two in a-b-b-a rounds of blocks; its CPU figure is the same "
+            "difference in the process's CPU time, which leaves out time the host gave to other work; \"step by "
+            "step\" times single steps of the two in turn (order reversed every other cycle), whose difference "
+            "drift slower than one step does not enter.")
 
 
 def render_md(ctx):

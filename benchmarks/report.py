@@ -154,7 +154,8 @@ def step_cell(c, practical_ms):
     return f"{c['host_us']:.1f} ({ratio(c['host_us'], prac_us)}) / {dev}"
 
 
-PROBE_HEADER = "ours-auto - probe, host us (paired: median [quartiles]; fastest blocks; CPU time)"
+PROBE_HEADER = ("ours-auto - probe, host us (paired blocks: median [quartiles]; fastest blocks; CPU time; "
+                "step by step: median [quartiles])")
 
 
 def probe_text(row):
@@ -166,7 +167,11 @@ def probe_text(row):
     spread = f" [{iqr[0]:+.1f}, {iqr[1]:+.1f}]" if iqr else ""
     fast = f"; fastest {fastest:+.1f}" if fastest is not None else ""
     cpu_text = f"; CPU {cpu:+.1f}" if cpu is not None else ""
-    return f"{diff:+.1f}{spread}" + ("" if diff <= PROBE_MARGIN_US else " (over 5 us)") + fast + cpu_text
+    step, step_iqr = row.get("autograd_minus_probe_step_us"), row.get("autograd_minus_probe_step_iqr_us")
+    step_text = "" if step is None else (f"; step by step {step:+.1f} [{step_iqr[0]:+.1f}, {step_iqr[1]:+.1f}]"
+                                         + ("" if step <= PROBE_MARGIN_US else " (over 5 us)"))
+    return (f"{diff:+.1f}{spread}" + ("" if diff <= PROBE_MARGIN_US else " (over 5 us)") + fast + cpu_text
+            + step_text)
 
 
 def hoststep_table(res):

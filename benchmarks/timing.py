@@ -1,7 +1,8 @@
 """How times are taken: the per-call timer (triton's do_bench with L2 flushed, or CUDA events
 around back-to-back batches, or the wall clock on CPU), rotation of input sets so that a call never
 finds its inputs in L2, the copy bandwidth that sets the copy floor, device time from CUDA-graph
-replay, and host time per step (steps queued back to back, one synchronisation at the end)."""
+replay, and host time per step (steps queued back to back, one synchronisation at the end; or one step
+at a time, two columns in turn, for their difference)."""
 from __future__ import annotations
 
 import gc
@@ -243,3 +244,42 @@ def paired_host_diff_us(ctx, a, b, n, pairs=15):
         blocks_b += [b1, b2]
     q1, _, q3 = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else diffs * 3
     return statistics.median(diffs), q1, q3, min(blocks_a) - min(blocks_b), statistics.median(cpu_diffs)
+
+
+
+def interleaved_host_diff_us(ctx, a, b, cycles):
+    """(host us of a step of a) - (of a step of b), each step timed on its own, the two taken in turn
+    (a b, then b a, ...) for ``cycles`` cycles, input sets in turn: the median over cycles of the two
+    steps' difference, and its quartiles.  Drift slower than a cycle cancels in each difference, and the
+    reversed order every other cycle cancels what a step leaves to the next; a step that waits for the
+    GPU (a full queue) reads the wait.  The garbage collector runs between cycles (its youngest
+    generation, every 50).  a, b: [callable per input set]."""
+    clock = time.perf_counter
+    diffs = []
+    ctx.sync()
+    gc.collect(0)
+    gc.disable()
+    try:
+        for i in range(cycles):
+            fa, fb = a[i % len(a)], b[i % len(b)]
+            if i % 2 == 0:
+                t0 = clock()
+                fa()
+                t1 = clock()
+                fb()
+                t2 = clock()
+                diffs.append((2 * t1 - t0 - t2) * 1e6)
+            else:
+                t0 = clock()
+                fb()
+                t1 = clock()
+                fa()
+                t2 = clock()
+                diffs.append((t2 + t0 - 2 * t1) * 1e6)
+            if i % 50 == 49:
+                gc.collect(0)
+    finally:
+        gc.enable()
+    ctx.sync()
+    q1, median, q3 = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else diffs * 3
+    return median, q1, q3

@@ -188,7 +188,7 @@ def test_cpu_smoke_runs_every_section_and_skips_peers_after_the_budget(tmp_path)
             cell = r["results"][name]
             assert cell["status"] == "ok" and cell["host_us"] > 0 and cell["device_us"] > 0, (name, cell)
             assert 10 <= cell["steps"] <= 12
-        assert "autograd_minus_probe_us" in r
+        assert "autograd_minus_probe_us" in r and "autograd_minus_probe_step_us" in r
     assert [r["option"] for r in hs["options"]] == list(P.HOSTSTEP_OPTIONS)
     for r in hs["options"]:
         for name in ("ours-auto", "ours-probe"):
@@ -264,6 +264,10 @@ def test_host_step_table_reads_host_and_device_against_the_practical_floor():
                autograd_minus_probe_fastest_us=-2.0, autograd_minus_probe_cpu_us=1.5)
     body = report.hoststep_table({"rows": [row], "options": []}).splitlines()[2]
     assert body.split("|")[-2].strip() == "+4.0 [-1.5, +6.2]; fastest -2.0; CPU +1.5"
+    row.update(autograd_minus_probe_step_us=5.5, autograd_minus_probe_step_iqr_us=[4.0, 7.25])
+    body = report.hoststep_table({"rows": [row], "options": []}).splitlines()[2]
+    assert body.split("|")[-2].strip() == ("+4.0 [-1.5, +6.2]; fastest -2.0; CPU +1.5; step by step +5.5 [+4.0, "
+                                           "+7.2] (over 5 us)")
 
 
 def test_ascan_triton_backward_is_skipped_where_it_reads_out_of_bounds():
@@ -354,3 +358,36 @@ def test_paired_host_diff_fastest_blocks_and_cpu_time_drop_a_busy_host(monkeypat
         monkeypatch, lambda: float(rng.choice([0.0, 0.0, 10.0, 40.0])))
     assert abs(fastest - 7.0) < 1e-6 and abs(cpu - 7.0) < 1e-6, (fastest, cpu)
     assert q1 <= diff <= q3 and q3 - q1 > 1.0, (q1, diff, q3)
+
+
+def _interleaved_on_fake_host(monkeypatch, extra_us, cycles=400):
+    """interleaved_host_diff_us of a step of 10 us against one of 3 us on a fake clock whose host adds
+    ``extra_us()`` us to each step (drawn per step)."""
+    from benchmarks import timing
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+
+    def step(cost_us):
+        def run():
+            clock["t"] += (cost_us + extra_us()) * 1e-6
+        return run
+
+    ctx = types.SimpleNamespace(sync=lambda: None)
+    return timing.interleaved_host_diff_us(ctx, [step(10.0), step(10.0)], [step(3.0)], cycles)
+
+
+def test_interleaved_host_diff_cancels_drift(monkeypatch):
+    """The host slows by 0.5 us at every step (200 us a step by the end): each cycle's difference is off by
+    the drift of one step, one way in a b cycles and the other in b a cycles, so the median is the true
+    7 us and the quartiles 6.5 and 7.5."""
+    drift = iter(np.arange(1, 10000) * 0.5)
+    diff, q1, q3 = _interleaved_on_fake_host(monkeypatch, lambda: float(next(drift)))
+    assert abs(diff - 7.0) < 1e-6 and abs(q1 - 6.5) < 1e-6 and abs(q3 - 7.5) < 1e-6, (diff, q1, q3)
+
+
+def test_interleaved_host_diff_drops_busy_steps(monkeypatch):
+    """A busy host adds 30 us to one step in ten at random: the median is still the true 7 us."""
+    rng = np.random.default_rng(9)
+    diff, q1, q3 = _interleaved_on_fake_host(monkeypatch, lambda: 30.0 if rng.random() < 0.1 else 0.0)
+    assert abs(diff - 7.0) < 1e-6 and q1 <= diff <= q3, (diff, q1, q3)

@@ -9,7 +9,9 @@ A step is ``o = f(x, g)`` then ``torch.autograd.grad(o, (x, g), do)`` on tiny te
 Rounds time blocks of steps a-b-b-a (ours, probe, probe, ours), so that host drift cancels in each
 round's difference; prints each step's median us per step and the median over rounds of ours minus the
 probe and of "its Function alone" (the Function ``hgrn_cupy.torch.hgrn`` applies, without the routing)
-minus the probe.  Runs without a GPU (``--device cpu``): the Python is the same.
+minus the probe; then the same steps one at a time, in turn (``eager_step.interleaved``), with the median
+and quartiles over cycles of each one's difference to the probe.  Runs without a GPU (``--device cpu``):
+the Python is the same.
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for the benchmark's probe
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hgrn_cupy as hc  # noqa: E402
 import hgrn_cupy.torch as htorch  # noqa: E402
 from benchmarks.impls.ours import probe_functions  # noqa: E402
+from eager_step import interleaved  # noqa: E402
 from hgrn_cupy import plans  # noqa: E402
 
 
@@ -69,6 +73,14 @@ def main():
     for name, ts in times.items():
         diff = f"{statistics.median(diffs[name]):+.2f}" if name in diffs else "+0.00"
         print(f"| {name} | {statistics.median(ts):.2f} | {diff} |")
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    per = interleaved({n: lambda f=f: torch.autograd.grad(f(), (x, g), do) for n, f in steps.items()},
+                      args.rounds * args.steps // 4, sync)
+    print(f"\nThe same steps one at a time, in turn ({len(per['probe'])} of each; eager_step.interleaved):\n")
+    print("| step | median us | minus probe, median over cycles, us | quartiles |\n|---|---|---|---|")
+    for name, ts in per.items():
+        q1, med, q3 = statistics.quantiles([a - b for a, b in zip(ts, per["probe"])], n=4)
+        print(f"| {name} | {statistics.median(ts):.2f} | {med:+.2f} | [{q1:+.2f}, {q3:+.2f}] |")
 
 
 if __name__ == "__main__":
