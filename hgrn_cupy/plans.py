@@ -281,9 +281,9 @@ def _forward_plan(engine, call, x, g, h0, final, cu, reverse):
                 h0 = astate(h0, acc)
             if run is not None:
                 cu_arg, cu_keep = _cu_arg(kit, cu)
-                hp = 0 if ht is None else ptr(ht)
-                run(stream(), (ptr(x), ptr(g), ptr(o)), (0 if h0 is None else ptr(h0), hp), cu_arg, ws,
-                    ((ptr(o), o_bytes), (hp, s_bytes if final else 0)))
+                op, hp = ptr(o), 0 if ht is None else ptr(ht)
+                run(stream(), (ptr(x), ptr(g), op), (0 if h0 is None else ptr(h0), hp), cu_arg, ws,
+                    ((op, o_bytes), (hp, s_bytes if final else 0)))
         finally:
             if prev != dev:
                 set_device(prev)
@@ -335,10 +335,10 @@ def _backward_plan(engine, call, g, o, do, dht, h0, cu, reverse):
                 h0_in = h0 if h0_direct or h0 is None else astate(h0, acc)
                 dht_in = dht if dht_direct or dht is None else astate(dht, acc)
                 cu_arg, cu_keep = _cu_arg(kit, cu)
-                dp = 0 if dh0 is None else ptr(dh0)
-                run(stream(), (ptr(g), ptr(o), ptr(do), ptr(dx), ptr(dg)),
+                dxp, dgp, dp = ptr(dx), ptr(dg), 0 if dh0 is None else ptr(dh0)
+                run(stream(), (ptr(g), ptr(o), ptr(do), dxp, dgp),
                     (0 if h0_in is None else ptr(h0_in), 0 if dht_in is None else ptr(dht_in), dp), cu_arg, ws,
-                    ((ptr(dx), dx_bytes), (ptr(dg), dg_bytes), (dp, s_bytes if with_h0 else 0)))
+                    ((dxp, dx_bytes), (dgp, dg_bytes), (dp, s_bytes if with_h0 else 0)))
             if cast_dh0:
                 dh0 = fw.astype(dh0, h0_dtype)
         finally:
