@@ -391,3 +391,12 @@ def test_interleaved_host_diff_drops_busy_steps(monkeypatch):
     rng = np.random.default_rng(9)
     diff, q1, q3 = _interleaved_on_fake_host(monkeypatch, lambda: 30.0 if rng.random() < 0.1 else 0.0)
     assert abs(diff - 7.0) < 1e-6 and q1 <= diff <= q3, (diff, q1, q3)
+
+
+def test_stream_schedule_experiment_compiles():
+    """Every kernel of benchmarks/experiments/stream_schedule.cu compiles with NVRTC for sm_90 (its
+    --compile-only), so that a device run of the experiment does not find it broken."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
+    script = os.path.join(REPO, "benchmarks", "experiments", "stream_schedule.py")
+    done = subprocess.run([sys.executable, script, "--compile-only"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "16 kernels compiled for sm_90" in done.stdout, done.stdout + done.stderr
