@@ -246,40 +246,39 @@ def paired_host_diff_us(ctx, a, b, n, pairs=15):
     return statistics.median(diffs), q1, q3, min(blocks_a) - min(blocks_b), statistics.median(cpu_diffs)
 
 
-
-def interleaved_host_diff_us(ctx, a, b, cycles):
-    """(host us of a step of a) - (of a step of b), each step timed on its own, the two taken in turn
-    (a b, then b a, ...) for ``cycles`` cycles, input sets in turn: the median over cycles of the two
-    steps' difference, and its quartiles.  Drift slower than a cycle cancels in each difference, and the
-    reversed order every other cycle cancels what a step leaves to the next; a step that waits for the
-    GPU (a full queue) reads the wait.  The garbage collector runs between cycles (its youngest
-    generation, every 50).  a, b: [callable per input set]."""
+def interleaved_steps_us(ctx, named, cycles):
+    """{name: host us of each of its steps}: every step timed on its own, the columns of ``named``
+    ({name: [callable per input set]}) taken in turn for ``cycles`` cycles (a b c, then c b a, ...), input
+    sets in turn.  Drift slower than a cycle cancels in each cycle's differences, and the reversed order
+    every other cycle cancels what a step leaves to the next; a step that waits for the GPU (a full queue)
+    reads the wait.  The garbage collector runs between cycles (its youngest generation, every 50)."""
+    names = list(named)
+    per = {name: [] for name in names}
     clock = time.perf_counter
-    diffs = []
     ctx.sync()
     gc.collect(0)
     gc.disable()
     try:
         for i in range(cycles):
-            fa, fb = a[i % len(a)], b[i % len(b)]
-            if i % 2 == 0:
+            for name in (names if i % 2 == 0 else names[::-1]):
+                fns = named[name]
+                f = fns[i % len(fns)]
                 t0 = clock()
-                fa()
-                t1 = clock()
-                fb()
-                t2 = clock()
-                diffs.append((2 * t1 - t0 - t2) * 1e6)
-            else:
-                t0 = clock()
-                fb()
-                t1 = clock()
-                fa()
-                t2 = clock()
-                diffs.append((t2 + t0 - 2 * t1) * 1e6)
+                f()
+                per[name].append((clock() - t0) * 1e6)
             if i % 50 == 49:
                 gc.collect(0)
     finally:
         gc.enable()
     ctx.sync()
+    return per
+
+
+def interleaved_host_diff_us(ctx, a, b, cycles):
+    """(host us of a step of a) - (of a step of b), the two timed step by step in turn
+    (``interleaved_steps_us``): the median over cycles of the two steps' difference, and its quartiles.
+    a, b: [callable per input set]."""
+    per = interleaved_steps_us(ctx, {"a": a, "b": b}, cycles)
+    diffs = [x - y for x, y in zip(per["a"], per["b"])]
     q1, median, q3 = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else diffs * 3
     return median, q1, q3

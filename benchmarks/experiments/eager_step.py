@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import io
 import pstats
 import statistics
 import sys
 import time
 import timeit
+import types
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, fo
 import hgrn_cupy as hc  # noqa: E402
 import hgrn_cupy.torch as htorch  # noqa: E402
 from benchmarks.impls.ours import probe_functions  # noqa: E402
+from benchmarks.timing import interleaved_steps_us  # noqa: E402
 
 
 # The benchmark's probes (the host-step table's "ours-probe"): the minimal Function, and the one with options.
@@ -106,7 +107,8 @@ def run(shape, args, profile):
         print(f"| {name} | {statistics.median(ts):.1f} | {min(ts):.1f} | {diff:+.1f} | "
               f"{statistics.median(cpu[name]):.1f} | {cdiff:+.1f} |")
     print()
-    per = interleaved(steps, args.rounds * args.steps // len(steps), torch.cuda.synchronize)
+    per = interleaved_steps_us(types.SimpleNamespace(sync=torch.cuda.synchronize),
+                               {name: [f] for name, f in steps.items()}, args.rounds * args.steps // len(steps))
     print(f"Each step timed on its own, the steps in turn ({len(per['probe'])} of each; order reversed every "
           "other cycle):\n")
     print("| step | median us | minus probe, median over cycles, us | quartiles |\n|---|---|---|---|")
@@ -141,29 +143,6 @@ def run(shape, args, profile):
             where = f"{key[0].rsplit('/', 2)[-1]}:{key[1]}({key[2]})"
             print(f"| {where} | {a[1] / args.steps:.2f} / {b[1] / args.steps:.2f} | "
                   f"{a[2] / args.steps * 1e6:.2f} / {b[2] / args.steps * 1e6:.2f} |")
-
-
-def interleaved(steps, cycles, sync):
-    """{name: host us of each of its steps}: every step timed on its own, the steps taken in turn (a b c,
-    then c b a, ...), so that drift slower than one cycle cancels in each cycle's differences.  The
-    garbage collector runs between cycles only (its youngest generation, every 50 cycles)."""
-    names = list(steps)
-    per = {k: [] for k in names}
-    clock = time.perf_counter_ns
-    sync()
-    gc.disable()
-    try:
-        for i in range(cycles):
-            for name in (names if i % 2 == 0 else names[::-1]):
-                t0 = clock()
-                steps[name]()
-                per[name].append((clock() - t0) / 1e3)
-            if i % 50 == 49:
-                gc.collect(0)
-    finally:
-        gc.enable()
-    sync()
-    return per
 
 
 def routing_parts(x, g):

@@ -9,9 +9,9 @@ A step is ``o = f(x, g)`` then ``torch.autograd.grad(o, (x, g), do)`` on tiny te
 Rounds time blocks of steps a-b-b-a (ours, probe, probe, ours), so that host drift cancels in each
 round's difference; prints each step's median us per step and the median over rounds of ours minus the
 probe and of "its Function alone" (the Function ``hgrn_cupy.torch.hgrn`` applies, without the routing)
-minus the probe; then the same steps one at a time, in turn (``eager_step.interleaved``), with the median
-and quartiles over cycles of each one's difference to the probe.  Runs without a GPU (``--device cpu``):
-the Python is the same.
+minus the probe; then the same steps one at a time, in turn (``benchmarks.timing.interleaved_steps_us``),
+with the median and quartiles over cycles of each one's difference to the probe.  Runs without a GPU
+(``--device cpu``): the Python is the same.
 """
 from __future__ import annotations
 
@@ -19,16 +19,16 @@ import argparse
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for the benchmark's probe
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hgrn_cupy as hc  # noqa: E402
 import hgrn_cupy.torch as htorch  # noqa: E402
 from benchmarks.impls.ours import probe_functions  # noqa: E402
-from eager_step import interleaved  # noqa: E402
+from benchmarks.timing import interleaved_steps_us  # noqa: E402
 from hgrn_cupy import plans  # noqa: E402
 
 
@@ -67,16 +67,18 @@ def main():
             times["probe"] += [b, b2]
             diffs[name].append((a + a2 - b - b2) / 2)
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"## Python cost per training step, kernels stood in for ({args.device}, {where}; torch {torch.__version__})\n")
+    print(f"## Python cost per training step, kernels stood in for ({args.device}, {where}; "
+          f"torch {torch.__version__})\n")
     print(f"{args.rounds} rounds of a-b-b-a blocks of {args.steps} steps.\n")
     print("| step | median us | minus probe, median of rounds, us |\n|---|---|---|")
     for name, ts in times.items():
         diff = f"{statistics.median(diffs[name]):+.2f}" if name in diffs else "+0.00"
         print(f"| {name} | {statistics.median(ts):.2f} | {diff} |")
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    per = interleaved({n: lambda f=f: torch.autograd.grad(f(), (x, g), do) for n, f in steps.items()},
-                      args.rounds * args.steps // 4, sync)
-    print(f"\nThe same steps one at a time, in turn ({len(per['probe'])} of each; eager_step.interleaved):\n")
+    ctx = types.SimpleNamespace(sync=torch.cuda.synchronize if args.device == "cuda" else (lambda: None))
+    grads = {n: [lambda f=f: torch.autograd.grad(f(), (x, g), do)] for n, f in steps.items()}
+    per = interleaved_steps_us(ctx, grads, args.rounds * args.steps // 4)
+    print(f"\nThe same steps one at a time, in turn ({len(per['probe'])} of each; "
+          "benchmarks.timing.interleaved_steps_us):\n")
     print("| step | median us | minus probe, median over cycles, us | quartiles |\n|---|---|---|---|")
     for name, ts in per.items():
         q1, med, q3 = statistics.quantiles([a - b for a, b in zip(ts, per["probe"])], n=4)

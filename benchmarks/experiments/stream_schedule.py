@@ -53,7 +53,8 @@ def name_of(kernel, element, lanes, steps, third):
 
 
 def names():
-    return [name_of(k, e, lanes, steps, third) for e in ELEMENT.values() for k, lanes, steps, third in VARIANTS.values()]
+    return [name_of(k, e, lanes, steps, third)
+            for e in ELEMENT.values() for k, lanes, steps, third in VARIANTS.values()]
 
 
 def compile_only():
