@@ -399,4 +399,30 @@ def test_stream_schedule_experiment_compiles():
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
     script = os.path.join(REPO, "benchmarks", "experiments", "stream_schedule.py")
     done = subprocess.run([sys.executable, script, "--compile-only"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "16 kernels compiled for sm_90" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0 and "24 kernels compiled for sm_90" in done.stdout, done.stdout + done.stderr
+
+
+def test_experiment_source_patches_match_the_kernels():
+    """Every line the experiments replace in the library's kernel sources (chunk_lookback's bounds,
+    stream_schedule's barrier-free bound, cache_hints' access spellings) is there as often as they expect,
+    and each patch changes the source: a kernel edit that moves one fails here, not on the device."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
+    folder = os.path.join(REPO, "benchmarks", "experiments")
+    sys.path.insert(0, folder)
+    try:
+        import cache_hints
+        import chunk_lookback
+        import stream_schedule
+    finally:
+        sys.path.remove(folder)
+    nvrtc, chunk, _ = chunk_lookback.library()
+    shipped = nvrtc.read_source(chunk.SOURCE)
+    patched = [chunk_lookback.patched_source(nvrtc, chunk, name) for name in chunk_lookback.PATCHES]
+    patched.append(chunk_lookback.patched_source(nvrtc, chunk, stream_schedule.BOUND, [stream_schedule.NO_CARRY], "x"))
+    _, engines, _ = cache_hints.library()
+    for replacements in (cache_hints.NC_LOADS, cache_hints.PLAIN_STORES, cache_hints.spelled()):
+        patched.append(cache_hints.hinted(nvrtc, engines, replacements))
+    patched.append(cache_hints.hinted(nvrtc, [chunk], [cache_hints.PREFETCH]))
+    for settings in patched:
+        sources = next(value for _, attribute, value in settings if attribute == "_sources")
+        assert sources[chunk.SOURCE] != shipped

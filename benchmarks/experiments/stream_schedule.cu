@@ -5,7 +5,11 @@
 // warp is 32 / LC rows of LC lanes, a lane moves one 16-byte word a row, so SEG = 16 * LC; row slot q
 // (of G = 8 * 32 / LC) owns steps q * STEPS .. q * STEPS + STEPS - 1 of the item, as in chunk.cu.
 //
-//   stream_blocks  one block an item, every word in registers (the shipped schedule's shape);
+//   stream_blocks  one block an item, every word in registers (the shipped schedule's shape); MODE adds
+//                  the shipped kernel's habits one by one: MODE_SYNC a block barrier between the loads and
+//                  the stores (the shipped carry-in has two), MODE_HINTS streaming loads and stores
+//                  (ld/st.global.cs, as the library's Word), MODE_PREFETCH an L2 prefetch (evict-last) of
+//                  the rows of the item PREFETCH_AHEAD later (as the shipped L2_AHEAD);
 //   stream_regpipe persistent blocks that load their next item while they add and store this one;
 //   stream_tma     persistent blocks, one a SM, whose next STAGES items are on their way into shared
 //                  memory by bulk copies (cp.async.bulk, sm_90) while they add and store this one.
@@ -60,7 +64,10 @@ template <int LC, int STEPS> struct Place {
     __device__ __forceinline__ int row(int j) const { return q * STEPS + j; }
 };
 
-template <int LC, int STEPS>
+constexpr int MODE_SYNC = 1, MODE_HINTS = 2, MODE_PREFETCH = 4;
+constexpr int PREFETCH_AHEAD = 96;
+
+template <int LC, int STEPS, bool HINTS = false>
 __device__ __forceinline__ void load(const char* x, const char* g, const Place<LC, STEPS>& p, i64 T, i64 row_bytes,
                                      uint4 (&xs)[STEPS], uint4 (&gs)[STEPS]) {
 #pragma unroll
@@ -68,31 +75,56 @@ __device__ __forceinline__ void load(const char* x, const char* g, const Place<L
         const int r = p.row(j);
         if (p.t0 + r < T) {
             const i64 off = p.base + r * row_bytes;
-            xs[j] = __ldg(reinterpret_cast<const uint4*>(x + off));
-            gs[j] = __ldg(reinterpret_cast<const uint4*>(g + off));
+            const uint4* xp = reinterpret_cast<const uint4*>(x + off);
+            const uint4* gp = reinterpret_cast<const uint4*>(g + off);
+            xs[j] = HINTS ? __ldcs(xp) : __ldg(xp);
+            gs[j] = HINTS ? __ldcs(gp) : __ldg(gp);
         }
     }
 }
 
-template <typename E, int LC, int STEPS>
+template <typename E, int LC, int STEPS, bool HINTS = false>
 __device__ __forceinline__ void store(char* o, const Place<LC, STEPS>& p, i64 T, i64 row_bytes,
                                       const uint4 (&xs)[STEPS], const uint4 (&gs)[STEPS]) {
 #pragma unroll
     for (int j = 0; j < STEPS; ++j) {
         const int r = p.row(j);
-        if (p.t0 + r < T) *reinterpret_cast<uint4*>(o + p.base + r * row_bytes) = E::add(xs[j], gs[j]);
+        if (p.t0 + r < T) {
+            uint4* op = reinterpret_cast<uint4*>(o + p.base + r * row_bytes);
+            if (HINTS) __stcs(op, E::add(xs[j], gs[j]));
+            else *op = E::add(xs[j], gs[j]);
+        }
+    }
+}
+
+// Ask L2 (evict-last) for this thread's rows of x and g of item `item`.
+template <int LC, int STEPS>
+__device__ __forceinline__ void prefetch(const char* x, const char* g, const Place<LC, STEPS>& p, i64 T,
+                                         i64 row_bytes) {
+#pragma unroll
+    for (int j = 0; j < STEPS; ++j) {
+        const int r = p.row(j);
+        if (p.t0 + r < T) {
+            const i64 off = p.base + r * row_bytes;
+            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(x + off));
+            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(g + off));
+        }
     }
 }
 
 // grid (ntiles * nchunks,), block (32, WARPS)
-template <typename E, int LC, int STEPS, int MINB>
+template <typename E, int LC, int STEPS, int MINB, int MODE>
 __global__ void __launch_bounds__(32 * WARPS, MINB)
 stream_blocks(const char* __restrict__ x, const char* __restrict__ g, char* __restrict__ o, i64 T, i64 row_bytes,
               i64 ntiles, i64 nchunks, i64 tiles_per_row) {
+    constexpr bool HINTS = (MODE & MODE_HINTS) != 0;
     const Place<LC, STEPS> p(blockIdx.x, ntiles, tiles_per_row, T, row_bytes);
     uint4 xs[STEPS], gs[STEPS];
-    load(x, g, p, T, row_bytes, xs, gs);
-    store<E>(o, p, T, row_bytes, xs, gs);
+    load<LC, STEPS, HINTS>(x, g, p, T, row_bytes, xs, gs);
+    if ((MODE & MODE_PREFETCH) && blockIdx.x + PREFETCH_AHEAD < ntiles * nchunks)
+        prefetch(x, g, Place<LC, STEPS>(blockIdx.x + PREFETCH_AHEAD, ntiles, tiles_per_row, T, row_bytes), T, row_bytes);
+    if (MODE & MODE_SYNC) __syncthreads();
+    store<E, LC, STEPS, HINTS>(o, p, T, row_bytes, xs, gs);
 }
 
 // grid (persistent blocks,), block (32, WARPS): items blockIdx.x, + gridDim.x, ... with the next one's

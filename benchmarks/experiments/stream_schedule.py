@@ -2,7 +2,7 @@
 """Memory schedules a chunk kernel could have, with no recurrence: how close to torch.add each moves the
 forward's bytes (x, g in, o = x + g out) in the chunk engine's geometry (``stream_schedule.cu``).
 
-    python benchmarks/experiments/stream_schedule.py [--cases ...] [--smoke]
+    python benchmarks/experiments/stream_schedule.py [--group schedules|habits] [--cases ...] [--smoke]
     python benchmarks/experiments/stream_schedule.py --compile-only    (NVRTC alone, no GPU)
 
 The question: the shipped block design's memory schedule alone sits 1.08-1.09x the add on the H200
@@ -16,7 +16,14 @@ practical floor needs a schedule that keeps loads in flight through a block's li
 - ``tma SEG S=steps xSTAGES``: persistent blocks (one a SM) whose next STAGES items come into shared
   memory by bulk copies (``cp.async.bulk``, sm_90 and later) while they add and store this one.
 
-Every variant but the chunk bound is checked against torch.add (the first column).  A schedule that
+Group ``habits`` takes the shipped kernel's habits apart, from both ends: ``blocks 256B x8`` (the shipped
+forward's geometry) with one habit added at a time (``+sync``: a block barrier between its loads and its
+stores; ``+hints``: streaming ``.cs`` loads and stores; ``+prefetch``: the L2 prefetch of the block 96
+later; ``+all``), and the chunk bound with one taken away at a time (``-prefetch``: L2_AHEAD 0;
+``-stagger``; ``-barriers``: no carry-in, so no block barrier past the first wave's stagger; warp 0
+publishes the chunk's slots, which the stagger waits on).
+
+Every variant but the chunk bounds is checked against torch.add (the first column).  A schedule that
 reaches the add's ratio here is worth a recurrence on top (its look-back and scan cost what
 ``chunk_lookback.py --group phases`` measures); one that does not rules the design out.
 """
@@ -34,27 +41,52 @@ SOURCE = Path(__file__).with_name("stream_schedule.cu")
 OPTIONS = ("-std=c++17", "--use_fast_math")
 WARPS = 8
 # name: (kernel, lanes a row (SEG = 16 * lanes bytes), steps a thread, third template argument: resident
-# blocks a SM (blocks, regpipe) or stages (tma)); persistent grids: blocks a SM
+# blocks a SM (blocks, regpipe) or stages (tma); persistent grids: blocks a SM), then stream_blocks' MODE
+# (stream_schedule.cu: 1 barrier, 2 streaming hints, 4 L2 prefetch)
 VARIANTS = {
-    "blocks 256B x8": ("stream_blocks", 16, 8, 2),
-    "blocks 256B x4": ("stream_blocks", 16, 4, 4),
-    "blocks 512B x8": ("stream_blocks", 32, 8, 2),
+    "blocks 256B x8": ("stream_blocks", 16, 8, 2, 0),
+    "blocks 256B x4": ("stream_blocks", 16, 4, 4, 0),
+    "blocks 512B x8": ("stream_blocks", 32, 8, 2, 0),
     "regpipe 256B 2x4": ("stream_regpipe", 16, 4, 2),
     "regpipe 512B 2x4": ("stream_regpipe", 32, 4, 2),
     "tma 256B S=128 x3": ("stream_tma", 16, 8, 3),
     "tma 256B S=64 x6": ("stream_tma", 16, 4, 6),
     "tma 512B S=64 x3": ("stream_tma", 32, 8, 3),
+    "blocks x8 +sync": ("stream_blocks", 16, 8, 2, 1),
+    "blocks x8 +hints": ("stream_blocks", 16, 8, 2, 2),
+    "blocks x8 +prefetch": ("stream_blocks", 16, 8, 2, 4),
+    "blocks x8 +all": ("stream_blocks", 16, 8, 2, 7),
+}
+# The shipped forward's carry-in holds the only block barriers of a 16-bit vector block past its first
+# wave; without it, warp 0 still publishes the chunk's slots (values 0, the launch's parity), which the
+# stagger waits on and the next launches expect overwritten.
+NO_CARRY = ("    sm.carry_in(grid.slots, at.slot0, at.chunk, at.q, at.cl, mine, pre);\n    Acc h[VEC];\n",
+            "    if (threadIdx.y == 0) {\n"
+            "        const unsigned par = Block::parity_of(__shfl_sync(0xffffffffu, at.got.count, 0));\n"
+            "        Affine<Acc> inc; inc.a = Acc(0); inc.b = Acc(0);\n"
+            "        for (int i = threadIdx.x; i < Block::C; i += 32)\n"
+            "            Slot<Acc>::store(grid.slots + ((at.slot0 + at.chunk) * Block::C + i) * Slot<Acc>::BYTES, inc, par);\n"
+            "    }\n"
+            "    Acc h[VEC];\n")
+BOUND = "loads and stores alone (bound)"
+NO_STAGGER = lambda total, at_once: 0  # noqa: E731
+GROUPS = {
+    "schedules": (CASES, ["torch.add", "chunk bound", "blocks 256B x8", "blocks 256B x4", "blocks 512B x8",
+                          "regpipe 256B 2x4", "regpipe 512B 2x4", "tma 256B S=128 x3", "tma 256B S=64 x6",
+                          "tma 512B S=64 x3"]),
+    "habits": (CASES[:5], ["torch.add", "blocks 256B x8", "blocks x8 +sync", "blocks x8 +hints",
+                           "blocks x8 +prefetch", "blocks x8 +all", "chunk bound", "chunk bound -prefetch",
+                           "chunk bound -stagger", "chunk bound -barriers"]),
 }
 ELEMENT = {"bfloat16": "ss::Bf16", "float32": "ss::F32"}
 
 
-def name_of(kernel, element, lanes, steps, third):
-    return f"ss::{kernel}<{element}, {lanes}, {steps}, {third}>"
+def name_of(kernel, element, lanes, steps, third, *mode):
+    return f"ss::{kernel}<{', '.join(str(a) for a in (element, lanes, steps, third, *mode))}>"
 
 
 def names():
-    return [name_of(k, e, lanes, steps, third)
-            for e in ELEMENT.values() for k, lanes, steps, third in VARIANTS.values()]
+    return [name_of(k, e, *rest) for e in ELEMENT.values() for k, *rest in VARIANTS.values()]
 
 
 def compile_only():
@@ -78,13 +110,13 @@ def launcher(torch, module, name, sms):
     """``fwd(set)``: o = x + g by variant ``name`` on the set's x and g (its launch made once a shape)."""
     import cupy
 
-    kernel, lanes, steps, third = VARIANTS[name]
+    kernel, lanes, steps, third, *mode = VARIANTS[name]
     made = {}
 
     def launch_for(x):
         B, T, D = x.shape
         dtype = str(x.dtype).removeprefix("torch.")
-        fn = module.get_function(name_of(kernel, ELEMENT[dtype], lanes, steps, third))
+        fn = module.get_function(name_of(kernel, ELEMENT[dtype], lanes, steps, third, *mode))
         seg, rows, row_bytes = 16 * lanes, WARPS * (32 // lanes) * steps, D * x.element_size()
         if row_bytes % seg:
             raise ValueError(f"D * itemsize = {row_bytes} is not a multiple of {seg}")
@@ -122,17 +154,26 @@ def main():
 
     import chunk_lookback as lb
 
-    args, timer, gbps, hc = c.start(__doc__, "Stream schedules", CASES, "bf16:1x32768x1024",
+    groups = {name: (cases,) for name, (cases, _) in GROUPS.items()}
+    args, timer, gbps, hc = c.start(__doc__, "Stream schedules", None, "bf16:1x32768x1024",
                                     "o = x + g in the chunk engine's geometry; chunk bound: the shipped kernel with "
-                                    "loads and stores alone (unchecked)", passes="fwd")
+                                    "loads and stores alone (unchecked)", groups=groups, passes="fwd")
     nvrtc, chunk, forget = lb.library()
     module = cupy.RawModule(code=SOURCE.read_text(), options=OPTIONS, name_expressions=names())
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    variants = {"torch.add": [], "chunk bound": lb.patched_source(nvrtc, chunk, "loads and stores alone (bound)")}
-    variants.update({n: [] for n in VARIANTS})
-    calls = {"torch.add": {"fwd": lambda s: torch.add(s["x"], s["g"])}, "chunk bound": c.engine_calls(hc, "chunk")}
-    calls.update({n: {"fwd": launcher(torch, module, n, sms)} for n in VARIANTS})
-    c.run(args, timer, gbps, variants, calls, forget, practical=False, unchecked=("chunk bound",))
+    bounds = {"chunk bound": lb.patched_source(nvrtc, chunk, BOUND),
+              "chunk bound -prefetch": lb.patched_source(nvrtc, chunk, BOUND) + [(chunk, "L2_AHEAD", 0)],
+              "chunk bound -stagger": lb.patched_source(nvrtc, chunk, BOUND) + [(chunk, "stagger", NO_STAGGER)],
+              "chunk bound -barriers": lb.patched_source(nvrtc, chunk, BOUND, [NO_CARRY], "no barriers")}
+    variants, calls = {}, {}
+    for name in GROUPS[args.group][1]:
+        if name == "torch.add":
+            variants[name], calls[name] = [], {"fwd": lambda s: torch.add(s["x"], s["g"])}
+        elif name in bounds:
+            variants[name], calls[name] = bounds[name], c.engine_calls(hc, "chunk")
+        else:
+            variants[name], calls[name] = [], {"fwd": launcher(torch, module, name, sms)}
+    c.run(args, timer, gbps, variants, calls, forget, practical=False, unchecked=tuple(bounds))
 
 
 if __name__ == "__main__":
