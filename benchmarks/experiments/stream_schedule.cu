@@ -9,10 +9,13 @@
 //                  the shipped kernel's habits one by one: MODE_SYNC a block barrier between the loads and
 //                  the stores (the shipped carry-in has two), MODE_HINTS streaming loads and stores
 //                  (ld/st.global.cs, as the library's Word), MODE_PREFETCH an L2 prefetch (evict-last) of
-//                  the rows of the item PREFETCH_AHEAD later (as the shipped L2_AHEAD);
+//                  the rows of the item PREFETCH_AHEAD later (as the shipped L2_AHEAD), MODE_DELAY a wait
+//                  of about DELAY_NS between the loads and the stores (as a look-back's);
 //   stream_regpipe persistent blocks that load their next item while they add and store this one;
 //   stream_tma     persistent blocks, one a SM, whose next STAGES items are on their way into shared
-//                  memory by bulk copies (cp.async.bulk, sm_90) while they add and store this one.
+//                  memory by bulk copies (cp.async.bulk, sm_90) while they add and store this one: one
+//                  copy a row, or, with CONTIG (the host checks that a row is one segment, D * itemsize
+//                  = SEG), one copy a tensor and item.
 
 namespace ss {
 
@@ -64,8 +67,9 @@ template <int LC, int STEPS> struct Place {
     __device__ __forceinline__ int row(int j) const { return q * STEPS + j; }
 };
 
-constexpr int MODE_SYNC = 1, MODE_HINTS = 2, MODE_PREFETCH = 4;
+constexpr int MODE_SYNC = 1, MODE_HINTS = 2, MODE_PREFETCH = 4, MODE_DELAY = 8;
 constexpr int PREFETCH_AHEAD = 96;
+constexpr unsigned DELAY_NS = 1000;
 
 template <int LC, int STEPS, bool HINTS = false>
 __device__ __forceinline__ void load(const char* x, const char* g, const Place<LC, STEPS>& p, i64 T, i64 row_bytes,
@@ -123,6 +127,7 @@ stream_blocks(const char* __restrict__ x, const char* __restrict__ g, char* __re
     load<LC, STEPS, HINTS>(x, g, p, T, row_bytes, xs, gs);
     if ((MODE & MODE_PREFETCH) && blockIdx.x + PREFETCH_AHEAD < ntiles * nchunks)
         prefetch(x, g, Place<LC, STEPS>(blockIdx.x + PREFETCH_AHEAD, ntiles, tiles_per_row, T, row_bytes), T, row_bytes);
+    if (MODE & MODE_DELAY) __nanosleep(DELAY_NS);
     if (MODE & MODE_SYNC) __syncthreads();
     store<E, LC, STEPS, HINTS>(o, p, T, row_bytes, xs, gs);
 }
@@ -165,8 +170,9 @@ __device__ __forceinline__ void bar_wait(unsigned bar, unsigned parity) {
     } while (!done);
 }
 
-// Warp 0 starts the bulk copies of item `item`'s rows of x and g into stage `stage` (x rows, then g rows).
-template <int LC, int STEPS>
+// Warp 0 starts the bulk copies of item `item`'s rows of x and g into stage `stage` (x rows, then g rows):
+// one a row, or where CONTIG (rows of one segment, so an item's rows are contiguous) one a tensor.
+template <int LC, int STEPS, bool CONTIG>
 __device__ __forceinline__ void issue(i64 item, i64 total, unsigned char* stage, unsigned bar, const char* x,
                                       const char* g, i64 T, i64 row_bytes, i64 ntiles, i64 tiles_per_row) {
     typedef Place<LC, STEPS> P;
@@ -181,17 +187,24 @@ __device__ __forceinline__ void issue(i64 item, i64 total, unsigned char* stage,
                      :: "r"(bar), "r"(2 * rows * P::SEG) : "memory");
     __syncwarp();
     const i64 first = (b * T + t0) * row_bytes + seg * P::SEG;
-    for (int r = lane; r < 2 * rows; r += 32) {
-        const int row = r < rows ? r : r - rows;
-        const char* src = (r < rows ? x : g) + first + row * row_bytes;
-        const unsigned dst = smem_addr(stage + (r < rows ? 0 : P::S * P::SEG) + row * P::SEG);
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                     :: "r"(dst), "l"(src), "n"(P::SEG), "r"(bar) : "memory");
+    if constexpr (CONTIG) {
+        if (lane < 2)
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                         :: "r"(smem_addr(stage + lane * P::S * P::SEG)), "l"((lane ? g : x) + first),
+                            "r"(rows * P::SEG), "r"(bar) : "memory");
+    } else {
+        for (int r = lane; r < 2 * rows; r += 32) {
+            const int row = r < rows ? r : r - rows;
+            const char* src = (r < rows ? x : g) + first + row * row_bytes;
+            const unsigned dst = smem_addr(stage + (r < rows ? 0 : P::S * P::SEG) + row * P::SEG);
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                         :: "r"(dst), "l"(src), "n"(P::SEG), "r"(bar) : "memory");
+        }
     }
 }
 
 // grid (SMs,), block (32, WARPS), dynamic shared memory STAGES * 2 * S * SEG bytes.
-template <typename E, int LC, int STEPS, int STAGES>
+template <typename E, int LC, int STEPS, int STAGES, bool CONTIG>
 __global__ void __launch_bounds__(32 * WARPS, 1)
 stream_tma(const char* __restrict__ x, const char* __restrict__ g, char* __restrict__ o, i64 T, i64 row_bytes,
            i64 ntiles, i64 nchunks, i64 tiles_per_row) {
@@ -209,7 +222,7 @@ stream_tma(const char* __restrict__ x, const char* __restrict__ g, char* __restr
     __syncthreads();
     if (threadIdx.y == 0)
         for (int s = 0; s < STAGES; ++s)
-            issue<LC, STEPS>(blockIdx.x + s * stride, total, smem + s * STAGE_BYTES, smem_addr(&bars[s]), x, g, T,
+            issue<LC, STEPS, CONTIG>(blockIdx.x + s * stride, total, smem + s * STAGE_BYTES, smem_addr(&bars[s]), x, g, T,
                              row_bytes, ntiles, tiles_per_row);
     int k = 0;
     for (i64 item = blockIdx.x; item < total; item += stride, ++k) {
@@ -228,7 +241,7 @@ stream_tma(const char* __restrict__ x, const char* __restrict__ g, char* __restr
         }
         __syncthreads();  // every thread has read stage s: it may be refilled
         if (threadIdx.y == 0)
-            issue<LC, STEPS>(item + STAGES * stride, total, smem + s * STAGE_BYTES, smem_addr(&bars[s]), x, g, T,
+            issue<LC, STEPS, CONTIG>(item + STAGES * stride, total, smem + s * STAGE_BYTES, smem_addr(&bars[s]), x, g, T,
                              row_bytes, ntiles, tiles_per_row);
     }
 }

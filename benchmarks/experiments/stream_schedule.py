@@ -2,7 +2,7 @@
 """Memory schedules a chunk kernel could have, with no recurrence: how close to torch.add each moves the
 forward's bytes (x, g in, o = x + g out) in the chunk engine's geometry (``stream_schedule.cu``).
 
-    python benchmarks/experiments/stream_schedule.py [--group schedules|habits] [--cases ...] [--smoke]
+    python benchmarks/experiments/stream_schedule.py [--group schedules|habits|more] [--cases ...] [--smoke]
     python benchmarks/experiments/stream_schedule.py --compile-only    (NVRTC alone, no GPU)
 
 The question: the shipped block design's memory schedule alone sits 1.08-1.09x the add on the H200
@@ -23,6 +23,11 @@ later; ``+all``), and the chunk bound with one taken away at a time (``-prefetch
 ``-stagger``; ``-barriers``: no carry-in, so no block barrier past the first wave's stagger; warp 0
 publishes the chunk's slots, which the stagger waits on).
 
+Group ``more``: a wait of about 1 us between a block's loads and its stores (``+delay``, what a
+look-back does to the schedule), with plain and with streaming hints; and persistent blocks fed by one
+bulk copy a tensor and item (``whole``: where a row is one 512-byte segment, D * itemsize = 512, the
+item's rows are contiguous) against one copy a row.
+
 Every variant but the chunk bounds is checked against torch.add (the first column).  A schedule that
 reaches the add's ratio here is worth a recurrence on top (its look-back and scan cost what
 ``chunk_lookback.py --group phases`` measures); one that does not rules the design out.
@@ -42,20 +47,25 @@ OPTIONS = ("-std=c++17", "--use_fast_math")
 WARPS = 8
 # name: (kernel, lanes a row (SEG = 16 * lanes bytes), steps a thread, third template argument: resident
 # blocks a SM (blocks, regpipe) or stages (tma); persistent grids: blocks a SM), then stream_blocks' MODE
-# (stream_schedule.cu: 1 barrier, 2 streaming hints, 4 L2 prefetch)
+# (stream_schedule.cu: 1 barrier, 2 streaming hints, 4 L2 prefetch, 8 a wait between loads and stores) or
+# stream_tma's CONTIG (one copy a tensor and item: rows of one segment only)
 VARIANTS = {
     "blocks 256B x8": ("stream_blocks", 16, 8, 2, 0),
     "blocks 256B x4": ("stream_blocks", 16, 4, 4, 0),
     "blocks 512B x8": ("stream_blocks", 32, 8, 2, 0),
     "regpipe 256B 2x4": ("stream_regpipe", 16, 4, 2),
     "regpipe 512B 2x4": ("stream_regpipe", 32, 4, 2),
-    "tma 256B S=128 x3": ("stream_tma", 16, 8, 3),
-    "tma 256B S=64 x6": ("stream_tma", 16, 4, 6),
-    "tma 512B S=64 x3": ("stream_tma", 32, 8, 3),
+    "tma 256B S=128 x3": ("stream_tma", 16, 8, 3, "false"),
+    "tma 256B S=64 x6": ("stream_tma", 16, 4, 6, "false"),
+    "tma 512B S=64 x3": ("stream_tma", 32, 8, 3, "false"),
+    "tma 512B S=64 x3 whole": ("stream_tma", 32, 8, 3, "true"),
+    "tma 512B S=32 x6 whole": ("stream_tma", 32, 4, 6, "true"),
     "blocks x8 +sync": ("stream_blocks", 16, 8, 2, 1),
     "blocks x8 +hints": ("stream_blocks", 16, 8, 2, 2),
     "blocks x8 +prefetch": ("stream_blocks", 16, 8, 2, 4),
     "blocks x8 +all": ("stream_blocks", 16, 8, 2, 7),
+    "blocks x8 +delay": ("stream_blocks", 16, 8, 2, 8),
+    "blocks x8 +delay +hints": ("stream_blocks", 16, 8, 2, 10),
 }
 # The shipped forward's carry-in holds the only block barriers of a 16-bit vector block past its first
 # wave; without it, warp 0 still publishes the chunk's slots (values 0, the launch's parity), which the
@@ -77,6 +87,10 @@ GROUPS = {
     "habits": (CASES[:5], ["torch.add", "blocks 256B x8", "blocks x8 +sync", "blocks x8 +hints",
                            "blocks x8 +prefetch", "blocks x8 +all", "chunk bound", "chunk bound -prefetch",
                            "chunk bound -stagger", "chunk bound -barriers"]),
+    "more": (["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:32x2048x4096", "f32:1x262144x128",
+              "bf16:1x524288x256"],
+             ["torch.add", "blocks 256B x8", "blocks x8 +hints", "blocks x8 +delay", "blocks x8 +delay +hints",
+              "tma 512B S=64 x3", "tma 512B S=64 x3 whole", "tma 512B S=32 x6 whole"]),
 }
 ELEMENT = {"bfloat16": "ss::Bf16", "float32": "ss::F32"}
 
@@ -120,6 +134,8 @@ def launcher(torch, module, name, sms):
         seg, rows, row_bytes = 16 * lanes, WARPS * (32 // lanes) * steps, D * x.element_size()
         if row_bytes % seg:
             raise ValueError(f"D * itemsize = {row_bytes} is not a multiple of {seg}")
+        if mode == ["true"] and row_bytes != seg:
+            raise ValueError(f"{name}: D * itemsize = {row_bytes}, not one {seg}-byte segment")
         ntiles, nchunks = B * (row_bytes // seg), -(-T // rows)
         shared = 0
         if kernel == "stream_blocks":
