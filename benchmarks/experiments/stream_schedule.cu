@@ -10,7 +10,8 @@
 //                  the stores (the shipped carry-in has two), MODE_HINTS streaming loads and stores
 //                  (ld/st.global.cs, as the library's Word), MODE_PREFETCH an L2 prefetch (evict-last) of
 //                  the rows of the item PREFETCH_AHEAD later (as the shipped L2_AHEAD), MODE_DELAY a wait
-//                  of about DELAY_NS between the loads and the stores (as a look-back's);
+//                  of about DELAY_NS between the loads and the stores (as a look-back's); MODE_LD_CS and
+//                  MODE_ST_CS the streaming hint of the loads or of the stores alone;
 //   stream_regpipe persistent blocks that load their next item while they add and store this one;
 //   stream_tma     persistent blocks, one a SM, whose next STAGES items are on their way into shared
 //                  memory by bulk copies (cp.async.bulk, sm_90) while they add and store this one: one
@@ -67,7 +68,7 @@ template <int LC, int STEPS> struct Place {
     __device__ __forceinline__ int row(int j) const { return q * STEPS + j; }
 };
 
-constexpr int MODE_SYNC = 1, MODE_HINTS = 2, MODE_PREFETCH = 4, MODE_DELAY = 8;
+constexpr int MODE_SYNC = 1, MODE_HINTS = 2, MODE_PREFETCH = 4, MODE_DELAY = 8, MODE_LD_CS = 16, MODE_ST_CS = 32;
 constexpr int PREFETCH_AHEAD = 96;
 constexpr unsigned DELAY_NS = 1000;
 
@@ -121,15 +122,15 @@ template <typename E, int LC, int STEPS, int MINB, int MODE>
 __global__ void __launch_bounds__(32 * WARPS, MINB)
 stream_blocks(const char* __restrict__ x, const char* __restrict__ g, char* __restrict__ o, i64 T, i64 row_bytes,
               i64 ntiles, i64 nchunks, i64 tiles_per_row) {
-    constexpr bool HINTS = (MODE & MODE_HINTS) != 0;
+    constexpr bool LD_CS = (MODE & (MODE_HINTS | MODE_LD_CS)) != 0, ST_CS = (MODE & (MODE_HINTS | MODE_ST_CS)) != 0;
     const Place<LC, STEPS> p(blockIdx.x, ntiles, tiles_per_row, T, row_bytes);
     uint4 xs[STEPS], gs[STEPS];
-    load<LC, STEPS, HINTS>(x, g, p, T, row_bytes, xs, gs);
+    load<LC, STEPS, LD_CS>(x, g, p, T, row_bytes, xs, gs);
     if ((MODE & MODE_PREFETCH) && blockIdx.x + PREFETCH_AHEAD < ntiles * nchunks)
         prefetch(x, g, Place<LC, STEPS>(blockIdx.x + PREFETCH_AHEAD, ntiles, tiles_per_row, T, row_bytes), T, row_bytes);
     if (MODE & MODE_DELAY) __nanosleep(DELAY_NS);
     if (MODE & MODE_SYNC) __syncthreads();
-    store<E, LC, STEPS, HINTS>(o, p, T, row_bytes, xs, gs);
+    store<E, LC, STEPS, ST_CS>(o, p, T, row_bytes, xs, gs);
 }
 
 // grid (persistent blocks,), block (32, WARPS): items blockIdx.x, + gridDim.x, ... with the next one's

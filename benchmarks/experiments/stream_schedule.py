@@ -2,7 +2,7 @@
 """Memory schedules a chunk kernel could have, with no recurrence: how close to torch.add each moves the
 forward's bytes (x, g in, o = x + g out) in the chunk engine's geometry (``stream_schedule.cu``).
 
-    python benchmarks/experiments/stream_schedule.py [--group schedules|habits|more] [--cases ...] [--smoke]
+    python benchmarks/experiments/stream_schedule.py [--group schedules|habits|more|hints|carveout] [--cases ...] [--smoke]
     python benchmarks/experiments/stream_schedule.py --compile-only    (NVRTC alone, no GPU)
 
 The question: the shipped block design's memory schedule alone sits 1.08-1.09x the add on the H200
@@ -22,6 +22,15 @@ stores; ``+hints``: streaming ``.cs`` loads and stores; ``+prefetch``: the L2 pr
 later; ``+all``), and the chunk bound with one taken away at a time (``-prefetch``: L2_AHEAD 0;
 ``-stagger``; ``-barriers``: no carry-in, so no block barrier past the first wave's stagger; warp 0
 publishes the chunk's slots, which the stagger waits on).
+
+Group ``hints``: the streaming hints of the loads and of the stores apart, in the plain schedule; and the
+chunk bound with the library's accesses made plain (``cache_hints.py``'s replacements), with and without
+its L2 prefetch: whether the hints turn around with the recurrence or with the bound's schedule.
+
+Group ``carveout``: whether the shared memory a chunk block holds (16 KB, its groups' maps) costs its
+loads: the plain schedule launched with as much (unused) shared memory, with the driver's default split
+of L1 and shared memory and with the least shared memory asked for; and the shipped chunk forward (the
+real kernel, unchecked here) with the split asked for at 0%, 28% (64 KB) and 100%.
 
 Group ``more``: a wait of about 1 us between a block's loads and its stores (``+delay``, what a
 look-back does to the schedule), with plain and with streaming hints; and persistent blocks fed by one
@@ -47,7 +56,8 @@ OPTIONS = ("-std=c++17", "--use_fast_math")
 WARPS = 8
 # name: (kernel, lanes a row (SEG = 16 * lanes bytes), steps a thread, third template argument: resident
 # blocks a SM (blocks, regpipe) or stages (tma); persistent grids: blocks a SM), then stream_blocks' MODE
-# (stream_schedule.cu: 1 barrier, 2 streaming hints, 4 L2 prefetch, 8 a wait between loads and stores) or
+# (stream_schedule.cu: 1 barrier, 2 streaming hints, 4 L2 prefetch, 8 a wait between loads and stores,
+# 16 / 32 streaming loads / stores alone; 64 and 128 below) or
 # stream_tma's CONTIG (one copy a tensor and item: rows of one segment only)
 VARIANTS = {
     "blocks 256B x8": ("stream_blocks", 16, 8, 2, 0),
@@ -66,7 +76,15 @@ VARIANTS = {
     "blocks x8 +all": ("stream_blocks", 16, 8, 2, 7),
     "blocks x8 +delay": ("stream_blocks", 16, 8, 2, 8),
     "blocks x8 +delay +hints": ("stream_blocks", 16, 8, 2, 10),
+    "blocks x8 +ld.cs": ("stream_blocks", 16, 8, 2, 16),
+    "blocks x8 +st.cs": ("stream_blocks", 16, 8, 2, 32),
+    "blocks x8 +smem": ("stream_blocks", 16, 8, 2, 64),
+    "blocks x8 +smem, carveout 0": ("stream_blocks", 16, 8, 2, 192),
 }
+# MODE bits the launcher reads (the kernel ignores them): 64 launches with the shipped forward block's
+# shared memory (SMEM_BYTES, unused), 128 asks the driver for the least shared memory (carveout 0%).
+SMEM_BYTES = 16416
+CARVEOUTS = {"default": None, "0%": 0, "28% (64 KB)": 28, "100%": 100}
 # The shipped forward's carry-in holds the only block barriers of a 16-bit vector block past its first
 # wave; without it, warp 0 still publishes the chunk's slots (values 0, the launch's parity), which the
 # stagger waits on and the next launches expect overwritten.
@@ -91,6 +109,13 @@ GROUPS = {
               "bf16:1x524288x256"],
              ["torch.add", "blocks 256B x8", "blocks x8 +hints", "blocks x8 +delay", "blocks x8 +delay +hints",
               "tma 512B S=64 x3", "tma 512B S=64 x3 whole", "tma 512B S=32 x6 whole"]),
+    "hints": (["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:32x2048x4096", "f32:8x4096x2048"],
+              ["torch.add", "blocks 256B x8", "blocks x8 +ld.cs", "blocks x8 +st.cs", "blocks x8 +hints",
+               "chunk bound", "chunk bound ld.nc", "chunk bound st", "chunk bound ld.nc st",
+               "chunk bound ld.nc st -prefetch"]),
+    "carveout": (["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:32x2048x4096", "f32:8x4096x2048"],
+                 ["torch.add", "blocks 256B x8", "blocks x8 +smem", "blocks x8 +smem, carveout 0"]
+                 + [f"chunk, carveout {c}" for c in CARVEOUTS]),
 }
 ELEMENT = {"bfloat16": "ss::Bf16", "float32": "ss::F32"}
 
@@ -140,6 +165,9 @@ def launcher(torch, module, name, sms):
         shared = 0
         if kernel == "stream_blocks":
             grid = ntiles * nchunks
+            shared = SMEM_BYTES if mode[0] & 64 else 0
+            if mode[0] & 128:
+                carveout(fn.kernel.ptr, 0)
         elif kernel == "stream_regpipe":
             grid = min(ntiles * nchunks, third * sms)
         else:
@@ -162,12 +190,34 @@ def launcher(torch, module, name, sms):
     return fwd
 
 
+def carveout(ptr, percent):
+    """Ask the driver for ``percent`` of the unified L1 / shared memory as shared memory for kernel ``ptr``."""
+    from cupy_backends.cuda.api import driver
+
+    driver.funcSetAttribute(ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent)
+
+
+def carved(nvrtc, percent):
+    """Settings under which the library's kernels are loaded anew (NVRTC caches of their own) and each
+    asks for ``percent`` shared memory (None: the driver's default)."""
+    if percent is None:
+        return [(nvrtc, "_modules", {}), (nvrtc, "_functions", {})]
+    get_function = nvrtc.get_function
+
+    def get(*args, **kwargs):
+        fn = get_function(*args, **kwargs)
+        carveout(fn.ptr, percent)
+        return fn
+    return [(nvrtc, "_modules", {}), (nvrtc, "_functions", {}), (nvrtc, "get_function", get)]
+
+
 def main():
     if "--compile-only" in sys.argv:
         return compile_only()
     torch = c.torch_cuda()
     import cupy
 
+    import cache_hints as ch
     import chunk_lookback as lb
 
     groups = {name: (cases,) for name, (cases, _) in GROUPS.items()}
@@ -177,7 +227,15 @@ def main():
     nvrtc, chunk, forget = lb.library()
     module = cupy.RawModule(code=SOURCE.read_text(), options=OPTIONS, name_expressions=names())
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bound_lines = [(old, new, 1) for old, new in lb.PATCHES[BOUND]]
+    plain = ch.NC_LOADS + ch.PLAIN_STORES
     bounds = {"chunk bound": lb.patched_source(nvrtc, chunk, BOUND),
+              "chunk bound ld.nc": ch.hinted(nvrtc, [chunk], bound_lines + ch.NC_LOADS),
+              "chunk bound st": ch.hinted(nvrtc, [chunk], bound_lines + ch.PLAIN_STORES),
+              "chunk bound ld.nc st": ch.hinted(nvrtc, [chunk], bound_lines + plain),
+              "chunk bound ld.nc st -prefetch": ch.hinted(nvrtc, [chunk], bound_lines + plain)
+              + [(chunk, "L2_AHEAD", 0)],
+              **{f"chunk, carveout {c}": carved(nvrtc, pct) for c, pct in CARVEOUTS.items()},
               "chunk bound -prefetch": lb.patched_source(nvrtc, chunk, BOUND) + [(chunk, "L2_AHEAD", 0)],
               "chunk bound -stagger": lb.patched_source(nvrtc, chunk, BOUND) + [(chunk, "stagger", NO_STAGGER)],
               "chunk bound -barriers": lb.patched_source(nvrtc, chunk, BOUND, [NO_CARRY], "no barriers")}
