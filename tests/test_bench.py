@@ -418,7 +418,7 @@ def test_experiment_source_patches_match_the_kernels():
     nvrtc, chunk, _ = chunk_lookback.library()
     shipped = nvrtc.read_source(chunk.SOURCE)
     patched = [chunk_lookback.patched_source(nvrtc, chunk, name) for name in chunk_lookback.PATCHES]
-    patched.append(chunk_lookback.patched_source(nvrtc, chunk, stream_schedule.BOUND, [stream_schedule.NO_CARRY], "x"))
+    patched.append(chunk_lookback.patched_source(nvrtc, chunk, stream_schedule.BOUND, [stream_schedule.NO_CARRY]))
     _, engines, _ = cache_hints.library()
     for replacements in (cache_hints.NC_LOADS, cache_hints.PLAIN_STORES, cache_hints.spelled()):
         patched.append(cache_hints.hinted(nvrtc, engines, replacements))

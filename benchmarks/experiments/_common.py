@@ -246,6 +246,22 @@ def patched(*settings):
             setattr(obj, name, value)
 
 
+def patched_kernels(nvrtc, sources, replacements, who):
+    """Settings under which the library's kernel ``sources`` (file names, as an engine's SOURCE) compile
+    with ``replacements`` applied ((old, new, how many times old is in each source)), in NVRTC caches of
+    their own (kept with the settings, so a variant compiles once).  Exits, naming ``who``, where a line
+    is not there as often as expected: the kernels moved on and the variant no longer means anything."""
+    texts = dict(nvrtc._sources)
+    for source in sources:
+        text = nvrtc.read_source(source)
+        for old, new, count in replacements:
+            if text.count(old) != count:
+                sys.exit(f"{who}: {old!r} is in {source} {text.count(old)} times, not {count}")
+            text = text.replace(old, new)
+        texts[source] = text
+    return [(nvrtc, "_sources", texts), (nvrtc, "_modules", {}), (nvrtc, "_functions", {})]
+
+
 def rel_err(out, ref):
     out, ref = out.double(), ref.double()
     den = ref.norm().item()

@@ -74,17 +74,8 @@ def library():
 
 
 def hinted(nvrtc, engines, replacements):
-    """Settings under which the engines' sources have ``replacements`` applied: patched texts, and the
-    NVRTC caches of their own (kept across rounds, so each variant compiles once)."""
-    sources = dict(nvrtc._sources)
-    for engine in engines:
-        text = nvrtc.read_source(engine.SOURCE)
-        for old, new, count in replacements:
-            if text.count(old) != count:
-                sys.exit(f"cache_hints.py: {old!r} is in {engine.SOURCE} {text.count(old)} times, not {count}")
-            text = text.replace(old, new)
-        sources[engine.SOURCE] = text
-    return [(nvrtc, "_sources", sources), (nvrtc, "_modules", {}), (nvrtc, "_functions", {})]
+    """Settings under which the engines' sources have ``replacements`` applied (``_common.patched_kernels``)."""
+    return c.patched_kernels(nvrtc, [engine.SOURCE for engine in engines], replacements, "cache_hints.py")
 
 
 def main():

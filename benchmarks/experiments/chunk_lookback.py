@@ -73,18 +73,11 @@ def library():
     return nvrtc, chunk, plans._plans.clear
 
 
-def patched_source(nvrtc, chunk, name, more=(), suffix=""):
-    """Settings that compile chunk.cu with PATCHES[name] applied, then the (old, new) pairs ``more``, as a
-    module of its own (``suffix`` tells that module apart from PATCHES[name]'s alone)."""
-    text = nvrtc.read_source(chunk.SOURCE)
-    for old, new in [*PATCHES[name], *more]:
-        if text.count(old) != 1:
-            sys.exit(f"chunk_lookback.py: a line patched for {name!r} is not in {chunk.SOURCE} once: {old!r}")
-        text = text.replace(old, new)
-    sources = dict(nvrtc._sources)
-    sources[chunk.SOURCE] = text
-    tag = "-DHC_EXPERIMENT_" + "".join(ch if ch.isalnum() else "_" for ch in name + suffix).upper()  # a module key apart
-    return [(nvrtc, "_sources", sources), (chunk, "OPTIONS", chunk.OPTIONS + (tag,))]
+def patched_source(nvrtc, chunk, name, more=()):
+    """Settings that compile chunk.cu with PATCHES[name] applied, then the (old, new) pairs ``more``, each
+    line found once (``_common.patched_kernels``)."""
+    return c.patched_kernels(nvrtc, [chunk.SOURCE], [(old, new, 1) for old, new in [*PATCHES[name], *more]],
+                             f"chunk_lookback.py ({name})")
 
 
 def main():

@@ -229,16 +229,17 @@ def main():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     bound_lines = [(old, new, 1) for old, new in lb.PATCHES[BOUND]]
     plain = ch.NC_LOADS + ch.PLAIN_STORES
-    bounds = {"chunk bound": lb.patched_source(nvrtc, chunk, BOUND),
+    bound = lb.patched_source(nvrtc, chunk, BOUND)
+    bounds = {"chunk bound": bound,
               "chunk bound ld.nc": ch.hinted(nvrtc, [chunk], bound_lines + ch.NC_LOADS),
               "chunk bound st": ch.hinted(nvrtc, [chunk], bound_lines + ch.PLAIN_STORES),
               "chunk bound ld.nc st": ch.hinted(nvrtc, [chunk], bound_lines + plain),
               "chunk bound ld.nc st -prefetch": ch.hinted(nvrtc, [chunk], bound_lines + plain)
               + [(chunk, "L2_AHEAD", 0)],
               **{f"chunk, carveout {c}": carved(nvrtc, pct) for c, pct in CARVEOUTS.items()},
-              "chunk bound -prefetch": lb.patched_source(nvrtc, chunk, BOUND) + [(chunk, "L2_AHEAD", 0)],
-              "chunk bound -stagger": lb.patched_source(nvrtc, chunk, BOUND) + [(chunk, "stagger", NO_STAGGER)],
-              "chunk bound -barriers": lb.patched_source(nvrtc, chunk, BOUND, [NO_CARRY], "no barriers")}
+              "chunk bound -prefetch": bound + [(chunk, "L2_AHEAD", 0)],
+              "chunk bound -stagger": bound + [(chunk, "stagger", NO_STAGGER)],
+              "chunk bound -barriers": lb.patched_source(nvrtc, chunk, BOUND, [NO_CARRY])}
     variants, calls = {}, {}
     for name in GROUPS[args.group][1]:
         if name == "torch.add":
