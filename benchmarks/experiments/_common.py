@@ -262,6 +262,27 @@ def patched_kernels(nvrtc, sources, replacements, who):
     return [(nvrtc, "_sources", texts), (nvrtc, "_modules", {}), (nvrtc, "_functions", {})]
 
 
+def carveout(ptr, percent):
+    """Ask the driver for ``percent`` of the unified L1 / shared memory as shared memory for kernel ``ptr``."""
+    from cupy_backends.cuda.api import driver
+
+    driver.funcSetAttribute(ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent)
+
+
+def carved(nvrtc, percent):
+    """Settings under which the library's kernels are loaded anew (NVRTC caches of their own) and each
+    asks for ``percent`` shared memory (None: the driver's default)."""
+    if percent is None:
+        return [(nvrtc, "_modules", {}), (nvrtc, "_functions", {})]
+    get_function = nvrtc.get_function
+
+    def get(*args, **kwargs):
+        fn = get_function(*args, **kwargs)
+        carveout(fn.ptr, percent)
+        return fn
+    return [(nvrtc, "_modules", {}), (nvrtc, "_functions", {}), (nvrtc, "get_function", get)]
+
+
 def rel_err(out, ref):
     out, ref = out.double(), ref.double()
     den = ref.norm().item()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The chunk engine's launch arguments, each against the value it ships with.
 
-    python benchmarks/experiments/chunk_launch.py --group peek|prefetch|stagger|scratch [--cases ...] [--smoke]
+    python benchmarks/experiments/chunk_launch.py --group peek|prefetch|stagger|scratch|carveout [--cases ...] [--smoke]
 
 Groups (each with the shapes its decision was taken on; docs/performance.md has the reasons):
 - peek: each block asks for its predecessor's slots right behind its own loads, on grids of at most
@@ -13,6 +13,10 @@ Groups (each with the shapes its decision was taken on; docs/performance.md has 
   = half the blocks the GPU holds at once); against none, a third and two thirds.
 - scratch: kept, self-clearing scratch (one kernel a call) against fresh memory filled before each
   launch (``config.keep_workspaces = False``: a memset and the kernel).
+- carveout: the split of each multiprocessor's unified L1 / shared memory that the chunk kernels ask of
+  the driver (percent shared memory: 28% is 64 KB on sm_90, the least that holds two blocks' maps), against
+  the driver's own choice, as shipped; each variant loads its kernels anew (the preference stays with a
+  loaded kernel).
 """
 import sys
 from pathlib import Path
@@ -24,13 +28,13 @@ import _common as c  # noqa: E402
 def library():
     """The knobs' homes under the library's current module names: (chunk engine launcher module, the
     library's config object, a function that drops cached plans).  Re-point here after a rename."""
-    from hgrn_cupy import config, plans
+    from hgrn_cupy import config, nvrtc, plans
     from hgrn_cupy.engines import chunk
 
-    return chunk, config, plans._plans.clear
+    return chunk, config, plans._plans.clear, nvrtc
 
 
-def groups(chunk, config):
+def groups(chunk, config, nvrtc):
     """{group: (cases, variants)}; variants as ``_common.run`` takes them, the shipped setting first."""
     return {
         "peek": (["bf16:1x16384x2048", "bf16:2x16384x1024", "bf16:2x8192x2048", "bf16:4x4096x1024",
@@ -60,12 +64,17 @@ def groups(chunk, config):
                      "f32:1x262144x256", "f32:8x4096x2048"],
                     {"kept (as shipped)": [(config, "keep_workspaces", True)],
                      "fresh, filled per launch": [(config, "keep_workspaces", False)]}),
+        "carveout": (["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:1x32768x1024", "bf16:32x2048x4096",
+                      "bf16:4x4096x1024", "bf16:4x2048x512", "f32:8x4096x2048", "f32:1x32768x1024",
+                      "f32:1x262144x256", "f64:1x32768x256"],
+                     {"driver's choice (as shipped)": [],
+                      **{f"{pct}%": c.carved(nvrtc, pct) for pct in (28, 50, 100)}}),
     }
 
 
 def main():
-    chunk, config, forget = library()
-    table = groups(chunk, config)
+    chunk, config, forget, nvrtc = library()
+    table = groups(chunk, config, nvrtc)
     args, timer, gbps, hc = c.start(__doc__, "Chunk engine launch arguments", None, "bf16:1x32768x1024",
                                     'engine forced: chunk_hgrn and hgrn_backward(engine="chunk")', groups=table)
     c.run(args, timer, gbps, table[args.group][1], c.engine_calls(hc, "chunk"), forget)

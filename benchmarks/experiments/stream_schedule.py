@@ -167,7 +167,7 @@ def launcher(torch, module, name, sms):
             grid = ntiles * nchunks
             shared = SMEM_BYTES if mode[0] & 64 else 0
             if mode[0] & 128:
-                carveout(fn.kernel.ptr, 0)
+                c.carveout(fn.kernel.ptr, 0)
         elif kernel == "stream_regpipe":
             grid = min(ntiles * nchunks, third * sms)
         else:
@@ -188,27 +188,6 @@ def launcher(torch, module, name, sms):
             fn((grid,), (32, WARPS), ptrs + scalars, shared_mem=shared)
         return o
     return fwd
-
-
-def carveout(ptr, percent):
-    """Ask the driver for ``percent`` of the unified L1 / shared memory as shared memory for kernel ``ptr``."""
-    from cupy_backends.cuda.api import driver
-
-    driver.funcSetAttribute(ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent)
-
-
-def carved(nvrtc, percent):
-    """Settings under which the library's kernels are loaded anew (NVRTC caches of their own) and each
-    asks for ``percent`` shared memory (None: the driver's default)."""
-    if percent is None:
-        return [(nvrtc, "_modules", {}), (nvrtc, "_functions", {})]
-    get_function = nvrtc.get_function
-
-    def get(*args, **kwargs):
-        fn = get_function(*args, **kwargs)
-        carveout(fn.ptr, percent)
-        return fn
-    return [(nvrtc, "_modules", {}), (nvrtc, "_functions", {}), (nvrtc, "get_function", get)]
 
 
 def main():
@@ -236,7 +215,7 @@ def main():
               "chunk bound ld.nc st": ch.hinted(nvrtc, [chunk], bound_lines + plain),
               "chunk bound ld.nc st -prefetch": ch.hinted(nvrtc, [chunk], bound_lines + plain)
               + [(chunk, "L2_AHEAD", 0)],
-              **{f"chunk, carveout {c}": carved(nvrtc, pct) for c, pct in CARVEOUTS.items()},
+              **{f"chunk, carveout {name}": c.carved(nvrtc, pct) for name, pct in CARVEOUTS.items()},
               "chunk bound -prefetch": bound + [(chunk, "L2_AHEAD", 0)],
               "chunk bound -stagger": bound + [(chunk, "stagger", NO_STAGGER)],
               "chunk bound -barriers": lb.patched_source(nvrtc, chunk, BOUND, [NO_CARRY])}
