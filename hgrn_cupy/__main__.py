@@ -5,8 +5,9 @@ and packed variable-length sequences, initial and final states) on CuPy arrays, 
 compared with the NumPy reference in float64.  Without one, the CPU path is checked the same way and
 the GPU part is reported as skipped.  Exit status 1 when any check fails.
 
-``python -m hgrn_cupy tune [BxTxD ...] [--dtype NAME ...]`` measures both engines per shape on the
-current GPU, caches the faster one per shape class (:mod:`hgrn_cupy.tuning`) and prints a table.
+``python -m hgrn_cupy tune [BxTxD ...] [--dtype NAME ...]`` measures both engines (and the launch
+variants that apply) per shape on the current GPU, caches the fastest per shape class
+(:mod:`hgrn_cupy.tuning`) and prints a table.
 """
 import importlib.metadata
 import importlib.util
@@ -196,7 +197,7 @@ def tune_main(argv):
     from . import tuning
 
     parser = argparse.ArgumentParser(prog="python -m hgrn_cupy tune",
-                                     description="Measure both engines per shape and cache the faster one.")
+                                     description="Measure the engines (and their launch variants) per shape and cache the fastest.")
     parser.add_argument("shapes", nargs="*", type=parse_shape, metavar="BxTxD",
                         help="default: " + " ".join("x".join(map(str, s)) for s in TUNE_SHAPES))
     parser.add_argument("--dtype", action="append", dest="dtypes", metavar="NAME",
@@ -209,11 +210,11 @@ def tune_main(argv):
     device = tuning.device_key(cupy.cuda.Device().id)
     print(f"device: {device}")
     rows = tuning.tune(args.shapes or TUNE_SHAPES, tuple(args.dtypes or ("bfloat16",)), device=device)
-    print(f"{'B x T x D':<18} {'dtype':<9} {'direction':<9} {'chosen':<16} "
-          + " ".join(f"{e + ' (us)':>20}" for e in tuning.ENGINES))
+    width = max(len(name) for row in rows for name in row[4])
+    print(f"{'B x T x D':<18} {'dtype':<9} {'direction':<9} {'chosen':<{width}} us per candidate")
     for shape, dtype, direction, engine, times in rows:
-        print(f"{'x'.join(map(str, shape)):<18} {dtype:<9} {('forward', 'backward')[direction]:<9} {engine:<16} "
-              + " ".join(f"{times[e] * 1e6:>20.1f}" for e in tuning.ENGINES))
+        print(f"{'x'.join(map(str, shape)):<18} {dtype:<9} {('forward', 'backward')[direction]:<9} "
+              f"{engine:<{width}} " + ", ".join(f"{name} {t * 1e6:.1f}" for name, t in times.items()))
     print(f"cache: {tuning.cache_path() if tuning.writes_to_disk() else 'in memory only (on-disk cache off)'}")
     return 0
 

@@ -1,5 +1,6 @@
 """Which engine runs a call: a pinned engine, or for ``"auto"`` the device's measured choice
-(:mod:`hgrn_cupy.tuning`) with the built-in rule as its default.
+(:mod:`hgrn_cupy.tuning`) among the engines and their launch variants (``engines.VARIANTS``), with the
+built-in rule as its default.
 
 The built-in rule (measured on an H100, docs/performance.md, engine crossover) is what a call gets where
 nothing is measured: on the CPU, under CUDA-graph capture or JAX tracing before a decision is cached,
@@ -7,6 +8,7 @@ and with ``config.tune`` off.
 """
 from __future__ import annotations
 
+from .engines import VARIANTS
 from .engines import fused_recurrent as _fused
 from .nvrtc import ITEMSIZE
 from .settings import ENGINES, config
@@ -34,6 +36,14 @@ def rule(N, T, D, dtypes, direction):
     return "chunk" if N * D < below else "fused_recurrent"
 
 
+def candidates(N, T, D, dtypes, direction):
+    """The launches a call's tuning measures, in order of preference (ties go to the earlier): the
+    rule's engine, the other engine, then the launch variants that apply (names of ``VARIANTS``)."""
+    ruled = rule(N, T, D, dtypes, direction)
+    return ((ruled,) + tuple(c for c in CANDIDATES if c != ruled)
+            + _fused.lane_variants(N, T, D, dtypes[0], dtypes[-1], direction))
+
+
 def check_engine(engine):
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -46,7 +56,8 @@ def choose(engine, call, direction, reverse, device=None, run=None, allow_timing
     None on the CPU.  ``run(name)`` launches engine ``name`` once on the call's own buffers, which is what
     a first-use measurement times (on the stream ``stream_ptr``) where ``allow_timing`` (and
     ``config.tune``) allow it; ties keep the built-in rule's engine."""
-    check_engine(engine)
+    if engine not in VARIANTS:  # variants are named by the tuner and tuning.tune, not by the public functions
+        check_engine(engine)
     if engine == "auto":
         engine = config.engine
     if engine == "auto":
@@ -56,8 +67,8 @@ def choose(engine, call, direction, reverse, device=None, run=None, allow_timing
 
             key = tuning.shape_class(direction, call.dtypes, call.N, call.T, call.D, call.varlen, bool(reverse))
             timing = allow_timing and config.tune and run is not None
-            candidates = (engine,) + tuple(c for c in CANDIDATES if c != engine)
-            engine = tuning.choose(device, key, candidates, run, engine, timing,
+            engine = tuning.choose(device, key, candidates(call.N, call.T, call.D, call.dtypes, direction), run,
+                                   engine, timing,
                                    tuning.measure_on(stream_ptr) if timing else None)
     if engine == "chunk" and call.T == 0:  # nothing to split; the walk passes states through
         engine = "fused_recurrent"

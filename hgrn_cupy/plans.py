@@ -16,7 +16,7 @@ import numpy as np
 
 from . import arrays as ar
 from . import checks, dispatch, workspace
-from .engines import ENGINES
+from . import engines
 from .engines.layout import Arr, row_major
 from .nvrtc import ITEMSIZE
 from .naive import naive_recurrent_hgrn, naive_recurrent_hgrn_bwd
@@ -216,12 +216,12 @@ class _Kit:
 
 
 def _launches(direction, tensors, N, reverse, device, varlen):
-    """``launch_of(engine name)``: the engines' prepared launches, made on first request."""
+    """``launch_of(engine or variant name)``: the prepared launches, made on first request."""
     made = {}
 
     def launch_of(name):
         if name not in made:
-            made[name] = ENGINES[name].prepare(direction, tensors, N, reverse, device, varlen)
+            made[name] = engines.prepare(name, direction, tensors, N, reverse, device, varlen)
         return made[name]
     return launch_of
 

@@ -2,12 +2,13 @@
 memory and in a JSON file) and the ahead-of-time tuner behind ``python -m hgrn_cupy tune``.
 
 The dispatch asks :func:`choose` for an engine; the first call of a shape class on a device times every
-candidate once and the winner is kept, so the same call always gets the same engine afterwards (in
-this process and, through the file, in later ones).  Nothing here imports CuPy until a GPU is used.
+candidate once (the engines, and launch variants of them whose best setting moves with the card) and
+the winner is kept, so the same call always gets the same launch afterwards (in this process and,
+through the file, in later ones).  Nothing here imports CuPy until a GPU is used.
 
 Cache file (``cache_path()``)::
 
-    {"version": 1, "devices": {device_key: {repr(shape_class): engine name}}}
+    {"version": 1, "devices": {device_key: {repr(shape_class): engine or variant name}}}
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ except ImportError:  # no POSIX file locks: writes stay atomic but concurrent wr
     fcntl = None
 
 FORMAT_VERSION = 1
-ENGINES = ("chunk", "fused_recurrent")
 
 
 class Settings:
@@ -345,7 +345,8 @@ def _random(cupy, shape, dtype, rng, gate=False):
 
 
 def tune(shapes, dtypes=("bfloat16",), directions=(0, 1), device=None, measure=None):
-    """Measure both engines for every shape, dtype and direction on the current CuPy device and store
+    """Measure the candidates a first call would (both engines, and the launch variants that apply:
+    ``dispatch.candidates``) for every shape, dtype and direction on the current CuPy device and store
     each winner under the key :func:`choose` uses (a dense call, ``reverse=False``), replacing what was
     stored.
 
@@ -358,14 +359,13 @@ def tune(shapes, dtypes=("bfloat16",), directions=(0, 1), device=None, measure=N
         measure: as in :func:`choose`.
 
     Returns:
-        ``[(shape, dtype, direction, engine, {engine: seconds})]``.
+        ``[(shape, dtype, direction, chosen name, {candidate name: seconds})]``.
     """
     import cupy
 
-    import hgrn_cupy
+    from . import dispatch, plans
 
     dev = _device(cupy.cuda.Device().id if device is None else device)
-    forward = {"chunk": hgrn_cupy.chunk_hgrn, "fused_recurrent": hgrn_cupy.fused_recurrent_hgrn}
     rng = cupy.random.default_rng(0)
     results = []
     for shape in shapes:
@@ -375,11 +375,12 @@ def tune(shapes, dtypes=("bfloat16",), directions=(0, 1), device=None, measure=N
             o = None
             for direction in directions:
                 if direction == 0:
-                    run = lambda name: forward[name](x, g)  # noqa: E731
+                    run = lambda name: plans.forward(name, x, g, None, False, None, False)  # noqa: E731
                 else:
-                    o = o if o is not None else hgrn_cupy.chunk_hgrn(x, g)[0]
-                    run = lambda name: hgrn_cupy.hgrn_backward(g, o, do, engine=name)  # noqa: E731
-                times, best = _time_all(ENGINES, run, measure)
+                    o = o if o is not None else plans.forward("chunk", x, g, None, False, None, False)[0]
+                    run = lambda name: plans.backward(name, g, o, do, None, None, None, False)  # noqa: E731
+                names = dispatch.candidates(B, T, D, (dtype, dtype), direction)
+                times, best = _time_all(names, run, measure)
                 cls = repr(shape_class(direction, (dtype, dtype), B, T, D, False))
                 results.append(((B, T, D), dtype, direction, _store(dev, cls, best, keep=()), times))
             del x, g, do, o

@@ -151,12 +151,12 @@ def _cu_arg(ptrs, cu_dtype):
 def _run(spec, direction, engine, tensors, N, cu_dtype, T, out_keys):
     """The launch body of a buffer callback: the engine's prepared launch on XLA's buffers, inside the
     offsets guard where ``spec.guard``; ``out_keys`` name the outputs the guard fills."""
-    from .engines import ENGINES
+    from . import engines
 
     varlen = cu_dtype is not None
 
     def launch(ptrs, bufs, device, stream):
-        run = ENGINES[engine].prepare(direction, tensors, N, spec.reverse, device, varlen)
+        run = engines.prepare(engine, direction, tensors, N, spec.reverse, device, varlen)
         if run is None:
             return
         names = ("x", "g", "o") if direction == 0 else ("g", "o", "do", "dx", "dg")

@@ -200,6 +200,37 @@ def test_engine_choice(N, T, D, x_dtype, g_dtype, direction, reverse, varlen):
             mp.setattr(hc.config, "engine", "auto")
 
 
+@settings(max_examples=300, deadline=None, database=None)
+@given(N=st.integers(0, 64), T=st.integers(0, 300), D=st.integers(0, 1 << 13), x_dtype=DTYPE, g_dtype=DTYPE,
+       direction=st.sampled_from((0, 1)), narrow_below=st.sampled_from((0, 1 << 12, 1 << 14, 1 << 62)))
+def test_tuning_candidates(N, T, D, x_dtype, g_dtype, direction, narrow_below):
+    """The tuner measures the rule's engine first, then the other engine, then the block walk at the
+    lane width the rule does not take: for a 16-bit forward whose channel band and T call for a block
+    walk and whose D divides into either width (the bands opened to every count from 4K channels)."""
+    from hgrn_cupy import engines
+    from hgrn_cupy.engines import fused_recurrent as fr
+
+    dtypes = (x_dtype, g_dtype)
+    bands = {**fr.BLOCK_WALK_CHANNELS, **{(s, d): (1 << 12, fr.NEVER) for s in (2, 4) for d in (0, 1)}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fr, "BLOCK_WALK_CHANNELS", bands)
+        mp.setattr(fr, "BLOCK_WALK_NARROW_BELOW", narrow_below)
+        got = dispatch.candidates(N, T, D, dtypes, direction)
+        ruled = dispatch.rule(N, T, D, dtypes, direction)
+        assert got[:2] == (ruled, ({"chunk", "fused_recurrent"} - {ruled}).pop())
+        wide = max(nvrtc.ITEMSIZE[x_dtype], nvrtc.ITEMSIZE[g_dtype])
+        rule_bytes = 4 if N * D < narrow_below else 8
+        other = 12 - rule_bytes
+        # the lanes: 16-bit channels of 4 or 8 bytes, so D must divide into 2 or 4 of them
+        walks = N * D >= 1 << 12 and T > fr.BLOCK_WALK_MIN_T
+        expect = (direction == 0 and wide == 2 and walks and D % (rule_bytes // 2) == 0 and D % (other // 2) == 0)
+        assert got[2:] == ((f"fused_recurrent, {other}-byte lanes",) if expect else ())
+        for name in got[2:]:
+            engine, options = engines.VARIANTS[name]
+            assert engine == "fused_recurrent" and options == {"lanes": other}
+            assert fr.block_walk_fits(N, T, D, x_dtype, g_dtype, 0, other) == other // 2
+
+
 @settings(max_examples=200, deadline=None, database=None)
 @given(name=st.one_of(st.text(max_size=20), st.none(), st.integers(), st.sampled_from([n.upper() for n in ENGINES])))
 def test_unknown_engine_is_rejected(name):
@@ -250,7 +281,7 @@ def test_auto_asks_the_tuner(N, T, D, x_dtype, g_dtype, direction, reverse, varl
             assert not asked and got == ruled
         else:
             (a,) = asked
-            assert a["candidates"][0] == ruled and sorted(a["candidates"]) == sorted(dispatch.CANDIDATES)
+            assert a["candidates"] == dispatch.candidates(N, T, D, dtypes, direction)
             assert got == a["candidates"][-1] and a["default"] == ruled and a["device"] == device
             assert a["key"] == tuning.shape_class(direction, dtypes, N, T, D, varlen, reverse)
             timing = allow_timing and tune and with_run

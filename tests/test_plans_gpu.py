@@ -14,7 +14,7 @@ from conftest import TOL, rel_err, to_numpy
 from recording import CASES, _torch_case, fresh_plans  # noqa: F401  (a fixture)
 
 import hgrn_cupy as hc
-from hgrn_cupy import checks, dispatch, tuning
+from hgrn_cupy import checks, dispatch, plans, tuning
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,8 +218,8 @@ def _shape_where_rule_says(engine, dtype, direction):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_auto_runs_the_engine_dispatch_chooses(dtype, direction, side, tune, fresh_plans, monkeypatch, tmp_path,
                                                request):
-    """``hgrn`` (and ``hgrn_backward(engine="auto")``) gives, bit for bit, the result of the engine that
-    ``dispatch.choose`` names for the call, on a shape where the built-in rule says ``side``: with
+    """``hgrn`` (and ``hgrn_backward(engine="auto")``) gives, bit for bit, the result of the engine (or
+    launch variant) that ``dispatch.choose`` names for the call, on a shape where the built-in rule says ``side``: with
     ``config.tune`` off that engine is the rule's (so both engines run here), with it on the measured
     one, kept for the next call (decisions in a fresh cache folder)."""
     cupy = pytest.importorskip("cupy")
@@ -243,8 +243,8 @@ def test_auto_runs_the_engine_dispatch_chooses(dtype, direction, side, tune, fre
     name = dispatch.choose("auto", call, direction, False, x.data.device_id)
     if not tune:
         assert name == side, what
-    if direction == 0:
-        pinned = {"chunk": hc.chunk_hgrn, "fused_recurrent": hc.fused_recurrent_hgrn}[name](x, g, None, True)
+    if direction == 0:  # the tuner's choice may be a launch variant, which only the internal interface names
+        pinned = plans.forward(name, x, g, None, True, None, False)
     else:
         pinned = hc.hgrn_backward(g, o, do, engine=name)
     assert len(auto) == len(pinned)
@@ -254,3 +254,46 @@ def test_auto_runs_the_engine_dispatch_chooses(dtype, direction, side, tune, fre
             continue
         assert a.dtype == b.dtype and a.shape == b.shape, (what, k)
         assert bool(cupy.array_equal(a.view(cupy.uint8), b.view(cupy.uint8))), (what, name, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(4, 129, 4096), (2, 1000, 6144), (3, 65, 4096)], ids=lambda s: "x".join(map(str, s)))
+def test_tuned_lane_variants(shape, dtype, fresh_plans, poison, monkeypatch, tmp_path, request):
+    """Where a 16-bit forward's tuning measures the block walk at both lane widths, each width stored as
+    the decision is what ``hgrn`` then runs (its kernel at that width, the state in and out), within
+    tolerance of the float64 reference with the outputs poisoned, and the decision is kept."""
+    cupy = pytest.importorskip("cupy")
+    from gpu_kernel_checks import launched_kernels
+
+    from hgrn_cupy.engines import fused_recurrent as fr
+
+    B, T, D = shape
+    seed = zlib.crc32(request.node.nodeid.encode())
+    rng = cupy.random.default_rng(seed)
+    x, g = (tuning._random(cupy, (B, T, D), "float32", rng, gate=k == 1).astype(dtype) for k in range(2))
+    h0 = tuning._random(cupy, (B, D), "float32", rng)
+    ref_o, ref_ht = hc.naive_recurrent_hgrn(*(cupy.asnumpy(a).astype(np.float64) for a in (x, g, h0)), True)
+    names = dispatch.candidates(B, T, D, (dtype, dtype), 0)
+    assert names[2:] and set(names[2:]) <= set(fr.LANES), (shape, names)
+    monkeypatch.setenv("HGRN_CUPY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hc.config, "engine", "auto")
+    monkeypatch.setattr(hc.config, "tune", True)
+    request.addfinalizer(tuning.forget)
+    for name in (n for n in names if n != "chunk"):  # the rule's lanes, then the other width
+        tuning.forget()
+        fresh_plans.clear()
+        # the decision this call's measurement would store, stored ahead of it
+        key = tuning.shape_class(0, (dtype, dtype), B, T, D, False)
+        monkeypatch.setattr(tuning.settings, "on_disk", False)
+        assert tuning._store(tuning.device_key(x.data.device_id), repr(key), name, keep=()) == name
+        launched = launched_kernels(monkeypatch)
+        o, ht = hc.hgrn(x, g, h0, True)
+        lanes = fr.LANES.get(name) or (4 if B * D < fr.BLOCK_WALK_NARROW_BELOW else 8)
+        assert [k[0] for k in launched] == ["fused_recurrent_block_fwd"] and launched[0][-1] == str(lanes // 2), \
+            (name, launched)
+        what = f"seed {seed}, {shape}, {dtype}, {name}"
+        assert rel_err(o, ref_o) <= TOL[dtype], what
+        assert rel_err(ht, ref_ht) <= TOL[dtype], what
+        assert dispatch.choose("auto", checks.check_forward(x, g, h0, None, True, False), 0, False,
+                               x.data.device_id) == name

@@ -148,6 +148,27 @@ def test_block_walk_where_the_layout_allows(layout, narrow, fake_cuda, fresh_pla
         assert [k[:2] for k in got] == [("fused_recurrent_fwd", 1)] * 3
 
 
+@pytest.mark.parametrize("narrow", [False, True], ids=["rule 8 bytes", "rule 4 bytes"])
+@pytest.mark.parametrize("name", sorted(fused_recurrent.LANES))
+def test_lane_variant_launches(name, narrow, fake_cuda, fresh_plans, monkeypatch):
+    """A launch variant the tuner may store (``engines.VARIANTS``) runs the block walk at its own lane
+    width whatever width the rule would take, computes the reference, and keeps a plan of its own."""
+    torch = pytest.importorskip("torch")
+    force_block_walks(monkeypatch, narrow)
+    x, g, h0 = _torch_case(torch.Generator().manual_seed(9), (3, 70, 64, "bfloat16", "bfloat16", "float32", "dense"))
+    ref_o, ref_ht = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), to_numpy(h0), True)
+    for _ in range(2):
+        o, ht = plans.forward(name, x, g, h0, True, None, False)
+        assert rel_err(o, ref_o) <= TOL["bfloat16"] and rel_err(ht, ref_ht) <= TOL["bfloat16"]
+    hc.fused_recurrent_hgrn(x, g, h0, True)
+    assert len(fresh_plans) == 2
+    vec = fused_recurrent.LANES[name] // 2
+    rule_vec = fused_recurrent.block_walk_width("bfloat16", "bfloat16", 0, narrow)
+    got = [(ln["kernel"], ln["vec"], ln["grid"]) for ln in fake_cuda.launches]
+    assert got == [("fused_recurrent_block_fwd", vec, (-(-64 // (32 * vec)), 3, 1))] * 2 + [
+        ("fused_recurrent_block_fwd", rule_vec, (-(-64 // (32 * rule_vec)), 3, 1))]
+
+
 @pytest.mark.parametrize("kept", [True, False], ids=["kept", "fresh"])
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
 def test_fake_cuda_chunk_launches(offset, kept, fake_cuda, fresh_plans, monkeypatch):

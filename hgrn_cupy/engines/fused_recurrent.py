@@ -26,7 +26,9 @@ PREFETCH_V = {2: 32, 4: 16, 8: 16}  # steps per register tile of the two-channel
 # forward, 4 backward: it holds three tensors' steps) and split each window of BLOCK_WARPS * BLOCK_STEPS
 # steps between them (more steps spill).  One is taken where N * D lies in BLOCK_WALK_CHANNELS[storage
 # size of the wider input, direction], T exceeds BLOCK_WALK_MIN_T and the layout allows the lanes;
-# 16-bit forwards below BLOCK_WALK_NARROW_BELOW channels take 4-byte lanes (twice the blocks).
+# 16-bit forwards below BLOCK_WALK_NARROW_BELOW channels take 4-byte lanes (twice the blocks).  Which lane
+# width wins moves with the card (on an H200 4-byte lanes won at 16K channels, where 8-byte lanes won on an
+# H100: docs/performance.md, "Block-walk lanes"), so the tuner also measures the other width (LANES).
 BLOCK_WARPS = 8
 BLOCK_STEPS = 8
 BLOCK_WALK_NARROW_BELOW = 1 << 14
@@ -34,6 +36,9 @@ NEVER = 1 << 62
 BLOCK_WALK_CHANNELS = {(2, 0): (1 << 13, NEVER), (4, 0): (1 << 12, NEVER), (8, 0): (NEVER, NEVER),
                        (2, 1): (1 << 13, NEVER), (4, 1): (1 << 12, 1 << 16), (8, 1): (NEVER, NEVER)}
 BLOCK_WALK_MIN_T = BLOCK_WARPS * BLOCK_STEPS
+# The launches with the 16-bit forward block walk's lanes fixed at 4 or 8 bytes, by the names the tuner
+# stores (hgrn_cupy.engines.VARIANTS): the bytes a lane per name.
+LANES = {"fused_recurrent, 4-byte lanes": 4, "fused_recurrent, 8-byte lanes": 8}
 
 
 def _size(x_dtype, g_dtype):
@@ -68,12 +73,25 @@ def names(x_dtype, g_dtype):
     return out
 
 
-def block_walk_fits(N, T, D, x_dtype, g_dtype, direction=0):
+def block_walk_fits(N, T, D, x_dtype, g_dtype, direction=0, lanes=None):
     """Channels per lane of the block walk (0 forward, 1 backward) where N sequences of T steps and D
-    channels call for it and D is a multiple of them, else 0 (strides and pointers not considered)."""
+    channels call for it and D is a multiple of them, else 0 (strides and pointers not considered).
+    ``lanes``: 4 or 8 bytes a lane for a 16-bit forward in place of the rule's width (None: the rule)."""
     lo, hi = BLOCK_WALK_CHANNELS[_size(x_dtype, g_dtype), direction]
-    vec = block_walk_width(x_dtype, g_dtype, direction, N * D < BLOCK_WALK_NARROW_BELOW)
+    narrow = N * D < BLOCK_WALK_NARROW_BELOW if lanes is None else lanes == 4
+    vec = block_walk_width(x_dtype, g_dtype, direction, narrow)
     return vec if T > BLOCK_WALK_MIN_T and lo <= N * D < hi and D % vec == 0 else 0
+
+
+def lane_variants(N, T, D, x_dtype, g_dtype, direction):
+    """The names (of LANES) of the launches a call's tuning measures besides the two engines: for a 16-bit
+    forward that takes a block walk at either lane width, the width the rule does not take."""
+    if direction != 0 or _size(x_dtype, g_dtype) != 2 or not block_walk_fits(N, T, D, x_dtype, g_dtype):
+        return ()
+    other = 8 if N * D < BLOCK_WALK_NARROW_BELOW else 4
+    if not block_walk_fits(N, T, D, x_dtype, g_dtype, 0, other):
+        return ()
+    return tuple(name for name, nbytes in LANES.items() if nbytes == other)
 
 
 def _kernel(name, dtypes, vec, grid, block, device):
@@ -90,11 +108,12 @@ def _block_grid(N, D, vec):
     return ((D + 32 * vec - 1) // (32 * vec), N), (32, BLOCK_WARPS)
 
 
-def prepare(direction, tensors, N, reverse, device, varlen=False):
+def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None):
     """The launch of one direction for one layout, as ``launch(stream_ptr, pointers, states, cu,
     workspace)`` (the workspace is not used), or None when there is nothing to compute; arguments as
-    ``chunk.prepare``.  Each call takes the widest kernel its pointers allow: the block walk, the walk of
-    ``WALK_VEC`` channels a thread, or of one; forward without cu_seqlens at T = 1, the single step."""
+    ``chunk.prepare``; ``lanes`` as ``block_walk_fits``.  Each call takes the widest kernel its pointers
+    allow: the block walk, the walk of ``WALK_VEC`` channels a thread, or of one; forward without
+    cu_seqlens at T = 1, the single step."""
     B, T, D = tensors[0].shape
     if N == 0 or D == 0:
         return None
@@ -108,7 +127,7 @@ def prepare(direction, tensors, N, reverse, device, varlen=False):
     block_names = ("fused_recurrent_block_fwd", "fused_recurrent_block_bwd")
 
     choices = []  # (pointer masks in the kernels' order, kernel), widest first
-    bvec = block_walk_fits(N, T, D, *dtypes, direction)
+    bvec = block_walk_fits(N, T, D, *dtypes, direction, lanes)
     if bvec and layout_vector_width(D, arrs, bvec) == bvec:
         choices.append((alignment_masks(bvec, tensors),
                         _kernel(block_names[direction], dtypes, bvec, *_block_grid(N, D, bvec), device)))
