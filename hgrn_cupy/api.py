@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from . import plans
+from . import dispatch, plans
 
 
 def _torch_grad(*arrays):
@@ -89,4 +89,5 @@ def hgrn_backward(g, o, do, dht=None, initial_state=None, cu_seqlens=None, rever
     if _torch_grad(g, o, do, dht, initial_state):
         raise RuntimeError("hgrn_backward is not differentiable: call it under torch.no_grad() or on detached "
                            "tensors (hgrn_cupy.torch.hgrn records the gradient of hgrn itself)")
+    dispatch.check_engine(engine)  # the internal interface also runs the tuner's variants
     return plans.backward(engine, g, o, do, dht, initial_state, cu_seqlens, reverse)

@@ -41,12 +41,20 @@ def candidates(N, T, D, dtypes, direction):
     rule's engine, the other engine, then the launch variants that apply (names of ``VARIANTS``)."""
     ruled = rule(N, T, D, dtypes, direction)
     return ((ruled,) + tuple(c for c in CANDIDATES if c != ruled)
-            + _fused.lane_variants(N, T, D, dtypes[0], dtypes[-1], direction))
+            + _fused.variants(N, T, D, dtypes[0], dtypes[-1], direction))
 
 
 def check_engine(engine):
+    """A public engine name (``settings.ENGINES``), else ValueError."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+
+
+def check_launch(engine):
+    """A public engine name or a variant's (``engines.VARIANTS``: the tuner's, which the internal
+    interface runs as named), else the ValueError of :func:`check_engine`."""
+    if engine not in VARIANTS:
+        check_engine(engine)
 
 
 def choose(engine, call, direction, reverse, device=None, run=None, allow_timing=False, stream_ptr=None):
@@ -56,8 +64,7 @@ def choose(engine, call, direction, reverse, device=None, run=None, allow_timing
     None on the CPU.  ``run(name)`` launches engine ``name`` once on the call's own buffers, which is what
     a first-use measurement times (on the stream ``stream_ptr``) where ``allow_timing`` (and
     ``config.tune``) allow it; ties keep the built-in rule's engine."""
-    if engine not in VARIANTS:  # variants are named by the tuner and tuning.tune, not by the public functions
-        check_engine(engine)
+    check_launch(engine)
     if engine == "auto":
         engine = config.engine
     if engine == "auto":

@@ -98,14 +98,15 @@ class RecordingDriver:
 
     def get_function(self, source, names, name, device, options=()):
         assert name in names
-        fn = self.functions.get(name)
+        fn = self.functions.get((name, options))
         if fn is None:
             kernel, targs = re.fullmatch(r"hc::(\w+)<(.*)>", name).groups()
             targs = [t.strip() for t in targs.split(",")]
             varlen = targs[2] == "true" if kernel.startswith("chunk") else None  # the walks take it at run time
             fn = types.SimpleNamespace(ptr=1000 + len(self.functions), kernel=kernel,
-                                       dtypes=tuple(C_NAMES[t] for t in targs[:2]), vec=int(targs[-1]), varlen=varlen)
-            self.functions[name] = self.by_ptr[fn.ptr] = fn
+                                       dtypes=tuple(C_NAMES[t] for t in targs[:2]), vec=int(targs[-1]), varlen=varlen,
+                                       options=options)
+            self.functions[name, options] = self.by_ptr[fn.ptr] = fn
         return fn
 
     def prepare_guard(self, device, cu_dtype):
@@ -126,7 +127,7 @@ class RecordingDriver:
         first = ctypes.c_void_p.from_address(params).value
         a = dict(zip(names, (ctypes.c_int64 * len(names)).from_address(first)))
         ln = {"kernel": fn.kernel, "vec": fn.vec, "dtypes": fn.dtypes, "grid": (gx, gy, gz), "block": (bx, by, bz),
-              "stream": stream, **a}
+              "stream": stream, "options": fn.options, **a}
         self.launches.append(ln)
         self.events.append(("kernel", ln))
         assert shmem == 0 and extra == 0

@@ -1,7 +1,8 @@
 """Every kernel family on small shapes, for compute-sanitizer (not a pytest module): the chunk engine, the
-fused engine's thread walk and block walk, forward and backward, dense and varlen (an empty sequence
-included), with and without states, both directions of time; the state-only passes and the composition
-of their maps (fold_maps on the GPU).
+fused engine's thread walk and block walk (and the block walks of the tuner's launch variants: the other
+lane width, short windows), forward and backward, dense and varlen (an empty sequence included), with and
+without states, both directions of time; the state-only passes and the composition of their maps
+(fold_maps on the GPU).
 
     compute-sanitizer --tool memcheck python tests/sanitize_kernels.py
     compute-sanitizer --tool racecheck python tests/sanitize_kernels.py
@@ -16,7 +17,8 @@ import cupy
 import numpy as np
 
 import hgrn_cupy as hc
-from hgrn_cupy import states
+from hgrn_cupy import plans, states
+from hgrn_cupy.engines import VARIANTS
 
 TOL = {"float32": 2e-5, "float16": 3e-3, "float64": 1e-12}
 # (B, T, D, cu_seqlens): thread walk (few channels), block walk (N * D of 8192), varlen with an empty sequence.
@@ -55,11 +57,13 @@ def main():
                     ref_o, ref_ht = hc.naive_recurrent_hgrn(xr, gr, h0r, True, cur, reverse)
                     ref_b = hc.naive_recurrent_hgrn_bwd(gr, ref_o, dor, dhts if with_states else None, h0r, cur,
                                                         reverse)
-                    for engine in ("chunk", "fused_recurrent"):
+                    # the variants where the block walks run (float64 has none)
+                    launchers = ("chunk", "fused_recurrent") + (tuple(VARIANTS) if D == 4096 and dtype != "float64"
+                                                                else ())
+                    for engine in launchers:
                         name = f"{dtype} {B}x{T}x{D} cu={offsets} reverse={reverse} states={with_states} {engine}"
-                        o, ht = (hc.chunk_hgrn if engine == "chunk" else hc.fused_recurrent_hgrn)(
-                            x, g, h0, True, cu, reverse)
-                        grads = hc.hgrn_backward(g, o, do, dht, h0, cu, reverse, engine)
+                        o, ht = plans.forward(engine, x, g, h0, True, cu, reverse)
+                        grads = plans.backward(engine, g, o, do, dht, h0, cu, reverse)
                         launches += 2
                         errs = {"o": _err(o, ref_o), "ht": _err(ht, ref_ht), "dx": _err(grads[0], ref_b[0]),
                                 "dg": _err(grads[1], ref_b[1])}

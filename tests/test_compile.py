@@ -35,6 +35,10 @@ def _modules():
                             chunk.NARROW_BWD_OPTIONS, arch))
             out.append((f"fused-{pair}", fused_recurrent.SOURCE, fused_recurrent.names(xd, gd),
                         fused_recurrent.options(xd, gd), arch))
+            if fused_recurrent.short_window_names(xd, gd):
+                out.append((f"fused-short-windows-{pair}", fused_recurrent.SOURCE,
+                            fused_recurrent.short_window_names(xd, gd),
+                            fused_recurrent.options(xd, gd, fused_recurrent.SHORT_STEPS), arch))
             out.append((f"states-{pair}", states.SOURCE, states.kernel_names(xd, gd), states.OPTIONS, arch))
     out.append(("guard", guard.SOURCE, guard.NAMES, guard.OPTIONS, ARCH))
     return out
@@ -58,7 +62,9 @@ def test_every_instantiation_compiles_without_warnings():
     assert not failed, "\n".join(failed)
     assert not warned, "NVRTC warnings:\n" + "\n".join(warned)
     sixteen_bit = sum(nvrtc.ITEMSIZE[d] == 2 for d in nvrtc.DTYPES)
-    assert len(results) == 3 * len(nvrtc.DTYPES) ** 2 + 1 + sixteen_bit ** 2  # + the 16-bit pairs' narrow backward
+    no_float64 = sum(nvrtc.ITEMSIZE[d] < 8 for d in nvrtc.DTYPES)
+    # + the 16-bit pairs' narrow backward, the block walks' short windows (float64 has no block walk)
+    assert len(results) == 3 * len(nvrtc.DTYPES) ** 2 + 1 + sixteen_bit ** 2 + no_float64 ** 2
 
 
 def _kernel_files():

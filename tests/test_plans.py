@@ -35,7 +35,7 @@ except ImportError:  # not in the package's test extra: the property-based tests
 
 import hgrn_cupy as hc
 from hgrn_cupy import arrays as ar
-from hgrn_cupy import checks, dispatch, nvrtc, tuning
+from hgrn_cupy import checks, dispatch, engines, nvrtc, tuning
 from hgrn_cupy.settings import ENGINES
 
 
@@ -204,10 +204,10 @@ def test_engine_choice(N, T, D, x_dtype, g_dtype, direction, reverse, varlen):
 @given(N=st.integers(0, 64), T=st.integers(0, 300), D=st.integers(0, 1 << 13), x_dtype=DTYPE, g_dtype=DTYPE,
        direction=st.sampled_from((0, 1)), narrow_below=st.sampled_from((0, 1 << 12, 1 << 14, 1 << 62)))
 def test_tuning_candidates(N, T, D, x_dtype, g_dtype, direction, narrow_below):
-    """The tuner measures the rule's engine first, then the other engine, then the block walk at the
-    lane width the rule does not take: for a 16-bit forward whose channel band and T call for a block
-    walk and whose D divides into either width (the bands opened to every count from 4K channels)."""
-    from hgrn_cupy import engines
+    """The tuner measures the rule's engine first, then the other engine, then, where the rule's block
+    walk applies (the 16-bit and float32 bands opened to every count from 4K channels here; float64 has
+    none), the block walk with short windows, and for a 16-bit forward whose D divides into the lane
+    width the rule does not take, that width with either window."""
     from hgrn_cupy.engines import fused_recurrent as fr
 
     dtypes = (x_dtype, g_dtype)
@@ -219,16 +219,21 @@ def test_tuning_candidates(N, T, D, x_dtype, g_dtype, direction, narrow_below):
         ruled = dispatch.rule(N, T, D, dtypes, direction)
         assert got[:2] == (ruled, ({"chunk", "fused_recurrent"} - {ruled}).pop())
         wide = max(nvrtc.ITEMSIZE[x_dtype], nvrtc.ITEMSIZE[g_dtype])
-        rule_bytes = 4 if N * D < narrow_below else 8
+        sixteen_bit_fwd = direction == 0 and wide == 2
+        rule_bytes = (4 if N * D < narrow_below else 8) if sixteen_bit_fwd else 8 - 4 * direction
         other = 12 - rule_bytes
-        # the lanes: 16-bit channels of 4 or 8 bytes, so D must divide into 2 or 4 of them
-        walks = N * D >= 1 << 12 and T > fr.BLOCK_WALK_MIN_T
-        expect = (direction == 0 and wide == 2 and walks and D % (rule_bytes // 2) == 0 and D % (other // 2) == 0)
-        assert got[2:] == ((f"fused_recurrent, {other}-byte lanes",) if expect else ())
+        rule_vec = max(1, rule_bytes // wide)
+        walks = wide < 8 and N * D >= 1 << 12 and T > fr.BLOCK_WALK_MIN_T and D % rule_vec == 0
+        lanes = walks and sixteen_bit_fwd and D % (other // 2) == 0
+        short = f", {fr.SHORT_STEPS}-step windows"
+        expect = ((f"fused_recurrent{short}",) if walks else ()) + (
+            (f"fused_recurrent, {other}-byte lanes", f"fused_recurrent, {other}-byte lanes{short}") if lanes else ())
+        assert sorted(got[2:]) == sorted(expect)
         for name in got[2:]:
             engine, options = engines.VARIANTS[name]
-            assert engine == "fused_recurrent" and options == {"lanes": other}
-            assert fr.block_walk_fits(N, T, D, x_dtype, g_dtype, 0, other) == other // 2
+            assert engine == "fused_recurrent" and options["steps"] in (None, fr.SHORT_STEPS)
+            assert fr.block_walk_fits(N, T, D, x_dtype, g_dtype, direction, options["lanes"]) == (
+                other // 2 if options["lanes"] else rule_vec)
 
 
 @settings(max_examples=200, deadline=None, database=None)
@@ -247,6 +252,20 @@ def test_unknown_engine_is_rejected(name):
     with pytest.raises(ValueError, match=r"^config\.engine must be one of \("):
         hc.config.engine = name
     assert hc.config.engine in ENGINES
+
+
+def test_variant_names_are_internal():
+    """The tuner's launch variants are not values of the public ``engine`` argument or setting; the
+    internal interface runs them as named."""
+    x = np.ones((2, 3, 4), np.float32)
+    call = _call(2, 3, 4, ("float32", "float32"))
+    assert engines.VARIANTS
+    for variant in engines.VARIANTS:
+        with pytest.raises(ValueError, match=r"^engine must be one of \("):
+            hc.hgrn_backward(x, x, x, engine=variant)
+        with pytest.raises(ValueError, match=r"^config\.engine must be one of \("):
+            hc.config.engine = variant
+        assert dispatch.choose(variant, call, 0, False) == variant
 
 
 @settings(max_examples=300, deadline=None, database=None)

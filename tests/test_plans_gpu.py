@@ -257,43 +257,69 @@ def test_auto_runs_the_engine_dispatch_chooses(dtype, direction, side, tune, fre
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("shape", [(4, 129, 4096), (2, 1000, 6144), (3, 65, 4096)], ids=lambda s: "x".join(map(str, s)))
-def test_tuned_lane_variants(shape, dtype, fresh_plans, poison, monkeypatch, tmp_path, request):
-    """Where a 16-bit forward's tuning measures the block walk at both lane widths, each width stored as
-    the decision is what ``hgrn`` then runs (its kernel at that width, the state in and out), within
-    tolerance of the float64 reference with the outputs poisoned, and the decision is kept."""
+@pytest.mark.parametrize("case", [(0, "bfloat16", (4, 129, 4096)), (0, "float16", (3, 65, 4096)),
+                                  (0, "bfloat16", (2, 1000, 6144)), (0, "float32", (2, 100, 8192)),
+                                  (1, "bfloat16", (4, 129, 4096)), (1, "float32", (3, 65, 4096))],
+                         ids=lambda c: f"{('fwd', 'bwd')[c[0]]}-{c[1]}-{'x'.join(map(str, c[2]))}")
+def test_tuned_variants(case, fresh_plans, poison, monkeypatch, tmp_path, request):
+    """Where a call's tuning measures launch variants of the fused engine (block walks of the other lane
+    width, windows of SHORT_STEPS steps), each one stored as the decision is what ``hgrn`` (or
+    ``hgrn_backward``) then runs: its block walk at that width, from the module of that window, with the
+    states in and out, within tolerance of the float64 reference (outputs poisoned); the decision is kept."""
     cupy = pytest.importorskip("cupy")
     from gpu_kernel_checks import launched_kernels
 
+    from hgrn_cupy import nvrtc
     from hgrn_cupy.engines import fused_recurrent as fr
 
-    B, T, D = shape
+    direction, dtype, (B, T, D) = case
     seed = zlib.crc32(request.node.nodeid.encode())
     rng = cupy.random.default_rng(seed)
-    x, g = (tuning._random(cupy, (B, T, D), "float32", rng, gate=k == 1).astype(dtype) for k in range(2))
-    h0 = tuning._random(cupy, (B, D), "float32", rng)
-    ref_o, ref_ht = hc.naive_recurrent_hgrn(*(cupy.asnumpy(a).astype(np.float64) for a in (x, g, h0)), True)
-    names = dispatch.candidates(B, T, D, (dtype, dtype), 0)
-    assert names[2:] and set(names[2:]) <= set(fr.LANES), (shape, names)
+    x, g, do = (tuning._random(cupy, (B, T, D), dtype, rng, gate=k == 1) for k in range(3))
+    h0, dht = (tuning._random(cupy, (B, D), "float32", rng) for _ in range(2))
+    f64 = [cupy.asnumpy(a).astype(np.float64) for a in (x, g, h0)]
+    if direction == 0:
+        refs = hc.naive_recurrent_hgrn(*f64, True)
+    else:
+        o = hc.fused_recurrent_hgrn(x, g, h0)[0]
+        refs = hc.naive_recurrent_hgrn_bwd(f64[1], cupy.asnumpy(o).astype(np.float64),
+                                           cupy.asnumpy(do).astype(np.float64), cupy.asnumpy(dht), f64[2])
+    names = dispatch.candidates(B, T, D, (dtype, dtype), direction)
+    assert set(names[2:]) <= set(fr.VARIANTS) and f"fused_recurrent, {fr.SHORT_STEPS}-step windows" in names
     monkeypatch.setenv("HGRN_CUPY_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(hc.config, "engine", "auto")
     monkeypatch.setattr(hc.config, "tune", True)
+    monkeypatch.setattr(tuning.settings, "on_disk", False)
     request.addfinalizer(tuning.forget)
-    for name in (n for n in names if n != "chunk"):  # the rule's lanes, then the other width
+    key = tuning.shape_class(direction, (dtype, dtype), B, T, D, False)
+    requested, get = [], nvrtc.get_function  # (kernel, compile options) of each function a plan asks for
+    monkeypatch.setattr(nvrtc, "get_function",
+                        lambda source, names, name, device, options=(): (requested.append((name, options)),
+                                                                         get(source, names, name, device, options))[1])
+    launched = launched_kernels(monkeypatch)
+    for name in (n for n in names if n != "chunk"):  # the engine as its rules say, then each variant
         tuning.forget()
         fresh_plans.clear()
+        requested.clear()
+        launched.clear()
         # the decision this call's measurement would store, stored ahead of it
-        key = tuning.shape_class(0, (dtype, dtype), B, T, D, False)
-        monkeypatch.setattr(tuning.settings, "on_disk", False)
         assert tuning._store(tuning.device_key(x.data.device_id), repr(key), name, keep=()) == name
-        launched = launched_kernels(monkeypatch)
-        o, ht = hc.hgrn(x, g, h0, True)
-        lanes = fr.LANES.get(name) or (4 if B * D < fr.BLOCK_WALK_NARROW_BELOW else 8)
-        assert [k[0] for k in launched] == ["fused_recurrent_block_fwd"] and launched[0][-1] == str(lanes // 2), \
-            (name, launched)
-        what = f"seed {seed}, {shape}, {dtype}, {name}"
-        assert rel_err(o, ref_o) <= TOL[dtype], what
-        assert rel_err(ht, ref_ht) <= TOL[dtype], what
-        assert dispatch.choose("auto", checks.check_forward(x, g, h0, None, True, False), 0, False,
-                               x.data.device_id) == name
+        options = fr.VARIANTS.get(name, {"lanes": None, "steps": None})
+        steps = options["steps"] or fr.BLOCK_STEPS
+        what = f"seed {seed}, {case}, {name}"
+        if direction == 0:
+            outs = hc.hgrn(x, g, h0, True)
+            nbytes = options["lanes"] or (4 if dtype != "float32" and B * D < fr.BLOCK_WALK_NARROW_BELOW else 8)
+        else:
+            outs, nbytes = hc.hgrn_backward(g, o, do, dht, h0), 4
+            call = checks.check_backward(g, o, do, dht, h0, None, False)
+        kernel = ("fused_recurrent_block_fwd", "fused_recurrent_block_bwd")[direction]
+        assert [k[0] for k in launched] == [kernel], (what, launched)
+        assert launched[0][-1] == str(max(1, nbytes // nvrtc.ITEMSIZE[dtype])), (what, launched)
+        windows = [opts[-1] for kname, opts in requested if "_block_" in kname]
+        assert windows == [f"-DHC_BLOCK_STEPS={steps}"], (what, requested)
+        for k, (a, ref) in enumerate(zip(outs, refs)):
+            assert rel_err(a, ref) <= TOL[dtype], (what, k)
+        if direction == 0:
+            call = checks.check_forward(x, g, h0, None, True, False)
+        assert dispatch.choose("auto", call, direction, False, x.data.device_id) == name, what

@@ -149,24 +149,38 @@ def test_block_walk_where_the_layout_allows(layout, narrow, fake_cuda, fresh_pla
 
 
 @pytest.mark.parametrize("narrow", [False, True], ids=["rule 8 bytes", "rule 4 bytes"])
-@pytest.mark.parametrize("name", sorted(fused_recurrent.LANES))
-def test_lane_variant_launches(name, narrow, fake_cuda, fresh_plans, monkeypatch):
-    """A launch variant the tuner may store (``engines.VARIANTS``) runs the block walk at its own lane
-    width whatever width the rule would take, computes the reference, and keeps a plan of its own."""
+@pytest.mark.parametrize("name", sorted(fused_recurrent.VARIANTS))
+def test_variant_launches(name, narrow, fake_cuda, fresh_plans, monkeypatch):
+    """A launch variant the tuner may store (``engines.VARIANTS``) runs the block walks with its own lane
+    width (forward; else the rule's) and window (the SHORT_STEPS module, else the engine's), computes the
+    reference both ways, and keeps plans of its own."""
     torch = pytest.importorskip("torch")
     force_block_walks(monkeypatch, narrow)
-    x, g, h0 = _torch_case(torch.Generator().manual_seed(9), (3, 70, 64, "bfloat16", "bfloat16", "float32", "dense"))
+    gen = torch.Generator().manual_seed(9)
+    x, g, h0 = _torch_case(gen, (3, 70, 64, "bfloat16", "bfloat16", "float32", "dense"))
+    do, dht = torch.randn(3, 70, 64, generator=gen).to(torch.bfloat16), torch.randn(3, 64, generator=gen)
     ref_o, ref_ht = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g), to_numpy(h0), True)
     for _ in range(2):
         o, ht = plans.forward(name, x, g, h0, True, None, False)
         assert rel_err(o, ref_o) <= TOL["bfloat16"] and rel_err(ht, ref_ht) <= TOL["bfloat16"]
+    refs = hc.naive_recurrent_hgrn_bwd(*(to_numpy(a) for a in (g, o, do, dht, h0)))
+    got = plans.backward(name, g, o, do, dht, h0, None, False)
+    for a, ref in zip(got, refs):
+        assert rel_err(a, ref) <= TOL["bfloat16"]
     hc.fused_recurrent_hgrn(x, g, h0, True)
-    assert len(fresh_plans) == 2
-    vec = fused_recurrent.LANES[name] // 2
+    assert len(fresh_plans) == 3
+    lanes, steps = fused_recurrent.VARIANTS[name]["lanes"], fused_recurrent.VARIANTS[name]["steps"]
+    vec = lanes // 2 if lanes else fused_recurrent.block_walk_width("bfloat16", "bfloat16", 0, narrow)
+    window = f"-DHC_BLOCK_STEPS={steps or fused_recurrent.BLOCK_STEPS}"
+    shipped = f"-DHC_BLOCK_STEPS={fused_recurrent.BLOCK_STEPS}"
     rule_vec = fused_recurrent.block_walk_width("bfloat16", "bfloat16", 0, narrow)
-    got = [(ln["kernel"], ln["vec"], ln["grid"]) for ln in fake_cuda.launches]
-    assert got == [("fused_recurrent_block_fwd", vec, (-(-64 // (32 * vec)), 3, 1))] * 2 + [
+    bwd_vec = fused_recurrent.block_walk_width("bfloat16", "bfloat16", 1)
+    launched = [(ln["kernel"], ln["vec"], ln["grid"]) for ln in fake_cuda.launches]
+    assert launched == [("fused_recurrent_block_fwd", vec, (-(-64 // (32 * vec)), 3, 1))] * 2 + [
+        ("fused_recurrent_block_bwd", bwd_vec, (-(-64 // (32 * bwd_vec)), 3, 1)),
         ("fused_recurrent_block_fwd", rule_vec, (-(-64 // (32 * rule_vec)), 3, 1))]
+    windows = [next(o for o in ln["options"] if o.startswith("-DHC_BLOCK_STEPS=")) for ln in fake_cuda.launches]
+    assert windows == [window] * 3 + [shipped]
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["kept", "fresh"])

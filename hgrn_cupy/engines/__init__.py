@@ -7,7 +7,7 @@ from . import chunk, fused_recurrent
 ENGINES = {"chunk": chunk, "fused_recurrent": fused_recurrent}
 # name -> (engine, options of its prepare): launches whose best setting moves with the card, so that the
 # tuner measures them (hgrn_cupy.dispatch.candidates); internal names, stored in the tuning cache.
-VARIANTS = {name: ("fused_recurrent", {"lanes": nbytes}) for name, nbytes in fused_recurrent.LANES.items()}
+VARIANTS = {name: ("fused_recurrent", options) for name, options in fused_recurrent.VARIANTS.items()}
 
 
 def prepare(name, direction, tensors, N, reverse, device, varlen=False):

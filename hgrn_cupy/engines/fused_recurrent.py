@@ -26,19 +26,30 @@ PREFETCH_V = {2: 32, 4: 16, 8: 16}  # steps per register tile of the two-channel
 # forward, 4 backward: it holds three tensors' steps) and split each window of BLOCK_WARPS * BLOCK_STEPS
 # steps between them (more steps spill).  One is taken where N * D lies in BLOCK_WALK_CHANNELS[storage
 # size of the wider input, direction], T exceeds BLOCK_WALK_MIN_T and the layout allows the lanes;
-# 16-bit forwards below BLOCK_WALK_NARROW_BELOW channels take 4-byte lanes (twice the blocks).  Which lane
-# width wins moves with the card (on an H200 4-byte lanes won at 16K channels, where 8-byte lanes won on an
-# H100: docs/performance.md, "Block-walk lanes"), so the tuner also measures the other width (LANES).
+# 16-bit forwards below BLOCK_WALK_NARROW_BELOW channels take 4-byte lanes (twice the blocks).  The lane
+# width and the window that win move with the card (on an H200 4-byte lanes won at 16K channels and
+# windows of SHORT_STEPS steps a warp from 16K channels on, where on an H100 8-byte lanes won at 16K and
+# shorter windows lost: docs/performance.md, "Block-walk lanes" and "Block-walk window shape"), so the
+# tuner measures those too (VARIANTS).
 BLOCK_WARPS = 8
 BLOCK_STEPS = 8
+SHORT_STEPS = 4
 BLOCK_WALK_NARROW_BELOW = 1 << 14
 NEVER = 1 << 62
 BLOCK_WALK_CHANNELS = {(2, 0): (1 << 13, NEVER), (4, 0): (1 << 12, NEVER), (8, 0): (NEVER, NEVER),
                        (2, 1): (1 << 13, NEVER), (4, 1): (1 << 12, 1 << 16), (8, 1): (NEVER, NEVER)}
 BLOCK_WALK_MIN_T = BLOCK_WARPS * BLOCK_STEPS
-# The launches with the 16-bit forward block walk's lanes fixed at 4 or 8 bytes, by the names the tuner
-# stores (hgrn_cupy.engines.VARIANTS): the bytes a lane per name.
-LANES = {"fused_recurrent, 4-byte lanes": 4, "fused_recurrent, 8-byte lanes": 8}
+
+
+def _variant_name(lanes, steps):
+    return "fused_recurrent" + (f", {lanes}-byte lanes" if lanes else "") + (f", {steps}-step windows" if steps else "")
+
+
+# The launches the tuner may store besides the engine as its rules set it up, by name: the block walk with
+# the 16-bit forward's lanes fixed at 4 or 8 bytes and / or windows of SHORT_STEPS steps a warp (None: as
+# the rules say); prepare's options.
+VARIANTS = {_variant_name(lanes, steps): {"lanes": lanes, "steps": steps}
+            for steps in (None, SHORT_STEPS) for lanes in (None, 4, 8) if lanes or steps}
 
 
 def _size(x_dtype, g_dtype):
@@ -52,12 +63,25 @@ def block_walk_width(x_dtype, g_dtype, direction=0, narrow=False):
     return max(1, nbytes // _size(x_dtype, g_dtype))
 
 
-def options(x_dtype, g_dtype):
+def options(x_dtype, g_dtype, block_steps=BLOCK_STEPS):
     """Compile options for one dtype pair: steps per register tile of the walks (two tiles in flight;
-    32 where both inputs are float32, 16 otherwise) and the block walks' shape."""
+    32 where both inputs are float32, 16 otherwise) and the block walks' shape (``block_steps`` steps a
+    warp in a window)."""
     steps = 32 if x_dtype == g_dtype == "float32" else 16
     return (f"-DHC_PREFETCH={steps}", f"-DHC_PREFETCH_V={PREFETCH_V[_size(x_dtype, g_dtype)]}",
-            f"-DHC_BLOCK_WARPS={BLOCK_WARPS}", f"-DHC_BLOCK_STEPS={BLOCK_STEPS}")
+            f"-DHC_BLOCK_WARPS={BLOCK_WARPS}", f"-DHC_BLOCK_STEPS={block_steps}")
+
+
+def short_window_names(x_dtype, g_dtype):
+    """The block walks of one dtype pair at each lane width (none where neither direction has one): the
+    kernels of the module with windows of SHORT_STEPS steps."""
+    size, inst = _size(x_dtype, g_dtype), nvrtc.instantiation
+    out = ()
+    for d, k in enumerate(("fused_recurrent_block_fwd", "fused_recurrent_block_bwd")):
+        if BLOCK_WALK_CHANNELS[size, d][0] < NEVER:
+            widths = sorted({block_walk_width(x_dtype, g_dtype, d, narrow) for narrow in (False, True)})
+            out += tuple(inst(k, x_dtype, g_dtype, v) for v in widths)
+    return out
 
 
 def names(x_dtype, g_dtype):
@@ -83,20 +107,27 @@ def block_walk_fits(N, T, D, x_dtype, g_dtype, direction=0, lanes=None):
     return vec if T > BLOCK_WALK_MIN_T and lo <= N * D < hi and D % vec == 0 else 0
 
 
-def lane_variants(N, T, D, x_dtype, g_dtype, direction):
-    """The names (of LANES) of the launches a call's tuning measures besides the two engines: for a 16-bit
-    forward that takes a block walk at either lane width, the width the rule does not take."""
-    if direction != 0 or _size(x_dtype, g_dtype) != 2 or not block_walk_fits(N, T, D, x_dtype, g_dtype):
+def variants(N, T, D, x_dtype, g_dtype, direction):
+    """The names (of VARIANTS) of the launches a call's tuning measures besides the two engines, where the
+    rules take a block walk: windows of SHORT_STEPS steps; for a 16-bit forward whose D also divides
+    into the lane width the rule does not take, that width with either window."""
+    if not block_walk_fits(N, T, D, x_dtype, g_dtype, direction):
         return ()
-    other = 8 if N * D < BLOCK_WALK_NARROW_BELOW else 4
-    if not block_walk_fits(N, T, D, x_dtype, g_dtype, 0, other):
-        return ()
-    return tuple(name for name, nbytes in LANES.items() if nbytes == other)
+    lanes = [None]
+    if direction == 0 and _size(x_dtype, g_dtype) == 2:
+        other = 8 if N * D < BLOCK_WALK_NARROW_BELOW else 4
+        if block_walk_fits(N, T, D, x_dtype, g_dtype, 0, other):
+            lanes.append(other)
+    return tuple(_variant_name(n, s) for s in (None, SHORT_STEPS) for n in lanes if n or s)
 
 
-def _kernel(name, dtypes, vec, grid, block, device):
-    fn = nvrtc.get_function(SOURCE, names(*dtypes), nvrtc.instantiation(name, *dtypes, vec), device,
-                            options(*dtypes))
+def _kernel(name, dtypes, vec, grid, block, device, block_steps=BLOCK_STEPS):
+    if block_steps == BLOCK_STEPS:
+        module = names(*dtypes)
+    else:  # a block walk with windows of its own: a module of the block walks alone
+        module = short_window_names(*dtypes)
+    fn = nvrtc.get_function(SOURCE, module, nvrtc.instantiation(name, *dtypes, vec), device,
+                            options(*dtypes, block_steps))
     return nvrtc.bind(fn, grid, block, device)
 
 
@@ -108,10 +139,11 @@ def _block_grid(N, D, vec):
     return ((D + 32 * vec - 1) // (32 * vec), N), (32, BLOCK_WARPS)
 
 
-def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None):
+def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None, steps=None):
     """The launch of one direction for one layout, as ``launch(stream_ptr, pointers, states, cu,
     workspace)`` (the workspace is not used), or None when there is nothing to compute; arguments as
-    ``chunk.prepare``; ``lanes`` as ``block_walk_fits``.  Each call takes the widest kernel its pointers
+    ``chunk.prepare``; ``lanes`` as ``block_walk_fits``, ``steps`` a warp in a block walk's window (None:
+    BLOCK_STEPS).  Each call takes the widest kernel its pointers
     allow: the block walk, the walk of ``WALK_VEC`` channels a thread, or of one; forward without
     cu_seqlens at T = 1, the single step."""
     B, T, D = tensors[0].shape
@@ -130,7 +162,8 @@ def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None):
     bvec = block_walk_fits(N, T, D, *dtypes, direction, lanes)
     if bvec and layout_vector_width(D, arrs, bvec) == bvec:
         choices.append((alignment_masks(bvec, tensors),
-                        _kernel(block_names[direction], dtypes, bvec, *_block_grid(N, D, bvec), device)))
+                        _kernel(block_names[direction], dtypes, bvec, *_block_grid(N, D, bvec), device,
+                                steps or BLOCK_STEPS)))
     wvec = WALK_VEC[size] if N * D >= WALK_VEC_MIN_CHANNELS else 1
     if wvec > 1 and layout_vector_width(D, arrs, wvec) == wvec:
         choices.append((alignment_masks(wvec, tensors),
