@@ -197,7 +197,8 @@ def tune_main(argv):
     from . import tuning
 
     parser = argparse.ArgumentParser(prog="python -m hgrn_cupy tune",
-                                     description="Measure the engines (and their launch variants) per shape and cache the fastest.")
+                                     description="Measure the engines and their launch variants per shape "
+                                                 "and cache the fastest.")
     parser.add_argument("shapes", nargs="*", type=parse_shape, metavar="BxTxD",
                         help="default: " + " ".join("x".join(map(str, s)) for s in TUNE_SHAPES))
     parser.add_argument("--dtype", action="append", dest="dtypes", metavar="NAME",

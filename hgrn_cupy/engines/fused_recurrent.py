@@ -143,9 +143,8 @@ def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None, st
     """The launch of one direction for one layout, as ``launch(stream_ptr, pointers, states, cu,
     workspace)`` (the workspace is not used), or None when there is nothing to compute; arguments as
     ``chunk.prepare``; ``lanes`` as ``block_walk_fits``, ``steps`` a warp in a block walk's window (None:
-    BLOCK_STEPS).  Each call takes the widest kernel its pointers
-    allow: the block walk, the walk of ``WALK_VEC`` channels a thread, or of one; forward without
-    cu_seqlens at T = 1, the single step."""
+    BLOCK_STEPS).  Each call takes the widest kernel its pointers allow: the block walk, the walk of
+    ``WALK_VEC`` channels a thread, or of one; forward without cu_seqlens at T = 1, the single step."""
     B, T, D = tensors[0].shape
     if N == 0 or D == 0:
         return None
