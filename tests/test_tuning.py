@@ -278,6 +278,30 @@ def test_tune_command_arguments(monkeypatch, capsys):
     assert "tune needs a CUDA GPU: no CUDA device" in capsys.readouterr().out
 
 
+def test_tune_command_prints_each_candidate(monkeypatch, capsys):
+    """The tune command prints the device key, then per row the choice and every candidate's time in us
+    (candidates differ from row to row: variants apply to some shapes only), then where the cache is."""
+    from hgrn_cupy import __main__ as cli
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0)))
+    monkeypatch.setattr(cli, "gpu_info", lambda: ([], fake, None))
+    monkeypatch.setattr(tuning, "device_key", lambda device: DEV)
+    rows = [((8, 4096, 2048), "bfloat16", 0, "fused_recurrent, 4-byte lanes",
+             {"fused_recurrent": 167e-6, "chunk": 137.2e-6, "fused_recurrent, 4-byte lanes": 129e-6}),
+            ((4, 2048, 512), "bfloat16", 1, "chunk", {"chunk": 34.3e-6, "fused_recurrent": 108.9e-6})]
+    asked = []
+    monkeypatch.setattr(tuning, "tune",
+                        lambda shapes, dtypes, device: (asked.append((shapes, dtypes, device)), rows)[1])
+    assert cli.main(["tune", "8x4096x2048", "4x2048x512"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert asked == [([(8, 4096, 2048), (4, 2048, 512)], ("bfloat16",), DEV)]
+    assert out[0] == f"device: {DEV}" and out[1].split()[-3:] == ["us", "per", "candidate"]
+    assert out[2].split()[:4] == ["8x4096x2048", "bfloat16", "forward", "fused_recurrent,"]
+    assert out[2].endswith("fused_recurrent 167.0, chunk 137.2, fused_recurrent, 4-byte lanes 129.0")
+    assert out[3].split()[:4] == ["4x2048x512", "bfloat16", "backward", "chunk"]
+    assert out[3].endswith("chunk 34.3, fused_recurrent 108.9") and out[4].startswith("cache: ")
+
+
 def test_tune_stores_what_choose_reads(cache, monkeypatch):
     """tune() on NumPy standing in for CuPy (the public functions then run the CPU reference): its
     decisions land under the keys choose() looks up, replacing earlier ones."""
@@ -302,3 +326,39 @@ def test_tune_stores_what_choose_reads(cache, monkeypatch):
         timer = Scripted({"chunk": 1.0, "fused_recurrent": 1.0})
         assert choose(timer, key=key, allow_timing=False, default="none") == engine and timer.launched == []
         assert read(cache)["devices"][DEV][repr(key)] == engine
+
+
+def test_tune_measures_and_stores_the_variants(cache, monkeypatch):
+    """tune() (NumPy standing in for CuPy) times every candidate a first call would, launch variants
+    included, each through the internal interface on the tuner's own arrays (the CPU reference here), and
+    stores the fastest, a variant too, where choose() finds it."""
+    pytest.importorskip("ml_dtypes")
+    import numpy as np
+
+    from hgrn_cupy import dispatch, plans
+
+    fake = types.SimpleNamespace(random=np.random, logaddexp=np.logaddexp, uint32=np.uint32, uint16=np.uint16,
+                                 cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(tuning, "device_key", lambda device: DEV)
+    shape = (1, 65, 8192)  # a block walk for bfloat16 both ways: the variants apply
+    names = {d: dispatch.candidates(*shape, ("bfloat16", "bfloat16"), d) for d in (0, 1)}
+    assert len(names[0]) == 5 and len(names[1]) == 3
+    ran = []
+    real_forward, real_backward = plans.forward, plans.backward
+    monkeypatch.setattr(plans, "forward", lambda name, *a: (ran.append((0, name)), real_forward(name, *a))[1])
+    monkeypatch.setattr(plans, "backward", lambda name, *a: (ran.append((1, name)), real_backward(name, *a))[1])
+    fastest = {0: names[0][3], 1: names[1][2]}  # a variant in each direction
+
+    def measure(fn):
+        fn()
+        direction, name = ran[-1]
+        return 1.0 if name == fastest[direction] else 2.0
+    rows = tuning.tune([shape], measure=measure)
+    assert [(r[2], r[3], tuple(r[4])) for r in rows] == [(d, fastest[d], names[d]) for d in (0, 1)]
+    for direction in (0, 1):
+        key = tuning.shape_class(direction, ("bfloat16", "bfloat16"), *shape, False)
+        timer = Scripted({})
+        assert choose(timer, key=key, candidates=names[direction], allow_timing=False, default="none") == \
+            fastest[direction] and timer.launched == []
+        assert read(cache)["devices"][DEV][repr(key)] == fastest[direction]
