@@ -426,3 +426,28 @@ def test_experiment_source_patches_match_the_kernels():
     for settings in patched:
         sources = next(value for _, attribute, value in settings if attribute == "_sources")
         assert sources[chunk.SOURCE] != shipped
+
+
+def test_launch_experiments_set_what_the_library_has():
+    """Every setting the chunk engine's and the block walks' experiment groups make names an attribute
+    the library has (a rename fails here, not on the device), and the shared-memory kernel that
+    chunk_launch's carveout-after group runs first compiles with NVRTC for sm_90."""
+    nvrtc_lib = pytest.importorskip("cupy_backends.cuda.libs.nvrtc",
+                                    reason="cupy (with its NVRTC bindings) is not installed")
+    folder = os.path.join(REPO, "benchmarks", "experiments")
+    sys.path.insert(0, folder)
+    try:
+        import chunk_launch
+        import fused_block_walk
+    finally:
+        sys.path.remove(folder)
+    chunk, config, _, nvrtc = chunk_launch.library()
+    fused, comp, _ = fused_block_walk.library()
+    tables = [chunk_launch.groups(chunk, config, nvrtc), fused_block_walk.groups(fused, comp)]
+    settings = [s for table in tables for group in table.values() for variant in group[1].values() for s in variant]
+    assert settings and all(hasattr(obj, name) for obj, name, _ in settings)
+    prog = nvrtc_lib.createProgram(chunk_launch.HOG, "hog.cu", [], [])
+    try:
+        nvrtc_lib.compileProgram(prog, ["--gpu-architecture=sm_90"])
+    finally:
+        nvrtc_lib.destroyProgram(prog)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The chunk engine's launch arguments, each against the value it ships with.
 
-    python benchmarks/experiments/chunk_launch.py --group peek|prefetch|stagger|scratch|carveout [--cases ...] [--smoke]
+    python benchmarks/experiments/chunk_launch.py --group peek|prefetch|stagger|scratch|carveout|carveout-after
+        [--cases ...] [--smoke]
 
 Groups (each with the shapes its decision was taken on; docs/performance.md has the reasons):
 - peek: each block asks for its predecessor's slots right behind its own loads, on grids of at most
@@ -17,6 +18,10 @@ Groups (each with the shapes its decision was taken on; docs/performance.md has 
   the driver (percent shared memory: 28% is 64 KB on sm_90, the least that holds two blocks' maps), against
   the driver's own choice, as shipped; each variant loads its kernels anew (the preference stays with a
   loaded kernel).
+- carveout-after: the same, each call right after a launch that leaves every multiprocessor split for the
+  most shared memory (one block a SM holding all the shared memory a block may take, as a GEMM taking
+  most of it would): whether the driver's own choice then keeps that split.  Every cell includes the
+  launch; the header prints its time alone.
 """
 import sys
 from pathlib import Path
@@ -34,8 +39,47 @@ def library():
     return chunk, config, plans._plans.clear, nvrtc
 
 
+HOG = r"""
+extern "C" __global__ void hog(int* out) {
+    extern __shared__ int s[];
+    s[threadIdx.x] = threadIdx.x;
+    __syncthreads();
+    if (s[(threadIdx.x + 1) % blockDim.x] < 0) out[0] = 1;  // never true: the shared memory is used
+}
+"""
+
+
+def shared_memory_hog(torch):
+    """``hog()``: queues on torch's current stream one block a SM, each with the most dynamic shared
+    memory a block may opt into and asking for 100% shared memory, so that every multiprocessor is left
+    split for the most shared memory."""
+    import cupy
+
+    rt, dev = cupy.cuda.runtime, cupy.cuda.Device().id
+    most = rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)
+    grid = (rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, dev),)
+    fn = cupy.RawKernel(HOG, "hog")
+    fn.max_dynamic_shared_size_bytes = most
+    c.carveout(fn.kernel.ptr, 100)
+    out = cupy.zeros(1, cupy.int32)
+
+    def hog():
+        with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+            fn(grid, (32,), (out,), shared_mem=most)
+    return hog
+
+
+def after(first, calls):
+    """``calls`` ({pass: f(set)}) with ``first()`` queued before each."""
+    return {p: (lambda s, f=f: (first(), f(s))[1]) for p, f in calls.items()}
+
+
 def groups(chunk, config, nvrtc):
     """{group: (cases, variants)}; variants as ``_common.run`` takes them, the shipped setting first."""
+    carveout_cases = ["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:1x32768x1024", "bf16:32x2048x4096",
+                      "bf16:4x4096x1024", "bf16:4x2048x512", "f32:8x4096x2048", "f32:1x32768x1024",
+                      "f32:1x262144x256", "f64:1x32768x256"]
+    carveouts = {"driver's choice (as shipped)": [], **{f"{pct}%": c.carved(nvrtc, pct) for pct in (28, 50, 100)}}
     return {
         "peek": (["bf16:1x16384x2048", "bf16:2x16384x1024", "bf16:2x8192x2048", "bf16:4x4096x1024",
                   "f32:2x16384x1024", "bf16:8x4096x1024", "f32:4x4096x1024", "bf16:16x2048x1024",
@@ -64,11 +108,8 @@ def groups(chunk, config, nvrtc):
                      "f32:1x262144x256", "f32:8x4096x2048"],
                     {"kept (as shipped)": [(config, "keep_workspaces", True)],
                      "fresh, filled per launch": [(config, "keep_workspaces", False)]}),
-        "carveout": (["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:1x32768x1024", "bf16:32x2048x4096",
-                      "bf16:4x4096x1024", "bf16:4x2048x512", "f32:8x4096x2048", "f32:1x32768x1024",
-                      "f32:1x262144x256", "f64:1x32768x256"],
-                     {"driver's choice (as shipped)": [],
-                      **{f"{pct}%": c.carved(nvrtc, pct) for pct in (28, 50, 100)}}),
+        "carveout": (carveout_cases, carveouts),
+        "carveout-after": (carveout_cases, carveouts),
     }
 
 
@@ -77,7 +118,12 @@ def main():
     table = groups(chunk, config, nvrtc)
     args, timer, gbps, hc = c.start(__doc__, "Chunk engine launch arguments", None, "bf16:1x32768x1024",
                                     'engine forced: chunk_hgrn and hgrn_backward(engine="chunk")', groups=table)
-    c.run(args, timer, gbps, table[args.group][1], c.engine_calls(hc, "chunk"), forget)
+    calls = c.engine_calls(hc, "chunk")
+    if args.group == "carveout-after":
+        hog = shared_memory_hog(timer.torch)
+        print(f"- every cell includes the shared-memory launch, alone {timer(hog) * 1e3:.1f} us\n")
+        calls = after(hog, calls)
+    c.run(args, timer, gbps, table[args.group][1], calls, forget)
 
 
 if __name__ == "__main__":
