@@ -72,16 +72,22 @@ def options(x_dtype, g_dtype, block_steps=BLOCK_STEPS):
             f"-DHC_BLOCK_WARPS={BLOCK_WARPS}", f"-DHC_BLOCK_STEPS={block_steps}")
 
 
-def short_window_names(x_dtype, g_dtype):
-    """The block walks of one dtype pair at each lane width (none where neither direction has one): the
-    kernels of the module with windows of SHORT_STEPS steps."""
+def _block_walks(x_dtype, g_dtype, launched_only=False):
+    """The block walks of one dtype pair, both directions, at each lane width; ``launched_only``: only
+    the directions whose channel band is not empty (none for float64)."""
     size, inst = _size(x_dtype, g_dtype), nvrtc.instantiation
     out = ()
     for d, k in enumerate(("fused_recurrent_block_fwd", "fused_recurrent_block_bwd")):
-        if BLOCK_WALK_CHANNELS[size, d][0] < NEVER:
+        if not launched_only or BLOCK_WALK_CHANNELS[size, d][0] < NEVER:
             widths = sorted({block_walk_width(x_dtype, g_dtype, d, narrow) for narrow in (False, True)})
             out += tuple(inst(k, x_dtype, g_dtype, v) for v in widths)
     return out
+
+
+def short_window_names(x_dtype, g_dtype):
+    """The kernels of the module with windows of SHORT_STEPS steps: the block walks of one dtype pair
+    that can be launched, at each lane width (none where neither direction has one)."""
+    return _block_walks(x_dtype, g_dtype, launched_only=True)
 
 
 def names(x_dtype, g_dtype):
@@ -91,10 +97,7 @@ def names(x_dtype, g_dtype):
     walks = sorted({1, WALK_VEC[_size(x_dtype, g_dtype)]})
     out = tuple(inst(k, x_dtype, g_dtype, v) for k in ("fused_recurrent_fwd", "fused_recurrent_bwd") for v in walks)
     out += (inst("fused_recurrent_step", x_dtype, g_dtype, vector_width(x_dtype, g_dtype)),)
-    for d, k in enumerate(("fused_recurrent_block_fwd", "fused_recurrent_block_bwd")):
-        widths = sorted({block_walk_width(x_dtype, g_dtype, d, narrow) for narrow in (False, True)})
-        out += tuple(inst(k, x_dtype, g_dtype, v) for v in widths)
-    return out
+    return out + _block_walks(x_dtype, g_dtype)
 
 
 def block_walk_fits(N, T, D, x_dtype, g_dtype, direction=0, lanes=None):
