@@ -139,6 +139,16 @@ def _thread_slots(n, device, tail_words=1):
     return entry
 
 
+def prefer_shared(fn, percent):
+    """Ask the driver to split each multiprocessor's unified L1 / shared memory ``percent`` % shared for
+    ``fn`` (a loaded ``cupy.cuda.Function``); the preference stays with the loaded kernel.  Without one a
+    kernel runs under whatever split the kernels before it left (docs/performance.md, shared memory
+    carveout).  Ask before an occupancy query: the split bounds the blocks a multiprocessor holds."""
+    from cupy_backends.cuda.api import driver
+
+    driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent)
+
+
 def blocks_at_once(fn, threads, device):
     """How many blocks of ``threads`` threads of ``fn`` (a ``cupy.cuda.Function`` of ``device``) the GPU
     holds at once: blocks per multiprocessor by the occupancy calculator, times the multiprocessors."""

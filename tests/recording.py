@@ -105,9 +105,17 @@ class RecordingDriver:
             varlen = targs[2] == "true" if kernel.startswith("chunk") else None  # the walks take it at run time
             fn = types.SimpleNamespace(ptr=1000 + len(self.functions), kernel=kernel,
                                        dtypes=tuple(C_NAMES[t] for t in targs[:2]), vec=int(targs[-1]), varlen=varlen,
-                                       options=options)
+                                       options=options, carveout=None, carveout_seen=None)
             self.functions[name, options] = self.by_ptr[fn.ptr] = fn
         return fn
+
+    def prefer_shared(self, fn, percent):
+        fn.carveout = percent
+
+    def blocks_at_once(self, fn, threads, device):
+        """8 blocks at once; keeps the shared-memory preference the occupancy query saw."""
+        fn.carveout_seen = fn.carveout
+        return 8
 
     def prepare_guard(self, device, cu_dtype):
         """The device guard of varlen plans, loaded by each (as on a GPU); its runs are recorded, not
@@ -127,7 +135,8 @@ class RecordingDriver:
         first = ctypes.c_void_p.from_address(params).value
         a = dict(zip(names, (ctypes.c_int64 * len(names)).from_address(first)))
         ln = {"kernel": fn.kernel, "vec": fn.vec, "dtypes": fn.dtypes, "grid": (gx, gy, gz), "block": (bx, by, bz),
-              "stream": stream, "options": fn.options, **a}
+              "stream": stream, "options": fn.options,
+              "carveout": fn.carveout, "carveout_seen": fn.carveout_seen, **a}
         self.launches.append(ln)
         self.events.append(("kernel", ln))
         assert shmem == 0 and extra == 0
@@ -203,7 +212,8 @@ def fake_cuda(monkeypatch, fresh_plans):
     monkeypatch.setattr(cupy.cuda.runtime, "setDevice", lambda device: None)
     monkeypatch.setattr(cupy.cuda.runtime, "memsetAsync", rec.memset)
     monkeypatch.setattr(nvrtc, "get_function", rec.get_function)
-    monkeypatch.setattr(nvrtc, "blocks_at_once", lambda fn, threads, device: 8)
+    monkeypatch.setattr(nvrtc, "prefer_shared", rec.prefer_shared)
+    monkeypatch.setattr(nvrtc, "blocks_at_once", rec.blocks_at_once)
     monkeypatch.setattr(driver, "launchKernel", rec.launch_kernel)
     monkeypatch.setattr(workspace, "capturing", lambda stream_ptr: False)
     monkeypatch.setattr(workspace, "_kept", {})

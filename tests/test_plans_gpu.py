@@ -77,6 +77,32 @@ def test_planned_chunk_call_follows_each_calls_alignment(fw, fresh_plans):
 
 
 @pytest.mark.gpu
+def test_chunk_kernels_ask_for_their_shared_memory_split(fresh_plans):
+    """Every chunk kernel a call loads (forward and backward, 16-byte and element accesses) carries the
+    engine's shared-memory preference, read back from the driver; the call computes the reference."""
+    torch = pytest.importorskip("torch")
+    from cupy_backends.cuda.api import driver
+
+    from hgrn_cupy import nvrtc
+    from hgrn_cupy.engines import chunk
+
+    seed = 13
+    gen = torch.Generator().manual_seed(seed)
+    x, g, _ = _torch_case(gen, (2, 700, 144, "bfloat16", "bfloat16", None, "dense"), "cuda")
+    for xs, gs in ((x[..., :136], g[..., :136]), (x[..., 1:137], g[..., 1:137])):  # 16-byte accesses, then not
+        o, _ = hc.chunk_hgrn(xs, gs)
+        do = torch.randn(o.shape, generator=gen).to("cuda", torch.bfloat16)
+        dx, dg, _ = hc.hgrn_backward(gs, o, do, engine="chunk")
+        ref = hc.naive_recurrent_hgrn_bwd(to_numpy(gs), to_numpy(o), to_numpy(do))
+        assert rel_err(dx, ref[0]) <= TOL["bfloat16"] and rel_err(dg, ref[1]) <= TOL["bfloat16"], f"seed {seed}"
+    loaded = {key[2]: fn for key, fn in nvrtc._functions.items() if key[0] == chunk.SOURCE}
+    assert {n.split("<")[0] for n in loaded} == {"hc::chunk_fwd", "hc::chunk_bwd"} and len(loaded) >= 4
+    attr = driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+    assert {n: driver.funcGetAttribute(attr, fn.ptr) for n, fn in loaded.items()} == \
+           {n: chunk.CARVEOUT for n in loaded}
+
+
+@pytest.mark.gpu
 def test_planned_torch_call_on_a_side_stream():
     """The planned launch goes on torch's current stream: the side stream first sleeps, then
     overwrites the inputs; a kernel queued on any other stream would read the old values."""

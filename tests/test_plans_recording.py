@@ -181,6 +181,7 @@ def test_variant_launches(name, narrow, fake_cuda, fresh_plans, monkeypatch):
         ("fused_recurrent_block_fwd", rule_vec, (-(-64 // (32 * rule_vec)), 3, 1))]
     windows = [next(o for o in ln["options"] if o.startswith("-DHC_BLOCK_STEPS=")) for ln in fake_cuda.launches]
     assert windows == [window] * 3 + [shipped]
+    assert all(ln["carveout"] is None for ln in fake_cuda.launches)  # the preference is the chunk engine's
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["kept", "fresh"])
@@ -226,6 +227,8 @@ def test_fake_cuda_chunk_launches(offset, kept, fake_cuda, fresh_plans, monkeypa
         first = group[0]
         assert first["kernel"] == kernel and first["vec"] == vec
         assert first["stagger"] == chunk.stagger(first["grid"][0], 8) > 0  # more blocks than the 8 at once
+        # the shared-memory split is asked for before the occupancy query that sets the stagger
+        assert first["carveout"] == first["carveout_seen"] == chunk.CARVEOUT
         for k in group[1:]:
             assert {n: v for n, v in k.items() if n not in POINTERS} == \
                    {n: v for n, v in first.items() if n not in POINTERS}

@@ -270,17 +270,15 @@ def carveout(ptr, percent):
 
 
 def carved(nvrtc, percent):
-    """Settings under which the library's kernels are loaded anew (NVRTC caches of their own) and each
-    asks for ``percent`` shared memory (None: the driver's default)."""
-    if percent is None:
-        return [(nvrtc, "_modules", {}), (nvrtc, "_functions", {})]
-    get_function = nvrtc.get_function
+    """Settings under which the library's kernels are loaded anew (NVRTC caches of their own) and every
+    kernel that asks for a shared-memory split (``nvrtc.prefer_shared``) asks for ``percent`` instead (None:
+    none, the driver's own choice)."""
+    prefer_shared = nvrtc.prefer_shared
 
-    def get(*args, **kwargs):
-        fn = get_function(*args, **kwargs)
-        carveout(fn.ptr, percent)
-        return fn
-    return [(nvrtc, "_modules", {}), (nvrtc, "_functions", {}), (nvrtc, "get_function", get)]
+    def prefer(fn, _percent):
+        if percent is not None:
+            prefer_shared(fn, percent)
+    return [(nvrtc, "_modules", {}), (nvrtc, "_functions", {}), (nvrtc, "prefer_shared", prefer)]
 
 
 def rel_err(out, ref):
