@@ -451,3 +451,18 @@ def test_launch_experiments_set_what_the_library_has():
         nvrtc_lib.compileProgram(prog, ["--gpu-architecture=sm_90"])
     finally:
         nvrtc_lib.destroyProgram(prog)
+
+
+def test_multi_gpu_experiment_runs_on_cpu_processes():
+    """benchmarks/experiments/cp_nccl.py --smoke: the multi-GPU script's whole path (spawned ranks, the
+    context-parallel call and the single call, timing, the table) on two CPU processes over gloo; each
+    rank's outputs and gradients match the single call on its slice."""
+    pytest.importorskip("torch")
+    script = os.path.join(REPO, "benchmarks", "experiments", "cp_nccl.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, script, "--smoke"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| 2x37x5 |")]
+    assert [r[1].strip() for r in rows] == ["fwd", "fwd+bwd"], done.stdout
+    for r in rows:
+        assert all(float(e) < 1e-6 for e in r[6].split("/")), done.stdout
