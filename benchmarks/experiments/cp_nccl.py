@@ -106,7 +106,6 @@ def worker(rank, W, port, shapes, steps, smoke, out):
             dist.barrier()
             if rank == 0:
                 out.put((f"{B}x{T}x{D}", t_one, tuple(slowest.tolist()), tuple(errs.tolist())))
-            del x, g, do, xs, gs, dos, xf, gf, o_full, o_cp
     finally:
         dist.destroy_process_group()
 
