@@ -74,6 +74,7 @@ def worker(rank, W, port, shapes, steps, smoke, out):
                     return cp_hgrn(xs, gs)
 
             def cp_train():
+                xs.grad = gs.grad = None  # no accumulation into the last step's gradients (as one_train)
                 o, _ = cp_hgrn(xs, gs)
                 torch.autograd.backward(o, dos)
 
@@ -82,7 +83,7 @@ def worker(rank, W, port, shapes, steps, smoke, out):
             cp_train()
             dx_cp, dg_cp = xs.grad.clone(), gs.grad.clone()
             t_cp = (step_ms(cp_fwd, steps, device), step_ms(cp_train, steps, device))
-            slowest = torch.tensor(t_cp, dtype=torch.float64)
+            slowest = torch.tensor(t_cp, dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
 
             # The single call on the whole sequence, on rank 0, while the others wait; its slices check each rank.
@@ -90,7 +91,7 @@ def worker(rank, W, port, shapes, steps, smoke, out):
             o_full = single(xf, gf)[0]
             torch.autograd.backward(o_full, do)
             errs = torch.tensor([rel(o_cp, o_full[:, sl]), rel(dx_cp, xf.grad[:, sl]), rel(dg_cp, gf.grad[:, sl])],
-                                dtype=torch.float64)
+                                dtype=torch.float64, device=device)
             dist.all_reduce(errs, op=dist.ReduceOp.MAX)
             t_one = (0.0, 0.0)
             if rank == 0:
