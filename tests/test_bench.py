@@ -402,6 +402,16 @@ def test_stream_schedule_experiment_compiles():
     assert done.returncode == 0 and "40 kernels compiled for sm_90" in done.stdout, done.stdout + done.stderr
 
 
+def test_tile_walk_experiment_compiles():
+    """Every tile walk of benchmarks/experiments/tile_walk.cu, after the library's common.cuh, compiles
+    with NVRTC for sm_90 (its --compile-only), so that a device run of the experiment does not find it
+    broken."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
+    script = os.path.join(REPO, "benchmarks", "experiments", "tile_walk.py")
+    done = subprocess.run([sys.executable, script, "--compile-only"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "12 kernels compiled for sm_90" in done.stdout, done.stdout + done.stderr
+
+
 def test_experiment_source_patches_match_the_kernels():
     """Every line the experiments replace in the library's kernel sources (chunk_lookback's bounds,
     stream_schedule's barrier-free bound, cache_hints' access spellings) is there as often as they expect,

@@ -94,17 +94,19 @@ def parse(doc, cases, smoke_case, extra=None, passes="fwd,bwd"):
     return args
 
 
-def start(doc, title, cases, smoke_case, note="", groups=None, passes="fwd,bwd"):
+def start(doc, title, cases, smoke_case, note="", groups=None, passes="fwd,bwd", extra=None):
     """What every table script does first: parse the command line, measure the copy bandwidth, print
     the header.  ``groups``: ``{name: (cases, ...)}`` where the variants come in groups (``--group``,
-    the first by default; the group's cases are the default cases).  Returns ``(args, timer, copy
-    GB/s, the hgrn_cupy module)``."""
-    extra = None
+    the first by default; the group's cases are the default cases); ``extra(parser)`` adds a script's
+    own options.  Returns ``(args, timer, copy GB/s, the hgrn_cupy module)``."""
+    options = extra
     if groups:
-        def extra(p):
+        def options(p):
             p.add_argument("--group", choices=list(groups), default=next(iter(groups)))
+            if extra is not None:
+                extra(p)
         cases = lambda a: groups[a.group][0]  # noqa: E731
-    args = parse(doc, cases, smoke_case, extra, passes)
+    args = parse(doc, cases, smoke_case, options, passes)
     import hgrn_cupy as hc
 
     timer = Timer(args.warmup, args.rep)

@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""The tile walk (``tile_walk.cu``): a block a narrow tile of channels for the whole sequence, against the
+chunk engine, on the shapes where the chunk engine's forward trails accelerated-scan (grids of one or two
+waves: a few thousand channels, a few thousand steps).
+
+    python benchmarks/experiments/tile_walk.py [--cases ...] [--variants ...] [--smoke]
+    python benchmarks/experiments/tile_walk.py --compile-only    (NVRTC alone, no GPU)
+
+The question: accelerated-scan's forward, one program a channel on its own ``[B, D, T]`` layout, reads
+3-20% faster than the chunk engine at 1x4096x512 - 8x4096x1024 (docs/performance.md, "Open in the chunk
+engine"), where no launch setting of the chunk engine helps.  The tile walk needs no look-back: a block
+walks its channels' whole sequence in windows, like the library's block walk, but its tiles are narrow
+(``W{warps} R{rows} S{steps}``: a warp is R rows of 32 / R lanes, a lane 16 bytes of one step; the tile is
+32 / R * 16 bytes wide and a window W * R * S steps), so 2K-8K channels make 128-1024 blocks.  Each
+variant's output is checked against the chunk engine's (the first column after the floor); forward only,
+dense, no states (the experiment decides whether the design is worth the rest).
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+
+CASES = ["bf16:1x4096x1024", "bf16:2x4096x1024", "bf16:4x4096x1024", "bf16:8x4096x1024", "bf16:4x2048x512",
+         "bf16:1x16384x1024", "f32:2x4096x1024", "f32:8x4096x1024"]
+SOURCE = Path(__file__).with_name("tile_walk.cu")
+OPTIONS = ("-std=c++17",)
+ELEMENT = {"bfloat16": ("hc::bfloat16_t", 8), "float32": ("float", 4)}
+# name: (warps, rows, steps a thread); the tile is 32 / rows lanes of 16 bytes, the window warps * rows * steps.
+VARIANTS = {
+    "W8 R16 S4": (8, 16, 4),
+    "W8 R16 S2": (8, 16, 2),
+    "W8 R8 S4": (8, 8, 4),
+    "W4 R16 S4": (4, 16, 4),
+    "W8 R32 S2": (8, 32, 2),
+    "W8 R4 S4": (8, 4, 4),
+}
+
+
+def name_of(dtype, warps, rows, steps):
+    t, vec = ELEMENT[dtype]
+    return f"tw::tile_walk_fwd<{t}, {t}, {vec}, {rows}, {warps}, {steps}>"
+
+
+def names():
+    return [name_of(dt, *v) for dt in ELEMENT for v in VARIANTS.values()]
+
+
+def source():
+    """The library's common.cuh, then this experiment's kernels: one text, as NVRTC compiles it."""
+    from hgrn_cupy import nvrtc
+
+    return nvrtc.read_source("common.cuh") + "\n" + SOURCE.read_text()
+
+
+def compile_only():
+    """Every instantiation through NVRTC for sm_90 (no GPU): prints the log, exits non-zero on failure."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(source(), SOURCE.name, [], [])
+    try:
+        for n in names():
+            nvrtc.addNameExpression(prog, n)
+        try:
+            nvrtc.compileProgram(prog, ["--gpu-architecture=sm_90", *OPTIONS])
+        except nvrtc.NVRTCError as e:
+            sys.exit(f"NVRTC failed: {e}\n{nvrtc.getProgramLog(prog)}")
+        print(nvrtc.getProgramLog(prog).strip() or f"{len(names())} kernels compiled for sm_90")
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def launcher(torch, module, name):
+    """``fwd(set)``: o by the tile walk ``name`` on the set's x and g (contiguous [B, T, D])."""
+    import cupy
+
+    warps, rows, steps = VARIANTS[name]
+
+    def fwd(s):
+        x, g = s["x"], s["g"]
+        B, T, D = x.shape
+        dtype = str(x.dtype).removeprefix("torch.")
+        _, vec = ELEMENT[dtype]
+        if D % vec or not (x.is_contiguous() and g.is_contiguous()):
+            raise ValueError(f"the tile walk needs contiguous inputs and D a multiple of {vec}")
+        fn = module.get_function(name_of(dtype, warps, rows, steps))
+        o = torch.empty_like(x)
+        tile = 32 // rows * vec
+        args = tuple(np.uint64(t.data_ptr()) for t in (x, g, o)) + tuple(
+            np.int64(v) for v in (T, D, T * D, D, T * D, D, T * D, D))
+        with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+            fn((-(-D // tile), B), (32, warps), args)
+        return o
+    return fwd
+
+
+def main():
+    if "--compile-only" in sys.argv:
+        return compile_only()
+    torch = c.torch_cuda()
+    import cupy
+
+    def extra(p):
+        p.add_argument("--variants", type=lambda t: [v for v in t.split(",") if v], default=list(VARIANTS),
+                       help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    args, timer, gbps, hc = c.start(__doc__, "Tile walk", CASES, "bf16:2x4096x1024",
+                                    "forward; every tile walk checked against the chunk engine", passes="fwd",
+                                    extra=extra)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"tile_walk: unknown variants {unknown}; known: {list(VARIANTS)}")
+    module = cupy.RawModule(code=source(), options=OPTIONS, name_expressions=names())
+    variants = {"chunk (as shipped)": [], "hgrn()": []}
+    calls = {"chunk (as shipped)": c.engine_calls(hc, "chunk"), "hgrn()": c.engine_calls(hc, "auto")}
+    for name in args.variants:
+        variants[name], calls[name] = [], {"fwd": launcher(torch, module, name)}
+    c.run(args, timer, gbps, variants, calls, lambda: None)
+
+
+if __name__ == "__main__":
+    main()
