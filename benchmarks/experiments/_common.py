@@ -101,10 +101,11 @@ def start(doc, title, cases, smoke_case, note="", groups=None, passes="fwd,bwd",
     own options.  Returns ``(args, timer, copy GB/s, the hgrn_cupy module)``."""
     options = extra
     if groups:
-        def options(p):
+        def with_group(p):
             p.add_argument("--group", choices=list(groups), default=next(iter(groups)))
             if extra is not None:
                 extra(p)
+        options = with_group
         cases = lambda a: groups[a.group][0]  # noqa: E731
     args = parse(doc, cases, smoke_case, options, passes)
     import hgrn_cupy as hc
@@ -281,6 +282,36 @@ def carved(nvrtc, percent):
         if percent is not None:
             prefer_shared(fn, percent)
     return [(nvrtc, "_modules", {}), (nvrtc, "_functions", {}), (nvrtc, "prefer_shared", prefer)]
+
+
+def compile_only(text, filename, names, options):
+    """An experiment's own kernels through NVRTC for sm_90 (no GPU): every name expression of ``names``
+    in ``text``; prints the log or a count, exits non-zero on failure."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(text, filename, [], [])
+    try:
+        for n in names:
+            nvrtc.addNameExpression(prog, n)
+        try:
+            nvrtc.compileProgram(prog, ["--gpu-architecture=sm_90", *options])
+        except nvrtc.NVRTCError as e:
+            sys.exit(f"NVRTC failed: {e}\n{nvrtc.getProgramLog(prog)}")
+        print(nvrtc.getProgramLog(prog).strip() or f"{len(names)} kernels compiled for sm_90")
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def raw_forward(torch, fn, grid, block, x, g, scalars, shared=0):
+    """``o``: a raw CuPy kernel ``fn(x, g, o, *scalars)`` queued on torch's current stream, o fresh."""
+    import cupy
+    import numpy as np
+
+    o = torch.empty_like(x)
+    ptrs = tuple(np.uint64(t.data_ptr()) for t in (x, g, o))
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        fn(grid, block, ptrs + tuple(scalars), shared_mem=shared)
+    return o
 
 
 def rel_err(out, ref):

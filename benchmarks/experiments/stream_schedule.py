@@ -130,25 +130,11 @@ def names():
 
 def compile_only():
     """Every instantiation through NVRTC for sm_90 (no GPU): prints the log, exits non-zero on failure."""
-    from cupy_backends.cuda.libs import nvrtc
-
-    prog = nvrtc.createProgram(SOURCE.read_text(), SOURCE.name, [], [])
-    try:
-        for n in names():
-            nvrtc.addNameExpression(prog, n)
-        try:
-            nvrtc.compileProgram(prog, ["--gpu-architecture=sm_90", *OPTIONS])
-        except nvrtc.NVRTCError as e:
-            sys.exit(f"NVRTC failed: {e}\n{nvrtc.getProgramLog(prog)}")
-        print(nvrtc.getProgramLog(prog) or f"{len(names())} kernels compiled for sm_90")
-    finally:
-        nvrtc.destroyProgram(prog)
+    c.compile_only(SOURCE.read_text(), SOURCE.name, names(), OPTIONS)
 
 
 def launcher(torch, module, name, sms):
     """``fwd(set)``: o = x + g by variant ``name`` on the set's x and g (its launch made once a shape)."""
-    import cupy
-
     kernel, lanes, steps, third, *mode = VARIANTS[name]
     made = {}
 
@@ -182,11 +168,7 @@ def launcher(torch, module, name, sms):
         if key not in made:
             made[key] = launch_for(x)
         fn, grid, shared, scalars = made[key]
-        o = torch.empty_like(x)
-        ptrs = tuple(np.uint64(t.data_ptr()) for t in (x, s["g"], o))
-        with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-            fn((grid,), (32, WARPS), ptrs + scalars, shared_mem=shared)
-        return o
+        return c.raw_forward(torch, fn, (grid,), (32, WARPS), x, s["g"], scalars, shared)
     return fwd
 
 

@@ -57,25 +57,11 @@ def source():
 
 def compile_only():
     """Every instantiation through NVRTC for sm_90 (no GPU): prints the log, exits non-zero on failure."""
-    from cupy_backends.cuda.libs import nvrtc
-
-    prog = nvrtc.createProgram(source(), SOURCE.name, [], [])
-    try:
-        for n in names():
-            nvrtc.addNameExpression(prog, n)
-        try:
-            nvrtc.compileProgram(prog, ["--gpu-architecture=sm_90", *OPTIONS])
-        except nvrtc.NVRTCError as e:
-            sys.exit(f"NVRTC failed: {e}\n{nvrtc.getProgramLog(prog)}")
-        print(nvrtc.getProgramLog(prog).strip() or f"{len(names())} kernels compiled for sm_90")
-    finally:
-        nvrtc.destroyProgram(prog)
+    c.compile_only(source(), SOURCE.name, names(), OPTIONS)
 
 
 def launcher(torch, module, name):
     """``fwd(set)``: o by the tile walk ``name`` on the set's x and g (contiguous [B, T, D])."""
-    import cupy
-
     warps, rows, steps = VARIANTS[name]
 
     def fwd(s):
@@ -86,13 +72,9 @@ def launcher(torch, module, name):
         if D % vec or not (x.is_contiguous() and g.is_contiguous()):
             raise ValueError(f"the tile walk needs contiguous inputs and D a multiple of {vec}")
         fn = module.get_function(name_of(dtype, warps, rows, steps))
-        o = torch.empty_like(x)
         tile = 32 // rows * vec
-        args = tuple(np.uint64(t.data_ptr()) for t in (x, g, o)) + tuple(
-            np.int64(v) for v in (T, D, T * D, D, T * D, D, T * D, D))
-        with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-            fn((-(-D // tile), B), (32, warps), args)
-        return o
+        scalars = (np.int64(v) for v in (T, D, T * D, D, T * D, D, T * D, D))
+        return c.raw_forward(torch, fn, (-(-D // tile), B), (32, warps), x, g, scalars)
     return fwd
 
 
