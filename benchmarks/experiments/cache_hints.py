@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
+import _kernels as k  # noqa: E402
 
 # The helper every plain store goes through, defined where Word is declared.
 PLAIN_STORE = ("template <int BYTES> struct Word;\n",
@@ -75,7 +76,7 @@ def library():
 
 def hinted(nvrtc, engines, replacements):
     """Settings under which the engines' sources have ``replacements`` applied (``_common.patched_kernels``)."""
-    return c.patched_kernels(nvrtc, [engine.SOURCE for engine in engines], replacements, "cache_hints.py")
+    return k.patched_kernels(nvrtc, [engine.SOURCE for engine in engines], replacements, "cache_hints.py")
 
 
 def main():

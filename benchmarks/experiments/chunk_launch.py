@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
+import _kernels as k  # noqa: E402
 
 
 def library():
@@ -59,7 +60,7 @@ def shared_memory_hog(torch):
     grid = (rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, dev),)
     fn = cupy.RawKernel(HOG, "hog")
     fn.max_dynamic_shared_size_bytes = most
-    c.carveout(fn.kernel.ptr, 100)
+    k.carveout(fn.kernel.ptr, 100)
     out = cupy.zeros(1, cupy.int32)
 
     def hog():
@@ -78,8 +79,8 @@ def groups(chunk, config, nvrtc):
     carveout_cases = ["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:1x32768x1024", "bf16:32x2048x4096",
                       "bf16:4x4096x1024", "bf16:4x2048x512", "f32:8x4096x2048", "f32:1x32768x1024",
                       "f32:1x262144x256", "f64:1x32768x256"]
-    carveouts = {f"{chunk.CARVEOUT}% (as shipped)": [], "driver's choice": c.carved(nvrtc, None),
-                 **{f"{pct}%": c.carved(nvrtc, pct) for pct in (50, 100)}}
+    carveouts = {f"{chunk.CARVEOUT}% (as shipped)": [], "driver's choice": k.carved(nvrtc, None),
+                 **{f"{pct}%": k.carved(nvrtc, pct) for pct in (50, 100)}}
     return {
         "peek": (["bf16:1x16384x2048", "bf16:2x16384x1024", "bf16:2x8192x2048", "bf16:4x4096x1024",
                   "f32:2x16384x1024", "bf16:8x4096x1024", "f32:4x4096x1024", "bf16:16x2048x1024",

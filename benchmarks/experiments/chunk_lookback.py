@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
+import _kernels as k  # noqa: E402
 from chunk_shape import shape_settings  # noqa: E402
 
 NO_LOOKBACK = ("        if (c > 0) {\n", "        if (false) {  // bound: carry 0, no walk\n")
@@ -76,7 +77,7 @@ def library():
 def patched_source(nvrtc, chunk, name, more=()):
     """Settings that compile chunk.cu with PATCHES[name] applied, then the (old, new) pairs ``more``, each
     line found once (``_common.patched_kernels``)."""
-    return c.patched_kernels(nvrtc, [chunk.SOURCE], [(old, new, 1) for old, new in [*PATCHES[name], *more]],
+    return k.patched_kernels(nvrtc, [chunk.SOURCE], [(old, new, 1) for old, new in [*PATCHES[name], *more]],
                              f"chunk_lookback.py ({name})")
 
 

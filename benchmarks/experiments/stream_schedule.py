@@ -48,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
+import _kernels as k  # noqa: E402
 
 CASES = ["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:1x32768x1024", "bf16:32x2048x4096", "bf16:4x2048x512",
          "f32:8x4096x2048"]
@@ -130,7 +131,7 @@ def names():
 
 def compile_only():
     """Every instantiation through NVRTC for sm_90 (no GPU): prints the log, exits non-zero on failure."""
-    c.compile_only(SOURCE.read_text(), SOURCE.name, names(), OPTIONS)
+    k.compile_only(SOURCE.read_text(), SOURCE.name, names(), OPTIONS)
 
 
 def launcher(torch, module, name, sms):
@@ -153,7 +154,7 @@ def launcher(torch, module, name, sms):
             grid = ntiles * nchunks
             shared = SMEM_BYTES if mode[0] & 64 else 0
             if mode[0] & 128:
-                c.carveout(fn.kernel.ptr, 0)
+                k.carveout(fn.kernel.ptr, 0)
         elif kernel == "stream_regpipe":
             grid = min(ntiles * nchunks, third * sms)
         else:
@@ -168,7 +169,7 @@ def launcher(torch, module, name, sms):
         if key not in made:
             made[key] = launch_for(x)
         fn, grid, shared, scalars = made[key]
-        return c.raw_forward(torch, fn, (grid,), (32, WARPS), x, s["g"], scalars, shared)
+        return k.raw_forward(torch, fn, (grid,), (32, WARPS), x, s["g"], scalars, shared)
     return fwd
 
 
@@ -197,7 +198,7 @@ def main():
               "chunk bound ld.nc st": ch.hinted(nvrtc, [chunk], bound_lines + plain),
               "chunk bound ld.nc st -prefetch": ch.hinted(nvrtc, [chunk], bound_lines + plain)
               + [(chunk, "L2_AHEAD", 0)],
-              **{f"chunk, carveout {name}": c.carved(nvrtc, pct) for name, pct in CARVEOUTS.items()},
+              **{f"chunk, carveout {name}": k.carved(nvrtc, pct) for name, pct in CARVEOUTS.items()},
               "chunk bound -prefetch": bound + [(chunk, "L2_AHEAD", 0)],
               "chunk bound -stagger": bound + [(chunk, "stagger", NO_STAGGER)],
               "chunk bound -barriers": lb.patched_source(nvrtc, chunk, BOUND, [NO_CARRY])}

@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
+import _kernels as k  # noqa: E402
 
 CASES = ["bf16:1x4096x1024", "bf16:2x4096x1024", "bf16:4x4096x1024", "bf16:8x4096x1024", "bf16:4x2048x512",
          "bf16:1x16384x1024", "f32:2x4096x1024", "f32:8x4096x1024"]
@@ -57,7 +58,7 @@ def source():
 
 def compile_only():
     """Every instantiation through NVRTC for sm_90 (no GPU): prints the log, exits non-zero on failure."""
-    c.compile_only(source(), SOURCE.name, names(), OPTIONS)
+    k.compile_only(source(), SOURCE.name, names(), OPTIONS)
 
 
 def launcher(torch, module, name):
@@ -74,7 +75,7 @@ def launcher(torch, module, name):
         fn = module.get_function(name_of(dtype, warps, rows, steps))
         tile = 32 // rows * vec
         scalars = (np.int64(v) for v in (T, D, T * D, D, T * D, D, T * D, D))
-        return c.raw_forward(torch, fn, (-(-D // tile), B), (32, warps), x, g, scalars)
+        return k.raw_forward(torch, fn, (-(-D // tile), B), (32, warps), x, g, scalars)
     return fwd
 
 

@@ -1,0 +1,71 @@
+"""What experiments do to kernels: the library's kernel sources compiled with lines replaced, the split of
+L1 and shared memory a kernel asks for, and an experiment's own kernels compiled (NVRTC alone, for CI)
+and launched on torch's stream.  Table scripts pass the settings these return to ``_common.run``."""
+from __future__ import annotations
+
+import sys
+
+
+def patched_kernels(nvrtc, sources, replacements, who):
+    """Settings under which the library's kernel ``sources`` (file names, as an engine's SOURCE) compile
+    with ``replacements`` applied ((old, new, how many times old is in each source)), in NVRTC caches of
+    their own (kept with the settings, so a variant compiles once).  Exits, naming ``who``, where a line
+    is not there as often as expected: the kernels moved on and the variant no longer means anything."""
+    texts = dict(nvrtc._sources)
+    for source in sources:
+        text = nvrtc.read_source(source)
+        for old, new, count in replacements:
+            if text.count(old) != count:
+                sys.exit(f"{who}: {old!r} is in {source} {text.count(old)} times, not {count}")
+            text = text.replace(old, new)
+        texts[source] = text
+    return [(nvrtc, "_sources", texts), (nvrtc, "_modules", {}), (nvrtc, "_functions", {})]
+
+
+def carveout(ptr, percent):
+    """Ask the driver for ``percent`` of the unified L1 / shared memory as shared memory for kernel ``ptr``."""
+    from cupy_backends.cuda.api import driver
+
+    driver.funcSetAttribute(ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent)
+
+
+def carved(nvrtc, percent):
+    """Settings under which the library's kernels are loaded anew (NVRTC caches of their own) and every
+    kernel that asks for a shared-memory split (``nvrtc.prefer_shared``) asks for ``percent`` instead (None:
+    none, the driver's own choice)."""
+    prefer_shared = nvrtc.prefer_shared
+
+    def prefer(fn, _percent):
+        if percent is not None:
+            prefer_shared(fn, percent)
+    return [(nvrtc, "_modules", {}), (nvrtc, "_functions", {}), (nvrtc, "prefer_shared", prefer)]
+
+
+def compile_only(text, filename, names, options):
+    """An experiment's own kernels through NVRTC for sm_90 (no GPU): every name expression of ``names``
+    in ``text``; prints the log or a count, exits non-zero on failure."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(text, filename, [], [])
+    try:
+        for n in names:
+            nvrtc.addNameExpression(prog, n)
+        try:
+            nvrtc.compileProgram(prog, ["--gpu-architecture=sm_90", *options])
+        except nvrtc.NVRTCError as e:
+            sys.exit(f"NVRTC failed: {e}\n{nvrtc.getProgramLog(prog)}")
+        print(nvrtc.getProgramLog(prog).strip() or f"{len(names)} kernels compiled for sm_90")
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def raw_forward(torch, fn, grid, block, x, g, scalars, shared=0):
+    """``o``: a raw CuPy kernel ``fn(x, g, o, *scalars)`` queued on torch's current stream, o fresh."""
+    import cupy
+    import numpy as np
+
+    o = torch.empty_like(x)
+    ptrs = tuple(np.uint64(t.data_ptr()) for t in (x, g, o))
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        fn(grid, block, ptrs + tuple(scalars), shared_mem=shared)
+    return o
