@@ -1,0 +1,97 @@
+"""The experiment scripts (``benchmarks/experiments``) without a GPU: their own kernels compile with NVRTC
+for sm_90, the lines they patch in the library's kernels are there, the knobs they set exist, and the
+multi-GPU script's whole path runs on CPU processes over gloo.  A rename or a kernel edit that would
+break a device run fails here first."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(REPO, "benchmarks", "experiments")
+
+
+def test_stream_schedule_experiment_compiles():
+    """Every kernel of benchmarks/experiments/stream_schedule.cu compiles with NVRTC for sm_90 (its
+    --compile-only), so that a device run of the experiment does not find it broken."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
+    script = os.path.join(EXPERIMENTS, "stream_schedule.py")
+    done = subprocess.run([sys.executable, script, "--compile-only"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "40 kernels compiled for sm_90" in done.stdout, done.stdout + done.stderr
+
+
+def test_tile_walk_experiment_compiles():
+    """Every tile walk of benchmarks/experiments/tile_walk.cu, after the library's common.cuh, compiles
+    with NVRTC for sm_90 (its --compile-only), so that a device run of the experiment does not find it
+    broken."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
+    script = os.path.join(EXPERIMENTS, "tile_walk.py")
+    done = subprocess.run([sys.executable, script, "--compile-only"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "12 kernels compiled for sm_90" in done.stdout, done.stdout + done.stderr
+
+
+def test_experiment_source_patches_match_the_kernels():
+    """Every line the experiments replace in the library's kernel sources (chunk_lookback's bounds,
+    stream_schedule's barrier-free bound, cache_hints' access spellings) is there as often as they expect,
+    and each patch changes the source: a kernel edit that moves one fails here, not on the device."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
+    folder = EXPERIMENTS
+    sys.path.insert(0, folder)
+    try:
+        import cache_hints
+        import chunk_lookback
+        import stream_schedule
+    finally:
+        sys.path.remove(folder)
+    nvrtc, chunk, _ = chunk_lookback.library()
+    shipped = nvrtc.read_source(chunk.SOURCE)
+    patched = [chunk_lookback.patched_source(nvrtc, chunk, name) for name in chunk_lookback.PATCHES]
+    patched.append(chunk_lookback.patched_source(nvrtc, chunk, stream_schedule.BOUND, [stream_schedule.NO_CARRY]))
+    _, engines, _ = cache_hints.library()
+    for replacements in (cache_hints.NC_LOADS, cache_hints.PLAIN_STORES, cache_hints.spelled()):
+        patched.append(cache_hints.hinted(nvrtc, engines, replacements))
+    patched.append(cache_hints.hinted(nvrtc, [chunk], [cache_hints.PREFETCH]))
+    for settings in patched:
+        sources = next(value for _, attribute, value in settings if attribute == "_sources")
+        assert sources[chunk.SOURCE] != shipped
+
+
+def test_launch_experiments_set_what_the_library_has():
+    """Every setting the chunk engine's and the block walks' experiment groups make names an attribute
+    the library has (a rename fails here, not on the device), and the shared-memory kernel that
+    chunk_launch's carveout-after group runs first compiles with NVRTC for sm_90."""
+    nvrtc_lib = pytest.importorskip("cupy_backends.cuda.libs.nvrtc",
+                                    reason="cupy (with its NVRTC bindings) is not installed")
+    folder = EXPERIMENTS
+    sys.path.insert(0, folder)
+    try:
+        import chunk_launch
+        import fused_block_walk
+    finally:
+        sys.path.remove(folder)
+    chunk, config, _, nvrtc = chunk_launch.library()
+    fused, comp, _ = fused_block_walk.library()
+    tables = [chunk_launch.groups(chunk, config, nvrtc), fused_block_walk.groups(fused, comp)]
+    settings = [s for table in tables for group in table.values() for variant in group[1].values() for s in variant]
+    assert settings and all(hasattr(obj, name) for obj, name, _ in settings)
+    prog = nvrtc_lib.createProgram(chunk_launch.HOG, "hog.cu", [], [])
+    try:
+        nvrtc_lib.compileProgram(prog, ["--gpu-architecture=sm_90"])
+    finally:
+        nvrtc_lib.destroyProgram(prog)
+
+
+def test_multi_gpu_experiment_runs_on_cpu_processes():
+    """benchmarks/experiments/cp_nccl.py --smoke: the multi-GPU script's whole path (spawned ranks, the
+    context-parallel call and the single call, timing, the table) on two CPU processes over gloo; each
+    rank's outputs and gradients match the single call on its slice."""
+    pytest.importorskip("torch")
+    script = os.path.join(EXPERIMENTS, "cp_nccl.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, script, "--smoke"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| 2x37x5 |")]
+    assert [r[1].strip() for r in rows] == ["fwd", "fwd+bwd"], done.stdout
+    for r in rows:
+        assert all(float(e) < 1e-6 for e in r[6].split("/")), done.stdout
