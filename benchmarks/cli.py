@@ -23,6 +23,26 @@ from .context import log  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Options whose values are paths of the machine that ran: results keep only their last component, so
+# that a results file names no folder of that machine.
+PATH_OPTIONS = ("--out", "--fpscan-src", "--fpscan-build-dir")
+
+
+def portable_argv(argv):
+    """``argv`` with the values of PATH_OPTIONS cut to their last component (``--out /x/y`` -> ``--out y``,
+    ``--out=/x/y`` -> ``--out=y``)."""
+    out, cut = [], False
+    for a in argv:
+        opt, eq, value = a.partition("=")
+        if cut:
+            a = os.path.basename(os.path.normpath(a))
+        elif eq and opt in PATH_OPTIONS:
+            a = f"{opt}={os.path.basename(os.path.normpath(value))}"
+        out.append(a)
+        cut = not eq and a in PATH_OPTIONS
+    return out
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -181,7 +201,7 @@ def run_benchmark(args, plan, extras, t_start, children, build):
                                timer=ctx.timer.kind, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
                                rotate_mb=ctx.rotate_bytes / 1e6, max_gb=args.max_gb, budget_s=args.budget,
                                time_limit_s=args.time_limit, host_steps=args.host_steps, host_cycles=args.host_cycles,
-                               argv=sys.argv[1:],
+                               argv=portable_argv(sys.argv[1:]),
                                tolerances=P.TOL)
     with contextlib.suppress(Exception):
         rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -391,3 +391,9 @@ def test_interleaved_host_diff_drops_busy_steps(monkeypatch):
     rng = np.random.default_rng(9)
     diff, q1, q3 = _interleaved_on_fake_host(monkeypatch, lambda: 30.0 if rng.random() < 0.1 else 0.0)
     assert abs(diff - 7.0) < 1e-6 and q1 <= diff <= q3, (diff, q1, q3)
+
+
+def test_results_name_no_folder_of_the_machine_that_ran():
+    """results.json's argv keeps path-valued options' last component alone (either spelling), the rest as given."""
+    argv = ["--out", "/a/b/bench/", "--quick", "--fpscan-src=/c/fpscan.tar.gz", "--fpscan-build-dir", "/e/f"]
+    assert cli.portable_argv(argv) == ["--out", "bench", "--quick", "--fpscan-src=fpscan.tar.gz", "--fpscan-build-dir", "f"]
