@@ -19,16 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+from cp_split import cuts  # noqa: E402  (the ranks' slices of time, as the one-GPU split takes them)
 
 
 def step_ms(fn, steps, device, sync_all=True):
@@ -64,8 +65,7 @@ def worker(rank, W, port, shapes, steps, smoke, out):
             x, g, do = (torch.randn(B, T, D, device=device, generator=gen) for _ in range(3))
             g = torch.nn.functional.logsigmoid(g)
             x, g, do = x.to(dtype), g.to(dtype), do.to(dtype)
-            cut = [T * r // W for r in range(W + 1)]
-            sl = slice(cut[rank], cut[rank + 1])
+            sl = cuts(T, W)[rank]
             xs, gs = (a[:, sl].contiguous().requires_grad_() for a in (x, g))
             dos = do[:, sl].contiguous()
 
@@ -86,11 +86,12 @@ def worker(rank, W, port, shapes, steps, smoke, out):
             slowest = torch.tensor(t_cp, dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
 
-            # The single call on the whole sequence, on rank 0, while the others wait; its slices check each rank.
+            # The single call on the whole sequence, on every rank: its slice checks the rank's; timed on rank 0 alone.
             xf, gf = x.clone().requires_grad_(), g.clone().requires_grad_()
             o_full = single(xf, gf)[0]
             torch.autograd.backward(o_full, do)
-            errs = torch.tensor([rel(o_cp, o_full[:, sl]), rel(dx_cp, xf.grad[:, sl]), rel(dg_cp, gf.grad[:, sl])],
+            errs = torch.tensor([c.rel_err(o_cp, o_full[:, sl]), c.rel_err(dx_cp, xf.grad[:, sl]),
+                                 c.rel_err(dg_cp, gf.grad[:, sl])],
                                 dtype=torch.float64, device=device)
             dist.all_reduce(errs, op=dist.ReduceOp.MAX)
             t_one = (0.0, 0.0)
