@@ -22,13 +22,6 @@ def patched_kernels(nvrtc, sources, replacements, who):
     return [(nvrtc, "_sources", texts), (nvrtc, "_modules", {}), (nvrtc, "_functions", {})]
 
 
-def carveout(ptr, percent):
-    """Ask the driver for ``percent`` of the unified L1 / shared memory as shared memory for kernel ``ptr``."""
-    from cupy_backends.cuda.api import driver
-
-    driver.funcSetAttribute(ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent)
-
-
 def carved(nvrtc, percent):
     """Settings under which the library's kernels are loaded anew (NVRTC caches of their own) and every
     kernel that asks for a shared-memory split (``nvrtc.prefer_shared``) asks for ``percent`` instead (None:

@@ -49,7 +49,7 @@ extern "C" __global__ void hog(int* out) {
 """
 
 
-def shared_memory_hog(torch):
+def shared_memory_hog(torch, nvrtc):
     """``hog()``: queues on torch's current stream one block a SM, each with the most dynamic shared
     memory a block may opt into and asking for 100% shared memory, so that every multiprocessor is left
     split for the most shared memory."""
@@ -60,7 +60,7 @@ def shared_memory_hog(torch):
     grid = (rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, dev),)
     fn = cupy.RawKernel(HOG, "hog")
     fn.max_dynamic_shared_size_bytes = most
-    k.carveout(fn.kernel.ptr, 100)
+    nvrtc.prefer_shared(fn.kernel, 100)
     out = cupy.zeros(1, cupy.int32)
 
     def hog():
@@ -121,7 +121,7 @@ def main():
                                     'engine forced: chunk_hgrn and hgrn_backward(engine="chunk")', groups=table)
     calls = c.engine_calls(hc, "chunk")
     if args.group == "carveout-after":
-        hog = shared_memory_hog(timer.torch)
+        hog = shared_memory_hog(timer.torch, nvrtc)
         print(f"- every cell includes the shared-memory launch, alone {timer(hog) * 1e3:.1f} us\n")
         calls = after(hog, calls)
     c.run(args, timer, gbps, table[args.group][1], calls, forget)

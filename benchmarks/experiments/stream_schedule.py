@@ -134,7 +134,7 @@ def compile_only():
     k.compile_only(SOURCE.read_text(), SOURCE.name, names(), OPTIONS)
 
 
-def launcher(torch, module, name, sms):
+def launcher(torch, module, name, sms, nvrtc):
     """``fwd(set)``: o = x + g by variant ``name`` on the set's x and g (its launch made once a shape)."""
     kernel, lanes, steps, third, *mode = VARIANTS[name]
     made = {}
@@ -154,7 +154,7 @@ def launcher(torch, module, name, sms):
             grid = ntiles * nchunks
             shared = SMEM_BYTES if mode[0] & 64 else 0
             if mode[0] & 128:
-                k.carveout(fn.kernel.ptr, 0)
+                nvrtc.prefer_shared(fn.kernel, 0)
         elif kernel == "stream_regpipe":
             grid = min(ntiles * nchunks, third * sms)
         else:
@@ -209,7 +209,7 @@ def main():
         elif name in bounds:
             variants[name], calls[name] = bounds[name], c.engine_calls(hc, "chunk")
         else:
-            variants[name], calls[name] = [], {"fwd": launcher(torch, module, name, sms)}
+            variants[name], calls[name] = [], {"fwd": launcher(torch, module, name, sms, nvrtc)}
     c.run(args, timer, gbps, variants, calls, forget, practical=False, unchecked=tuple(bounds))
 
 
