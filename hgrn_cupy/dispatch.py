@@ -70,13 +70,13 @@ def choose(engine, call, direction, reverse, device=None, run=None, allow_timing
     if engine == "auto":
         engine = rule(call.N, call.T, call.D, call.dtypes, direction)
         if device is not None and call.T > FUSED_MAX_T:
-            from . import tuning
+            from . import measure, tuning
 
             key = tuning.shape_class(direction, call.dtypes, call.N, call.T, call.D, call.varlen, bool(reverse))
             timing = allow_timing and config.tune and run is not None
             engine = tuning.choose(device, key, candidates(call.N, call.T, call.D, call.dtypes, direction), run,
                                    engine, timing,
-                                   tuning.measure_on(stream_ptr) if timing else None)
+                                   measure.queued(device, stream_ptr, tuning.settings.repeats) if timing else None)
     if engine == "chunk" and call.T == 0:  # nothing to split; the walk passes states through
         engine = "fused_recurrent"
     return engine

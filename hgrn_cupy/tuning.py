@@ -16,10 +16,11 @@ import contextlib
 import importlib.metadata
 import json
 import os
-import statistics
 import tempfile
 import threading
 import warnings
+
+from .measure import queued
 
 try:
     import fcntl
@@ -34,7 +35,8 @@ class Settings:
 
     on_disk: keep decisions in the cache file as well as in memory (``HGRN_CUPY_TUNING=0`` in the
         environment turns the file off too; either one off is off).
-    repeats: timed calls per candidate in the default measurement (the median counts).
+    repeats: calls per candidate that the default measurement queues behind its wait
+        (:func:`hgrn_cupy.measure.queued`).
     """
     on_disk = True
     repeats = 5
@@ -259,32 +261,12 @@ def forget():
 # ----------------------------------------------------------------------------------------------
 # measuring and choosing
 
-def measure_on(stream_ptr=None, repeats=None):
-    """A measurement function timing with CUDA events on a stream: the CuPy stream at ``stream_ptr``
-    (a ``cudaStream_t`` as int, for launches on another framework's stream), else CuPy's current
-    stream.  It calls ``fn`` once to warm up (compilation, workspaces), then ``repeats`` times (default
-    ``settings.repeats``), each between two events and synchronised, and returns the median in seconds."""
-    def measure(fn):
-        import cupy
-
-        stream = cupy.cuda.get_current_stream() if stream_ptr is None else cupy.cuda.ExternalStream(stream_ptr)
-        fn()
-        stream.synchronize()
-        times = []
-        for _ in range(repeats or settings.repeats):
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record(stream)
-            fn()
-            end.record(stream)
-            end.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
-        return statistics.median(times)
-    return measure
-
-
 def _time_all(candidates, run, measure):
     """({engine: seconds}, the fastest; ties go to the earliest in ``candidates``)."""
-    measure = measure or measure_on()
+    if measure is None:
+        import cupy
+
+        measure = queued(cupy.cuda.runtime.getDevice(), calls=settings.repeats)
     times = {name: float(measure(lambda name=name: run(name))) for name in candidates}
     best = min(candidates, key=lambda name: (times[name], candidates.index(name)))
     return times, best
@@ -301,8 +283,8 @@ def choose(device, key, candidates, run, default, allow_timing, measure=None) ->
         default: the engine returned, and not stored, when nothing is stored and timing is not allowed.
         allow_timing: False inside CUDA-graph capture or JAX tracing, where launching to measure is
             impossible or would be recorded.
-        measure: ``measure(fn) -> seconds`` for a callable launching once; default ``measure_on()``
-            (CUDA events on CuPy's current stream).
+        measure: ``measure(fn) -> seconds`` for a callable launching once; default
+            :func:`hgrn_cupy.measure.queued` on the current device and CuPy's current stream.
 
     Returns:
         A stored decision when there is one (in memory, else in the cache file) and it is among the

@@ -2,7 +2,7 @@
 fused engine's thread walk and block walk (and the block walks of the tuner's launch variants: the other
 lane width, short windows), forward and backward, dense and varlen (an empty sequence included), with and
 without states, both directions of time; the state-only passes and the composition of their maps
-(fold_maps on the GPU).
+(fold_maps on the GPU); the tuner's wait, with the candidates it times queued behind it.
 
     compute-sanitizer --tool memcheck python tests/sanitize_kernels.py
     compute-sanitizer --tool racecheck python tests/sanitize_kernels.py
@@ -17,7 +17,7 @@ import cupy
 import numpy as np
 
 import hgrn_cupy as hc
-from hgrn_cupy import plans, states
+from hgrn_cupy import plans, states, tuning
 from hgrn_cupy.engines import VARIANTS
 
 TOL = {"float32": 2e-5, "float16": 3e-3, "float64": 1e-12}
@@ -91,6 +91,9 @@ def main():
                         e = _err(got, ref)
                         if not e < TOL[dtype]:
                             failures.append(f"states {dtype} {B}x{T}x{D} reverse={reverse} {what}: {e}")
+    tuning.settings.on_disk = False  # the tuner's wait kernel (hgrn_cupy.measure), decisions in memory only
+    tuning.tune([(2, 200, 4096)], ("float32",))
+    launches += 1
     cupy.cuda.runtime.deviceSynchronize()
     for f in failures:
         print(f)

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
 
-from hgrn_cupy import nvrtc, states  # noqa: E402
+from hgrn_cupy import measure, nvrtc, states  # noqa: E402
 from hgrn_cupy.engines import chunk, fused_recurrent, guard  # noqa: E402
 from hgrn_cupy.engines.layout import Arr, aligned, alignment_masks, layout_vector_width  # noqa: E402
 
@@ -41,6 +41,7 @@ def _modules():
                             fused_recurrent.options(xd, gd, fused_recurrent.SHORT_STEPS), arch))
             out.append((f"states-{pair}", states.SOURCE, states.kernel_names(xd, gd), states.OPTIONS, arch))
     out.append(("guard", guard.SOURCE, guard.NAMES, guard.OPTIONS, ARCH))
+    out.append(("wait", measure.SOURCE, measure.NAMES, (), ARCH))
     return out
 
 
@@ -63,8 +64,9 @@ def test_every_instantiation_compiles_without_warnings():
     assert not warned, "NVRTC warnings:\n" + "\n".join(warned)
     sixteen_bit = sum(nvrtc.ITEMSIZE[d] == 2 for d in nvrtc.DTYPES)
     no_float64 = sum(nvrtc.ITEMSIZE[d] < 8 for d in nvrtc.DTYPES)
-    # + the 16-bit pairs' narrow backward, the block walks' short windows (float64 has no block walk)
-    assert len(results) == 3 * len(nvrtc.DTYPES) ** 2 + 1 + sixteen_bit ** 2 + no_float64 ** 2
+    # + the guard, the tuner's wait, the 16-bit pairs' narrow backward, the block walks' short windows
+    # (float64 has no block walk)
+    assert len(results) == 3 * len(nvrtc.DTYPES) ** 2 + 2 + sixteen_bit ** 2 + no_float64 ** 2
 
 
 def _kernel_files():
@@ -88,7 +90,7 @@ def test_sources_need_no_cuda_headers(source):
 
 def test_kernel_sources_ship():
     names = {f.name for f in _kernel_files()}
-    assert {chunk.SOURCE, fused_recurrent.SOURCE, states.SOURCE, guard.SOURCE, "common.cuh"} <= names
+    assert {chunk.SOURCE, fused_recurrent.SOURCE, states.SOURCE, guard.SOURCE, measure.SOURCE, "common.cuh"} <= names
 
 
 def _pick_vec(D, tensors):
