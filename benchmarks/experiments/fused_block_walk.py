@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The fused engine's block walks: where they apply, their lanes, their shape.
 
-    python benchmarks/experiments/fused_block_walk.py --group bands|lanes|shape [--cases ...] [--smoke]
+    python benchmarks/experiments/fused_block_walk.py --group bands|lanes|shape|narrow [--cases ...] [--smoke]
 
 Groups (docs/performance.md has the reasons):
 - bands: the block walk forced at every channel count, against the thread walk forced and the chunk
@@ -9,7 +9,9 @@ Groups (docs/performance.md has the reasons):
   the engine crossover;
 - lanes: 8-byte lanes everywhere, 4-byte lanes everywhere, against the shipped rule (forward 8 bytes
   from BLOCK_WALK_NARROW_BELOW channels on, 4 below; backward 4);
-- shape: warps x steps a window (W16S4, W8S4, W4S8) against W8S8.
+- shape: warps x steps a window (W16S4, W8S4, W4S8) against W8S8;
+- narrow: at 16K-64K 16-bit channels, where the tuner takes 4-byte forward lanes on an H200, lanes of
+  one 2-byte channel, and blocks of four warps (twice the blocks again), in both directions.
 Every group but bands forces the block walk at every channel count, so the default shapes can sit
 outside the shipped bands.
 """
@@ -44,7 +46,7 @@ def nowhere(fused):
 def with_options(fused, *extra):
     """The engine's compile options plus ``extra`` (each distinct set compiles its own module)."""
     shipped = fused.options
-    return [(fused, "options", lambda x_dtype, g_dtype: shipped(x_dtype, g_dtype) + tuple(extra))]
+    return [(fused, "options", lambda x_dtype, g_dtype, *rest: shipped(x_dtype, g_dtype, *rest) + tuple(extra))]
 
 
 def lanes(fused, comp, nbytes):
@@ -76,6 +78,10 @@ def groups(fused, comp):
         "shape": (["bf16:8x4096x2048", "bf16:32x4096x1024", "bf16:64x4096x1024", "f32:8x4096x2048"],
                   {"W8S8 (as shipped)": ev, "W16S4": ev + walk_shape(fused, 16, 4), "W8S4": ev + walk_shape(fused, 8, 4),
                    "W4S8": ev + walk_shape(fused, 4, 8)}, set()),
+        "narrow": (["bf16:8x4096x2048", "bf16:16x4096x1024", "bf16:32x2048x4096", "bf16:64x4096x1024"],
+                   {"4-byte lanes": ev + lanes(fused, comp, 4), "2-byte lanes": ev + lanes(fused, comp, 2),
+                    "4-byte lanes, W4S8": ev + lanes(fused, comp, 4) + walk_shape(fused, 4, 8),
+                    "2-byte lanes, W4S8": ev + lanes(fused, comp, 2) + walk_shape(fused, 4, 8)}, set()),
     }
 
 
