@@ -82,6 +82,29 @@ def test_launch_experiments_set_what_the_library_has():
         nvrtc_lib.destroyProgram(prog)
 
 
+def test_block_walk_experiment_patches_take_the_engines_arguments():
+    """Under each variant of fused_block_walk's groups, the patched pieces answer the calls the engine makes
+    (compile options with and without a window's steps, the kernel names of both modules), so a change of
+    the engine's signatures fails here and not on the device."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
+    sys.path.insert(0, EXPERIMENTS)
+    try:
+        import _common
+        import fused_block_walk
+    finally:
+        sys.path.remove(EXPERIMENTS)
+    fused, comp, _ = fused_block_walk.library()
+    for group, (_, variants, _) in fused_block_walk.groups(fused, comp).items():
+        for name, settings in variants.items():
+            with _common.patched(*settings):
+                for dt in ("bfloat16", "float32"):
+                    long, short = fused.options(dt, dt), fused.options(dt, dt, fused.SHORT_STEPS)
+                    assert f"-DHC_BLOCK_STEPS={fused.SHORT_STEPS}" in short, (group, name)
+                    assert f"-DHC_BLOCK_WARPS={fused.BLOCK_WARPS}" in long, (group, name)
+                    assert fused.names(dt, dt), (group, name)
+                    fused.short_window_names(dt, dt)  # empty where no block walk is launched
+
+
 def test_multi_gpu_experiment_runs_on_cpu_processes():
     """benchmarks/experiments/cp_nccl.py --smoke: the multi-GPU script's whole path (spawned ranks, the
     context-parallel call and the single call, timing, the table) on two CPU processes over gloo; each
