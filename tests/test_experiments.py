@@ -31,6 +31,15 @@ def test_tile_walk_experiment_compiles():
     assert done.returncode == 0 and "16 kernels compiled for sm_90" in done.stdout, done.stdout + done.stderr
 
 
+def test_two_pass_experiment_compiles():
+    """Both passes of benchmarks/experiments/two_pass.cu, every variant and dtype, after common.cuh and the
+    tile walk's pieces, compile with NVRTC for sm_90 (its --compile-only)."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
+    script = os.path.join(EXPERIMENTS, "two_pass.py")
+    done = subprocess.run([sys.executable, script, "--compile-only"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "16 kernels compiled for sm_90" in done.stdout, done.stdout + done.stderr
+
+
 def test_experiment_source_patches_match_the_kernels():
     """Every line the experiments replace in the library's kernel sources (chunk_lookback's bounds,
     stream_schedule's barrier-free bound, cache_hints' access spellings) is there as often as they expect,

@@ -52,13 +52,19 @@ def compile_only(text, filename, names, options):
         nvrtc.destroyProgram(prog)
 
 
-def raw_forward(torch, fn, grid, block, x, g, scalars, shared=0):
-    """``o``: a raw CuPy kernel ``fn(x, g, o, *scalars)`` queued on torch's current stream, o fresh."""
+def raw_launch(torch, fn, grid, block, args, shared=0):
+    """A raw CuPy kernel ``fn(*args)`` queued on torch's current stream: tensors pass their pointers, the
+    rest as given (NumPy scalars of the kernel's parameter types)."""
     import cupy
     import numpy as np
 
-    o = torch.empty_like(x)
-    ptrs = tuple(np.uint64(t.data_ptr()) for t in (x, g, o))
+    values = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
     with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-        fn(grid, block, ptrs + tuple(scalars), shared_mem=shared)
+        fn(grid, block, values, shared_mem=shared)
+
+
+def raw_forward(torch, fn, grid, block, x, g, scalars, shared=0):
+    """``o``: a raw CuPy kernel ``fn(x, g, o, *scalars)`` queued on torch's current stream, o fresh."""
+    o = torch.empty_like(x)
+    raw_launch(torch, fn, grid, block, (x, g, o) + tuple(scalars), shared)
     return o

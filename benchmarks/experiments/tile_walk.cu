@@ -43,14 +43,12 @@ struct Words {
     }
 };
 
-template <typename TX, typename TG, int VEC, int ROWS, int WARPS, int S>
-__device__ __forceinline__ void scan_window(const Words<TX, TG, VEC, S>& in, Affine<AccT<TX, TG>> (*part)[(32 / ROWS) * VEC],
-                                            AccT<TX, TG>* carry, TX* op, i64 sot, i64 u0, i64 T, bool live) {
+// This thread's S steps from u0 folded into one map per channel (m); a keeps each step's gate factor for
+// the second pass.  Steps past T leave m as it is.
+template <typename TX, typename TG, int VEC, int S>
+__device__ __forceinline__ void fold(const Words<TX, TG, VEC, S>& in, Affine<AccT<TX, TG>> (&m)[VEC],
+                                     AccT<TX, TG> (&a)[S][VEC], i64 u0, i64 T) {
     typedef AccT<TX, TG> Acc;
-    constexpr int LC = 32 / ROWS;
-    const int lane = threadIdx.x, w = threadIdx.y, c = lane % LC, r = lane / LC;
-    Affine<Acc> m[VEC];
-    Acc a[S][VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) { m[k].a = Acc(1); m[k].b = Acc(0); }
 #pragma unroll
@@ -64,7 +62,14 @@ __device__ __forceinline__ void scan_window(const Words<TX, TG, VEC, S>& in, Aff
             }
         }
     }
-    // Inclusive scan over the warp's rows (lanes c, c + LC, ...): m becomes rows 0 .. r composed.
+}
+
+// Inclusive scan over a warp's ROWS rows (lanes c, c + LC, ...): m becomes rows 0 .. r composed, before
+// rows 0 .. r - 1 (identity at row 0).
+template <typename Acc, int VEC, int ROWS>
+__device__ __forceinline__ void scan_rows(Affine<Acc> (&m)[VEC], Affine<Acc> (&before)[VEC]) {
+    constexpr int LC = 32 / ROWS;
+    const int r = threadIdx.x / LC;
 #pragma unroll
     for (int off = 1; off < ROWS; off <<= 1) {
 #pragma unroll
@@ -77,13 +82,27 @@ __device__ __forceinline__ void scan_window(const Words<TX, TG, VEC, S>& in, Aff
             }
         }
     }
-    Affine<Acc> before[VEC];  // rows 0 .. r - 1 composed (identity at row 0)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
         const Acc pa = __shfl_up_sync(0xffffffffu, m[k].a, LC);
         const Acc pb = __shfl_up_sync(0xffffffffu, m[k].b, LC);
         before[k].a = r > 0 ? pa : Acc(1);
         before[k].b = r > 0 ? pb : Acc(0);
+    }
+}
+
+template <typename TX, typename TG, int VEC, int ROWS, int WARPS, int S>
+__device__ __forceinline__ void scan_window(const Words<TX, TG, VEC, S>& in, Affine<AccT<TX, TG>> (*part)[(32 / ROWS) * VEC],
+                                            AccT<TX, TG>* carry, TX* op, i64 sot, i64 u0, i64 T, bool live) {
+    typedef AccT<TX, TG> Acc;
+    constexpr int LC = 32 / ROWS;
+    const int lane = threadIdx.x, w = threadIdx.y, c = lane % LC, r = lane / LC;
+    Affine<Acc> m[VEC], before[VEC];
+    Acc a[S][VEC];
+    fold<TX, TG, VEC, S>(in, m, a, u0, T);
+    scan_rows<Acc, VEC, ROWS>(m, before);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
         if (r == ROWS - 1) part[w][c * VEC + k] = m[k];
     }
     __syncthreads();

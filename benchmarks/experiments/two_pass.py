@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""The two-pass forward (``two_pass.cu``): a reduce over chunks and an apply that re-reads them, against the
+chunk engine, on the grids of one or two waves where the chunk engine's forward trails accelerated-scan.
+
+    python benchmarks/experiments/two_pass.py [--cases ...] [--variants ...] [--smoke]
+    python benchmarks/experiments/two_pass.py --compile-only    (NVRTC alone, no GPU)
+
+The question: at bf16 2x4096x1024 (512 chunks of 128 steps, two waves of two blocks a multiprocessor) the
+chunk engine's look-back takes 13% of the launch and its fold and second pass 11% (docs/performance.md,
+"Open in the chunk engine"): each block's phases run in turn, waiting on the block before.  Here no block
+waits: the reduce writes each chunk's map (8 bytes a channel), the apply composes the maps before its
+chunk and scans it again, reading x and g a second time, from L2 where they fit (x and g under about
+40 MB: 1x4096x1024, 2x4096x1024, 4x2048x512).  ``W{warps} R{rows} S{steps}``: a chunk of W * R * S steps
+and 32 / R lanes of 16 bytes (the tile walk's window, ``tile_walk.cu``).  Each variant's output is checked
+against the chunk engine's; forward only, dense, no states.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+import _kernels as k  # noqa: E402
+import tile_walk  # noqa: E402
+
+CASES = ["bf16:1x4096x256", "bf16:1x4096x1024", "bf16:2x4096x1024", "bf16:4x2048x512", "bf16:4x4096x1024",
+         "bf16:8x4096x1024", "f32:2x4096x1024", "bf16:8x4096x2048"]
+SOURCE = Path(__file__).with_name("two_pass.cu")
+ELEMENT = tile_walk.ELEMENT
+# name: (warps, rows, steps a thread)
+VARIANTS = {
+    "W8 R2 S8": (8, 2, 8),
+    "W8 R2 S4": (8, 2, 4),
+    "W8 R4 S4": (8, 4, 4),
+    "W16 R2 S4": (16, 2, 4),
+}
+
+
+def names_of(dtype, warps, rows, steps):
+    t, vec = ELEMENT[dtype]
+    args = f"{t}, {t}, {vec}, {rows}, {warps}, {steps}"
+    return f"tp::reduce<{args}>", f"tp::apply<{args}>"
+
+
+def names():
+    return [n for dt in ELEMENT for v in VARIANTS.values() for n in names_of(dt, *v)]
+
+
+def source():
+    """The library's common.cuh, the tile walk's kernels (whose window pieces the passes use), then the
+    two passes: one text, as NVRTC compiles it."""
+    return tile_walk.source() + "\n" + SOURCE.read_text()
+
+
+def compile_only():
+    """Every instantiation through NVRTC for sm_90 (no GPU): prints the log, exits non-zero on failure."""
+    k.compile_only(source(), SOURCE.name, names(), tile_walk.OPTIONS)
+
+
+def launcher(torch, module, name):
+    """``fwd(set)``: o by the two passes ``name`` on the set's x and g (contiguous [B, T, D])."""
+    warps, rows, steps = VARIANTS[name]
+
+    def fwd(s):
+        x, g = s["x"], s["g"]
+        B, T, D = x.shape
+        dtype = str(x.dtype).removeprefix("torch.")
+        _, vec = ELEMENT[dtype]
+        if D % vec or not (x.is_contiguous() and g.is_contiguous()):
+            raise ValueError(f"the two passes need contiguous inputs and D a multiple of {vec}")
+        reduce, apply = (module.get_function(n) for n in names_of(dtype, warps, rows, steps))
+        win, tile = warps * rows * steps, 32 // rows * vec
+        chunks = -(-T // win)
+        maps = torch.empty((B, chunks, D, 2), dtype=torch.float32, device=x.device)
+        grid, block = (chunks, -(-D // tile), B), (32, warps)
+        i64 = np.int64
+        k.raw_launch(torch, reduce, grid, block, (x, g, maps, i64(T), i64(D), i64(T * D), i64(D), i64(T * D),
+                                                  i64(D), i64(chunks)))
+        o = torch.empty_like(x)
+        k.raw_launch(torch, apply, grid, block, (x, g, maps, o, i64(T), i64(D), i64(T * D), i64(D), i64(T * D),
+                                                 i64(D), i64(T * D), i64(D), i64(chunks)))
+        return o
+    return fwd
+
+
+def main():
+    if "--compile-only" in sys.argv:
+        return compile_only()
+    torch = c.torch_cuda()
+    import cupy
+
+    def extra(p):
+        p.add_argument("--variants", type=lambda t: [v for v in t.split(",") if v], default=list(VARIANTS),
+                       help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    args, timer, gbps, hc = c.start(__doc__, "Two-pass forward", CASES, "bf16:2x4096x1024",
+                                    "forward; every variant checked against the chunk engine", passes="fwd",
+                                    extra=extra)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"two_pass: unknown variants {unknown}; known: {list(VARIANTS)}")
+    module = cupy.RawModule(code=source(), options=tile_walk.OPTIONS, name_expressions=names())
+    variants = {"chunk (as shipped)": [], "hgrn()": []}
+    calls = {"chunk (as shipped)": c.engine_calls(hc, "chunk"), "hgrn()": c.engine_calls(hc, "auto")}
+    for name in args.variants:
+        variants[name], calls[name] = [], {"fwd": launcher(torch, module, name)}
+    c.run(args, timer, gbps, variants, calls, lambda: None)
+
+
+if __name__ == "__main__":
+    main()
