@@ -68,3 +68,26 @@ def raw_forward(torch, fn, grid, block, x, g, scalars, shared=0):
     o = torch.empty_like(x)
     raw_launch(torch, fn, grid, block, (x, g, o) + tuple(scalars), shared)
     return o
+
+
+def own_kernel_table(doc, title, cases, smoke_case, note, variants, module, launcher, who):
+    """The forward table of an experiment's own kernels: columns the chunk engine and ``hgrn()``, then the
+    variants the command line names (``--variants``, default all of ``variants``), each timed through
+    ``launcher(torch, module(), name) -> fwd(set)`` and checked against the chunk engine."""
+    import _common as c
+
+    torch = c.torch_cuda()
+
+    def extra(p):
+        p.add_argument("--variants", type=lambda t: [v for v in t.split(",") if v], default=list(variants),
+                       help=f"comma-separated, of: {', '.join(variants)}")
+    args, timer, gbps, hc = c.start(doc, title, cases, smoke_case, note, passes="fwd", extra=extra)
+    unknown = [v for v in args.variants if v not in variants]
+    if unknown:
+        sys.exit(f"{who}: unknown variants {unknown}; known: {list(variants)}")
+    loaded = module()
+    columns = {"chunk (as shipped)": [], "hgrn()": []}
+    calls = {"chunk (as shipped)": c.engine_calls(hc, "chunk"), "hgrn()": c.engine_calls(hc, "auto")}
+    for name in args.variants:
+        columns[name], calls[name] = [], {"fwd": launcher(torch, loaded, name)}
+    c.run(args, timer, gbps, columns, calls, lambda: None)

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as c  # noqa: E402
 import _kernels as k  # noqa: E402
 
 # The mid-sized grids where the chunk engine trails accelerated-scan, then headline shapes where hgrn() takes
@@ -65,17 +64,23 @@ def compile_only():
     k.compile_only(source(), SOURCE.name, names(), OPTIONS)
 
 
+def dense(s, who):
+    """``(x, g, (B, T, D), dtype name, channels a 16-byte lane)`` of an input set, which ``who`` needs
+    contiguous with D a multiple of the lane's channels; else ValueError."""
+    x, g = s["x"], s["g"]
+    dtype = str(x.dtype).removeprefix("torch.")
+    _, vec = ELEMENT[dtype]
+    if x.shape[2] % vec or not (x.is_contiguous() and g.is_contiguous()):
+        raise ValueError(f"{who} needs contiguous inputs and D a multiple of {vec}")
+    return x, g, tuple(x.shape), dtype, vec
+
+
 def launcher(torch, module, name):
     """``fwd(set)``: o by the tile walk ``name`` on the set's x and g (contiguous [B, T, D])."""
     warps, rows, steps = VARIANTS[name]
 
     def fwd(s):
-        x, g = s["x"], s["g"]
-        B, T, D = x.shape
-        dtype = str(x.dtype).removeprefix("torch.")
-        _, vec = ELEMENT[dtype]
-        if D % vec or not (x.is_contiguous() and g.is_contiguous()):
-            raise ValueError(f"the tile walk needs contiguous inputs and D a multiple of {vec}")
+        x, g, (B, T, D), dtype, vec = dense(s, "the tile walk")
         fn = module.get_function(name_of(dtype, warps, rows, steps))
         tile = 32 // rows * vec
         scalars = (np.int64(v) for v in (T, D, T * D, D, T * D, D, T * D, D))
@@ -86,24 +91,14 @@ def launcher(torch, module, name):
 def main():
     if "--compile-only" in sys.argv:
         return compile_only()
-    torch = c.torch_cuda()
-    import cupy
 
-    def extra(p):
-        p.add_argument("--variants", type=lambda t: [v for v in t.split(",") if v], default=list(VARIANTS),
-                       help=f"comma-separated, of: {', '.join(VARIANTS)}")
-    args, timer, gbps, hc = c.start(__doc__, "Tile walk", CASES, "bf16:2x4096x1024",
-                                    "forward; every tile walk checked against the chunk engine", passes="fwd",
-                                    extra=extra)
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        sys.exit(f"tile_walk: unknown variants {unknown}; known: {list(VARIANTS)}")
-    module = cupy.RawModule(code=source(), options=OPTIONS, name_expressions=names())
-    variants = {"chunk (as shipped)": [], "hgrn()": []}
-    calls = {"chunk (as shipped)": c.engine_calls(hc, "chunk"), "hgrn()": c.engine_calls(hc, "auto")}
-    for name in args.variants:
-        variants[name], calls[name] = [], {"fwd": launcher(torch, module, name)}
-    c.run(args, timer, gbps, variants, calls, lambda: None)
+    def module():
+        import cupy
+
+        return cupy.RawModule(code=source(), options=OPTIONS, name_expressions=names())
+    k.own_kernel_table(__doc__, "Tile walk", CASES, "bf16:2x4096x1024",
+                       "forward; every tile walk checked against the chunk engine", VARIANTS, module, launcher,
+                       "tile_walk")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as c  # noqa: E402
 import _kernels as k  # noqa: E402
 import tile_walk  # noqa: E402
 
@@ -63,12 +62,7 @@ def launcher(torch, module, name):
     warps, rows, steps = VARIANTS[name]
 
     def fwd(s):
-        x, g = s["x"], s["g"]
-        B, T, D = x.shape
-        dtype = str(x.dtype).removeprefix("torch.")
-        _, vec = ELEMENT[dtype]
-        if D % vec or not (x.is_contiguous() and g.is_contiguous()):
-            raise ValueError(f"the two passes need contiguous inputs and D a multiple of {vec}")
+        x, g, (B, T, D), dtype, vec = tile_walk.dense(s, "the two passes")
         reduce, apply = (module.get_function(n) for n in names_of(dtype, warps, rows, steps))
         win, tile = warps * rows * steps, 32 // rows * vec
         chunks = -(-T // win)
@@ -87,24 +81,14 @@ def launcher(torch, module, name):
 def main():
     if "--compile-only" in sys.argv:
         return compile_only()
-    torch = c.torch_cuda()
-    import cupy
 
-    def extra(p):
-        p.add_argument("--variants", type=lambda t: [v for v in t.split(",") if v], default=list(VARIANTS),
-                       help=f"comma-separated, of: {', '.join(VARIANTS)}")
-    args, timer, gbps, hc = c.start(__doc__, "Two-pass forward", CASES, "bf16:2x4096x1024",
-                                    "forward; every variant checked against the chunk engine", passes="fwd",
-                                    extra=extra)
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        sys.exit(f"two_pass: unknown variants {unknown}; known: {list(VARIANTS)}")
-    module = cupy.RawModule(code=source(), options=tile_walk.OPTIONS, name_expressions=names())
-    variants = {"chunk (as shipped)": [], "hgrn()": []}
-    calls = {"chunk (as shipped)": c.engine_calls(hc, "chunk"), "hgrn()": c.engine_calls(hc, "auto")}
-    for name in args.variants:
-        variants[name], calls[name] = [], {"fwd": launcher(torch, module, name)}
-    c.run(args, timer, gbps, variants, calls, lambda: None)
+    def module():
+        import cupy
+
+        return cupy.RawModule(code=source(), options=tile_walk.OPTIONS, name_expressions=names())
+    k.own_kernel_table(__doc__, "Two-pass forward", CASES, "bf16:2x4096x1024",
+                       "forward; every variant checked against the chunk engine", VARIANTS, module, launcher,
+                       "two_pass")
 
 
 if __name__ == "__main__":
