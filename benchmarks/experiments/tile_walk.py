@@ -43,9 +43,14 @@ VARIANTS = {
 }
 
 
-def name_of(dtype, warps, rows, steps):
+def template_args(dtype, warps, rows, steps):
+    """The template arguments of a window kernel (``<TX, TG, VEC, ROWS, WARPS, S>``) for one dtype."""
     t, vec = ELEMENT[dtype]
-    return f"tw::tile_walk_fwd<{t}, {t}, {vec}, {rows}, {warps}, {steps}>"
+    return f"{t}, {t}, {vec}, {rows}, {warps}, {steps}"
+
+
+def name_of(dtype, warps, rows, steps):
+    return f"tw::tile_walk_fwd<{template_args(dtype, warps, rows, steps)}>"
 
 
 def names():

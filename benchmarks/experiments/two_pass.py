@@ -37,8 +37,7 @@ VARIANTS = {
 
 
 def names_of(dtype, warps, rows, steps):
-    t, vec = ELEMENT[dtype]
-    args = f"{t}, {t}, {vec}, {rows}, {warps}, {steps}"
+    args = tile_walk.template_args(dtype, warps, rows, steps)
     return f"tp::reduce<{args}>", f"tp::apply<{args}>"
 
 
