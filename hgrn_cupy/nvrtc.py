@@ -149,6 +149,20 @@ def prefer_shared(fn, percent):
     driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent)
 
 
+def hold_shared(fn, dynamic, blocks, device):
+    """Let ``fn`` (a loaded ``cupy.cuda.Function`` of ``device``) take ``dynamic`` bytes of dynamic shared
+    memory a block (past the 48 KB a launch gets without asking), and ask for the split of L1 and shared
+    memory that holds ``blocks`` such blocks a multiprocessor and no more, so that L1 keeps the rest
+    (its static shared memory and the driver's reserve a block counted)."""
+    from cupy_backends.cuda.api import driver, runtime
+
+    driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic)
+    static = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn.ptr)
+    reserve = runtime.deviceGetAttribute(runtime.cudaDevAttrReservedSharedMemoryPerBlock, device)
+    per_sm = runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)
+    prefer_shared(fn, min(100, -(-100 * blocks * (dynamic + static + reserve) // per_sm)))
+
+
 def blocks_at_once(fn, threads, device):
     """How many blocks of ``threads`` threads of ``fn`` (a ``cupy.cuda.Function`` of ``device``) the GPU
     holds at once: blocks per multiprocessor by the occupancy calculator, times the multiprocessors."""
@@ -162,11 +176,12 @@ def blocks_at_once(fn, threads, device):
     return n
 
 
-def bind(fn, grid, block, device, tail_words=1):
-    """``fn`` (a ``cupy.cuda.Function`` of ``device``) with its grid and block fixed: a function
-    ``kernel(stream_ptr, *args)`` that queues it on the stream ``stream_ptr``.  ``args`` are Python ints
-    (pointers, 64-bit integers, or 32-bit ints) in the kernel's parameter order; the last ``tail_words``
-    of them are the fields of its last parameter, a struct of that many 8-byte fields."""
+def bind(fn, grid, block, device, tail_words=1, shared=0):
+    """``fn`` (a ``cupy.cuda.Function`` of ``device``) with its grid, block and dynamic shared memory
+    (bytes) fixed: a function ``kernel(stream_ptr, *args)`` that queues it on the stream ``stream_ptr``.
+    ``args`` are Python ints (pointers, 64-bit integers, or 32-bit ints) in the kernel's parameter order;
+    the last ``tail_words`` of them are the fields of its last parameter, a struct of that many 8-byte
+    fields."""
     from cupy_backends.cuda.api import driver
 
     launch_kernel, fn_ptr = driver.launchKernel, fn.ptr
@@ -176,7 +191,7 @@ def bind(fn, grid, block, device, tail_words=1):
     def kernel(stream_ptr, *args):
         buf, params, packer, _ = _thread_slots(len(args), device, tail_words)
         packer.pack_into(buf, 0, *args)
-        launch_kernel(fn_ptr, gx, gy, gz, bx, by, bz, 0, stream_ptr, params, 0)
+        launch_kernel(fn_ptr, gx, gy, gz, bx, by, bz, shared, stream_ptr, params, 0)
 
     kernel.function = fn  # the module stays loaded while the binding lives
     return kernel

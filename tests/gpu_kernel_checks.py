@@ -142,7 +142,8 @@ def check_backward(engine, x64, g64, dtype, h064=None, cu=None, reverse=False, w
 
 def launched_kernels(monkeypatch):
     """A list that records each kernel launched from now on, as (kernel name, template arguments...),
-    e.g. ``("chunk_fwd", "hc::half_t", "hc::half_t", "false", "8")``."""
+    e.g. ``("chunk_fwd", "hc::half_t", "hc::half_t", "false", "8")``; kernels without template arguments
+    (the varlen guard's) as their name alone."""
     import re
 
     from hgrn_cupy import nvrtc
@@ -152,8 +153,8 @@ def launched_kernels(monkeypatch):
 
     def get_function(source, all_names, name, device, options=()):
         fn = real_get(source, all_names, name, device, options)
-        kernel, args = re.fullmatch(r"hc::(\w+)<(.*)>", name).groups()
-        names[fn.ptr] = (kernel,) + tuple(a.strip() for a in args.split(","))
+        kernel, args = re.fullmatch(r"(?:hc::)?(\w+)(?:<(.*)>)?", name).groups()
+        names[fn.ptr] = (kernel,) + (tuple(a.strip() for a in args.split(",")) if args else ())
         return fn
 
     def bind(fn, grid, block, device, **kw):

@@ -41,8 +41,9 @@ CHUNK_BWD_ARGS = ("g", "o", "do", "dx", "dg", "sgb", "sgt", "sob", "sot", "sdob"
                   "sdgt", "h0", "dht", "dh0", "cu", "cu64", "N", "T", "D", "reverse", "hdr", "slots", "capacity",
                   "ntiles", "nchunks", "l2_ahead", "peek", "stagger")
 KERNEL_ARGS = {"fused_recurrent_fwd": WALK_FWD_ARGS, "fused_recurrent_block_fwd": WALK_FWD_ARGS,
-               "fused_recurrent_step": STEP_ARGS, "fused_recurrent_bwd": WALK_BWD_ARGS,
-               "fused_recurrent_block_bwd": WALK_BWD_ARGS, "chunk_fwd": CHUNK_FWD_ARGS, "chunk_bwd": CHUNK_BWD_ARGS}
+               "fused_recurrent_staged_fwd": WALK_FWD_ARGS, "fused_recurrent_step": STEP_ARGS,
+               "fused_recurrent_bwd": WALK_BWD_ARGS, "fused_recurrent_block_bwd": WALK_BWD_ARGS,
+               "chunk_fwd": CHUNK_FWD_ARGS, "chunk_bwd": CHUNK_BWD_ARGS}
 POINTERS = ("x", "g", "o", "do", "dx", "dg", "h0", "ht", "dht", "dh0", "hdr", "slots")
 C_NAMES = {c: d for d, c in nvrtc.C_TYPES.items()}
 
@@ -105,12 +106,16 @@ class RecordingDriver:
             varlen = targs[2] == "true" if kernel.startswith("chunk") else None  # the walks take it at run time
             fn = types.SimpleNamespace(ptr=1000 + len(self.functions), kernel=kernel,
                                        dtypes=tuple(C_NAMES[t] for t in targs[:2]), vec=int(targs[-1]), varlen=varlen,
-                                       options=options, carveout=None, carveout_seen=None)
+                                       options=options, carveout=None, carveout_seen=None, dynamic=0)
             self.functions[name, options] = self.by_ptr[fn.ptr] = fn
         return fn
 
     def prefer_shared(self, fn, percent):
         fn.carveout = percent
+
+    def hold_shared(self, fn, dynamic, blocks, device):
+        """Keeps the dynamic shared memory a launch may take and the blocks it is sized for (as carveout)."""
+        fn.dynamic, fn.carveout = dynamic, ("blocks", blocks)
 
     def blocks_at_once(self, fn, threads, device):
         """8 blocks at once; keeps the shared-memory preference the occupancy query saw."""
@@ -136,10 +141,10 @@ class RecordingDriver:
         a = dict(zip(names, (ctypes.c_int64 * len(names)).from_address(first)))
         ln = {"kernel": fn.kernel, "vec": fn.vec, "dtypes": fn.dtypes, "grid": (gx, gy, gz), "block": (bx, by, bz),
               "stream": stream, "options": fn.options,
-              "carveout": fn.carveout, "carveout_seen": fn.carveout_seen, **a}
+              "carveout": fn.carveout, "carveout_seen": fn.carveout_seen, "shared": shmem, **a}
         self.launches.append(ln)
         self.events.append(("kernel", ln))
-        assert shmem == 0 and extra == 0
+        assert shmem <= fn.dynamic and extra == 0
         assert fn.varlen is None or fn.varlen == bool(a["cu"])  # the chunk kernels are compiled for one of them
         if fn.kernel == "fused_recurrent_step":
             self._step(fn, ln)
@@ -213,6 +218,7 @@ def fake_cuda(monkeypatch, fresh_plans):
     monkeypatch.setattr(cupy.cuda.runtime, "memsetAsync", rec.memset)
     monkeypatch.setattr(nvrtc, "get_function", rec.get_function)
     monkeypatch.setattr(nvrtc, "prefer_shared", rec.prefer_shared)
+    monkeypatch.setattr(nvrtc, "hold_shared", rec.hold_shared)
     monkeypatch.setattr(nvrtc, "blocks_at_once", rec.blocks_at_once)
     monkeypatch.setattr(driver, "launchKernel", rec.launch_kernel)
     monkeypatch.setattr(workspace, "capturing", lambda stream_ptr: False)

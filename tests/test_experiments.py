@@ -12,32 +12,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO, "benchmarks", "experiments")
 
 
-def test_stream_schedule_experiment_compiles():
-    """Every kernel of benchmarks/experiments/stream_schedule.cu compiles with NVRTC for sm_90 (its
-    --compile-only), so that a device run of the experiment does not find it broken."""
+# script -> kernels its --compile-only builds: stream_schedule.cu's own; the tile walks after common.cuh;
+# the two passes after the tile walk's pieces; the pipelined chunk forward after chunk.cu; the staged block
+# walks after fused_block_walk.cuh; every variant and dtype.
+OWN_KERNELS = {"stream_schedule.py": 40, "tile_walk.py": 16, "two_pass.py": 16, "chunk_pipe.py": 14,
+               "block_pipe.py": 52}
+
+
+@pytest.mark.parametrize("script", list(OWN_KERNELS))
+def test_experiment_kernels_compile(script):
+    """An experiment's own kernels compile with NVRTC for sm_90 (its --compile-only), so that a device run
+    of the experiment does not find them broken."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
-    script = os.path.join(EXPERIMENTS, "stream_schedule.py")
-    done = subprocess.run([sys.executable, script, "--compile-only"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "40 kernels compiled for sm_90" in done.stdout, done.stdout + done.stderr
-
-
-def test_tile_walk_experiment_compiles():
-    """Every tile walk of benchmarks/experiments/tile_walk.cu, after the library's common.cuh, compiles
-    with NVRTC for sm_90 (its --compile-only), so that a device run of the experiment does not find it
-    broken."""
-    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
-    script = os.path.join(EXPERIMENTS, "tile_walk.py")
-    done = subprocess.run([sys.executable, script, "--compile-only"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "16 kernels compiled for sm_90" in done.stdout, done.stdout + done.stderr
-
-
-def test_two_pass_experiment_compiles():
-    """Both passes of benchmarks/experiments/two_pass.cu, every variant and dtype, after common.cuh and the
-    tile walk's pieces, compile with NVRTC for sm_90 (its --compile-only)."""
-    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
-    script = os.path.join(EXPERIMENTS, "two_pass.py")
-    done = subprocess.run([sys.executable, script, "--compile-only"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "16 kernels compiled for sm_90" in done.stdout, done.stdout + done.stderr
+    done = subprocess.run([sys.executable, os.path.join(EXPERIMENTS, script), "--compile-only"],
+                          capture_output=True, text=True, timeout=300)
+    expect = f"{OWN_KERNELS[script]} kernels compiled for sm_90"
+    assert done.returncode == 0 and expect in done.stdout, done.stdout + done.stderr
 
 
 def test_experiment_source_patches_match_the_kernels():

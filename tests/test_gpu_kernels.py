@@ -212,6 +212,74 @@ def test_chunk_access_width(dtype, view, fresh_plans, monkeypatch):
     check_backward("chunk", xs, gs, dtype, h0, reverse=view == "batch_slice")
 
 
+# The staged block walk (``fused_recurrent.STAGED``, a launch the tuner measures for 16-bit forwards): T
+# around its 64-step window and past its two stages, D around its block of 128 channels (8-byte lanes).
+STAGED_SHAPES = [(2, 2, 132), (3, 3, 4), (3, 63, 36), (2, 64, 128), (1, 65, 260), (2, 129, 36), (1, 1000, 4100),
+                 (1, 4097, 96)]
+STAGED = "fused_recurrent_staged_fwd"
+
+
+def force_staged(monkeypatch):
+    """The fused forward as the staged block walk wherever its 8-byte lanes fit: block walks opened to every
+    channel count and T, plans made afresh."""
+    from hgrn_cupy import plans
+    from hgrn_cupy.engines import fused_recurrent
+
+    force_block_walks(monkeypatch, narrow=False)
+    prepare = fused_recurrent.prepare
+    monkeypatch.setattr(fused_recurrent, "prepare", lambda *args, **kw: prepare(*args, **{**kw, "staged": True}))
+    monkeypatch.setattr(plans, "_plans", {})
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", STAGED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
+def test_staged_forward(dtype, shape, reverse, monkeypatch):
+    """The staged block walk with and without h0 and ht, and it is the kernel that ran."""
+    B, T, D = shape
+    force_staged(monkeypatch)
+    rng = _rng()
+    x, g = make_inputs(B, T, D, rng=rng)
+    launched = launched_kernels(monkeypatch)
+    check_forward("fused_recurrent", x, g, dtype, rng.standard_normal((B, D)), reverse=reverse)
+    check_forward("fused_recurrent", x, g, dtype, None, reverse=reverse, final=False)
+    assert [k[0] for k in launched] == [STAGED] * 2, (_seed(), launched)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("cu", VARLEN, ids=lambda c: f"n{len(c) - 1}")
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
+def test_staged_forward_varlen(dtype, cu, reverse, monkeypatch):
+    """Packed sequences (empty ones, one step, many windows) through the staged block walk, h0 in, ht out."""
+    force_staged(monkeypatch)
+    rng = _rng()
+    x, g = make_inputs(1, cu[-1], 264, rng=rng)
+    launched = launched_kernels(monkeypatch)
+    check_forward("fused_recurrent", x, g, dtype, rng.standard_normal((len(cu) - 1, 264)), cu=cu, reverse=reverse)
+    assert [k[0] for k in launched if k[0].startswith("fused")] == [STAGED], (_seed(), launched)
+
+
+@pytest.mark.parametrize("view", list(VECTOR_VIEWS), ids=list(VECTOR_VIEWS))
+def test_staged_forward_views(view, monkeypatch):
+    """Strided views through the staged block walk where their pointers and strides allow 8-byte lanes, the
+    thread walk where they do not."""
+    fn, vector = VECTOR_VIEWS[view]
+    force_staged(monkeypatch)
+    rng = _rng()
+    x, g = make_inputs(3, 700, 288, rng=rng)
+    B, D = fn(np.empty((3, 700, 288)))[:, 0].shape
+    launched = launched_kernels(monkeypatch)
+    check_forward("fused_recurrent", x, g, "bfloat16", rng.standard_normal((B, D)), views=fn)
+    assert [k[0] for k in launched] == [STAGED if vector else "fused_recurrent_fwd"], (_seed(), launched)
+
+
+@pytest.mark.parametrize("gate", ["zero", "very_negative", "neg_inf"])
+def test_staged_forward_gate_extremes(gate, monkeypatch):
+    force_staged(monkeypatch)
+    x, g = make_inputs(2, 700, 40, gate=gate)
+    o = check_forward("fused_recurrent", x, g, "bfloat16", _rng().standard_normal((2, 40)))
+    assert bool(cupy.isfinite(o).all()), _seed()
+
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -207,7 +207,8 @@ def test_tuning_candidates(N, T, D, x_dtype, g_dtype, direction, narrow_below):
     """The tuner measures the rule's engine first, then the other engine, then, where the rule's block
     walk applies (the 16-bit and float32 bands opened to every count from 4K channels here; float64 has
     none), the block walk with short windows, and for a 16-bit forward whose D divides into the lane
-    width the rule does not take, that width with either window."""
+    width the rule does not take, that width with either window, and where D divides into 8-byte lanes,
+    the staged forward."""
     from hgrn_cupy.engines import fused_recurrent as fr
 
     dtypes = (x_dtype, g_dtype)
@@ -225,15 +226,18 @@ def test_tuning_candidates(N, T, D, x_dtype, g_dtype, direction, narrow_below):
         rule_vec = max(1, rule_bytes // wide)
         walks = wide < 8 and N * D >= 1 << 12 and T > fr.BLOCK_WALK_MIN_T and D % rule_vec == 0
         lanes = walks and sixteen_bit_fwd and D % (other // 2) == 0
+        staged = walks and sixteen_bit_fwd and D % 4 == 0
         short = f", {fr.SHORT_STEPS}-step windows"
         expect = ((f"fused_recurrent{short}",) if walks else ()) + (
             (f"fused_recurrent, {other}-byte lanes", f"fused_recurrent, {other}-byte lanes{short}") if lanes else ())
+        expect += ("fused_recurrent, staged, 8-byte lanes",) if staged else ()
         assert sorted(got[2:]) == sorted(expect)
         for name in got[2:]:
             engine, options = engines.VARIANTS[name]
             assert engine == "fused_recurrent" and options["steps"] in (None, fr.SHORT_STEPS)
+            assert options.get("staged", False) == name.startswith("fused_recurrent, staged")
             assert fr.block_walk_fits(N, T, D, x_dtype, g_dtype, direction, options["lanes"]) == (
-                other // 2 if options["lanes"] else rule_vec)
+                options["lanes"] // wide if options["lanes"] else rule_vec)
 
 
 @settings(max_examples=200, deadline=None, database=None)

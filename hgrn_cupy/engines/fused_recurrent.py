@@ -30,7 +30,9 @@ PREFETCH_V = {2: 32, 4: 16, 8: 16}  # steps per register tile of the two-channel
 # width and the window that win move with the card (on an H200 4-byte lanes won at 16K channels and
 # windows of SHORT_STEPS steps a warp from 16K channels on, where on an H100 8-byte lanes won at 16K and
 # shorter windows lost: docs/performance.md, "Block-walk lanes" and "Block-walk window shape"), so the
-# tuner measures those too (VARIANTS).
+# tuner measures those too (VARIANTS).  The staged forward (fused_recurrent_staged_fwd: the next window in
+# shared memory, not in registers) is a variant of its own for 16-bit forwards with 8-byte lanes, where it
+# won at 16K channels on an H200 and lost from 32K (docs/performance.md, "Block-walk staged forward").
 BLOCK_WARPS = 8
 BLOCK_STEPS = 8
 SHORT_STEPS = 4
@@ -39,17 +41,25 @@ NEVER = 1 << 62
 BLOCK_WALK_CHANNELS = {(2, 0): (1 << 13, NEVER), (4, 0): (1 << 12, NEVER), (8, 0): (NEVER, NEVER),
                        (2, 1): (1 << 13, NEVER), (4, 1): (1 << 12, 1 << 16), (8, 1): (NEVER, NEVER)}
 BLOCK_WALK_MIN_T = BLOCK_WARPS * BLOCK_STEPS
+STAGED_KERNEL = "fused_recurrent_staged_fwd"
 
 
-def _variant_name(lanes, steps):
-    return "fused_recurrent" + (f", {lanes}-byte lanes" if lanes else "") + (f", {steps}-step windows" if steps else "")
+STAGED_LANES = 8
+STAGED_BLOCKS = 2  # resident blocks a SM the staged forward's shared memory is sized for (BlockWindow::MIN_BLOCKS)
 
 
+def _variant_name(lanes, steps, staged=False):
+    return ("fused_recurrent" + (", staged" if staged else "") + (f", {lanes}-byte lanes" if lanes else "")
+            + (f", {steps}-step windows" if steps else ""))
+
+
+STAGED = _variant_name(STAGED_LANES, None, True)
 # The launches the tuner may store besides the engine as its rules set it up, by name: the block walk with
 # the 16-bit forward's lanes fixed at 4 or 8 bytes and / or windows of SHORT_STEPS steps a warp (None: as
-# the rules say); prepare's options.
+# the rules say), and the staged forward; prepare's options.
 VARIANTS = {_variant_name(lanes, steps): {"lanes": lanes, "steps": steps}
             for steps in (None, SHORT_STEPS) for lanes in (None, 4, 8) if lanes or steps}
+VARIANTS[STAGED] = {"lanes": STAGED_LANES, "steps": None, "staged": True}
 
 
 def _size(x_dtype, g_dtype):
@@ -84,6 +94,11 @@ def _block_walks(x_dtype, g_dtype, launched_only=False):
     return out
 
 
+def staged_width(x_dtype, g_dtype):
+    """Channels per lane of the staged forward for one dtype pair, or 0: it serves 16-bit pairs only."""
+    return STAGED_LANES // 2 if _size(x_dtype, g_dtype) == 2 else 0
+
+
 def short_window_names(x_dtype, g_dtype):
     """The kernels of the module with windows of SHORT_STEPS steps: the block walks of one dtype pair
     that can be launched, at each lane width (none where neither direction has one)."""
@@ -97,6 +112,8 @@ def names(x_dtype, g_dtype):
     walks = sorted({1, WALK_VEC[_size(x_dtype, g_dtype)]})
     out = tuple(inst(k, x_dtype, g_dtype, v) for k in ("fused_recurrent_fwd", "fused_recurrent_bwd") for v in walks)
     out += (inst("fused_recurrent_step", x_dtype, g_dtype, vector_width(x_dtype, g_dtype)),)
+    staged = staged_width(x_dtype, g_dtype)
+    out += ((inst(STAGED_KERNEL, x_dtype, g_dtype, staged),) if staged else ())
     return out + _block_walks(x_dtype, g_dtype)
 
 
@@ -113,7 +130,8 @@ def block_walk_fits(N, T, D, x_dtype, g_dtype, direction=0, lanes=None):
 def variants(N, T, D, x_dtype, g_dtype, direction):
     """The names (of VARIANTS) of the launches a call's tuning measures besides the two engines, where the
     rules take a block walk: windows of SHORT_STEPS steps; for a 16-bit forward whose D also divides
-    into the lane width the rule does not take, that width with either window."""
+    into the lane width the rule does not take, that width with either window; for a 16-bit forward whose
+    D divides into 8-byte lanes, the staged forward."""
     if not block_walk_fits(N, T, D, x_dtype, g_dtype, direction):
         return ()
     lanes = [None]
@@ -121,7 +139,10 @@ def variants(N, T, D, x_dtype, g_dtype, direction):
         other = 8 if N * D < BLOCK_WALK_NARROW_BELOW else 4
         if block_walk_fits(N, T, D, x_dtype, g_dtype, 0, other):
             lanes.append(other)
-    return tuple(_variant_name(n, s) for s in (None, SHORT_STEPS) for n in lanes if n or s)
+    width = staged_width(x_dtype, g_dtype)
+    fits = direction == 0 and width and block_walk_fits(N, T, D, x_dtype, g_dtype, 0, STAGED_LANES)
+    staged = (STAGED,) if fits else ()
+    return tuple(_variant_name(n, s) for s in (None, SHORT_STEPS) for n in lanes if n or s) + staged
 
 
 def _kernel(name, dtypes, vec, grid, block, device, block_steps=BLOCK_STEPS):
@@ -131,7 +152,11 @@ def _kernel(name, dtypes, vec, grid, block, device, block_steps=BLOCK_STEPS):
         module = short_window_names(*dtypes)
     fn = nvrtc.get_function(SOURCE, module, nvrtc.instantiation(name, *dtypes, vec), device,
                             options(*dtypes, block_steps))
-    return nvrtc.bind(fn, grid, block, device)
+    shared = 0
+    if name == STAGED_KERNEL:  # two windows of x and g, 8 bytes a lane and step (BlockStage::STAGE_BYTES)
+        shared = 2 * BLOCK_WARPS * BLOCK_STEPS * 2 * 32 * STAGED_LANES
+        nvrtc.hold_shared(fn, shared, STAGED_BLOCKS, device)
+    return nvrtc.bind(fn, grid, block, device, shared=shared)
 
 
 def _walk_grid(N, D, vec=1):
@@ -142,11 +167,13 @@ def _block_grid(N, D, vec):
     return ((D + 32 * vec - 1) // (32 * vec), N), (32, BLOCK_WARPS)
 
 
-def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None, steps=None):
+def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None, steps=None, staged=False):
     """The launch of one direction for one layout, as ``launch(stream_ptr, pointers, states, cu,
     workspace)`` (the workspace is not used), or None when there is nothing to compute; arguments as
     ``chunk.prepare``; ``lanes`` as ``block_walk_fits``, ``steps`` a warp in a block walk's window (None:
-    BLOCK_STEPS).  Each call takes the widest kernel its pointers allow: the block walk, the walk of
+    BLOCK_STEPS); ``staged``: a 16-bit forward's block walk of STAGED_LANES-byte lanes is the staged one (like
+    ``lanes``, the option changes nothing where it does not apply: backward, other dtypes, other widths).
+    Each call takes the widest kernel its pointers allow: the block walk, the walk of
     ``WALK_VEC`` channels a thread, or of one; forward without cu_seqlens at T = 1, the single step."""
     B, T, D = tensors[0].shape
     if N == 0 or D == 0:
@@ -163,9 +190,9 @@ def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None, st
     choices = []  # (pointer masks in the kernels' order, kernel), widest first
     bvec = block_walk_fits(N, T, D, *dtypes, direction, lanes)
     if bvec and layout_vector_width(D, arrs, bvec) == bvec:
+        block = STAGED_KERNEL if staged and direction == 0 and bvec == staged_width(*dtypes) else block_names[direction]
         choices.append((alignment_masks(bvec, tensors),
-                        _kernel(block_names[direction], dtypes, bvec, *_block_grid(N, D, bvec), device,
-                                steps or BLOCK_STEPS)))
+                        _kernel(block, dtypes, bvec, *_block_grid(N, D, bvec), device, steps or BLOCK_STEPS)))
     wvec = WALK_VEC[size] if N * D >= WALK_VEC_MIN_CHANNELS else 1
     if wvec > 1 and layout_vector_width(D, arrs, wvec) == wvec:
         choices.append((alignment_masks(wvec, tensors),

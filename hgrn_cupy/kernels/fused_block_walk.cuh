@@ -1,6 +1,7 @@
 // Fused recurrent engine, the block walks' machinery (their kernels are in fused_recurrent.cu): the
 // window and its rules, the L2 prefetch of a later window, the meeting of a block's warps, a thread's
-// place, and the loads and scans of one window forward (BlockWalkFwd) and backward (BlockWalkBwd).
+// place, the loads and scans of one window forward (BlockWalkFwd) and backward (BlockWalkBwd), and the
+// shared-memory stages of the staged forward (BlockStage).
 #pragma once
 #include "common.cuh"
 
@@ -178,6 +179,70 @@ struct BlockWalkFwd : BlockWindow<TX, TG, VEC> {
             op += sot;
         }
         op += (WIN - S) * sot;
+    }
+};
+
+// The staged block walk (forward): the block walk's windows and meeting of warps, with the next window on
+// its way into shared memory instead of registers.  Each lane copies its own words (cp.async, one copy a
+// step and tensor) and reads them back when the window's turn comes, so no barrier guards a stage; the
+// registers a second window would hold are free.  Steps past the sequence arrive as zeros (x = 0, g = 0
+// is the identity map), so the fold checks no bounds; the stores do.  On an H200 it beats the register
+// walk with 8-byte 16-bit lanes at 16K channels; the tuner measures it (docs/performance.md, "Block-walk
+// staged forward").  Dynamic shared memory: STAGES windows of W * S rows of x and g, 32 words of BYTES
+// each (STAGE_BYTES).
+template <typename TX, typename TG, int VEC>
+struct BlockStage : BlockWindow<TX, TG, VEC> {
+    typedef BlockWindow<TX, TG, VEC> Window;
+    using Window::W; using Window::S;
+    static constexpr int BYTES = Pack<TX, VEC>::BYTES, WORDS = BYTES / 4, STAGES = 2;
+    static_assert(BYTES == Pack<TG, VEC>::BYTES && (BYTES == 4 || BYTES == 8 || BYTES == 16),
+                  "a lane is one 4-, 8- or 16-byte word of each input");
+    static constexpr int STAGE_BYTES = STAGES * W * S * 2 * 32 * BYTES;
+
+    // This thread's word of step j of tensor m (0: x, 1: g) in stage s.
+    static __device__ __forceinline__ unsigned* word(unsigned* stage, int s, int j, int m) {
+        return stage + ((((s * W + (int)threadIdx.y) * S + j) * 2 + m) * 32 + (int)threadIdx.x) * WORDS;
+    }
+    // Queues, as one group, the copies of this thread's steps u0 .. u0 + S - 1 of x and g (xp, gp: step 0,
+    // strides in logical time) into stage s where `on`; steps at or past len, and lanes that are not live,
+    // get zeros (their copies read nothing: the base pointers x0, g0 stand in).  An empty group where not
+    // `on`, so that the groups stay one a window.
+    static __device__ __forceinline__ void issue(unsigned* stage, int s, bool on, const TX* x0, const TG* g0,
+                                                 const TX* xp, const TG* gp, i64 sxt, i64 sgt, i64 u0, i64 len,
+                                                 bool live) {
+        if (on) {
+#pragma unroll
+            for (int j = 0; j < S; ++j) {
+                const bool in = live && u0 + j < len;
+                copy(word(stage, s, j, 0), in ? (const void*)(xp + (u0 + j) * sxt) : (const void*)x0, in);
+                copy(word(stage, s, j, 1), in ? (const void*)(gp + (u0 + j) * sgt) : (const void*)g0, in);
+            }
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    // Waits until this thread's copies but the last group's have landed (the window about to be read).
+    static __device__ __forceinline__ void wait_older() {
+        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1) : "memory");
+    }
+    static __device__ __forceinline__ void wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+    // This thread's words of stage s into registers.
+    static __device__ __forceinline__ void take(unsigned* stage, int s, Pack<TX, VEC> (&x)[S], Pack<TG, VEC> (&g)[S]) {
+#pragma unroll
+        for (int j = 0; j < S; ++j) {
+#pragma unroll
+            for (int q = 0; q < WORDS; ++q) { x[j].u[q] = word(stage, s, j, 0)[q]; g[j].u[q] = word(stage, s, j, 1)[q]; }
+        }
+    }
+
+  private:
+    // One word global -> shared, BYTES of it read where `in` (else zeros); 16-byte copies skip L1.
+    static __device__ __forceinline__ void copy(unsigned* dst, const void* src, bool in) {
+        const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+        if constexpr (BYTES == 16)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(in ? 16 : 0) : "memory");
+        else
+            asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(d), "l"(src), "n"(BYTES),
+                         "r"(in ? BYTES : 0) : "memory");
     }
 };
 

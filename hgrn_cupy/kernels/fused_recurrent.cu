@@ -1,7 +1,8 @@
 // Fused recurrent engine: walks of time without a workspace.  The thread walks (fused_recurrent_fwd /
 // _bwd): one thread owns VEC channels of one sequence and walks all of its time.  The block walks
-// (fused_recurrent_block_fwd / _bwd): a block of warps owns 32 lanes of channels of one sequence and splits
-// each window of time between its warps.  fused_recurrent_step: the forward of a single step (decoding).
+// (fused_recurrent_block_fwd / _bwd, and fused_recurrent_staged_fwd with the next window staged in shared
+// memory): a block of warps owns 32 lanes of channels of one sequence and splits each window of time
+// between its warps.  fused_recurrent_step: the forward of a single step (decoding).
 // This file owns the kernels and the thread walks; fused_block_walk.cuh the block walks' machinery.
 //
 // Thread walks
@@ -300,6 +301,75 @@ fused_recurrent_block_fwd(
             scan(b, part[1], u + WIN);
         }
     }
+    if (ht && live && threadIdx.y == 0) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) ht[n * D + d + k] = hin[k];
+    }
+}
+
+// The staged block walk, forward (hgrn_cupy/kernels/fused_block_walk.cuh, BlockStage): the block walk's
+// arguments and grid, BlockStage::STAGE_BYTES of dynamic shared memory.
+template <typename TX, typename TG, int VEC>
+__global__ void __launch_bounds__(32 * BlockWindow<TX, TG, VEC>::W, BlockWindow<TX, TG, VEC>::MIN_BLOCKS)
+fused_recurrent_staged_fwd(
+    const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o,
+    i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
+    const AccT<TX, TG>* __restrict__ h0, AccT<TX, TG>* __restrict__ ht,
+    const void* __restrict__ cu_seqlens, int cu64, i64 T, i64 D, int reverse) {
+    typedef BlockStage<TX, TG, VEC> Stage;
+    typedef typename Stage::Acc Acc;
+    constexpr int S = Stage::S, W = Stage::W, WIN = Stage::WIN, STAGES = Stage::STAGES;
+    extern __shared__ unsigned stage[];
+    const WalkPlace at(32, VEC, cu_seqlens, cu64, T, D, reverse);
+    const i64 d = at.d, n = at.n, len = at.len;
+    const bool live = at.live;
+    typename Stage::Parts* part = Stage::parts();
+    const TX* xp = x + at.sb.batch * sxb + at.t0 * sxt + d;  // logical step 0 of each tensor
+    const TG* gp = g + at.sb.batch * sgb + at.t0 * sgt + d;
+    TX* op = o + at.sb.batch * sob + at.t0 * sot + d;
+    sxt *= at.dir; sgt *= at.dir; sot *= at.dir;
+    const i64 first = (i64)threadIdx.y * S, windows = (len + WIN - 1) / WIN;  // first: this warp's step in a window
+
+    Acc hin[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) hin[k] = h0 && live ? h0[n * D + d + k] : Acc(0);
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s)
+        Stage::issue(stage, s, s < windows, x, g, xp, gp, sxt, sgt, s * WIN + first, len, live);
+    for (i64 i = 0; i < windows; ++i) {
+        const int s = (int)(i % STAGES);
+        const i64 u0 = i * WIN + first;
+        Pack<TX, VEC> xr[S];
+        Pack<TG, VEC> gr[S];
+        Stage::wait_older();
+        Stage::take(stage, s, xr, gr);
+        Stage::issue(stage, s, i + STAGES < windows, x, g, xp, gp, sxt, sgt, u0 + STAGES * WIN, len, live);
+        Affine<Acc> m[VEC];
+        Acc a[S][VEC], h[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) { m[k].a = Acc(1); m[k].b = Acc(0); }
+#pragma unroll
+        for (int j = 0; j < S; ++j) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                a[j][k] = gate_exp(gr[j].template get<Acc>(k));
+                m[k].b = a[j][k] * m[k].b + xr[j].template get<Acc>(k);
+                m[k].a = a[j][k] * m[k].a;
+            }
+        }
+        block_carry<Acc, W, VEC, false>(part[i & 1], m, hin, h);
+#pragma unroll
+        for (int j = 0; j < S; ++j) {
+            Pack<TX, VEC> out;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                h[k] = a[j][k] * h[k] + xr[j].template get<Acc>(k);
+                out.template set<Acc>(k, h[k]);
+            }
+            if (live && u0 + j < len) out.store(op + (u0 + j) * sot);
+        }
+    }
+    Stage::wait_all();
     if (ht && live && threadIdx.y == 0) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) ht[n * D + d + k] = hin[k];
