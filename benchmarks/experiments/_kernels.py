@@ -70,18 +70,23 @@ def raw_forward(torch, fn, grid, block, x, g, scalars, shared=0):
     return o
 
 
-def own_kernel_table(doc, title, cases, smoke_case, note, variants, module, launcher, who):
+def own_kernel_table(doc, title, cases, smoke_case, note, variants, module, launcher, who, groups=None):
     """The forward table of an experiment's own kernels: columns the chunk engine and ``hgrn()``, then the
-    variants the command line names (``--variants``, default all of ``variants``), each timed through
-    ``launcher(torch, module(), name) -> fwd(set)`` and checked against the chunk engine."""
+    variants the command line names (``--variants``; else those of ``--group``, a name of ``groups``, the
+    first by default; else all of ``variants``), each timed through ``launcher(torch, module(), name) ->
+    fwd(set)`` and checked against the chunk engine."""
     import _common as c
 
     torch = c.torch_cuda()
 
     def extra(p):
-        p.add_argument("--variants", type=lambda t: [v for v in t.split(",") if v], default=list(variants),
+        p.add_argument("--variants", type=lambda t: [v for v in t.split(",") if v], default=None,
                        help=f"comma-separated, of: {', '.join(variants)}")
-    args, timer, gbps, hc = c.start(doc, title, cases, smoke_case, note, passes="fwd", extra=extra)
+    args, timer, gbps, hc = c.start(doc, title, None if groups else cases, smoke_case, note,
+                                    groups={g: (cases,) for g in groups} if groups else None, passes="fwd",
+                                    extra=extra)
+    if args.variants is None:
+        args.variants = list(groups[args.group]) if groups else list(variants)
     unknown = [v for v in args.variants if v not in variants]
     if unknown:
         sys.exit(f"{who}: unknown variants {unknown}; known: {list(variants)}")
