@@ -336,6 +336,10 @@ fused_recurrent_staged_fwd(
 #pragma unroll
     for (int s = 0; s < STAGES; ++s)
         Stage::issue(stage, s, s < windows, x, g, xp, gp, sxt, sgt, s * WIN + first, len, live);
+    // A window's own fold and scan, not BlockWalkFwd::scan: that one recomputes the gates in its second
+    // pass (8-byte lanes) and checks every step of the fold, which cost this kernel its lead over 4-byte
+    // lanes (docs/performance.md, "Block-walk staged forward"); zeros past the sequence need no check
+    // before the stores.
     for (i64 i = 0; i < windows; ++i) {
         const int s = (int)(i % STAGES);
         const i64 u0 = i * WIN + first;
