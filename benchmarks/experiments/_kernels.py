@@ -70,6 +70,22 @@ def raw_forward(torch, fn, grid, block, x, g, scalars, shared=0):
     return o
 
 
+def own_kernel_script(doc, title, cases, smoke_case, note, variants, launcher, who, kernels, groups=None):
+    """The main of an experiment with kernels of its own.  ``kernels``: ``(source(), names(), NVRTC options,
+    file name)``, the text and name expressions of every instantiation built lazily.  With
+    ``--compile-only`` they go through NVRTC alone (no GPU; what CI runs); else ``own_kernel_table`` times
+    them (arguments as there)."""
+    source, names, options, filename = kernels
+    if "--compile-only" in sys.argv:
+        return compile_only(source(), filename, names(), options)
+
+    def module():
+        import cupy
+
+        return cupy.RawModule(code=source(), options=options, name_expressions=names())
+    own_kernel_table(doc, title, cases, smoke_case, note, variants, module, launcher, who, groups)
+
+
 def own_kernel_table(doc, title, cases, smoke_case, note, variants, module, launcher, who, groups=None):
     """The forward table of an experiment's own kernels: columns the chunk engine and ``hgrn()``, then the
     variants the command line names (``--variants``; else those of ``--group``, a name of ``groups``, the

@@ -1,6 +1,6 @@
 // The staged block walk, an experiment (block_pipe.py times it against the library's).  Compiled after the
-// library's kernels/fused_block_walk.cuh, whose block_carry (the warps' maps meeting in shared memory) it
-// uses unchanged.
+// library's kernels/fused_block_walk.cuh, whose fold_window and block_carry (the warps' maps meeting in
+// shared memory) it uses unchanged.
 //
 // The library's forward block walk holds a window in registers and has the next window's loads in flight
 // while it scans the current one, plus an L2 prefetch of the window after: about one window of a block's
@@ -112,17 +112,7 @@ __global__ void __launch_bounds__(32 * W, MINB) fwd(const TX* __restrict__ x, co
 
         Affine<Acc> m[VEC];
         Acc a[S][VEC];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) { m[k].a = Acc(1); m[k].b = Acc(0); }
-#pragma unroll
-        for (int j = 0; j < S; ++j) {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                a[j][k] = hc::gate_exp(gr[j].template get<Acc>(k));
-                m[k].b = a[j][k] * m[k].b + xr[j].template get<Acc>(k);
-                m[k].a = a[j][k] * m[k].a;
-            }
-        }
+        hc::fold_window(xr, gr, m, a);
         Acc h[VEC];
         hc::block_carry<Acc, W, VEC, false>(part[i & 1], m, carry, h);
         const i64 u0 = i * WIN + (i64)w * S;

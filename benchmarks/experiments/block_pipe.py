@@ -87,10 +87,6 @@ def source():
     return nvrtc.read_source("fused_block_walk.cuh") + "\n" + SOURCE.read_text()
 
 
-def compile_only():
-    """Every instantiation through NVRTC for sm_90 (no GPU): prints the log, exits non-zero on failure."""
-    k.compile_only(source(), SOURCE.name, names(), OPTIONS)
-
 
 def launcher(torch, module, name):
     """``fwd(set)``: o by the staged block walk ``name`` on the set's x and g (contiguous [B, T, D])."""
@@ -113,16 +109,9 @@ def launcher(torch, module, name):
 
 
 def main():
-    if "--compile-only" in sys.argv:
-        return compile_only()
-
-    def module():
-        import cupy
-
-        return cupy.RawModule(code=source(), options=OPTIONS, name_expressions=names())
-    k.own_kernel_table(__doc__, "Staged block walk", CASES, "bf16:8x4096x2048",
-                       "forward; every variant checked against the chunk engine", VARIANTS, module, launcher,
-                       "block_pipe", groups=GROUPS)
+    k.own_kernel_script(__doc__, "Staged block walk", CASES, "bf16:8x4096x2048",
+                        "forward; every variant checked against the chunk engine", VARIANTS, launcher,
+                        "block_pipe", (source, names, OPTIONS, SOURCE.name), groups=GROUPS)
 
 
 if __name__ == "__main__":

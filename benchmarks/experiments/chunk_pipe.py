@@ -65,10 +65,6 @@ def source():
     return nvrtc.read_source("chunk.cu") + "\n" + SOURCE.read_text()
 
 
-def compile_only():
-    """Every instantiation through NVRTC for sm_90 (no GPU): prints the log, exits non-zero on failure."""
-    k.compile_only(source(), SOURCE.name, names(), options())
-
 
 def launcher(torch, module, name):
     """``fwd(set)``: o by the pipelined forward ``name`` on the set's x and g (contiguous [B, T, D])."""
@@ -103,16 +99,9 @@ def launcher(torch, module, name):
 
 
 def main():
-    if "--compile-only" in sys.argv:
-        return compile_only()
-
-    def module():
-        import cupy
-
-        return cupy.RawModule(code=source(), options=options(), name_expressions=names())
-    k.own_kernel_table(__doc__, "Pipelined chunk forward", CASES, "bf16:1x262144x256",
-                       "forward; every variant checked against the chunk engine", VARIANTS, module, launcher,
-                       "chunk_pipe")
+    k.own_kernel_script(__doc__, "Pipelined chunk forward", CASES, "bf16:1x262144x256",
+                        "forward; every variant checked against the chunk engine", VARIANTS, launcher,
+                        "chunk_pipe", (source, names, options(), SOURCE.name))
 
 
 if __name__ == "__main__":

@@ -64,10 +64,6 @@ def source():
     return nvrtc.read_source("common.cuh") + "\n" + SOURCE.read_text()
 
 
-def compile_only():
-    """Every instantiation through NVRTC for sm_90 (no GPU): prints the log, exits non-zero on failure."""
-    k.compile_only(source(), SOURCE.name, names(), OPTIONS)
-
 
 def dense(s, who):
     """``(x, g, (B, T, D), dtype name, channels a 16-byte lane)`` of an input set, which ``who`` needs
@@ -94,16 +90,9 @@ def launcher(torch, module, name):
 
 
 def main():
-    if "--compile-only" in sys.argv:
-        return compile_only()
-
-    def module():
-        import cupy
-
-        return cupy.RawModule(code=source(), options=OPTIONS, name_expressions=names())
-    k.own_kernel_table(__doc__, "Tile walk", CASES, "bf16:2x4096x1024",
-                       "forward; every tile walk checked against the chunk engine", VARIANTS, module, launcher,
-                       "tile_walk")
+    k.own_kernel_script(__doc__, "Tile walk", CASES, "bf16:2x4096x1024",
+                        "forward; every tile walk checked against the chunk engine", VARIANTS, launcher,
+                        "tile_walk", (source, names, OPTIONS, SOURCE.name))
 
 
 if __name__ == "__main__":

@@ -51,10 +51,6 @@ def source():
     return tile_walk.source() + "\n" + SOURCE.read_text()
 
 
-def compile_only():
-    """Every instantiation through NVRTC for sm_90 (no GPU): prints the log, exits non-zero on failure."""
-    k.compile_only(source(), SOURCE.name, names(), tile_walk.OPTIONS)
-
 
 def launcher(torch, module, name):
     """``fwd(set)``: o by the two passes ``name`` on the set's x and g (contiguous [B, T, D])."""
@@ -78,16 +74,9 @@ def launcher(torch, module, name):
 
 
 def main():
-    if "--compile-only" in sys.argv:
-        return compile_only()
-
-    def module():
-        import cupy
-
-        return cupy.RawModule(code=source(), options=tile_walk.OPTIONS, name_expressions=names())
-    k.own_kernel_table(__doc__, "Two-pass forward", CASES, "bf16:2x4096x1024",
-                       "forward; every variant checked against the chunk engine", VARIANTS, module, launcher,
-                       "two_pass")
+    k.own_kernel_script(__doc__, "Two-pass forward", CASES, "bf16:2x4096x1024",
+                        "forward; every variant checked against the chunk engine", VARIANTS, launcher,
+                        "two_pass", (source, names, tile_walk.OPTIONS, SOURCE.name))
 
 
 if __name__ == "__main__":

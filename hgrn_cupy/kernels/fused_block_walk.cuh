@@ -246,6 +246,25 @@ struct BlockStage : BlockWindow<TX, TG, VEC> {
     }
 };
 
+// The fold of a whole window of S steps, VEC channels a lane: each channel's map of the steps into m,
+// and exp(g) of each step into a (kept for the second pass).  No step is checked: the caller's words past
+// the sequence are zeros, the identity map.
+template <typename Acc, typename TX, typename TG, int VEC, int S>
+__device__ __forceinline__ void fold_window(const Pack<TX, VEC> (&x)[S], const Pack<TG, VEC> (&g)[S],
+                                            Affine<Acc> (&m)[VEC], Acc (&a)[S][VEC]) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) { m[k].a = Acc(1); m[k].b = Acc(0); }
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            a[j][k] = gate_exp(g[j].template get<Acc>(k));
+            m[k].b = a[j][k] * m[k].b + x[j].template get<Acc>(k);
+            m[k].a = a[j][k] * m[k].a;
+        }
+    }
+}
+
 // The block walk (backward): the same split of time as the forward's, walked from the last window to
 // the first.  The gradient obeys dh[s] = A[s] dh[s+1] + do[s] with A[s] = exp(g[s+1]) (A = 1 at the last
 // step, where dh[len] = dht), so a warp folds its steps into one map dh[u0] = alpha dh[u0+S] + beta, the

@@ -350,17 +350,7 @@ fused_recurrent_staged_fwd(
         Stage::issue(stage, s, i + STAGES < windows, x, g, xp, gp, sxt, sgt, u0 + STAGES * WIN, len, live);
         Affine<Acc> m[VEC];
         Acc a[S][VEC], h[VEC];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) { m[k].a = Acc(1); m[k].b = Acc(0); }
-#pragma unroll
-        for (int j = 0; j < S; ++j) {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                a[j][k] = gate_exp(gr[j].template get<Acc>(k));
-                m[k].b = a[j][k] * m[k].b + xr[j].template get<Acc>(k);
-                m[k].a = a[j][k] * m[k].a;
-            }
-        }
+        fold_window(xr, gr, m, a);
         block_carry<Acc, W, VEC, false>(part[i & 1], m, hin, h);
 #pragma unroll
         for (int j = 0; j < S; ++j) {
