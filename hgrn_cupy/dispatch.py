@@ -36,10 +36,11 @@ def rule(N, T, D, dtypes, direction):
     return "chunk" if N * D < below else "fused_recurrent"
 
 
-def candidates(N, T, D, dtypes, direction):
+def candidates(N, T, D, dtypes, direction, ruled=None):
     """The launches a call's tuning measures, in order of preference (ties go to the earlier): the
-    rule's engine, the other engine, then the launch variants that apply (names of ``VARIANTS``)."""
-    ruled = rule(N, T, D, dtypes, direction)
+    rule's engine (``ruled``, where the caller has it), the other engine, then the launch variants that
+    apply (names of ``VARIANTS``)."""
+    ruled = ruled or rule(N, T, D, dtypes, direction)
     return ((ruled,) + tuple(c for c in CANDIDATES if c != ruled)
             + _fused.variants(N, T, D, dtypes[0], dtypes[-1], direction))
 
@@ -70,13 +71,12 @@ def choose(engine, call, direction, reverse, device=None, run=None, allow_timing
     if engine == "auto":
         engine = rule(call.N, call.T, call.D, call.dtypes, direction)
         if device is not None and call.T > FUSED_MAX_T:
-            from . import measure, tuning
+            from . import tuning
 
             key = tuning.shape_class(direction, call.dtypes, call.N, call.T, call.D, call.varlen, bool(reverse))
-            timing = allow_timing and config.tune and run is not None
-            engine = tuning.choose(device, key, candidates(call.N, call.T, call.D, call.dtypes, direction), run,
-                                   engine, timing,
-                                   measure.queued(device, stream_ptr, tuning.settings.repeats) if timing else None)
+            names = candidates(call.N, call.T, call.D, call.dtypes, direction, engine)
+            engine = tuning.choose(device, key, names, run, engine, allow_timing and config.tune and run is not None,
+                                   stream_ptr=stream_ptr)
     if engine == "chunk" and call.T == 0:  # nothing to split; the walk passes states through
         engine = "fused_recurrent"
     return engine

@@ -125,7 +125,6 @@ def backward(engine, g, o, do, dht, h0, cu, reverse):
                 if cu is not None:
                     _hit_offsets(key, cu, o.shape[1])
                 return plan(g, o, do, dht, h0, cu)
-    dispatch.check_launch(engine)
     call = checks.check_backward(g, o, do, dht, h0, cu, reverse)
     plan = _backward_plan(engine, call, g, o, do, dht, h0, cu, bool(reverse))
     if key is not None:

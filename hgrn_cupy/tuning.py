@@ -261,18 +261,21 @@ def forget():
 # ----------------------------------------------------------------------------------------------
 # measuring and choosing
 
-def _time_all(candidates, run, measure):
-    """({engine: seconds}, the fastest; ties go to the earliest in ``candidates``)."""
+def _time_all(candidates, run, measure, device=None, stream_ptr=None):
+    """({engine: seconds}, the fastest; ties go to the earliest in ``candidates``).  ``measure`` None: the
+    queued measurement on ``device`` (None: the current one) and ``stream_ptr`` (None: CuPy's current)."""
     if measure is None:
-        import cupy
+        if device is None:
+            import cupy
 
-        measure = queued(cupy.cuda.runtime.getDevice(), calls=settings.repeats)
+            device = cupy.cuda.runtime.getDevice()
+        measure = queued(device, stream_ptr, settings.repeats)
     times = {name: float(measure(lambda name=name: run(name))) for name in candidates}
     best = min(candidates, key=lambda name: (times[name], candidates.index(name)))
     return times, best
 
 
-def choose(device, key, candidates, run, default, allow_timing, measure=None) -> str:
+def choose(device, key, candidates, run, default, allow_timing, measure=None, stream_ptr=None) -> str:
     """The engine for one call, measured once per (device, shape class) and then kept.
 
     Args:
@@ -284,7 +287,8 @@ def choose(device, key, candidates, run, default, allow_timing, measure=None) ->
         allow_timing: False inside CUDA-graph capture or JAX tracing, where launching to measure is
             impossible or would be recorded.
         measure: ``measure(fn) -> seconds`` for a callable launching once; default
-            :func:`hgrn_cupy.measure.queued` on the current device and CuPy's current stream.
+            :func:`hgrn_cupy.measure.queued` on ``device`` (an index) and ``stream_ptr``.
+        stream_ptr: the stream ``run`` launches on (None: CuPy's current stream).
 
     Returns:
         A stored decision when there is one (in memory, else in the cache file) and it is among the
@@ -305,7 +309,7 @@ def choose(device, key, candidates, run, default, allow_timing, measure=None) ->
             return hit
     if not allow_timing:
         return default
-    _, best = _time_all(candidates, run, measure)
+    _, best = _time_all(candidates, run, measure, device if isinstance(device, int) else None, stream_ptr)
     return _store(dev, cls, best, keep=candidates)
 
 
