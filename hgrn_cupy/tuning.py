@@ -309,7 +309,7 @@ def choose(device, key, candidates, run, default, allow_timing, measure=None, st
             return hit
     if not allow_timing:
         return default
-    _, best = _time_all(candidates, run, measure, device if isinstance(device, int) else None, stream_ptr)
+    _, best = _time_all(candidates, run, measure, None if isinstance(device, str) else device, stream_ptr)
     return _store(dev, cls, best, keep=candidates)
 
 
