@@ -67,8 +67,8 @@ GROUPS = {
               "L16 W4 S8 N2 B2"],
     "copies": ["L8 W8 S8 N2 B2"] + [n for n in VARIANTS if n.endswith("C16")],
 }
-# block_carry's header wants the library's window macros; this kernel takes its own shape.
-OPTIONS = ("-std=c++17", "-DHC_BLOCK_WARPS=8", "-DHC_BLOCK_STEPS=8")
+# fused_block_walk.cuh wants the library's window macros; this kernel takes its own shape.
+OPTIONS = ("-std=c++17", "-DHC_BLOCK_STAGES=2", "-DHC_BLOCK_WARPS=8", "-DHC_BLOCK_STEPS=8")
 
 
 def name_of(dtype, nbytes, warps, steps, stages, blocks, prefetch, c16):

@@ -45,7 +45,11 @@ STAGED_KERNEL = "fused_recurrent_staged_fwd"
 
 
 STAGED_LANES = 8
+STAGED_WINDOWS = 2  # windows in shared memory a block of the staged forward: the one read, the one arriving
 STAGED_BLOCKS = 2  # resident blocks a SM the staged forward's shared memory is sized for (BlockWindow::MIN_BLOCKS)
+# The staged forward's dynamic shared memory (BlockStage::STAGE_BYTES): its windows of x and g, a row of
+# 32 lanes of STAGED_LANES bytes a step a warp.
+STAGED_SHARED = STAGED_WINDOWS * BLOCK_WARPS * BLOCK_STEPS * 2 * 32 * STAGED_LANES
 
 
 def _variant_name(lanes, steps, staged=False):
@@ -79,7 +83,7 @@ def options(x_dtype, g_dtype, block_steps=BLOCK_STEPS):
     warp in a window)."""
     steps = 32 if x_dtype == g_dtype == "float32" else 16
     return (f"-DHC_PREFETCH={steps}", f"-DHC_PREFETCH_V={PREFETCH_V[_size(x_dtype, g_dtype)]}",
-            f"-DHC_BLOCK_WARPS={BLOCK_WARPS}", f"-DHC_BLOCK_STEPS={block_steps}")
+            f"-DHC_BLOCK_STAGES={STAGED_WINDOWS}", f"-DHC_BLOCK_WARPS={BLOCK_WARPS}", f"-DHC_BLOCK_STEPS={block_steps}")
 
 
 def _block_walks(x_dtype, g_dtype, launched_only=False):
@@ -152,9 +156,8 @@ def _kernel(name, dtypes, vec, grid, block, device, block_steps=BLOCK_STEPS):
         module = short_window_names(*dtypes)
     fn = nvrtc.get_function(SOURCE, module, nvrtc.instantiation(name, *dtypes, vec), device,
                             options(*dtypes, block_steps))
-    shared = 0
-    if name == STAGED_KERNEL:  # two windows of x and g, 8 bytes a lane and step (BlockStage::STAGE_BYTES)
-        shared = 2 * BLOCK_WARPS * BLOCK_STEPS * 2 * 32 * STAGED_LANES
+    shared = STAGED_SHARED if name == STAGED_KERNEL else 0
+    if shared:
         nvrtc.hold_shared(fn, shared, STAGED_BLOCKS, device)
     return nvrtc.bind(fn, grid, block, device, shared=shared)
 

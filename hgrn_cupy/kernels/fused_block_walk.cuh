@@ -14,6 +14,9 @@ namespace hc {
 #ifndef HC_BLOCK_STEPS
 #error "HC_BLOCK_STEPS is set by the launcher (hgrn_cupy/fused_recurrent.py)"
 #endif
+#ifndef HC_BLOCK_STAGES
+#error "HC_BLOCK_STAGES is set by the launcher (hgrn_cupy/fused_recurrent.py)"
+#endif
 
 // The block walk (forward): a block of BLOCK_WARPS warps owns C = 32 * VEC channels of one sequence
 // for the whole sequence and walks time in windows of BLOCK_WARPS * BLOCK_STEPS steps.  Warp w folds
@@ -188,15 +191,15 @@ struct BlockWalkFwd : BlockWindow<TX, TG, VEC> {
 // registers a second window would hold are free.  Steps past the sequence arrive as zeros (x = 0, g = 0
 // is the identity map), so the fold checks no bounds; the stores do.  On an H200 it beats the register
 // walk with 8-byte 16-bit lanes at 16K channels; the tuner measures it (docs/performance.md, "Block-walk
-// staged forward").  Dynamic shared memory: STAGES windows of W * S rows of x and g, 32 words of BYTES
-// each (STAGE_BYTES).
+// staged forward").  Dynamic shared memory: STAGES windows (the launcher's HC_BLOCK_STAGES, from which it
+// also sizes the launch) of W * S rows of x and g, 32 words of BYTES each (STAGE_BYTES).
 template <typename TX, typename TG, int VEC>
 struct BlockStage : BlockWindow<TX, TG, VEC> {
     typedef BlockWindow<TX, TG, VEC> Window;
     using Window::W; using Window::S;
-    static constexpr int BYTES = Pack<TX, VEC>::BYTES, WORDS = BYTES / 4, STAGES = 2;
+    static constexpr int BYTES = Pack<TX, VEC>::BYTES, WORDS = BYTES / 4, STAGES = HC_BLOCK_STAGES;
     static_assert(BYTES == Pack<TG, VEC>::BYTES && (BYTES == 4 || BYTES == 8 || BYTES == 16),
-                  "a lane is one 4-, 8- or 16-byte word of each input");
+                  "a lane is one 4-, 8- or 16-byte word of each input (the sizes cp.async copies)");
     static constexpr int STAGE_BYTES = STAGES * W * S * 2 * 32 * BYTES;
 
     // This thread's word of step j of tensor m (0: x, 1: g) in stage s.
@@ -235,14 +238,11 @@ struct BlockStage : BlockWindow<TX, TG, VEC> {
     }
 
   private:
-    // One word global -> shared, BYTES of it read where `in` (else zeros); 16-byte copies skip L1.
+    // One word global -> shared, BYTES of it read where `in` (else zeros).
     static __device__ __forceinline__ void copy(unsigned* dst, const void* src, bool in) {
         const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-        if constexpr (BYTES == 16)
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(in ? 16 : 0) : "memory");
-        else
-            asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(d), "l"(src), "n"(BYTES),
-                         "r"(in ? BYTES : 0) : "memory");
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(d), "l"(src), "n"(BYTES),
+                     "r"(in ? BYTES : 0) : "memory");
     }
 };
 
