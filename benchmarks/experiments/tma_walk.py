@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""The block walk fed by tensor-map copies (``tma_walk.cu``): the fused engine's forward block walk whose
+windows arrive in shared memory by one bulk tensor copy a window and tensor, against the library's walks
+(``hgrn()``, which takes the staged walk or a register walk at these shapes) and the chunk engine.
+
+    python benchmarks/experiments/tma_walk.py [--cases ...] [--variants ...] [--smoke]
+    python benchmarks/experiments/tma_walk.py --compile-only    (NVRTC alone, no GPU)
+
+The question: the staged walk (block_pipe.py) loses when it stages deeper than two windows, and with
+4-byte lanes, as if its per-lane copies (one cp.async of 4 or 8 bytes a step and tensor) cost more than
+the bytes they move.  Here one thread asks for a whole window (``W{warps} S{steps}``: a box of W * S
+steps x 32 lanes of 8 bytes) of x and of g, ``N{stages}`` windows a block in shared memory, at least
+``B{blocks}`` blocks a multiprocessor asked of the register allocation, and the split of L1 and shared
+memory sized for that many.  The tensor map is encoded on the host (``cuTensorMapEncodeTiled``, a 3-d map
+[D, T, N] whose out-of-bounds steps and channels read as zeros).  Each variant's output is checked
+against the chunk engine's; forward only, dense, no states.
+"""
+import ctypes
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _kernels as k  # noqa: E402
+
+CASES = ["bf16:8x4096x2048", "bf16:16x4096x1024", "bf16:4x4096x4096", "bf16:32x2048x4096", "bf16:64x4096x1024",
+         "bf16:8x4096x1024", "f32:8x4096x2048", "f32:32x4096x1024"]
+SOURCE = Path(__file__).with_name("tma_walk.cu")
+# dtype: (C++ type, itemsize, CUtensorMapDataType of the same width)
+ELEMENT = {"bfloat16": ("hc::bfloat16_t", 2, 1), "float32": ("float", 4, 7)}  # UINT16, FLOAT32
+# name: (warps, steps a warp, windows staged, blocks a multiprocessor)
+VARIANTS = {
+    "W8 S8 N2 B2": (8, 8, 2, 2),
+    "W8 S8 N3 B1": (8, 8, 3, 1),
+    "W8 S8 N3 B2": (8, 8, 3, 2),
+    "W8 S8 N4 B1": (8, 8, 4, 1),
+    "W8 S8 N6 B1": (8, 8, 6, 1),
+    "W8 S4 N4 B2": (8, 4, 4, 2),
+    "W8 S4 N8 B1": (8, 4, 8, 1),
+    "W4 S8 N4 B2": (4, 8, 4, 2),
+}
+OPTIONS = ("-std=c++17", "-DHC_BLOCK_STAGES=2", "-DHC_BLOCK_WARPS=8", "-DHC_BLOCK_STEPS=8")
+LANE_BYTES = 8
+
+
+def name_of(dtype, warps, steps, stages, blocks):
+    t, size, _ = ELEMENT[dtype]
+    return f"twalk::fwd<{t}, {t}, {LANE_BYTES // size}, {warps}, {steps}, {stages}, {blocks}>"
+
+
+def names():
+    return [name_of(dt, *v) for dt in ELEMENT for v in VARIANTS.values()]
+
+
+def source():
+    """The library's fused_block_walk.cuh (common.cuh folded in), then the walk."""
+    from hgrn_cupy import nvrtc
+
+    return nvrtc.read_source("fused_block_walk.cuh") + "\n" + SOURCE.read_text()
+
+
+def tensor_map(t, box_channels, box_steps, data_type):
+    """The 128 bytes of a CUtensorMap over a contiguous [N, T, D] tensor ``t``: dims (D, T, N) innermost
+    first, boxes of box_channels x box_steps x 1, no swizzle, 256-byte L2 promotion, zeros out of bounds."""
+    N, T, D = t.shape
+    item = t.element_size()
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    out = (u64 * 16)()
+    fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    fn.restype = ctypes.c_int
+    rc = fn(out, ctypes.c_int(data_type), u32(3), ctypes.c_void_p(t.data_ptr()), (u64 * 3)(D, T, N),
+            (u64 * 2)(D * item, T * D * item), (u32 * 3)(box_channels, box_steps, 1), (u32 * 3)(1, 1, 1),
+            ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(3), ctypes.c_int(0))
+    if rc:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({rc})")
+    return bytes(out)
+
+
+def launcher(torch, module, name):
+    """``fwd(set)``: o by the walk ``name`` on the set's x and g (contiguous [B, T, D])."""
+    from cupy_backends.cuda.api import driver
+
+    from hgrn_cupy import nvrtc
+
+    warps, steps, stages, blocks = VARIANTS[name]
+    maps = {}
+
+    def fwd(s):
+        x, g = s["x"], s["g"]
+        B, T, D = x.shape
+        dtype = str(x.dtype).removeprefix("torch.")
+        _, size, code = ELEMENT[dtype]
+        vec = LANE_BYTES // size
+        if D % 8 or not (x.is_contiguous() and g.is_contiguous()) or x.dtype != g.dtype:
+            raise ValueError("the walk needs contiguous x and g of one dtype and D a multiple of 8")
+        fn = module.get_function(name_of(dtype, warps, steps, stages, blocks))
+        box = warps * steps * 32 * vec * size
+        shared = stages * 2 * box
+        fn.max_dynamic_shared_size_bytes = shared
+        nvrtc.hold_shared(fn.kernel, shared, blocks, x.device.index)
+        key = (x.data_ptr(), g.data_ptr(), x.shape)
+        if key not in maps:
+            maps[key] = (tensor_map(x, 32 * vec, warps * steps, code) + tensor_map(g, 32 * vec, warps * steps, code))
+        o = torch.empty_like(x)
+        buf = ctypes.create_string_buffer(maps[key] + np.array([o.data_ptr(), T * D, D, T, D], np.int64).tobytes(), 296)
+        base = ctypes.addressof(buf)
+        params = (ctypes.c_void_p * 7)(base, base + 128, *(base + 256 + 8 * i for i in range(5)))
+        grid = (-(-D // (32 * vec)), B)
+        driver.launchKernel(fn.kernel.ptr, grid[0], grid[1], 1, 32, warps, 1, shared,
+                            torch.cuda.current_stream().cuda_stream, ctypes.addressof(params), 0)
+        return o
+    return fwd
+
+
+def main():
+    k.own_kernel_script(__doc__, "Block walk fed by tensor-map copies", CASES, "bf16:8x4096x2048",
+                        "forward; every variant checked against the chunk engine", VARIANTS, launcher,
+                        "tma_walk", (source, names, OPTIONS, SOURCE.name))
+
+
+if __name__ == "__main__":
+    main()
