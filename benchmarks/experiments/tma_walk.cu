@@ -12,6 +12,10 @@
 // zeros (the copy's out-of-bounds fill): x = 0, g = 0 is the identity map, so the fold needs no bounds;
 // only the stores check them.
 //
+// BOUND (a bound, wrong results by design): the same copies, waits, barrier a window and stores, with
+// o = x + g in place of the fold, the warps' meeting and the scan: what the walk's memory schedule costs
+// with no recurrence.
+//
 // grid (ceil(D / (32 * VEC)), N)   block (32, W)   a window: W * S steps; a lane: VEC channels (8 bytes).
 // Dense [N, T, D] with 16-byte aligned rows, no states, forward only.
 namespace twalk {
@@ -54,7 +58,7 @@ __device__ __forceinline__ void bar_wait(unsigned long long* bar, unsigned parit
     }
 }
 
-template <typename TX, typename TG, int VEC, int W, int S, int NSTAGE, int MINB>
+template <typename TX, typename TG, int VEC, int W, int S, int NSTAGE, int MINB, int BOUND>
 __global__ void __launch_bounds__(32 * W, MINB) fwd(const __grid_constant__ TensorMap mx,
                                                     const __grid_constant__ TensorMap mg, TX* __restrict__ o,
                                                     i64 sob, i64 sot, i64 T, i64 D) {
@@ -102,6 +106,23 @@ __global__ void __launch_bounds__(32 * W, MINB) fwd(const __grid_constant__ Tens
                 gr[j].u[q] = gs[j * C * (int)sizeof(TX) / 4 + q];
             }
         }
+        const i64 u0 = i * WIN + (i64)w * S;
+        if constexpr (BOUND) {
+            __syncthreads();  // as block_carry's: every warp has read its rows of stage s
+            if (lead && i + NSTAGE < nwin) {
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                copy_box(&mx, &mg, stage + s * 2 * BOX, BOX, &bar[s], c0, (int)((i + NSTAGE) * WIN), n);
+            }
+#pragma unroll
+            for (int j = 0; j < S; ++j) {
+                PX out;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k)
+                    out.template set<Acc>(k, xr[j].template get<Acc>(k) + gr[j].template get<Acc>(k));
+                if (live && u0 + j < T) out.store(op + (u0 + j) * sot);
+            }
+            continue;
+        }
         Affine<Acc> m[VEC];
         Acc a[S][VEC];
         hc::fold_window(xr, gr, m, a);
@@ -112,7 +133,6 @@ __global__ void __launch_bounds__(32 * W, MINB) fwd(const __grid_constant__ Tens
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             copy_box(&mx, &mg, stage + s * 2 * BOX, BOX, &bar[s], c0, (int)((i + NSTAGE) * WIN), n);
         }
-        const i64 u0 = i * WIN + (i64)w * S;
 #pragma unroll
         for (int j = 0; j < S; ++j) {
             PX out;

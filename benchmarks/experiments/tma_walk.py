@@ -11,9 +11,10 @@ The question: the staged walk (block_pipe.py) loses when it stages deeper than t
 the bytes they move.  Here one thread asks for a whole window (``W{warps} S{steps}``: a box of W * S
 steps x 32 lanes of 8 bytes) of x and of g, ``N{stages}`` windows a block in shared memory, at least
 ``B{blocks}`` blocks a multiprocessor asked of the register allocation, and the split of L1 and shared
-memory sized for that many.  The tensor map is encoded on the host (``cuTensorMapEncodeTiled``, a 3-d map
+memory sized for that many; ``(bound)``: o = x + g in place of the recurrence, with the same copies,
+waits, barrier a window and stores (what the schedule costs with no fold, meeting or scan; unchecked).  The tensor map is encoded on the host (``cuTensorMapEncodeTiled``, a 3-d map
 [D, T, N] whose out-of-bounds steps and channels read as zeros).  Each variant's output is checked
-against the chunk engine's; forward only, dense, no states.
+against the chunk engine's (the bounds are not); forward only, dense, no states.
 """
 import ctypes
 import sys
@@ -29,24 +30,27 @@ CASES = ["bf16:8x4096x2048", "bf16:16x4096x1024", "bf16:4x4096x4096", "bf16:32x2
 SOURCE = Path(__file__).with_name("tma_walk.cu")
 # dtype: (C++ type, itemsize, CUtensorMapDataType of the same width)
 ELEMENT = {"bfloat16": ("hc::bfloat16_t", 2, 1), "float32": ("float", 4, 7)}  # UINT16, FLOAT32
-# name: (warps, steps a warp, windows staged, blocks a multiprocessor)
+# name: (warps, steps a warp, windows staged, blocks a multiprocessor, bound: o = x + g in place of the
+# recurrence, the same copies, waits, barriers and stores; unchecked)
 VARIANTS = {
-    "W8 S8 N2 B2": (8, 8, 2, 2),
-    "W8 S8 N3 B1": (8, 8, 3, 1),
-    "W8 S8 N3 B2": (8, 8, 3, 2),
-    "W8 S8 N4 B1": (8, 8, 4, 1),
-    "W8 S8 N6 B1": (8, 8, 6, 1),
-    "W8 S4 N4 B2": (8, 4, 4, 2),
-    "W8 S4 N8 B1": (8, 4, 8, 1),
-    "W4 S8 N4 B2": (4, 8, 4, 2),
+    "W8 S8 N2 B2": (8, 8, 2, 2, 0),
+    "W8 S8 N3 B1": (8, 8, 3, 1, 0),
+    "W8 S8 N3 B2": (8, 8, 3, 2, 0),
+    "W8 S8 N4 B1": (8, 8, 4, 1, 0),
+    "W8 S8 N6 B1": (8, 8, 6, 1, 0),
+    "W8 S4 N4 B2": (8, 4, 4, 2, 0),
+    "W8 S4 N8 B1": (8, 4, 8, 1, 0),
+    "W4 S8 N4 B2": (4, 8, 4, 2, 0),
+    "W8 S8 N2 B2 (bound)": (8, 8, 2, 2, 1),
+    "W8 S8 N3 B2 (bound)": (8, 8, 3, 2, 1),
 }
 OPTIONS = ("-std=c++17", "-DHC_BLOCK_STAGES=2", "-DHC_BLOCK_WARPS=8", "-DHC_BLOCK_STEPS=8")
 LANE_BYTES = 8
 
 
-def name_of(dtype, warps, steps, stages, blocks):
+def name_of(dtype, warps, steps, stages, blocks, bound):
     t, size, _ = ELEMENT[dtype]
-    return f"twalk::fwd<{t}, {t}, {LANE_BYTES // size}, {warps}, {steps}, {stages}, {blocks}>"
+    return f"twalk::fwd<{t}, {t}, {LANE_BYTES // size}, {warps}, {steps}, {stages}, {blocks}, {bound}>"
 
 
 def names():
@@ -83,7 +87,7 @@ def launcher(torch, module, name):
 
     from hgrn_cupy import nvrtc
 
-    warps, steps, stages, blocks = VARIANTS[name]
+    warps, steps, stages, blocks, bound = VARIANTS[name]
     maps = {}
 
     def fwd(s):
@@ -94,7 +98,7 @@ def launcher(torch, module, name):
         vec = LANE_BYTES // size
         if D % 8 or not (x.is_contiguous() and g.is_contiguous()) or x.dtype != g.dtype:
             raise ValueError("the walk needs contiguous x and g of one dtype and D a multiple of 8")
-        fn = module.get_function(name_of(dtype, warps, steps, stages, blocks))
+        fn = module.get_function(name_of(dtype, warps, steps, stages, blocks, bound))
         box = warps * steps * 32 * vec * size
         shared = stages * 2 * box
         fn.max_dynamic_shared_size_bytes = shared
