@@ -12,9 +12,14 @@
 // zeros (the copy's out-of-bounds fill): x = 0, g = 0 is the identity map, so the fold needs no bounds;
 // only the stores check them.
 //
-// BOUND (a bound, wrong results by design): the same copies, waits, barrier a window and stores, with
-// o = x + g in place of the fold, the warps' meeting and the scan: what the walk's memory schedule costs
-// with no recurrence.
+// STORE: 0, each lane stores its words (st.global); 1, each warp writes its rows of o into shared memory
+// and one lane asks for one bulk tensor copy of them to global memory (a box of S steps x 32 * VEC
+// channels; rows past the sequence are clipped by the copy), two buffers a warp.
+//
+// BOUND (bounds, wrong results by design): 1, the same copies, waits, barrier a window and stores, with
+// o = x + g in place of the fold, the warps' meeting and the scan (what the walk's memory schedule costs
+// with no recurrence); 2, the same without any store (reads alone); 3, the stores alone, of zeros (no
+// copies, no waits).
 //
 // grid (ceil(D / (32 * VEC)), N)   block (32, W)   a window: W * S steps; a lane: VEC channels (8 bytes).
 // Dense [N, T, D] with 16-byte aligned rows, no states, forward only.
@@ -58,18 +63,33 @@ __device__ __forceinline__ void bar_wait(unsigned long long* bar, unsigned parit
     }
 }
 
-template <typename TX, typename TG, int VEC, int W, int S, int NSTAGE, int MINB, int BOUND>
+// The warp's rows of o, S steps from u0, as one bulk tensor copy from `buf` (lane 0, after every lane's
+// writes and their proxy fence).
+__device__ __forceinline__ void store_box(const TensorMap* mo, const void* buf, int c0, int u0, int n) {
+    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];"
+                 ::"l"(mo), "r"(c0), "r"(u0), "r"(n), "r"(smem_addr(buf)) : "memory");
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void stores_read_wait() {
+    asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void stores_done() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
+template <typename TX, typename TG, int VEC, int W, int S, int NSTAGE, int MINB, int BOUND, int STORE>
 __global__ void __launch_bounds__(32 * W, MINB) fwd(const __grid_constant__ TensorMap mx,
-                                                    const __grid_constant__ TensorMap mg, TX* __restrict__ o,
+                                                    const __grid_constant__ TensorMap mg,
+                                                    const __grid_constant__ TensorMap mo, TX* __restrict__ o,
                                                     i64 sob, i64 sot, i64 T, i64 D) {
     typedef AccT<TX, TG> Acc;
     typedef Pack<TX, VEC> PX;
     typedef Pack<TG, VEC> PG;
     static_assert(PX::BYTES == PG::BYTES, "x and g of one itemsize");
-    constexpr int WORDS = PX::WORDS, C = 32 * VEC, WIN = W * S, BOX = WIN * C * (int)sizeof(TX);
+    constexpr int WORDS = PX::WORDS, C = 32 * VEC, WIN = W * S, ROW = C * (int)sizeof(TX), BOX = WIN * ROW;
+    constexpr bool LOADS = BOUND != 3, STORES = BOUND != 2;
     __shared__ Affine<Acc> part[2][W][C];
     __shared__ unsigned long long bar[NSTAGE];
-    extern __shared__ __align__(128) unsigned char stage[];  // [NSTAGE][x, g][WIN][C] elements
+    // [NSTAGE][x, g][WIN][C] elements, then with STORE [W][2 buffers][S][C] elements of o
+    extern __shared__ __align__(128) unsigned char stage[];
     const int lane = threadIdx.x, w = threadIdx.y;
     const bool lead = lane == 0 && w == 0;
     const int c0 = (int)blockIdx.x * C, n = (int)blockIdx.y;
@@ -77,73 +97,88 @@ __global__ void __launch_bounds__(32 * W, MINB) fwd(const __grid_constant__ Tens
     const bool live = d < D;
     TX* op = o + n * sob + d;
     const i64 nwin = (T + WIN - 1) / WIN;
+    unsigned char* ostage = stage + NSTAGE * 2 * BOX + w * 2 * S * ROW;
     if (lead) {
 #pragma unroll
         for (int s = 0; s < NSTAGE; ++s) bar_init(&bar[s]);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    if (lead) {
+    if (LOADS && lead) {
         for (int s = 0; s < NSTAGE && s < nwin; ++s)
             copy_box(&mx, &mg, stage + s * 2 * BOX, BOX, &bar[s], c0, s * WIN, n);
     }
+    // Past a barrier that follows every warp's reads of stage s, the stage takes window i + NSTAGE.
+    auto refill = [&](i64 i, int s) {
+        if (LOADS && lead && i + NSTAGE < nwin) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            copy_box(&mx, &mg, stage + s * 2 * BOX, BOX, &bar[s], c0, (int)((i + NSTAGE) * WIN), n);
+        }
+    };
 
     Acc carry[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) carry[k] = Acc(0);
     for (i64 i = 0; i < nwin; ++i) {
         const int s = (int)(i % NSTAGE);
-        bar_wait(&bar[s], (unsigned)((i / NSTAGE) & 1));
-        const unsigned* xs = (const unsigned*)(stage + s * 2 * BOX) + ((w * S) * C + lane * VEC) * (int)sizeof(TX) / 4;
-        const unsigned* gs = xs + BOX / 4;
         PX xr[S];
         PG gr[S];
+        if constexpr (LOADS) {
+            bar_wait(&bar[s], (unsigned)((i / NSTAGE) & 1));
+            const unsigned* xs = (const unsigned*)(stage + s * 2 * BOX + w * S * ROW) + lane * WORDS;
+            const unsigned* gs = xs + BOX / 4;
 #pragma unroll
-        for (int j = 0; j < S; ++j) {
+            for (int j = 0; j < S; ++j) {
 #pragma unroll
-            for (int q = 0; q < WORDS; ++q) {
-                xr[j].u[q] = xs[j * C * (int)sizeof(TX) / 4 + q];
-                gr[j].u[q] = gs[j * C * (int)sizeof(TX) / 4 + q];
+                for (int q = 0; q < WORDS; ++q) { xr[j].u[q] = xs[j * ROW / 4 + q]; gr[j].u[q] = gs[j * ROW / 4 + q]; }
             }
         }
         const i64 u0 = i * WIN + (i64)w * S;
+        PX out[S];
         if constexpr (BOUND) {
             __syncthreads();  // as block_carry's: every warp has read its rows of stage s
-            if (lead && i + NSTAGE < nwin) {
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                copy_box(&mx, &mg, stage + s * 2 * BOX, BOX, &bar[s], c0, (int)((i + NSTAGE) * WIN), n);
-            }
+            refill(i, s);
 #pragma unroll
             for (int j = 0; j < S; ++j) {
-                PX out;
 #pragma unroll
                 for (int k = 0; k < VEC; ++k)
-                    out.template set<Acc>(k, xr[j].template get<Acc>(k) + gr[j].template get<Acc>(k));
-                if (live && u0 + j < T) out.store(op + (u0 + j) * sot);
+                    out[j].template set<Acc>(k, LOADS ? xr[j].template get<Acc>(k) + gr[j].template get<Acc>(k) : Acc(0));
             }
-            continue;
+        } else {
+            Affine<Acc> m[VEC];
+            Acc a[S][VEC];
+            hc::fold_window(xr, gr, m, a);
+            Acc h[VEC];
+            hc::block_carry<Acc, W, VEC, false>(part[i & 1], m, carry, h);
+            refill(i, s);
+#pragma unroll
+            for (int j = 0; j < S; ++j) {
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    h[k] = a[j][k] * h[k] + xr[j].template get<Acc>(k);
+                    out[j].template set<Acc>(k, h[k]);
+                }
+            }
         }
-        Affine<Acc> m[VEC];
-        Acc a[S][VEC];
-        hc::fold_window(xr, gr, m, a);
-        Acc h[VEC];
-        hc::block_carry<Acc, W, VEC, false>(part[i & 1], m, carry, h);
-        // Past block_carry's barrier every warp has its rows of stage s in registers: the stage is free.
-        if (lead && i + NSTAGE < nwin) {
+        if constexpr (STORES && STORE == 0) {
+#pragma unroll
+            for (int j = 0; j < S; ++j)
+                if (live && u0 + j < T) out[j].store(op + (u0 + j) * sot);
+        } else if constexpr (STORES) {
+            unsigned* buf = (unsigned*)(ostage + (int)(i & 1) * S * ROW) + lane * WORDS;
+            if (lane == 0) stores_read_wait<1>();  // the copy two windows back has read this buffer
+            __syncwarp();
+#pragma unroll
+            for (int j = 0; j < S; ++j) {
+#pragma unroll
+                for (int q = 0; q < WORDS; ++q) buf[j * ROW / 4 + q] = out[j].u[q];
+            }
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            copy_box(&mx, &mg, stage + s * 2 * BOX, BOX, &bar[s], c0, (int)((i + NSTAGE) * WIN), n);
-        }
-#pragma unroll
-        for (int j = 0; j < S; ++j) {
-            PX out;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                h[k] = a[j][k] * h[k] + xr[j].template get<Acc>(k);
-                out.template set<Acc>(k, h[k]);
-            }
-            if (live && u0 + j < T) out.store(op + (u0 + j) * sot);
+            __syncwarp();
+            if (lane == 0) store_box(&mo, ostage + (int)(i & 1) * S * ROW, c0, (int)u0, n);
         }
     }
+    if (STORE && STORES && lane == 0) stores_done();
 }
 
 }  // namespace twalk

@@ -11,8 +11,10 @@ The question: the staged walk (block_pipe.py) loses when it stages deeper than t
 the bytes they move.  Here one thread asks for a whole window (``W{warps} S{steps}``: a box of W * S
 steps x 32 lanes of 8 bytes) of x and of g, ``N{stages}`` windows a block in shared memory, at least
 ``B{blocks}`` blocks a multiprocessor asked of the register allocation, and the split of L1 and shared
-memory sized for that many; ``(bound)``: o = x + g in place of the recurrence, with the same copies,
-waits, barrier a window and stores (what the schedule costs with no fold, meeting or scan; unchecked).  The tensor map is encoded on the host (``cuTensorMapEncodeTiled``, a 3-d map
+memory sized for that many; ``TS``: each warp's rows of o leave by one bulk tensor copy from shared memory
+instead of each lane's stores; ``(bound)``: o = x + g in place of the recurrence, with the same copies,
+waits, barrier a window and stores (what the schedule costs with no fold, meeting or scan), ``reads``
+the same without stores, ``writes`` the stores alone (unchecked).  The tensor map is encoded on the host (``cuTensorMapEncodeTiled``, a 3-d map
 [D, T, N] whose out-of-bounds steps and channels read as zeros).  Each variant's output is checked
 against the chunk engine's (the bounds are not); forward only, dense, no states.
 """
@@ -30,27 +32,35 @@ CASES = ["bf16:8x4096x2048", "bf16:16x4096x1024", "bf16:4x4096x4096", "bf16:32x2
 SOURCE = Path(__file__).with_name("tma_walk.cu")
 # dtype: (C++ type, itemsize, CUtensorMapDataType of the same width)
 ELEMENT = {"bfloat16": ("hc::bfloat16_t", 2, 1), "float32": ("float", 4, 7)}  # UINT16, FLOAT32
-# name: (warps, steps a warp, windows staged, blocks a multiprocessor, bound: o = x + g in place of the
-# recurrence, the same copies, waits, barriers and stores; unchecked)
+# name: (warps, steps a warp, windows staged, blocks a multiprocessor, bound, store).  bound: 1, o = x + g in
+# place of the recurrence with the same copies, waits, barriers and stores; 2, the same without stores;
+# 3, the stores alone (zeros; no copies).  store: 1, each warp's rows of o by one bulk tensor copy from
+# shared memory ("TS"), else each lane's own stores.  Bounds are unchecked.
 VARIANTS = {
-    "W8 S8 N2 B2": (8, 8, 2, 2, 0),
-    "W8 S8 N3 B1": (8, 8, 3, 1, 0),
-    "W8 S8 N3 B2": (8, 8, 3, 2, 0),
-    "W8 S8 N4 B1": (8, 8, 4, 1, 0),
-    "W8 S8 N6 B1": (8, 8, 6, 1, 0),
-    "W8 S4 N4 B2": (8, 4, 4, 2, 0),
-    "W8 S4 N8 B1": (8, 4, 8, 1, 0),
-    "W4 S8 N4 B2": (4, 8, 4, 2, 0),
-    "W8 S8 N2 B2 (bound)": (8, 8, 2, 2, 1),
-    "W8 S8 N3 B2 (bound)": (8, 8, 3, 2, 1),
+    "W8 S8 N2 B2": (8, 8, 2, 2, 0, 0),
+    "W8 S8 N3 B1": (8, 8, 3, 1, 0, 0),
+    "W8 S8 N3 B2": (8, 8, 3, 2, 0, 0),
+    "W8 S8 N4 B1": (8, 8, 4, 1, 0, 0),
+    "W8 S8 N6 B1": (8, 8, 6, 1, 0, 0),
+    "W8 S4 N4 B2": (8, 4, 4, 2, 0, 0),
+    "W8 S4 N8 B1": (8, 4, 8, 1, 0, 0),
+    "W4 S8 N4 B2": (4, 8, 4, 2, 0, 0),
+    "W8 S8 N2 B2 (bound)": (8, 8, 2, 2, 1, 0),
+    "W8 S8 N3 B2 (bound)": (8, 8, 3, 2, 1, 0),
+    "W8 S8 N2 B2 TS": (8, 8, 2, 2, 0, 1),
+    "W8 S8 N3 B2 TS": (8, 8, 3, 2, 0, 1),
+    "W8 S8 N2 B2 TS (bound)": (8, 8, 2, 2, 1, 1),
+    "W8 S8 N2 B2 reads (bound)": (8, 8, 2, 2, 2, 0),
+    "W8 S8 N2 B2 writes (bound)": (8, 8, 2, 2, 3, 0),
+    "W8 S8 N2 B2 TS writes (bound)": (8, 8, 2, 2, 3, 1),
 }
 OPTIONS = ("-std=c++17", "-DHC_BLOCK_STAGES=2", "-DHC_BLOCK_WARPS=8", "-DHC_BLOCK_STEPS=8")
 LANE_BYTES = 8
 
 
-def name_of(dtype, warps, steps, stages, blocks, bound):
+def name_of(dtype, warps, steps, stages, blocks, bound, store):
     t, size, _ = ELEMENT[dtype]
-    return f"twalk::fwd<{t}, {t}, {LANE_BYTES // size}, {warps}, {steps}, {stages}, {blocks}, {bound}>"
+    return f"twalk::fwd<{t}, {t}, {LANE_BYTES // size}, {warps}, {steps}, {stages}, {blocks}, {bound}, {store}>"
 
 
 def names():
@@ -87,7 +97,7 @@ def launcher(torch, module, name):
 
     from hgrn_cupy import nvrtc
 
-    warps, steps, stages, blocks, bound = VARIANTS[name]
+    warps, steps, stages, blocks, bound, store = VARIANTS[name]
     maps = {}
 
     def fwd(s):
@@ -98,18 +108,20 @@ def launcher(torch, module, name):
         vec = LANE_BYTES // size
         if D % 8 or not (x.is_contiguous() and g.is_contiguous()) or x.dtype != g.dtype:
             raise ValueError("the walk needs contiguous x and g of one dtype and D a multiple of 8")
-        fn = module.get_function(name_of(dtype, warps, steps, stages, blocks, bound))
+        fn = module.get_function(name_of(dtype, warps, steps, stages, blocks, bound, store))
         box = warps * steps * 32 * vec * size
-        shared = stages * 2 * box
+        shared = (stages + store) * 2 * box  # the input stages, then two of o's rows a warp
         fn.max_dynamic_shared_size_bytes = shared
         nvrtc.hold_shared(fn.kernel, shared, blocks, x.device.index)
         key = (x.data_ptr(), g.data_ptr(), x.shape)
         if key not in maps:
             maps[key] = (tensor_map(x, 32 * vec, warps * steps, code) + tensor_map(g, 32 * vec, warps * steps, code))
         o = torch.empty_like(x)
-        buf = ctypes.create_string_buffer(maps[key] + np.array([o.data_ptr(), T * D, D, T, D], np.int64).tobytes(), 296)
+        mo = tensor_map(o, 32 * vec, steps, code) if store else bytes(128)
+        buf = ctypes.create_string_buffer(maps[key] + mo + np.array([o.data_ptr(), T * D, D, T, D], np.int64).tobytes(),
+                                          424)
         base = ctypes.addressof(buf)
-        params = (ctypes.c_void_p * 7)(base, base + 128, *(base + 256 + 8 * i for i in range(5)))
+        params = (ctypes.c_void_p * 8)(base, base + 128, base + 256, *(base + 384 + 8 * i for i in range(5)))
         grid = (-(-D // (32 * vec)), B)
         driver.launchKernel(fn.kernel.ptr, grid[0], grid[1], 1, 32, warps, 1, shared,
                             torch.cuda.current_stream().cuda_stream, ctypes.addressof(params), 0)
