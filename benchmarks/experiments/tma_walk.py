@@ -9,7 +9,7 @@ windows arrive in shared memory by one bulk tensor copy a window and tensor, aga
 The question: the staged walk (block_pipe.py) loses when it stages deeper than two windows, and with
 4-byte lanes, as if its per-lane copies (one cp.async of 4 or 8 bytes a step and tensor) cost more than
 the bytes they move.  Here one thread asks for a whole window (``W{warps} S{steps}``: a box of W * S
-steps x 32 lanes of 8 bytes) of x and of g, ``N{stages}`` windows a block in shared memory, at least
+steps x 32 lanes of 8 bytes, or 4 with ``L4``) of x and of g, ``N{stages}`` windows a block in shared memory, at least
 ``B{blocks}`` blocks a multiprocessor asked of the register allocation, and the split of L1 and shared
 memory sized for that many; ``TS``: each warp's rows of o leave by one bulk tensor copy from shared memory
 instead of each lane's stores; ``(bound)``: o = x + g in place of the recurrence, with the same copies,
@@ -32,35 +32,43 @@ CASES = ["bf16:8x4096x2048", "bf16:16x4096x1024", "bf16:4x4096x4096", "bf16:32x2
 SOURCE = Path(__file__).with_name("tma_walk.cu")
 # dtype: (C++ type, itemsize, CUtensorMapDataType of the same width)
 ELEMENT = {"bfloat16": ("hc::bfloat16_t", 2, 1), "float32": ("float", 4, 7)}  # UINT16, FLOAT32
-# name: (warps, steps a warp, windows staged, blocks a multiprocessor, bound, store).  bound: 1, o = x + g in
+# name: (lane bytes, warps, steps a warp, windows staged, blocks a multiprocessor, bound, store); "L4": lanes
+# of 4 bytes (two 16-bit channels, one float32), else 8.  bound: 1, o = x + g in
 # place of the recurrence with the same copies, waits, barriers and stores; 2, the same without stores;
 # 3, the stores alone (zeros; no copies).  store: 1, each warp's rows of o by one bulk tensor copy from
 # shared memory ("TS"), else each lane's own stores.  Bounds are unchecked.
 VARIANTS = {
-    "W8 S8 N2 B2": (8, 8, 2, 2, 0, 0),
-    "W8 S8 N3 B1": (8, 8, 3, 1, 0, 0),
-    "W8 S8 N3 B2": (8, 8, 3, 2, 0, 0),
-    "W8 S8 N4 B1": (8, 8, 4, 1, 0, 0),
-    "W8 S8 N6 B1": (8, 8, 6, 1, 0, 0),
-    "W8 S4 N4 B2": (8, 4, 4, 2, 0, 0),
-    "W8 S4 N8 B1": (8, 4, 8, 1, 0, 0),
-    "W4 S8 N4 B2": (4, 8, 4, 2, 0, 0),
-    "W8 S8 N2 B2 (bound)": (8, 8, 2, 2, 1, 0),
-    "W8 S8 N3 B2 (bound)": (8, 8, 3, 2, 1, 0),
-    "W8 S8 N2 B2 TS": (8, 8, 2, 2, 0, 1),
-    "W8 S8 N3 B2 TS": (8, 8, 3, 2, 0, 1),
-    "W8 S8 N2 B2 TS (bound)": (8, 8, 2, 2, 1, 1),
-    "W8 S8 N2 B2 reads (bound)": (8, 8, 2, 2, 2, 0),
-    "W8 S8 N2 B2 writes (bound)": (8, 8, 2, 2, 3, 0),
-    "W8 S8 N2 B2 TS writes (bound)": (8, 8, 2, 2, 3, 1),
+    "W8 S8 N2 B2": (8, 8, 8, 2, 2, 0, 0),
+    "W8 S8 N3 B1": (8, 8, 8, 3, 1, 0, 0),
+    "W8 S8 N3 B2": (8, 8, 8, 3, 2, 0, 0),
+    "W8 S8 N4 B1": (8, 8, 8, 4, 1, 0, 0),
+    "W8 S8 N6 B1": (8, 8, 8, 6, 1, 0, 0),
+    "W8 S4 N4 B2": (8, 8, 4, 4, 2, 0, 0),
+    "W8 S4 N8 B1": (8, 8, 4, 8, 1, 0, 0),
+    "W4 S8 N4 B2": (8, 4, 8, 4, 2, 0, 0),
+    "W8 S8 N2 B2 (bound)": (8, 8, 8, 2, 2, 1, 0),
+    "W8 S8 N3 B2 (bound)": (8, 8, 8, 3, 2, 1, 0),
+    "W8 S8 N2 B2 TS": (8, 8, 8, 2, 2, 0, 1),
+    "W8 S8 N3 B2 TS": (8, 8, 8, 3, 2, 0, 1),
+    "W8 S8 N2 B2 TS (bound)": (8, 8, 8, 2, 2, 1, 1),
+    "W8 S8 N2 B2 reads (bound)": (8, 8, 8, 2, 2, 2, 0),
+    "W8 S8 N2 B2 writes (bound)": (8, 8, 8, 2, 2, 3, 0),
+    "W8 S8 N2 B2 TS writes (bound)": (8, 8, 8, 2, 2, 3, 1),
+    "L4 W8 S8 N2 B2 TS": (4, 8, 8, 2, 2, 0, 1),
+    "L4 W8 S8 N3 B2 TS": (4, 8, 8, 3, 2, 0, 1),
+    "L4 W8 S8 N4 B2 TS": (4, 8, 8, 4, 2, 0, 1),
+    "L4 W8 S8 N3 B3 TS": (4, 8, 8, 3, 3, 0, 1),
+    "L4 W8 S8 N6 B2 TS": (4, 8, 8, 6, 2, 0, 1),
+    "L4 W8 S8 N8 B2 TS": (4, 8, 8, 8, 2, 0, 1),
+    "L4 W8 S4 N8 B2 TS": (4, 8, 4, 8, 2, 0, 1),
+    "L4 W8 S4 N12 B2 TS": (4, 8, 4, 12, 2, 0, 1),
 }
 OPTIONS = ("-std=c++17", "-DHC_BLOCK_STAGES=2", "-DHC_BLOCK_WARPS=8", "-DHC_BLOCK_STEPS=8")
-LANE_BYTES = 8
 
 
-def name_of(dtype, warps, steps, stages, blocks, bound, store):
+def name_of(dtype, lane_bytes, warps, steps, stages, blocks, bound, store):
     t, size, _ = ELEMENT[dtype]
-    return f"twalk::fwd<{t}, {t}, {LANE_BYTES // size}, {warps}, {steps}, {stages}, {blocks}, {bound}, {store}>"
+    return f"twalk::fwd<{t}, {t}, {lane_bytes // size}, {warps}, {steps}, {stages}, {blocks}, {bound}, {store}>"
 
 
 def names():
@@ -97,7 +105,7 @@ def launcher(torch, module, name):
 
     from hgrn_cupy import nvrtc
 
-    warps, steps, stages, blocks, bound, store = VARIANTS[name]
+    lane_bytes, warps, steps, stages, blocks, bound, store = VARIANTS[name]
     maps = {}
 
     def fwd(s):
@@ -105,10 +113,10 @@ def launcher(torch, module, name):
         B, T, D = x.shape
         dtype = str(x.dtype).removeprefix("torch.")
         _, size, code = ELEMENT[dtype]
-        vec = LANE_BYTES // size
+        vec = lane_bytes // size
         if D % 8 or not (x.is_contiguous() and g.is_contiguous()) or x.dtype != g.dtype:
             raise ValueError("the walk needs contiguous x and g of one dtype and D a multiple of 8")
-        fn = module.get_function(name_of(dtype, warps, steps, stages, blocks, bound, store))
+        fn = module.get_function(name_of(dtype, lane_bytes, warps, steps, stages, blocks, bound, store))
         box = warps * steps * 32 * vec * size
         shared = (stages + store) * 2 * box  # the input stages, then two of o's rows a warp
         fn.max_dynamic_shared_size_bytes = shared
