@@ -19,15 +19,28 @@ OWN_KERNELS = {"stream_schedule.py": 40, "tile_walk.py": 16, "two_pass.py": 16, 
                "block_pipe.py": 60, "tma_walk.py": 48}
 
 
+@pytest.fixture(scope="module")
+def compiles():
+    """Every script's --compile-only, started at once (NVRTC runs in each process; the CPUs share them):
+    ``{script: Popen}``, each test reads its own."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
+    procs = {script: subprocess.Popen([sys.executable, os.path.join(EXPERIMENTS, script), "--compile-only"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for script in OWN_KERNELS}
+    yield procs
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
 @pytest.mark.parametrize("script", list(OWN_KERNELS))
-def test_experiment_kernels_compile(script):
+def test_experiment_kernels_compile(script, compiles):
     """An experiment's own kernels compile with NVRTC for sm_90 (its --compile-only), so that a device run
     of the experiment does not find them broken."""
-    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
-    done = subprocess.run([sys.executable, os.path.join(EXPERIMENTS, script), "--compile-only"],
-                          capture_output=True, text=True, timeout=300)
+    out, err = compiles[script].communicate(timeout=300)
     expect = f"{OWN_KERNELS[script]} kernels compiled for sm_90"
-    assert done.returncode == 0 and expect in done.stdout, done.stdout + done.stderr
+    assert compiles[script].returncode == 0 and expect in out, out + err
 
 
 def test_experiment_source_patches_match_the_kernels():
