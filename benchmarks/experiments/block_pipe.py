@@ -106,9 +106,9 @@ def source():
 
 
 def launcher(torch, module, name):
+    """``fwd(set)``: o by the staged block walk ``name`` on the set's x and g (contiguous [B, T, D])."""
     from hgrn_cupy import nvrtc
 
-    """``fwd(set)``: o by the staged block walk ``name`` on the set's x and g (contiguous [B, T, D])."""
     nbytes, warps, steps, stages, blocks, prefetch, c16 = VARIANTS[name]
     hold = HOLD[name][1] if name in HOLD else None
 

@@ -19,6 +19,7 @@ the same without stores, ``writes`` the stores alone (unchecked).  The tensor ma
 against the chunk engine's (the bounds are not); forward only, dense, no states.
 """
 import ctypes
+import functools
 import sys
 from pathlib import Path
 
@@ -82,6 +83,14 @@ def source():
     return nvrtc.read_source("fused_block_walk.cuh") + "\n" + SOURCE.read_text()
 
 
+@functools.cache
+def _encoder():
+    """The driver's cuTensorMapEncodeTiled, looked up once."""
+    fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    fn.restype = ctypes.c_int
+    return fn
+
+
 def tensor_map(t, box_channels, box_steps, data_type):
     """The 128 bytes of a CUtensorMap over a contiguous [N, T, D] tensor ``t``: dims (D, T, N) innermost
     first, boxes of box_channels x box_steps x 1, no swizzle, 256-byte L2 promotion, zeros out of bounds."""
@@ -89,9 +98,7 @@ def tensor_map(t, box_channels, box_steps, data_type):
     item = t.element_size()
     u64, u32 = ctypes.c_uint64, ctypes.c_uint32
     out = (u64 * 16)()
-    fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
-    fn.restype = ctypes.c_int
-    rc = fn(out, ctypes.c_int(data_type), u32(3), ctypes.c_void_p(t.data_ptr()), (u64 * 3)(D, T, N),
+    rc = _encoder()(out, ctypes.c_int(data_type), u32(3), ctypes.c_void_p(t.data_ptr()), (u64 * 3)(D, T, N),
             (u64 * 2)(D * item, T * D * item), (u32 * 3)(box_channels, box_steps, 1), (u32 * 3)(1, 1, 1),
             ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(3), ctypes.c_int(0))
     if rc:
