@@ -115,12 +115,14 @@ _tls = threading.local()
 _at_once: dict = {}
 
 
-def _thread_slots(n, device, tail_words=1):
-    """This thread's parameter buffer for ``n`` argument words whose last ``tail_words`` form one
-    parameter: ``(buffer, address of the pointer array, packer, pointers)``.  Made on a thread's first
-    launch on ``device``, which also makes that device's primary context current (a new thread has none)."""
+def _thread_slots(n, device, tail_words=1, head_words=1):
+    """This thread's parameter buffer for ``n`` argument words whose first ``head_words`` form one parameter
+    and whose last ``tail_words`` form one: ``(buffer, address of the pointer array, packer, pointers)``.
+    Made on a thread's first launch on ``device``, which also makes that device's primary context current
+    (a new thread has none)."""
+    key = (n, device, tail_words, head_words)
     try:
-        return _tls.slots[n, device, tail_words]
+        return _tls.slots[key]
     except AttributeError:
         _tls.slots = {}
     except KeyError:
@@ -133,10 +135,41 @@ def _thread_slots(n, device, tail_words=1):
     cupy.cuda.runtime.setDevice(device)
     buf = ctypes.create_string_buffer(8 * n)
     base = ctypes.addressof(buf)
-    nparams = n - tail_words + 1
-    params = (ctypes.c_void_p * nparams)(*[base + 8 * i for i in range(nparams)])
-    entry = _tls.slots[n, device, tail_words] = (buf, ctypes.addressof(params), struct.Struct(f"<{n}q"), params)
+    starts = [0] + list(range(head_words, n - tail_words + 1))
+    params = (ctypes.c_void_p * len(starts))(*[base + 8 * i for i in starts])
+    entry = _tls.slots[key] = (buf, ctypes.addressof(params), struct.Struct(f"<{n}q"), params)
     return entry
+
+
+# A CUtensorMap (sm_90 bulk tensor copies) is 128 bytes the driver encodes on the host; CuPy's driver
+# bindings lack cuTensorMapEncodeTiled, so it is called from the driver library.  Maps here move bits
+# (an unsigned type of the itemsize), so the out-of-bounds fill is zero bits: 0.0 in every float type.
+TENSOR_MAP_WORDS = 16
+_MAP_TYPES = {2: 1, 4: 2}  # itemsize -> CU_TENSOR_MAP_DATA_TYPE_UINT16, _UINT32
+_encoder: list = []
+
+
+def tensor_map(ptr, itemsize, dims, strides, box):
+    """A CUtensorMap over the tensor at ``ptr`` as TENSOR_MAP_WORDS signed 64-bit words: ``dims`` in
+    elements innermost first, ``strides`` in bytes of every dimension but the innermost, ``box`` the
+    elements a copy moves along each dimension; no interleave or swizzle, 256-byte L2 promotion, zeros
+    outside the tensor.  The driver's rules (ptr and strides multiples of 16 bytes, at most 256 elements a
+    box dimension, the box's innermost bytes a multiple of 16) are the caller's; a refusal raises."""
+    import ctypes
+    import os
+
+    if not _encoder:
+        fn = ctypes.CDLL("nvcuda.dll" if os.name == "nt" else "libcuda.so.1").cuTensorMapEncodeTiled
+        fn.restype = ctypes.c_int
+        _encoder.append(fn)
+    rank, u64, u32, i32 = len(dims), ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int
+    out = (ctypes.c_int64 * TENSOR_MAP_WORDS)()
+    rc = _encoder[0](out, i32(_MAP_TYPES[itemsize]), u32(rank), ctypes.c_void_p(ptr), (u64 * rank)(*dims),
+                     (u64 * (rank - 1))(*strides), (u32 * rank)(*box), (u32 * rank)(*[1] * rank), i32(0), i32(0),
+                     i32(3), i32(0))
+    if rc:
+        raise RuntimeError(f"cuTensorMapEncodeTiled refused dims {dims}, strides {strides}, box {box} (CUresult {rc})")
+    return tuple(out)
 
 
 def prefer_shared(fn, percent):
@@ -176,12 +209,13 @@ def blocks_at_once(fn, threads, device):
     return n
 
 
-def bind(fn, grid, block, device, tail_words=1, shared=0):
+def bind(fn, grid, block, device, tail_words=1, shared=0, head_words=1):
     """``fn`` (a ``cupy.cuda.Function`` of ``device``) with its grid, block and dynamic shared memory
     (bytes) fixed: a function ``kernel(stream_ptr, *args)`` that queues it on the stream ``stream_ptr``.
     ``args`` are Python ints (pointers, 64-bit integers, or 32-bit ints) in the kernel's parameter order;
-    the last ``tail_words`` of them are the fields of its last parameter, a struct of that many 8-byte
-    fields."""
+    the first ``head_words`` of them are the words of its first parameter (a struct of that many 8-byte
+    words, such as tensor maps) and the last ``tail_words`` the fields of its last parameter, a struct of
+    that many 8-byte fields."""
     from cupy_backends.cuda.api import driver
 
     launch_kernel, fn_ptr = driver.launchKernel, fn.ptr
@@ -189,7 +223,7 @@ def bind(fn, grid, block, device, tail_words=1, shared=0):
     bx, by, bz = (tuple(block) + (1, 1))[:3]
 
     def kernel(stream_ptr, *args):
-        buf, params, packer, _ = _thread_slots(len(args), device, tail_words)
+        buf, params, packer, _ = _thread_slots(len(args), device, tail_words, head_words)
         packer.pack_into(buf, 0, *args)
         launch_kernel(fn_ptr, gx, gy, gz, bx, by, bz, shared, stream_ptr, params, 0)
 

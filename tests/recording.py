@@ -40,8 +40,13 @@ CHUNK_FWD_ARGS = ("x", "g", "o", "sxb", "sxt", "sgb", "sgt", "sob", "sot", "h0",
 CHUNK_BWD_ARGS = ("g", "o", "do", "dx", "dg", "sgb", "sgt", "sob", "sot", "sdob", "sdot", "sdxb", "sdxt", "sdgb",
                   "sdgt", "h0", "dht", "dh0", "cu", "cu64", "N", "T", "D", "reverse", "hdr", "slots", "capacity",
                   "ntiles", "nchunks", "l2_ahead", "peek", "stagger")
+# fused_recurrent_bulk_fwd: the tensor maps of x, g and o (as RecordingDriver.tensor_map writes them), then
+MAP_FIELDS = ("ptr", "itemsize", "dims", "dims", "dims", "strides", "strides", "box", "box", "box")
+BULK_FWD_ARGS = tuple(f"m{k}{i}" for k in "xgo" for i in range(nvrtc.TENSOR_MAP_WORDS)) + ("h0", "ht", "T", "D",
+                                                                                         "reverse")
 KERNEL_ARGS = {"fused_recurrent_fwd": WALK_FWD_ARGS, "fused_recurrent_block_fwd": WALK_FWD_ARGS,
-               "fused_recurrent_staged_fwd": WALK_FWD_ARGS, "fused_recurrent_step": STEP_ARGS,
+               "fused_recurrent_staged_fwd": WALK_FWD_ARGS, "fused_recurrent_bulk_fwd": BULK_FWD_ARGS,
+               "fused_recurrent_step": STEP_ARGS,
                "fused_recurrent_bwd": WALK_BWD_ARGS, "fused_recurrent_block_bwd": WALK_BWD_ARGS,
                "chunk_fwd": CHUNK_FWD_ARGS, "chunk_bwd": CHUNK_BWD_ARGS}
 POINTERS = ("x", "g", "o", "do", "dx", "dg", "h0", "ht", "dht", "dh0", "hdr", "slots")
@@ -129,6 +134,33 @@ class RecordingDriver:
         return types.SimpleNamespace(check=lambda *args: self.events.append(("guard check",) + args[1:]),
                                      fill=lambda *args: self.events.append(("guard fill",) + args[1:]))
 
+    def tensor_map(self, ptr, itemsize, dims, strides, box):
+        """A stand-in map that keeps what the launch will need to read back (pointer, itemsize, dims,
+        strides, box), after the driver's rules: 16-byte pointer and strides, boxes of at most 256 elements
+        a dimension whose innermost bytes are a multiple of 16."""
+        assert ptr % 16 == 0 and all(s % 16 == 0 and s > 0 for s in strides), (ptr, strides)
+        assert len(dims) == len(box) == len(strides) + 1 == 3 and all(0 < b <= 256 for b in box)
+        assert box[0] * itemsize % 16 == 0, box
+        words = (ptr, itemsize, *dims, *strides, *box)
+        return words + (0,) * (nvrtc.TENSOR_MAP_WORDS - len(words))
+
+    def _bulk_args(self, fn, a, N):
+        """A bulk walk's arguments as a walk's: pointers and strides (elements) from its maps, no offsets;
+        the maps' dims and boxes checked against the launch."""
+        from hgrn_cupy.engines import fused_recurrent as fr
+
+        out = dict(a, cu=0, cu64=0)
+        for k in "xgo":
+            m = {}
+            for f, v in zip(MAP_FIELDS, (a[f"m{k}{i}"] for i in range(len(MAP_FIELDS)))):
+                m.setdefault(f, []).append(v)
+            (ptr,), (size,), (st, sb) = m["ptr"], m["itemsize"], m["strides"]
+            rows = fr.BLOCK_STEPS if k == "o" else fr.BLOCK_WARPS * fr.BLOCK_STEPS
+            assert m["dims"] == [a["D"], a["T"], N] and m["box"] == [32 * fn.vec, rows, 1], (k, m)
+            assert size == nvrtc.ITEMSIZE[fn.dtypes[0]] and st % size == 0 and sb % size == 0
+            out.update({k: ptr, f"s{k}t": st // size, f"s{k}b": sb // size})
+        return out
+
     def memset(self, ptr, value, nbytes, stream):
         self.events.append(("fill", ptr, value, nbytes, stream))
         ctypes.memset(ptr, value, nbytes)
@@ -139,6 +171,8 @@ class RecordingDriver:
         # every argument word lies in one buffer, in order, from the first parameter's address on
         first = ctypes.c_void_p.from_address(params).value
         a = dict(zip(names, (ctypes.c_int64 * len(names)).from_address(first)))
+        if fn.kernel == "fused_recurrent_bulk_fwd":
+            a = self._bulk_args(fn, a, gy)
         ln = {"kernel": fn.kernel, "vec": fn.vec, "dtypes": fn.dtypes, "grid": (gx, gy, gz), "block": (bx, by, bz),
               "stream": stream, "options": fn.options,
               "carveout": fn.carveout, "carveout_seen": fn.carveout_seen, "shared": shmem, **a}
@@ -220,6 +254,7 @@ def fake_cuda(monkeypatch, fresh_plans):
     monkeypatch.setattr(nvrtc, "prefer_shared", rec.prefer_shared)
     monkeypatch.setattr(nvrtc, "hold_shared", rec.hold_shared)
     monkeypatch.setattr(nvrtc, "blocks_at_once", rec.blocks_at_once)
+    monkeypatch.setattr(nvrtc, "tensor_map", rec.tensor_map)
     monkeypatch.setattr(driver, "launchKernel", rec.launch_kernel)
     monkeypatch.setattr(workspace, "capturing", lambda stream_ptr: False)
     monkeypatch.setattr(workspace, "_kept", {})

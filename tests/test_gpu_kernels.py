@@ -282,6 +282,69 @@ def test_staged_forward_gate_extremes(gate, monkeypatch):
 
 
 
+# The bulk walk (``fused_recurrent.BULK``, launches the tuner measures for dense forwards whose inputs share
+# an itemsize of 2 or 4): the staged walk's shapes at both lane widths.  It takes a layout whose strides are
+# multiples of 16 bytes and pointers 16-byte aligned; others fall back to the walks.
+BULK = "fused_recurrent_bulk_fwd"
+
+
+def force_bulk(monkeypatch, lanes):
+    """The fused forward as the bulk walk of ``lanes``-byte lanes wherever the layout allows it: block walks
+    opened to every channel count and T, plans made afresh."""
+    from hgrn_cupy import plans
+    from hgrn_cupy.engines import fused_recurrent
+
+    force_block_walks(monkeypatch, narrow=False)
+    prepare = fused_recurrent.prepare
+    monkeypatch.setattr(fused_recurrent, "prepare",
+                        lambda *args, **kw: prepare(*args, **{**kw, "bulk": True, "lanes": lanes}))
+    monkeypatch.setattr(plans, "_plans", {})
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("lanes", [4, 8])
+@pytest.mark.parametrize("shape", STAGED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
+def test_bulk_forward(dtype, lanes, shape, reverse, monkeypatch):
+    """The bulk walk with and without h0 and ht; it is the kernel that ran wherever rows are whole
+    16-byte multiples and D divides into its lanes, and no kernel ran it elsewhere."""
+    B, T, D = shape
+    force_bulk(monkeypatch, lanes)
+    rng = _rng()
+    x, g = make_inputs(B, T, D, rng=rng)
+    launched = launched_kernels(monkeypatch)
+    check_forward("fused_recurrent", x, g, dtype, rng.standard_normal((B, D)), reverse=reverse)
+    check_forward("fused_recurrent", x, g, dtype, None, reverse=reverse, final=False)
+    size = 4 if dtype == "float32" else 2
+    takes = D * size % 16 == 0 and D % (lanes // size) == 0
+    ran = [k[0] for k in launched]
+    assert (ran == [BULK] * 2) if takes else (BULK not in ran), (_seed(), launched)
+
+
+@pytest.mark.parametrize("view", list(VECTOR_VIEWS), ids=list(VECTOR_VIEWS))
+def test_bulk_forward_views(view, monkeypatch):
+    """Strided views through the bulk walk where their strides are positive multiples of 16 bytes and their
+    pointers 16-byte aligned; the block walk (reversed time) or the thread walk (odd offset) elsewhere."""
+    fn, _ = VECTOR_VIEWS[view]
+    force_bulk(monkeypatch, 8)
+    rng = _rng()
+    x, g = make_inputs(3, 700, 288, rng=rng)
+    B, D = fn(np.empty((3, 700, 288)))[:, 0].shape
+    launched = launched_kernels(monkeypatch)
+    check_forward("fused_recurrent", x, g, "bfloat16", rng.standard_normal((B, D)), views=fn)
+    expect = {"reversed_time": "fused_recurrent_block_fwd", "odd_offset": "fused_recurrent_fwd"}.get(view, BULK)
+    assert [k[0] for k in launched] == [expect], (_seed(), launched)
+
+
+@pytest.mark.parametrize("gate", ["zero", "very_negative", "neg_inf"])
+@pytest.mark.parametrize("lanes", [4, 8])
+def test_bulk_forward_gate_extremes(gate, lanes, monkeypatch):
+    force_bulk(monkeypatch, lanes)
+    x, g = make_inputs(2, 700, 40, gate=gate)
+    o = check_forward("fused_recurrent", x, g, "bfloat16", _rng().standard_normal((2, 40)))
+    assert bool(cupy.isfinite(o).all()), _seed()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_deterministic(engine):
     """A moving error is a race: repeated runs must agree bit for bit."""

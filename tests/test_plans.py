@@ -208,7 +208,8 @@ def test_tuning_candidates(N, T, D, x_dtype, g_dtype, direction, narrow_below):
     walk applies (the 16-bit and float32 bands opened to every count from 4K channels here; float64 has
     none), the block walk with short windows, and for a 16-bit forward whose D divides into the lane
     width the rule does not take, that width with either window, and where D divides into 8-byte lanes,
-    the staged forward."""
+    the staged forward; for a forward whose inputs share an itemsize of 2 or 4, the bulk walk at each lane
+    width (4 and 8 bytes) D divides into."""
     from hgrn_cupy.engines import fused_recurrent as fr
 
     dtypes = (x_dtype, g_dtype)
@@ -231,13 +232,20 @@ def test_tuning_candidates(N, T, D, x_dtype, g_dtype, direction, narrow_below):
         expect = ((f"fused_recurrent{short}",) if walks else ()) + (
             (f"fused_recurrent, {other}-byte lanes", f"fused_recurrent, {other}-byte lanes{short}") if lanes else ())
         expect += ("fused_recurrent, staged, 8-byte lanes",) if staged else ()
+        one_size = nvrtc.ITEMSIZE[x_dtype] == nvrtc.ITEMSIZE[g_dtype] == wide
+        expect += tuple(f"fused_recurrent, bulk copies, {n}-byte lanes" for n in (4, 8)
+                        if walks and direction == 0 and one_size and D % (n // wide) == 0)
         assert sorted(got[2:]) == sorted(expect)
         for name in got[2:]:
             engine, options = engines.VARIANTS[name]
             assert engine == "fused_recurrent" and options["steps"] in (None, fr.SHORT_STEPS)
             assert options.get("staged", False) == name.startswith("fused_recurrent, staged")
-            assert fr.block_walk_fits(N, T, D, x_dtype, g_dtype, direction, options["lanes"]) == (
-                options["lanes"] // wide if options["lanes"] else rule_vec)
+            assert options.get("bulk", False) == name.startswith("fused_recurrent, bulk")
+            if options.get("bulk"):
+                assert fr.bulk_fits(N, T, D, x_dtype, g_dtype, options["lanes"]) == options["lanes"] // wide
+            else:
+                assert fr.block_walk_fits(N, T, D, x_dtype, g_dtype, direction, options["lanes"]) == (
+                    options["lanes"] // wide if options["lanes"] else rule_vec)
 
 
 @settings(max_examples=200, deadline=None, database=None)

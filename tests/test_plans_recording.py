@@ -153,8 +153,8 @@ def test_block_walk_where_the_layout_allows(layout, narrow, fake_cuda, fresh_pla
 def test_variant_launches(name, narrow, fake_cuda, fresh_plans, monkeypatch):
     """A launch variant the tuner may store (``engines.VARIANTS``) runs the block walks with its own lane
     width (forward; else the rule's) and window (the SHORT_STEPS module, else the engine's), the staged
-    one its own forward kernel with its shared memory, computes the reference both ways, and keeps plans
-    of its own."""
+    and bulk ones their own forward kernels with their shared memory (the bulk walk's maps checked by the
+    recording driver), computes the reference both ways, and keeps plans of its own."""
     torch = pytest.importorskip("torch")
     force_block_walks(monkeypatch, narrow)
     gen = torch.Generator().manual_seed(9)
@@ -177,17 +177,20 @@ def test_variant_launches(name, narrow, fake_cuda, fresh_plans, monkeypatch):
     rule_vec = fused_recurrent.block_walk_width("bfloat16", "bfloat16", 0, narrow)
     bwd_vec = fused_recurrent.block_walk_width("bfloat16", "bfloat16", 1)
     staged = fused_recurrent.VARIANTS[name].get("staged", False)
-    forward = fused_recurrent.STAGED_KERNEL if staged else "fused_recurrent_block_fwd"
+    bulk = fused_recurrent.VARIANTS[name].get("bulk", False)
+    forward = (fused_recurrent.STAGED_KERNEL if staged else fused_recurrent.BULK_KERNEL if bulk
+               else "fused_recurrent_block_fwd")
     launched = [(ln["kernel"], ln["vec"], ln["grid"]) for ln in fake_cuda.launches]
     assert launched == [(forward, vec, (-(-64 // (32 * vec)), 3, 1))] * 2 + [
         ("fused_recurrent_block_bwd", bwd_vec, (-(-64 // (32 * bwd_vec)), 3, 1)),
         ("fused_recurrent_block_fwd", rule_vec, (-(-64 // (32 * rule_vec)), 3, 1))]
     windows = [next(o for o in ln["options"] if o.startswith("-DHC_BLOCK_STEPS=")) for ln in fake_cuda.launches]
     assert windows == [window] * 3 + [shipped]
-    # the staged forward asks for the shared memory of two blocks a SM; the other walks for none
+    # the staged and bulk forwards ask for the shared memory of two blocks a SM; the other walks for none
     stage = 2 * fused_recurrent.BLOCK_WARPS * fused_recurrent.BLOCK_STEPS * 2 * 32 * 8
+    shared = stage if staged else fused_recurrent.bulk_shared(lanes) if bulk else 0
     assert [(ln["carveout"], ln["shared"]) for ln in fake_cuda.launches] == (
-        [(("blocks", 2), stage)] * 2 if staged else [(None, 0)] * 2) + [(None, 0)] * 2
+        [(("blocks", 2), shared)] * 2 if shared else [(None, 0)] * 2) + [(None, 0)] * 2
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["kept", "fresh"])

@@ -343,7 +343,8 @@ def test_tune_measures_and_stores_the_variants(cache, monkeypatch):
     monkeypatch.setattr(tuning, "device_key", lambda device: DEV)
     shape = (1, 65, 8192)  # a block walk for bfloat16 both ways: the variants apply
     names = {d: dispatch.candidates(*shape, ("bfloat16", "bfloat16"), d) for d in (0, 1)}
-    assert len(names[0]) == 6 and names[0][5] == "fused_recurrent, staged, 8-byte lanes" and len(names[1]) == 3
+    assert len(names[0]) == 8 and names[0][5] == "fused_recurrent, staged, 8-byte lanes" and len(names[1]) == 3
+    assert names[0][6:] == ("fused_recurrent, bulk copies, 4-byte lanes", "fused_recurrent, bulk copies, 8-byte lanes")
     ran = []
     real_forward, real_backward = plans.forward, plans.backward
     monkeypatch.setattr(plans, "forward", lambda name, *a: (ran.append((0, name)), real_forward(name, *a))[1])

@@ -33,6 +33,8 @@ PREFETCH_V = {2: 32, 4: 16, 8: 16}  # steps per register tile of the two-channel
 # tuner measures those too (VARIANTS).  The staged forward (fused_recurrent_staged_fwd: the next window in
 # shared memory, not in registers) is a variant of its own for 16-bit forwards with 8-byte lanes, where it
 # won at 16K channels on an H200 and lost from 32K (docs/performance.md, "Block-walk staged forward").
+# The bulk walk (fused_recurrent_bulk_fwd: whole windows moved by bulk tensor copies, o included) is a
+# variant of its own at each lane width for dense forwards whose inputs share an itemsize of 2 or 4.
 BLOCK_WARPS = 8
 BLOCK_STEPS = 8
 SHORT_STEPS = 4
@@ -52,18 +54,35 @@ STAGED_BLOCKS = 2  # resident blocks a SM the staged forward's shared memory is 
 STAGED_SHARED = STAGED_WINDOWS * BLOCK_WARPS * BLOCK_STEPS * 2 * 32 * STAGED_LANES
 
 
-def _variant_name(lanes, steps, staged=False):
-    return ("fused_recurrent" + (", staged" if staged else "") + (f", {lanes}-byte lanes" if lanes else "")
-            + (f", {steps}-step windows" if steps else ""))
+BULK_KERNEL = "fused_recurrent_bulk_fwd"
+# Windows in shared memory a block of the bulk walk, per lane width in bytes (BulkWalk::STAGES): on an H200
+# three won with 8-byte lanes at 32K-64K 16-bit channels, four with 4-byte lanes on grids of one block a SM
+# (docs/performance.md, "Block-walk staged forward", the tensor-map walk).
+BULK_STAGES = {4: 4, 8: 3}
+BULK_BLOCKS = 2  # the split of L1 and shared memory asked for, as measured (BlockWindow::MIN_BLOCKS)
+BULK_MAX_T = (1 << 31) - 2 * BLOCK_WALK_MIN_T  # the copies' step coordinates are 32-bit
+
+
+def bulk_shared(lane_bytes):
+    """The bulk walk's dynamic shared memory (BulkWalk::SHARED_BYTES): its windows of x and g, then two
+    buffers of a warp's rows of o, rows of 32 lanes of ``lane_bytes``."""
+    return (2 * BULK_STAGES[lane_bytes] + 2) * BLOCK_WARPS * BLOCK_STEPS * 32 * lane_bytes
+
+
+def _variant_name(lanes, steps, staged=False, bulk=False):
+    return ("fused_recurrent" + (", staged" if staged else "") + (", bulk copies" if bulk else "")
+            + (f", {lanes}-byte lanes" if lanes else "") + (f", {steps}-step windows" if steps else ""))
 
 
 STAGED = _variant_name(STAGED_LANES, None, True)
+BULK = {lanes: _variant_name(lanes, None, bulk=True) for lanes in sorted(BULK_STAGES)}
 # The launches the tuner may store besides the engine as its rules set it up, by name: the block walk with
 # the 16-bit forward's lanes fixed at 4 or 8 bytes and / or windows of SHORT_STEPS steps a warp (None: as
-# the rules say), and the staged forward; prepare's options.
+# the rules say), the staged forward, and the bulk walk at each lane width; prepare's options.
 VARIANTS = {_variant_name(lanes, steps): {"lanes": lanes, "steps": steps}
             for steps in (None, SHORT_STEPS) for lanes in (None, 4, 8) if lanes or steps}
 VARIANTS[STAGED] = {"lanes": STAGED_LANES, "steps": None, "staged": True}
+VARIANTS.update({name: {"lanes": lanes, "steps": None, "bulk": True} for lanes, name in BULK.items()})
 
 
 def _size(x_dtype, g_dtype):
@@ -83,7 +102,8 @@ def options(x_dtype, g_dtype, block_steps=BLOCK_STEPS):
     warp in a window)."""
     steps = 32 if x_dtype == g_dtype == "float32" else 16
     return (f"-DHC_PREFETCH={steps}", f"-DHC_PREFETCH_V={PREFETCH_V[_size(x_dtype, g_dtype)]}",
-            f"-DHC_BLOCK_STAGES={STAGED_WINDOWS}", f"-DHC_BLOCK_WARPS={BLOCK_WARPS}", f"-DHC_BLOCK_STEPS={block_steps}")
+            f"-DHC_BLOCK_STAGES={STAGED_WINDOWS}", f"-DHC_BULK_STAGES_4={BULK_STAGES[4]}",
+            f"-DHC_BULK_STAGES_8={BULK_STAGES[8]}", f"-DHC_BLOCK_WARPS={BLOCK_WARPS}", f"-DHC_BLOCK_STEPS={block_steps}")
 
 
 def _block_walks(x_dtype, g_dtype, launched_only=False):
@@ -103,6 +123,25 @@ def staged_width(x_dtype, g_dtype):
     return STAGED_LANES // 2 if _size(x_dtype, g_dtype) == 2 else 0
 
 
+def bulk_widths(x_dtype, g_dtype):
+    """Channels per lane of the bulk walk at each lane width (4 and 8 bytes) for one dtype pair, or ():
+    it serves inputs of one itemsize, 2 or 4."""
+    size = nvrtc.ITEMSIZE[x_dtype]
+    return tuple(lanes // size for lanes in sorted(BULK_STAGES)) if size == nvrtc.ITEMSIZE[g_dtype] in (2, 4) else ()
+
+
+def bulk_fits(N, T, D, x_dtype, g_dtype, lanes):
+    """Channels per lane of the bulk walk with ``lanes`` bytes a lane where its dtypes allow it, N * D lies
+    in the forward block walks' band, T exceeds BLOCK_WALK_MIN_T (and stays below BULK_MAX_T) and D is a
+    multiple of them, else 0 (strides and pointers not considered)."""
+    if not bulk_widths(x_dtype, g_dtype):
+        return 0
+    size = nvrtc.ITEMSIZE[x_dtype]
+    lo, hi = BLOCK_WALK_CHANNELS[size, 0]
+    vec = lanes // size
+    return vec if BLOCK_WALK_MIN_T < T < BULK_MAX_T and lo <= N * D < hi and D % vec == 0 else 0
+
+
 def short_window_names(x_dtype, g_dtype):
     """The kernels of the module with windows of SHORT_STEPS steps: the block walks of one dtype pair
     that can be launched, at each lane width (none where neither direction has one)."""
@@ -111,13 +150,14 @@ def short_window_names(x_dtype, g_dtype):
 
 def names(x_dtype, g_dtype):
     """Every kernel of the module of one dtype pair: the walks at one channel and WALK_VEC, the step, the
-    block walks at each lane width."""
+    staged and bulk forwards where they serve the pair, the block walks at each lane width."""
     inst = nvrtc.instantiation
     walks = sorted({1, WALK_VEC[_size(x_dtype, g_dtype)]})
     out = tuple(inst(k, x_dtype, g_dtype, v) for k in ("fused_recurrent_fwd", "fused_recurrent_bwd") for v in walks)
     out += (inst("fused_recurrent_step", x_dtype, g_dtype, vector_width(x_dtype, g_dtype)),)
     staged = staged_width(x_dtype, g_dtype)
     out += ((inst(STAGED_KERNEL, x_dtype, g_dtype, staged),) if staged else ())
+    out += tuple(inst(BULK_KERNEL, x_dtype, g_dtype, v) for v in bulk_widths(x_dtype, g_dtype))
     return out + _block_walks(x_dtype, g_dtype)
 
 
@@ -135,7 +175,8 @@ def variants(N, T, D, x_dtype, g_dtype, direction):
     """The names (of VARIANTS) of the launches a call's tuning measures besides the two engines, where the
     rules take a block walk: windows of SHORT_STEPS steps; for a 16-bit forward whose D also divides
     into the lane width the rule does not take, that width with either window; for a 16-bit forward whose
-    D divides into 8-byte lanes, the staged forward."""
+    D divides into 8-byte lanes, the staged forward; for a forward the bulk walk serves, the bulk walk at
+    each lane width D divides into."""
     if not block_walk_fits(N, T, D, x_dtype, g_dtype, direction):
         return ()
     lanes = [None]
@@ -146,7 +187,8 @@ def variants(N, T, D, x_dtype, g_dtype, direction):
     width = staged_width(x_dtype, g_dtype)
     fits = direction == 0 and width and block_walk_fits(N, T, D, x_dtype, g_dtype, 0, STAGED_LANES)
     staged = (STAGED,) if fits else ()
-    return tuple(_variant_name(n, s) for s in (None, SHORT_STEPS) for n in lanes if n or s) + staged
+    bulk = tuple(name for n, name in BULK.items() if direction == 0 and bulk_fits(N, T, D, x_dtype, g_dtype, n))
+    return tuple(_variant_name(n, s) for s in (None, SHORT_STEPS) for n in lanes if n or s) + staged + bulk
 
 
 def _kernel(name, dtypes, vec, grid, block, device, block_steps=BLOCK_STEPS):
@@ -156,10 +198,46 @@ def _kernel(name, dtypes, vec, grid, block, device, block_steps=BLOCK_STEPS):
         module = short_window_names(*dtypes)
     fn = nvrtc.get_function(SOURCE, module, nvrtc.instantiation(name, *dtypes, vec), device,
                             options(*dtypes, block_steps))
-    shared = STAGED_SHARED if name == STAGED_KERNEL else 0
+    shared, blocks, head = 0, 0, 1
+    if name == STAGED_KERNEL:
+        shared, blocks = STAGED_SHARED, STAGED_BLOCKS
+    elif name == BULK_KERNEL:  # its first parameter: the maps of x, g and o
+        shared, blocks, head = bulk_shared(vec * _size(*dtypes)), BULK_BLOCKS, 3 * nvrtc.TENSOR_MAP_WORDS
     if shared:
-        nvrtc.hold_shared(fn, shared, STAGED_BLOCKS, device)
-    return nvrtc.bind(fn, grid, block, device, shared=shared)
+        nvrtc.hold_shared(fn, shared, blocks, device)
+    return nvrtc.bind(fn, grid, block, device, shared=shared, head_words=head)
+
+
+def _bulk(tensors, N, T, D, dtypes, lanes, device):
+    """The bulk walk of a dense forward as ``(pointer masks, launch)`` taking the block walk's arguments,
+    or None where the layout does not allow it: its maps need every stride of x, g and o positive and a
+    multiple of 16 bytes (that of an axis of length one is not read: the map gets a valid stand-in), and
+    its pointers 16-byte aligned (the masks).  The maps are encoded at a launch and kept for the pointers
+    (the last MAX_MAPS triples)."""
+    vec = bulk_fits(N, T, D, *dtypes, lanes)
+    if not vec:
+        return None
+    size, strides = nvrtc.ITEMSIZE[dtypes[0]], []
+    for a in tensors[:3]:
+        sb, st = a.strides[0] * size, a.strides[1] * size
+        sb = sb if N > 1 else T * st
+        if st <= 0 or sb <= 0 or st % 16 or sb % 16:
+            return None
+        strides.append((st, sb))
+    dims, C = (D, T, N), 32 * vec
+    boxes = ((C, BLOCK_WARPS * BLOCK_STEPS, 1),) * 2 + ((C, BLOCK_STEPS, 1),)
+    kernel = _kernel(BULK_KERNEL, dtypes, vec, *_block_grid(N, D, vec), device)
+    maps = {}
+
+    def launch(stream_ptr, x, g, o, sxb, sxt, sgb, sgt, sob, sot, h0, ht, cu, cu64, T_, D_, reverse):
+        words = maps.get((x, g, o))
+        if words is None:
+            if len(maps) >= MAX_MAPS:
+                maps.clear()
+            words = maps[x, g, o] = sum((nvrtc.tensor_map(p, size, dims, st, box)
+                                         for p, st, box in zip((x, g, o), strides, boxes)), ())
+        kernel(stream_ptr, *words, h0, ht, T, D, reverse)
+    return (15, 15, 15), launch
 
 
 def _walk_grid(N, D, vec=1):
@@ -170,14 +248,18 @@ def _block_grid(N, D, vec):
     return ((D + 32 * vec - 1) // (32 * vec), N), (32, BLOCK_WARPS)
 
 
-def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None, steps=None, staged=False):
+MAX_MAPS = 64  # pointer triples whose maps a prepared bulk launch keeps
+
+
+def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None, steps=None, staged=False, bulk=False):
     """The launch of one direction for one layout, as ``launch(stream_ptr, pointers, states, cu,
     workspace)`` (the workspace is not used), or None when there is nothing to compute; arguments as
     ``chunk.prepare``; ``lanes`` as ``block_walk_fits``, ``steps`` a warp in a block walk's window (None:
     BLOCK_STEPS); ``staged``: a 16-bit forward's block walk of STAGED_LANES-byte lanes is the staged one (like
-    ``lanes``, the option changes nothing where it does not apply: backward, other dtypes, other widths).
-    Each call takes the widest kernel its pointers allow: the block walk, the walk of
-    ``WALK_VEC`` channels a thread, or of one; forward without cu_seqlens at T = 1, the single step."""
+    ``lanes``, the option changes nothing where it does not apply: backward, other dtypes, other widths);
+    ``bulk``: a dense forward the bulk walk serves takes it at ``lanes`` bytes a lane, where the layout
+    allows.  Each call takes the widest kernel its pointers allow: the bulk walk, the block walk, the walk
+    of ``WALK_VEC`` channels a thread, or of one; forward without cu_seqlens at T = 1, the single step."""
     B, T, D = tensors[0].shape
     if N == 0 or D == 0:
         return None
@@ -191,6 +273,9 @@ def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None, st
     block_names = ("fused_recurrent_block_fwd", "fused_recurrent_block_bwd")
 
     choices = []  # (pointer masks in the kernels' order, kernel), widest first
+    wide = _bulk(tensors, N, T, D, dtypes, lanes, device) if bulk and direction == 0 and not varlen else None
+    if wide:
+        choices.append(wide)
     bvec = block_walk_fits(N, T, D, *dtypes, direction, lanes)
     if bvec and layout_vector_width(D, arrs, bvec) == bvec:
         block = STAGED_KERNEL if staged and direction == 0 and bvec == staged_width(*dtypes) else block_names[direction]

@@ -1,9 +1,10 @@
 // Fused recurrent engine: walks of time without a workspace.  The thread walks (fused_recurrent_fwd /
 // _bwd): one thread owns VEC channels of one sequence and walks all of its time.  The block walks
-// (fused_recurrent_block_fwd / _bwd, and fused_recurrent_staged_fwd with the next window staged in shared
-// memory): a block of warps owns 32 lanes of channels of one sequence and splits each window of time
-// between its warps.  fused_recurrent_step: the forward of a single step (decoding).
-// This file owns the kernels and the thread walks; fused_block_walk.cuh the block walks' machinery.
+// (fused_recurrent_block_fwd / _bwd, fused_recurrent_staged_fwd with the next window staged in shared
+// memory, and fused_recurrent_bulk_fwd with windows moved by bulk tensor copies): a block of warps owns 32
+// lanes of channels of one sequence and splits each window of time between its warps.
+// fused_recurrent_step: the forward of a single step (decoding).  This file owns the kernels and the thread
+// walks; fused_block_walk.cuh the block walks' machinery, fused_bulk_walk.cuh the bulk walk's copies.
 //
 // Thread walks
 // grid  (ceil(D / (VEC * blockDim.x)), N)   N = sequences (B, or len(cu_seqlens) - 1)
@@ -16,6 +17,7 @@
 // varlen are the same walk: a start pointer and a signed time stride per sequence.
 #include "common.cuh"
 #include "fused_block_walk.cuh"
+#include "fused_bulk_walk.cuh"
 
 namespace hc {
 
@@ -365,6 +367,65 @@ fused_recurrent_staged_fwd(
     }
     Stage::wait_all();
     if (ht && live && threadIdx.y == 0) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) ht[n * D + d + k] = hin[k];
+    }
+}
+
+// The bulk walk, forward (hgrn_cupy/kernels/fused_bulk_walk.cuh, BulkWalk): the block walk's grid and
+// windows over a dense [N, T, D] that the maps describe, BulkWalk::SHARED_BYTES of dynamic shared memory.
+// With reverse, logical window i is the box of physical steps T - (i + 1) * WIN .. T - i * WIN - 1 (its
+// rows read backwards) and a warp's rows of o end where the previous warp's begin.
+template <typename TX, typename TG, int VEC>
+__global__ void __launch_bounds__(32 * BlockWindow<TX, TG, VEC>::W, BlockWindow<TX, TG, VEC>::MIN_BLOCKS)
+fused_recurrent_bulk_fwd(const __grid_constant__ BulkMaps maps, const AccT<TX, TG>* __restrict__ h0,
+                         AccT<TX, TG>* __restrict__ ht, i64 T, i64 D, int reverse) {
+    typedef BulkWalk<TX, TG, VEC> Walk;
+    typedef typename Walk::Acc Acc;
+    constexpr int S = Walk::S, W = Walk::W, WIN = Walk::WIN, BOX = Walk::BOX, STAGES = Walk::STAGES;
+    extern __shared__ __align__(128) unsigned char bulk_stage[];  // 128-byte aligned: the copies' boxes
+    __shared__ unsigned long long bar[STAGES];
+    typename Walk::Parts* part = Walk::parts();
+    const int w = threadIdx.y, c0 = (int)blockIdx.x * Walk::C, n = (int)blockIdx.y;
+    const bool lead = threadIdx.x == 0 && w == 0;
+    const i64 d = (i64)c0 + threadIdx.x * VEC, windows = (T + WIN - 1) / WIN;
+    const bool live = d < D;
+    auto box_t = [&](i64 i) { return (int)(reverse ? T - (i + 1) * WIN : i * WIN); };
+    unsigned char* rows = bulk_stage + STAGES * 2 * BOX + w * 2 * S * Walk::ROW;  // this warp's two buffers of o
+
+    if (lead) Walk::init(bar);
+    __syncthreads();
+    if (lead) {
+        for (int s = 0; s < STAGES && s < windows; ++s) Walk::fetch(&maps, bulk_stage + s * 2 * BOX, bar + s, c0, box_t(s), n);
+    }
+    Acc hin[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) hin[k] = h0 && live ? h0[n * D + d + k] : Acc(0);
+    for (i64 i = 0; i < windows; ++i) {
+        const int s = (int)(i % STAGES);
+        Pack<TX, VEC> xr[S], out[S];
+        Pack<TG, VEC> gr[S];
+        Walk::wait(bar + s, (unsigned)((i / STAGES) & 1));
+        Walk::take(bulk_stage + s * 2 * BOX, reverse, xr, gr);
+        Affine<Acc> m[VEC];
+        Acc a[S][VEC], h[VEC];
+        fold_window(xr, gr, m, a);
+        block_carry<Acc, W, VEC, false>(part[i & 1], m, hin, h);
+        // past block_carry's barrier every warp holds its rows of stage s: the stage takes a later window
+        if (lead && i + STAGES < windows) Walk::fetch(&maps, bulk_stage + s * 2 * BOX, bar + s, c0, box_t(i + STAGES), n);
+#pragma unroll
+        for (int j = 0; j < S; ++j) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                h[k] = a[j][k] * h[k] + xr[j].template get<Acc>(k);
+                out[j].template set<Acc>(k, h[k]);
+            }
+        }
+        const i64 u0 = i * WIN + (i64)w * S;  // the warp's first logical step
+        Walk::put(out, rows + (int)(i & 1) * S * Walk::ROW, reverse, &maps, c0, (int)(reverse ? T - u0 - S : u0), n);
+    }
+    Walk::drain();
+    if (ht && live && w == 0) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) ht[n * D + d + k] = hin[k];
     }
