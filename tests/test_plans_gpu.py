@@ -289,10 +289,10 @@ def test_auto_runs_the_engine_dispatch_chooses(dtype, direction, side, tune, fre
                          ids=lambda c: f"{('fwd', 'bwd')[c[0]]}-{c[1]}-{'x'.join(map(str, c[2]))}")
 def test_tuned_variants(case, fresh_plans, poison, monkeypatch, tmp_path, request):
     """Where a call's tuning measures launch variants of the fused engine (block walks of the other lane
-    width, windows of SHORT_STEPS steps, the staged forward), each one stored as the decision is what
-    ``hgrn`` (or ``hgrn_backward``) then runs: its block walk (or the staged one) at that width, from the
-    module of that window, with the states in and out, within tolerance of the float64 reference (outputs
-    poisoned); the decision is kept."""
+    width, windows of SHORT_STEPS steps, the staged forward, the bulk walk), each one stored as the decision
+    is what ``hgrn`` (or ``hgrn_backward``) then runs: its block walk (or the staged or bulk one) at that
+    width, from the module of that window, with the states in and out, within tolerance of the float64
+    reference (outputs poisoned); the decision is kept."""
     cupy = pytest.importorskip("cupy")
     from gpu_kernel_checks import launched_kernels
 
@@ -340,11 +340,12 @@ def test_tuned_variants(case, fresh_plans, poison, monkeypatch, tmp_path, reques
         else:
             outs, nbytes = hc.hgrn_backward(g, o, do, dht, h0), 4
             call = checks.check_backward(g, o, do, dht, h0, None, False)
-        forward = fr.STAGED_KERNEL if options.get("staged") else "fused_recurrent_block_fwd"
+        forward = (fr.STAGED_KERNEL if options.get("staged") else fr.BULK_KERNEL if options.get("bulk")
+                   else "fused_recurrent_block_fwd")
         kernel = (forward, "fused_recurrent_block_bwd")[direction]
         assert [k[0] for k in launched] == [kernel], (what, launched)
         assert launched[0][-1] == str(max(1, nbytes // nvrtc.ITEMSIZE[dtype])), (what, launched)
-        windows = [opts[-1] for kname, opts in requested if "_block_" in kname or "_staged_" in kname]
+        windows = [opts[-1] for kname, opts in requested if any(k in kname for k in ("_block_", "_staged_", "_bulk_"))]
         assert windows == [f"-DHC_BLOCK_STEPS={steps}"], (what, requested)
         for k, (a, ref) in enumerate(zip(outs, refs)):
             assert rel_err(a, ref) <= TOL[dtype], (what, k)
