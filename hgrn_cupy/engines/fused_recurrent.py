@@ -210,9 +210,10 @@ def _kernel(name, dtypes, vec, grid, block, device, block_steps=BLOCK_STEPS):
 
 def _bulk(tensors, N, T, D, dtypes, lanes, device):
     """The bulk walk of a dense forward as ``(pointer masks, launch)`` taking the block walk's arguments,
-    or None where the layout does not allow it: its maps need every stride of x, g and o positive and a
-    multiple of 16 bytes (that of an axis of length one is not read: the map gets a valid stand-in), and
-    its pointers 16-byte aligned (the masks).  The maps are encoded at a launch and kept for the pointers
+    or None where the layout does not allow it: its maps need every stride of x, g and o a multiple of 16
+    bytes and at least the extent of the axis inside it (rows and sequences that neither overlap nor run
+    backwards; that of an axis of length one is not read: the map gets a valid stand-in), and its pointers
+    16-byte aligned (the masks).  The maps are encoded at a launch and kept for the pointers
     (the last MAX_MAPS triples)."""
     vec = bulk_fits(N, T, D, *dtypes, lanes)
     if not vec:
@@ -221,7 +222,7 @@ def _bulk(tensors, N, T, D, dtypes, lanes, device):
     for a in tensors[:3]:
         sb, st = a.strides[0] * size, a.strides[1] * size
         sb = sb if N > 1 else T * st
-        if st <= 0 or sb <= 0 or st % 16 or sb % 16:
+        if st % 16 or sb % 16 or st < D * size or sb < T * st:  # rows and sequences apart, in order
             return None
         strides.append((st, sb))
     dims, C = (D, T, N), 32 * vec
