@@ -14,12 +14,11 @@ steps x 32 lanes of 8 bytes, or 4 with ``L4``) of x and of g, ``N{stages}`` wind
 memory sized for that many; ``TS``: each warp's rows of o leave by one bulk tensor copy from shared memory
 instead of each lane's stores; ``(bound)``: o = x + g in place of the recurrence, with the same copies,
 waits, barrier a window and stores (what the schedule costs with no fold, meeting or scan), ``reads``
-the same without stores, ``writes`` the stores alone (unchecked).  The tensor map is encoded on the host (``cuTensorMapEncodeTiled``, a 3-d map
-[D, T, N] whose out-of-bounds steps and channels read as zeros).  Each variant's output is checked
+the same without stores, ``writes`` the stores alone (unchecked).  The tensor maps are the library's
+(``nvrtc.tensor_map``, a 3-d map [D, T, N] whose out-of-bounds steps and channels read as zeros).  Each variant's output is checked
 against the chunk engine's (the bounds are not); forward only, dense, no states.
 """
 import ctypes
-import functools
 import sys
 from pathlib import Path
 
@@ -31,8 +30,8 @@ import _kernels as k  # noqa: E402
 CASES = ["bf16:8x4096x2048", "bf16:16x4096x1024", "bf16:4x4096x4096", "bf16:32x2048x4096", "bf16:64x4096x1024",
          "bf16:8x4096x1024", "f32:8x4096x2048", "f32:32x4096x1024"]
 SOURCE = Path(__file__).with_name("tma_walk.cu")
-# dtype: (C++ type, itemsize, CUtensorMapDataType of the same width)
-ELEMENT = {"bfloat16": ("hc::bfloat16_t", 2, 1), "float32": ("float", 4, 7)}  # UINT16, FLOAT32
+# dtype: (C++ type, itemsize)
+ELEMENT = {"bfloat16": ("hc::bfloat16_t", 2), "float32": ("float", 4)}
 # name: (lane bytes, warps, steps a warp, windows staged, blocks a multiprocessor, bound, store); "L4": lanes
 # of 4 bytes (two 16-bit channels, one float32), else 8.  bound: 1, o = x + g in
 # place of the recurrence with the same copies, waits, barriers and stores; 2, the same without stores;
@@ -68,7 +67,7 @@ OPTIONS = ("-std=c++17", "-DHC_BLOCK_STAGES=2", "-DHC_BLOCK_WARPS=8", "-DHC_BLOC
 
 
 def name_of(dtype, lane_bytes, warps, steps, stages, blocks, bound, store):
-    t, size, _ = ELEMENT[dtype]
+    t, size = ELEMENT[dtype]
     return f"twalk::fwd<{t}, {t}, {lane_bytes // size}, {warps}, {steps}, {stages}, {blocks}, {bound}, {store}>"
 
 
@@ -83,27 +82,16 @@ def source():
     return nvrtc.read_source("fused_block_walk.cuh") + "\n" + SOURCE.read_text()
 
 
-@functools.cache
-def _encoder():
-    """The driver's cuTensorMapEncodeTiled, looked up once."""
-    fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
-    fn.restype = ctypes.c_int
-    return fn
+def tensor_map(t, box_channels, box_steps):
+    """The library's tensor map (``nvrtc.tensor_map``: bits of the itemsize, zeros out of bounds) over a
+    contiguous [N, T, D] tensor ``t`` as bytes: dims (D, T, N) innermost first, boxes of box_channels x
+    box_steps x 1."""
+    from hgrn_cupy import nvrtc
 
-
-def tensor_map(t, box_channels, box_steps, data_type):
-    """The 128 bytes of a CUtensorMap over a contiguous [N, T, D] tensor ``t``: dims (D, T, N) innermost
-    first, boxes of box_channels x box_steps x 1, no swizzle, 256-byte L2 promotion, zeros out of bounds."""
     N, T, D = t.shape
     item = t.element_size()
-    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
-    out = (u64 * 16)()
-    rc = _encoder()(out, ctypes.c_int(data_type), u32(3), ctypes.c_void_p(t.data_ptr()), (u64 * 3)(D, T, N),
-            (u64 * 2)(D * item, T * D * item), (u32 * 3)(box_channels, box_steps, 1), (u32 * 3)(1, 1, 1),
-            ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(3), ctypes.c_int(0))
-    if rc:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({rc})")
-    return bytes(out)
+    words = nvrtc.tensor_map(t.data_ptr(), item, (D, T, N), (D * item, T * D * item), (box_channels, box_steps, 1))
+    return np.array(words, np.int64).tobytes()
 
 
 def launcher(torch, module, name):
@@ -119,7 +107,7 @@ def launcher(torch, module, name):
         x, g = s["x"], s["g"]
         B, T, D = x.shape
         dtype = str(x.dtype).removeprefix("torch.")
-        _, size, code = ELEMENT[dtype]
+        size = ELEMENT[dtype][1]
         vec = lane_bytes // size
         if D % 8 or not (x.is_contiguous() and g.is_contiguous()) or x.dtype != g.dtype:
             raise ValueError("the walk needs contiguous x and g of one dtype and D a multiple of 8")
@@ -130,9 +118,9 @@ def launcher(torch, module, name):
         nvrtc.hold_shared(fn.kernel, shared, blocks, x.device.index)
         key = (x.data_ptr(), g.data_ptr(), x.shape)
         if key not in maps:
-            maps[key] = (tensor_map(x, 32 * vec, warps * steps, code) + tensor_map(g, 32 * vec, warps * steps, code))
+            maps[key] = tensor_map(x, 32 * vec, warps * steps) + tensor_map(g, 32 * vec, warps * steps)
         o = torch.empty_like(x)
-        mo = tensor_map(o, 32 * vec, steps, code) if store else bytes(128)
+        mo = tensor_map(o, 32 * vec, steps) if store else bytes(128)
         buf = ctypes.create_string_buffer(maps[key] + mo + np.array([o.data_ptr(), T * D, D, T, D], np.int64).tobytes(),
                                           424)
         base = ctypes.addressof(buf)
