@@ -40,10 +40,11 @@ CHUNK_FWD_ARGS = ("x", "g", "o", "sxb", "sxt", "sgb", "sgt", "sob", "sot", "h0",
 CHUNK_BWD_ARGS = ("g", "o", "do", "dx", "dg", "sgb", "sgt", "sob", "sot", "sdob", "sdot", "sdxb", "sdxt", "sdgb",
                   "sdgt", "h0", "dht", "dh0", "cu", "cu64", "N", "T", "D", "reverse", "hdr", "slots", "capacity",
                   "ntiles", "nchunks", "l2_ahead", "peek", "stagger")
-# fused_recurrent_bulk_fwd: the tensor maps of x, g and o (as RecordingDriver.tensor_map writes them), then
+# fused_recurrent_bulk_fwd: the tensor maps of x, g, o and o's rows (r), as RecordingDriver.tensor_map writes
+# them, then the states and sizes
 MAP_FIELDS = ("ptr", "itemsize", "dims", "dims", "dims", "strides", "strides", "box", "box", "box")
-BULK_FWD_ARGS = tuple(f"m{k}{i}" for k in "xgo" for i in range(nvrtc.TENSOR_MAP_WORDS)) + ("h0", "ht", "T", "D",
-                                                                                         "reverse")
+BULK_FWD_ARGS = tuple(f"m{k}{i}" for k in "xgor" for i in range(nvrtc.TENSOR_MAP_WORDS)) + ("h0", "ht", "T", "D",
+                                                                                          "reverse")
 KERNEL_ARGS = {"fused_recurrent_fwd": WALK_FWD_ARGS, "fused_recurrent_block_fwd": WALK_FWD_ARGS,
                "fused_recurrent_staged_fwd": WALK_FWD_ARGS, "fused_recurrent_bulk_fwd": BULK_FWD_ARGS,
                "fused_recurrent_step": STEP_ARGS,
@@ -149,16 +150,18 @@ class RecordingDriver:
         the maps' dims and boxes checked against the launch."""
         from hgrn_cupy.engines import fused_recurrent as fr
 
-        out = dict(a, cu=0, cu64=0)
-        for k in "xgo":
-            m = {}
+        out, maps = dict(a, cu=0, cu64=0), {}
+        for k in "xgor":
+            m = maps[k] = {}
             for f, v in zip(MAP_FIELDS, (a[f"m{k}{i}"] for i in range(len(MAP_FIELDS)))):
                 m.setdefault(f, []).append(v)
             (ptr,), (size,), (st, sb) = m["ptr"], m["itemsize"], m["strides"]
-            rows = fr.BLOCK_STEPS if k == "o" else fr.BLOCK_WARPS * fr.BLOCK_STEPS
+            rows = {"o": fr.BLOCK_STEPS, "r": 1}.get(k, fr.BLOCK_WARPS * fr.BLOCK_STEPS)
             assert m["dims"] == [a["D"], a["T"], N] and m["box"] == [32 * fn.vec, rows, 1], (k, m)
             assert size == nvrtc.ITEMSIZE[fn.dtypes[0]] and st % size == 0 and sb % size == 0
-            out.update({k: ptr, f"s{k}t": st // size, f"s{k}b": sb // size})
+            if k != "r":
+                out.update({k: ptr, f"s{k}t": st // size, f"s{k}b": sb // size})
+        assert {f: maps["r"][f] for f in ("ptr", "strides")} == {f: maps["o"][f] for f in ("ptr", "strides")}
         return out
 
     def memset(self, ptr, value, nbytes, stream):

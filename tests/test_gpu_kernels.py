@@ -323,8 +323,10 @@ def test_bulk_forward(dtype, lanes, shape, reverse, monkeypatch):
 
 @pytest.mark.parametrize("view", list(VECTOR_VIEWS), ids=list(VECTOR_VIEWS))
 def test_bulk_forward_views(view, monkeypatch):
-    """Strided views through the bulk walk where their strides are positive multiples of 16 bytes and their
-    pointers 16-byte aligned; the block walk (reversed time) or the thread walk (odd offset) elsewhere."""
+    """Strided views through the bulk walk where their strides are positive multiples of 16 bytes, each
+    sequence's stride at least T time strides and their pointers 16-byte aligned; the block walk elsewhere
+    (reversed time; every third step, whose 234 steps of three rows span 702 rows of a 700-row sequence) or
+    the thread walk (odd offset)."""
     fn, _ = VECTOR_VIEWS[view]
     force_bulk(monkeypatch, 8)
     rng = _rng()
@@ -332,7 +334,8 @@ def test_bulk_forward_views(view, monkeypatch):
     B, D = fn(np.empty((3, 700, 288)))[:, 0].shape
     launched = launched_kernels(monkeypatch)
     check_forward("fused_recurrent", x, g, "bfloat16", rng.standard_normal((B, D)), views=fn)
-    expect = {"reversed_time": "fused_recurrent_block_fwd", "odd_offset": "fused_recurrent_fwd"}.get(view, BULK)
+    expect = {"reversed_time": "fused_recurrent_block_fwd", "time_stride": "fused_recurrent_block_fwd",
+              "odd_offset": "fused_recurrent_fwd"}.get(view, BULK)
     assert [k[0] for k in launched] == [expect], (_seed(), launched)
 
 

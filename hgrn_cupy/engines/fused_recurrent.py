@@ -201,8 +201,8 @@ def _kernel(name, dtypes, vec, grid, block, device, block_steps=BLOCK_STEPS):
     shared, blocks, head = 0, 0, 1
     if name == STAGED_KERNEL:
         shared, blocks = STAGED_SHARED, STAGED_BLOCKS
-    elif name == BULK_KERNEL:  # its first parameter: the maps of x, g and o
-        shared, blocks, head = bulk_shared(vec * _size(*dtypes)), BULK_BLOCKS, 3 * nvrtc.TENSOR_MAP_WORDS
+    elif name == BULK_KERNEL:  # its first parameter: the maps of x, g, o and o's rows
+        shared, blocks, head = bulk_shared(vec * _size(*dtypes)), BULK_BLOCKS, 4 * nvrtc.TENSOR_MAP_WORDS
     if shared:
         nvrtc.hold_shared(fn, shared, blocks, device)
     return nvrtc.bind(fn, grid, block, device, shared=shared, head_words=head)
@@ -226,7 +226,7 @@ def _bulk(tensors, N, T, D, dtypes, lanes, device):
             return None
         strides.append((st, sb))
     dims, C = (D, T, N), 32 * vec
-    boxes = ((C, BLOCK_WARPS * BLOCK_STEPS, 1),) * 2 + ((C, BLOCK_STEPS, 1),)
+    boxes = ((C, BLOCK_WARPS * BLOCK_STEPS, 1),) * 2 + ((C, BLOCK_STEPS, 1), (C, 1, 1))
     kernel = _kernel(BULK_KERNEL, dtypes, vec, *_block_grid(N, D, vec), device)
     maps = {}
 
@@ -236,7 +236,7 @@ def _bulk(tensors, N, T, D, dtypes, lanes, device):
             if len(maps) >= MAX_MAPS:
                 maps.clear()
             words = maps[x, g, o] = sum((nvrtc.tensor_map(p, size, dims, st, box)
-                                         for p, st, box in zip((x, g, o), strides, boxes)), ())
+                                         for p, st, box in zip((x, g, o, o), strides + strides[2:], boxes)), ())
         kernel(stream_ptr, *words, h0, ht, T, D, reverse)
     return (15, 15, 15), launch
 

@@ -29,9 +29,12 @@ struct alignas(64) TensorMap {  // a CUtensorMap: 128 bytes the host encodes (nv
     unsigned long long v[16];
 };
 // A launch's maps of x, g and o over [N, T, D] (dimensions D, T, N, innermost first): boxes of a window
-// (x, g: WIN steps x C channels) and of a warp's rows (o: S steps x C channels).
+// (x, g: WIN steps x C channels), of a warp's rows (o: S steps x C channels) and of one row (row, over o).
+// No copy is given a negative step (on an H200 such copies stopped the walk with an illegal
+// instruction): a reverse walk's box that would begin before step 0 begins at 0 and the rows it misses
+// are the identity (take's shift), and a warp whose rows begin before step 0 sends them one a copy.
 struct alignas(64) BulkMaps {
-    TensorMap x, g, o;
+    TensorMap x, g, o, row;
 };
 
 template <typename TX, typename TG, int VEC>
@@ -74,22 +77,25 @@ struct BulkWalk : BlockWindow<TX, TG, VEC> {
         }
     }
     // This thread's words of logical step j of its warp from the stage at `src` (rows in physical order:
-    // reversed where the walk runs backwards).
-    static __device__ __forceinline__ void take(const unsigned char* src, int reverse, Pack<TX, VEC> (&x)[S],
-                                                Pack<TG, VEC> (&g)[S]) {
+    // reversed where the walk runs backwards, the box then starting `shift` rows late; a step whose row
+    // falls before the box is the identity, x = 0 and g = 0).
+    static __device__ __forceinline__ void take(const unsigned char* src, int reverse, int shift,
+                                                Pack<TX, VEC> (&x)[S], Pack<TG, VEC> (&g)[S]) {
         const int w = threadIdx.y, lane = threadIdx.x;
 #pragma unroll
         for (int j = 0; j < S; ++j) {
-            const int r = reverse ? WIN - 1 - (w * S + j) : w * S + j;
+            const int r = reverse ? WIN - 1 - (w * S + j) - shift : w * S + j;
+            const bool in = r >= 0;
             const unsigned* xs = (const unsigned*)(src + r * ROW) + lane * WORDS;
             const unsigned* gs = (const unsigned*)(src + BOX + r * ROW) + lane * WORDS;
 #pragma unroll
-            for (int q = 0; q < WORDS; ++q) { x[j].u[q] = xs[q]; g[j].u[q] = gs[q]; }
+            for (int q = 0; q < WORDS; ++q) { x[j].u[q] = in ? xs[q] : 0u; g[j].u[q] = in ? gs[q] : 0u; }
         }
     }
     // The warp's S rows of o (logical steps j, rows physical) from registers through `buf` to global memory
-    // as one copy whose first step is t0: lane 0 waits until the copy that last used `buf` has read it, every
-    // lane writes its words and fences them for the copy, lane 0 asks for it.
+    // as one copy whose first step is t0 (rows before step 0, in reverse, go one a copy from step 0): lane
+    // 0 waits until the copy that last used `buf` has read it, every lane writes its words and fences them
+    // for the copy, lane 0 asks for it.
     static __device__ __forceinline__ void put(const Pack<TX, VEC> (&out)[S], unsigned char* buf, int reverse,
                                                const BulkMaps* maps, int c0, int t0, int n) {
         const int lane = threadIdx.x;
@@ -104,8 +110,14 @@ struct BulkWalk : BlockWindow<TX, TG, VEC> {
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         __syncwarp();
         if (lane == 0) {
-            asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];"
-                         ::"l"(&maps->o), "r"(c0), "r"(t0), "r"(n), "r"(at(buf)) : "memory");
+            if (t0 >= 0) {
+                asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];"
+                             ::"l"(&maps->o), "r"(c0), "r"(t0), "r"(n), "r"(at(buf)) : "memory");
+            } else {
+                for (int p = -t0; p < S; ++p)
+                    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];"
+                                 ::"l"(&maps->row), "r"(c0), "r"(t0 + p), "r"(n), "r"(at(buf + p * ROW)) : "memory");
+            }
             asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         }
     }

@@ -374,8 +374,9 @@ fused_recurrent_staged_fwd(
 
 // The bulk walk, forward (hgrn_cupy/kernels/fused_bulk_walk.cuh, BulkWalk): the block walk's grid and
 // windows over a dense [N, T, D] that the maps describe, BulkWalk::SHARED_BYTES of dynamic shared memory.
-// With reverse, logical window i is the box of physical steps T - (i + 1) * WIN .. T - i * WIN - 1 (its
-// rows read backwards) and a warp's rows of o end where the previous warp's begin.
+// With reverse, logical window i is physical steps T - (i + 1) * WIN .. T - i * WIN - 1 (its rows read
+// backwards; the last window's box starts at step 0, `shift` rows late) and a warp's rows of o end where
+// the previous warp's begin.
 template <typename TX, typename TG, int VEC>
 __global__ void __launch_bounds__(32 * BlockWindow<TX, TG, VEC>::W, BlockWindow<TX, TG, VEC>::MIN_BLOCKS)
 fused_recurrent_bulk_fwd(const __grid_constant__ BulkMaps maps, const AccT<TX, TG>* __restrict__ h0,
@@ -390,7 +391,7 @@ fused_recurrent_bulk_fwd(const __grid_constant__ BulkMaps maps, const AccT<TX, T
     const bool lead = threadIdx.x == 0 && w == 0;
     const i64 d = (i64)c0 + threadIdx.x * VEC, windows = (T + WIN - 1) / WIN;
     const bool live = d < D;
-    auto box_t = [&](i64 i) { return (int)(reverse ? T - (i + 1) * WIN : i * WIN); };
+    auto box_t = [&](i64 i) { return (int)(reverse ? max(T - (i + 1) * WIN, (i64)0) : i * WIN); };
     unsigned char* rows = bulk_stage + STAGES * 2 * BOX + w * 2 * S * Walk::ROW;  // this warp's two buffers of o
 
     if (lead) Walk::init(bar);
@@ -406,7 +407,7 @@ fused_recurrent_bulk_fwd(const __grid_constant__ BulkMaps maps, const AccT<TX, T
         Pack<TX, VEC> xr[S], out[S];
         Pack<TG, VEC> gr[S];
         Walk::wait(bar + s, (unsigned)((i / STAGES) & 1));
-        Walk::take(bulk_stage + s * 2 * BOX, reverse, xr, gr);
+        Walk::take(bulk_stage + s * 2 * BOX, reverse, reverse ? (int)max((i + 1) * WIN - T, (i64)0) : 0, xr, gr);
         Affine<Acc> m[VEC];
         Acc a[S][VEC], h[VEC];
         fold_window(xr, gr, m, a);
