@@ -151,14 +151,7 @@ __global__ void __launch_bounds__(32 * W, MINB) fwd(const __grid_constant__ Tens
             Acc h[VEC];
             hc::block_carry<Acc, W, VEC, false>(part[i & 1], m, carry, h);
             refill(i, s);
-#pragma unroll
-            for (int j = 0; j < S; ++j) {
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) {
-                    h[k] = a[j][k] * h[k] + xr[j].template get<Acc>(k);
-                    out[j].template set<Acc>(k, h[k]);
-                }
-            }
+            hc::apply_window(a, xr, h, out);
         }
         if constexpr (STORES && STORE == 0) {
 #pragma unroll

@@ -265,6 +265,21 @@ __device__ __forceinline__ void fold_window(const Pack<TX, VEC> (&x)[S], const P
     }
 }
 
+// The second pass over a warp's window once the carry h into its first step is known: h = a h + x at each
+// step (a = exp(g), kept by fold_window), the states into out; h leaves as the state after the last step.
+template <typename Acc, typename TX, int VEC, int S>
+__device__ __forceinline__ void apply_window(const Acc (&a)[S][VEC], const Pack<TX, VEC> (&x)[S], Acc (&h)[VEC],
+                                             Pack<TX, VEC> (&out)[S]) {
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            h[k] = a[j][k] * h[k] + x[j].template get<Acc>(k);
+            out[j].template set<Acc>(k, h[k]);
+        }
+    }
+}
+
 // The block walk (backward): the same split of time as the forward's, walked from the last window to
 // the first.  The gradient obeys dh[s] = A[s] dh[s+1] + do[s] with A[s] = exp(g[s+1]) (A = 1 at the last
 // step, where dh[len] = dht), so a warp folds its steps into one map dh[u0] = alpha dh[u0+S] + beta, the

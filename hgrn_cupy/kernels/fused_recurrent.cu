@@ -414,14 +414,7 @@ fused_recurrent_bulk_fwd(const __grid_constant__ BulkMaps maps, const AccT<TX, T
         block_carry<Acc, W, VEC, false>(part[i & 1], m, hin, h);
         // past block_carry's barrier every warp holds its rows of stage s: the stage takes a later window
         if (lead && i + STAGES < windows) Walk::fetch(&maps, bulk_stage + s * 2 * BOX, bar + s, c0, box_t(i + STAGES), n);
-#pragma unroll
-        for (int j = 0; j < S; ++j) {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                h[k] = a[j][k] * h[k] + xr[j].template get<Acc>(k);
-                out[j].template set<Acc>(k, h[k]);
-            }
-        }
+        apply_window(a, xr, h, out);
         const i64 u0 = i * WIN + (i64)w * S;  // the warp's first logical step
         Walk::put(out, rows + (int)(i & 1) * S * Walk::ROW, reverse, &maps, c0, (int)(reverse ? T - u0 - S : u0), n);
     }
