@@ -85,6 +85,12 @@ def _offsets(a, N):
     return _view(a["cu"], (N + 1,), (1,), "int64" if a["cu64"] else "int32").copy(), 1
 
 
+def _rows(cu, T):
+    """The steps a launch writes: every one, or (packed sequences) those of its offsets, which a launch of
+    part of the sequences holds alone."""
+    return slice(None) if cu is None else slice(int(cu[0]), int(cu[-1]))
+
+
 def _vector_ready(vec, a, tensors, shape):
     """The rules of a ``vec``-wide kernel: D, every pointer and every stride of an axis longer than one
     are multiples of ``vec`` (pointers in bytes of their dtype)."""
@@ -189,7 +195,9 @@ class RecordingDriver:
             assert (gy, gz) == (1, 1) and gx == a["ntiles"] * a["nchunks"] and bx == 32
             (self._forward if fn.kernel == "chunk_fwd" else self._backward)(fn, ln, a["N"])
         else:  # the walks: blocks of bx x by threads cover bx * VEC channels of one sequence (grid y)
-            assert gz == 1 and gx * bx * fn.vec >= a["D"] > (gx - 1) * bx * fn.vec
+            from hgrn_cupy.engines import fused_recurrent as fr  # CUDA's bound on gy, or a test's smaller one
+
+            assert gz == 1 and gx * bx * fn.vec >= a["D"] > (gx - 1) * bx * fn.vec and gy <= fr.MAX_GRID_Y
             (self._backward if fn.kernel.endswith("bwd") else self._forward)(fn, ln, gy)
 
     def _forward(self, fn, a, N):
@@ -203,7 +211,8 @@ class RecordingDriver:
         g = _load(_view(a["g"], (B, T, D), (a["sgb"], a["sgt"], 1), gd), gd)
         o, ht = hc.naive_recurrent_hgrn(x, g, _state(a["h0"], N, D, acc), True, cu, bool(a["reverse"]),
                                         compute_dtype=acc)
-        _store(_view(a["o"], (B, T, D), (a["sob"], a["sot"], 1), xd), o, xd)
+        rows = _rows(cu, T)
+        _store(_view(a["o"], (B, T, D), (a["sob"], a["sot"], 1), xd)[:, rows], o[:, rows], xd)
         if a["ht"]:
             _state(a["ht"], N, D, acc)[...] = ht
 
@@ -234,8 +243,9 @@ class RecordingDriver:
         g, o, do = (_load(_view(a[k], (B, T, D), (a[s[0]], a[s[1]], 1), dt), dt) for k, dt, s in layout[:3])
         dx, dg, dh0 = hc.naive_recurrent_hgrn_bwd(g, o, do, _state(a["dht"], N, D, acc), _state(a["h0"], N, D, acc),
                                                   cu, bool(a["reverse"]), compute_dtype=acc)
+        rows = _rows(cu, T)
         for (k, dt, s), v in zip(layout[3:], (dx, dg)):
-            _store(_view(a[k], (B, T, D), (a[s[0]], a[s[1]], 1), dt), v, dt)
+            _store(_view(a[k], (B, T, D), (a[s[0]], a[s[1]], 1), dt)[:, rows], v[:, rows], dt)
         if a["dh0"]:
             _state(a["dh0"], N, D, acc)[...] = dh0 if dh0 is not None else 0
 

@@ -101,6 +101,24 @@ VARLEN = [
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_past_one_grid(engine, varlen):
+    """More sequences than a CUDA grid's y extent holds (65535; the fused walks launch them in parts),
+    forward and backward with states; varlen with an empty sequence and time reversed."""
+    rng = _rng()
+    N, D = 65535 + 9, 8
+    cu = None
+    if varlen:
+        lens = rng.integers(0, 5, N)
+        lens[5] = 0
+        cu = [0] + np.cumsum(lens).tolist()
+    x, g = make_inputs(1, cu[-1], D, rng=rng) if varlen else make_inputs(N, 3, D, rng=rng)
+    h0 = rng.standard_normal((N, D))
+    check_forward(engine, x, g, "float32", h0, cu=cu, reverse=varlen)
+    check_backward(engine, x, g, "float32", h0, cu=cu, reverse=varlen)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
 @pytest.mark.parametrize("cu", VARLEN, ids=lambda c: f"n{len(c) - 1}")
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])

@@ -297,6 +297,44 @@ def test_fake_cuda_fused_backward(shape, offset, fake_cuda, fresh_plans):
     assert all(c["h0"] == h0.data_ptr() and c["dht"] == dht.data_ptr() for c in calls[3:])  # read in place
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_fake_cuda_fused_past_one_grid(varlen, reverse, fake_cuda, fresh_plans, monkeypatch):
+    """More sequences than a grid's y extent holds (MAX_GRID_Y, 7 here): the walks run in launches of 7
+    and of the rest, each with its first sequence's pointers (tensors by batch rows, or cu_seqlens by
+    entries; states by rows), and the whole computes the reference forward and backward with states
+    (varlen with an empty sequence; the recording driver refuses a grid past the bound)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(fused_recurrent, "MAX_GRID_Y", 7)
+    gen = torch.Generator().manual_seed(31)
+    N, T, D = 17, 9, 5
+    lens = torch.randint(0, 6, (N,), generator=gen).tolist()
+    lens[3] = 0
+    cu = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32) if varlen else None
+    shape = (1, int(sum(lens)), D) if varlen else (N, T, D)
+    x, do = (torch.randn(*shape, generator=gen) for _ in range(2))
+    g = torch.nn.functional.logsigmoid(torch.randn(*shape, generator=gen))
+    h0, dht = torch.randn(N, D, generator=gen), torch.randn(N, D, generator=gen)
+    cur = None if cu is None else cu.numpy()
+    ref_o, ref_ht = hc.naive_recurrent_hgrn(*map(to_numpy, (x, g, h0)), True, cur, reverse)
+    o, ht = hc.fused_recurrent_hgrn(x, g, h0, True, cu, reverse)
+    ref = hc.naive_recurrent_hgrn_bwd(to_numpy(g), to_numpy(o), to_numpy(do), to_numpy(dht), to_numpy(h0), cur,
+                                      reverse)
+    grads = hc.hgrn_backward(g, o, do, dht, h0, cu, reverse, engine="fused_recurrent")
+    for got, want in zip((o, ht, *grads), (ref_o, ref_ht, *ref)):
+        assert rel_err(got, want) <= TOL["float32"]
+    calls = fake_cuda.launches
+    assert [c["grid"][1] for c in calls] == [7, 7, 3] * 2
+    state_rows = 7 * D * 4
+    for k, c in enumerate(calls):
+        n0 = 7 * (k % 3)
+        if varlen:
+            assert c["cu"] == cu.data_ptr() + 4 * n0 and c["x" if k < 3 else "g"] == (x if k < 3 else g).data_ptr()
+        else:
+            assert c["x" if k < 3 else "g"] == (x if k < 3 else g).data_ptr() + n0 * T * D * 4
+        assert c["h0"] == h0.data_ptr() + (k % 3) * state_rows
+
+
 # ----------------------------------------------------------------------------------------------
 # kept scratch (CPU: host memory standing in for the allocators')
 

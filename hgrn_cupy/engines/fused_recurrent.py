@@ -132,14 +132,16 @@ def bulk_widths(x_dtype, g_dtype):
 
 def bulk_fits(N, T, D, x_dtype, g_dtype, lanes):
     """Channels per lane of the bulk walk with ``lanes`` bytes a lane where its dtypes allow it, N * D lies
-    in the forward block walks' band, T exceeds BLOCK_WALK_MIN_T (and stays below BULK_MAX_T) and D is a
-    multiple of them, else 0 (strides and pointers not considered)."""
+    in the forward block walks' band, T exceeds BLOCK_WALK_MIN_T (and stays below BULK_MAX_T), N fits one
+    grid (MAX_GRID_Y: the maps' sequence is the block's) and D is a multiple of them, else 0 (strides and
+    pointers not considered)."""
     if not bulk_widths(x_dtype, g_dtype):
         return 0
     size = nvrtc.ITEMSIZE[x_dtype]
     lo, hi = BLOCK_WALK_CHANNELS[size, 0]
     vec = lanes // size
-    return vec if BLOCK_WALK_MIN_T < T < BULK_MAX_T and lo <= N * D < hi and D % vec == 0 else 0
+    fits = BLOCK_WALK_MIN_T < T < BULK_MAX_T and N <= MAX_GRID_Y and lo <= N * D < hi and D % vec == 0
+    return vec if fits else 0
 
 
 def short_window_names(x_dtype, g_dtype):
@@ -250,6 +252,24 @@ def _block_grid(N, D, vec):
 
 
 MAX_MAPS = 64  # pointer triples whose maps a prepared bulk launch keeps
+MAX_GRID_Y = 65535  # CUDA's bound on a grid's y extent, the walks' sequences a launch
+
+
+def _sliced(walks, tensors, N, varlen, state_size):
+    """The walk of N > MAX_GRID_Y sequences as launches of MAX_GRID_Y sequences and one of the rest
+    (``walks``: the walk for each count): each launch's pointers moved to its first sequence, those of the
+    tensors by their batch stride (dense; varlen rows stay where the offsets put them), of the states by
+    rows of D and of cu_seqlens by entries."""
+    D = tensors[0].shape[2]
+    rows = tuple(0 if varlen else a.strides[0] * nvrtc.ITEMSIZE[a.dtype] for a in tensors)
+
+    def walk(stream_ptr, pointers, states, cu, workspace=None):
+        entry = 8 if cu[1] else 4  # cu: (pointer or 0, whether int64)
+        for n0 in range(0, N, MAX_GRID_Y):
+            walks[min(MAX_GRID_Y, N - n0)](stream_ptr, tuple(p + n0 * r for p, r in zip(pointers, rows)),
+                                           tuple(p + n0 * D * state_size if p else 0 for p in states),
+                                           (cu[0] + n0 * entry if cu[0] else 0, cu[1]))
+    return walk
 
 
 def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None, steps=None, staged=False, bulk=False):
@@ -273,27 +293,37 @@ def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None, st
     walk_names = ("fused_recurrent_fwd", "fused_recurrent_bwd")
     block_names = ("fused_recurrent_block_fwd", "fused_recurrent_block_bwd")
 
-    choices = []  # (pointer masks in the kernels' order, kernel), widest first
-    wide = _bulk(tensors, N, T, D, dtypes, lanes, device) if bulk and direction == 0 and not varlen else None
-    if wide:
-        choices.append(wide)
-    bvec = block_walk_fits(N, T, D, *dtypes, direction, lanes)
-    if bvec and layout_vector_width(D, arrs, bvec) == bvec:
-        block = STAGED_KERNEL if staged and direction == 0 and bvec == staged_width(*dtypes) else block_names[direction]
-        choices.append((alignment_masks(bvec, tensors),
-                        _kernel(block, dtypes, bvec, *_block_grid(N, D, bvec), device, steps or BLOCK_STEPS)))
-    wvec = WALK_VEC[size] if N * D >= WALK_VEC_MIN_CHANNELS else 1
-    if wvec > 1 and layout_vector_width(D, arrs, wvec) == wvec:
-        choices.append((alignment_masks(wvec, tensors),
-                        _kernel(walk_names[direction], dtypes, wvec, *_walk_grid(N, D, wvec), device)))
-    narrow = _kernel(walk_names[direction], dtypes, 1, *_walk_grid(N, D), device)
+    def walks(count):
+        """The walk of ``count`` sequences a launch (the grid's y extent); kernels chosen for all N."""
+        choices = []  # (pointer masks in the kernels' order, kernel), widest first
+        wide = _bulk(tensors, N, T, D, dtypes, lanes, device) if bulk and direction == 0 and not varlen else None
+        if wide:
+            choices.append(wide)
+        bvec = block_walk_fits(N, T, D, *dtypes, direction, lanes)
+        if bvec and layout_vector_width(D, arrs, bvec) == bvec:
+            block = (STAGED_KERNEL if staged and direction == 0 and bvec == staged_width(*dtypes)
+                     else block_names[direction])
+            choices.append((alignment_masks(bvec, tensors),
+                            _kernel(block, dtypes, bvec, *_block_grid(count, D, bvec), device, steps or BLOCK_STEPS)))
+        wvec = WALK_VEC[size] if N * D >= WALK_VEC_MIN_CHANNELS else 1
+        if wvec > 1 and layout_vector_width(D, arrs, wvec) == wvec:
+            choices.append((alignment_masks(wvec, tensors),
+                            _kernel(walk_names[direction], dtypes, wvec, *_walk_grid(count, D, wvec), device)))
+        narrow = _kernel(walk_names[direction], dtypes, 1, *_walk_grid(count, D), device)
 
-    def walk(stream_ptr, pointers, states, cu, workspace=None):
-        for masks, wide in choices:
-            if aligned(pointers, masks):
-                wide(stream_ptr, *pointers, *strides, *states, *cu, *tail)
-                return
-        narrow(stream_ptr, *pointers, *strides, *states, *cu, *tail)
+        def walk(stream_ptr, pointers, states, cu, workspace=None):
+            for masks, wide in choices:
+                if aligned(pointers, masks):
+                    wide(stream_ptr, *pointers, *strides, *states, *cu, *tail)
+                    return
+            narrow(stream_ptr, *pointers, *strides, *states, *cu, *tail)
+        return walk
+
+    if N <= MAX_GRID_Y:
+        walk = walks(N)
+    else:
+        walk = _sliced({n: walks(n) for n in {MAX_GRID_Y, N % MAX_GRID_Y} - {0}}, tensors, N, varlen,
+                       nvrtc.ITEMSIZE[nvrtc.accumulation_dtype(*dtypes)])
 
     vec = layout_vector_width(D, tensors)
     if direction == 1 or T != 1 or varlen or vec == 1:

@@ -7,7 +7,8 @@
 // walks; fused_block_walk.cuh the block walks' machinery, fused_bulk_walk.cuh the bulk walk's copies.
 //
 // Thread walks
-// grid  (ceil(D / (VEC * blockDim.x)), N)   N = sequences (B, or len(cu_seqlens) - 1)
+// grid  (ceil(D / (VEC * blockDim.x)), N)   N = sequences (B, or len(cu_seqlens) - 1); past 65535 (the
+//                                           y bound) the host launches parts with moved pointers
 // block (BLOCK,)                            VEC adjacent channels per thread (1, or 2 where the host
 //                                           finds D, pointers and strides aligned): a warp reads
 //                                           32 * VEC adjacent channels per step
