@@ -17,6 +17,7 @@ import pytest
 import hgrn_cupy as hc
 from hgrn_cupy import arrays as ar
 from hgrn_cupy import nvrtc, plans, workspace
+from hgrn_cupy.engines import fused_recurrent as fr
 from hgrn_cupy.engines import guard
 from hgrn_cupy.naive import bf16_bits_to_float32, float32_to_bf16_bits
 
@@ -85,7 +86,7 @@ def _offsets(a, N):
     return _view(a["cu"], (N + 1,), (1,), "int64" if a["cu64"] else "int32").copy(), 1
 
 
-def _rows(cu, T):
+def _rows(cu):
     """The steps a launch writes: every one, or (packed sequences) those of its offsets, which a launch of
     part of the sequences holds alone."""
     return slice(None) if cu is None else slice(int(cu[0]), int(cu[-1]))
@@ -154,8 +155,6 @@ class RecordingDriver:
     def _bulk_args(self, fn, a, N):
         """A bulk walk's arguments as a walk's: pointers and strides (elements) from its maps, no offsets;
         the maps' dims and boxes checked against the launch."""
-        from hgrn_cupy.engines import fused_recurrent as fr
-
         out, maps = dict(a, cu=0, cu64=0), {}
         for k in "xgor":
             m = maps[k] = {}
@@ -195,8 +194,7 @@ class RecordingDriver:
             assert (gy, gz) == (1, 1) and gx == a["ntiles"] * a["nchunks"] and bx == 32
             (self._forward if fn.kernel == "chunk_fwd" else self._backward)(fn, ln, a["N"])
         else:  # the walks: blocks of bx x by threads cover bx * VEC channels of one sequence (grid y)
-            from hgrn_cupy.engines import fused_recurrent as fr  # CUDA's bound on gy, or a test's smaller one
-
+            # gy within CUDA's bound (fr.MAX_GRID_Y, read at the launch: a test may set a smaller one)
             assert gz == 1 and gx * bx * fn.vec >= a["D"] > (gx - 1) * bx * fn.vec and gy <= fr.MAX_GRID_Y
             (self._backward if fn.kernel.endswith("bwd") else self._forward)(fn, ln, gy)
 
@@ -211,7 +209,7 @@ class RecordingDriver:
         g = _load(_view(a["g"], (B, T, D), (a["sgb"], a["sgt"], 1), gd), gd)
         o, ht = hc.naive_recurrent_hgrn(x, g, _state(a["h0"], N, D, acc), True, cu, bool(a["reverse"]),
                                         compute_dtype=acc)
-        rows = _rows(cu, T)
+        rows = _rows(cu)
         _store(_view(a["o"], (B, T, D), (a["sob"], a["sot"], 1), xd)[:, rows], o[:, rows], xd)
         if a["ht"]:
             _state(a["ht"], N, D, acc)[...] = ht
@@ -243,7 +241,7 @@ class RecordingDriver:
         g, o, do = (_load(_view(a[k], (B, T, D), (a[s[0]], a[s[1]], 1), dt), dt) for k, dt, s in layout[:3])
         dx, dg, dh0 = hc.naive_recurrent_hgrn_bwd(g, o, do, _state(a["dht"], N, D, acc), _state(a["h0"], N, D, acc),
                                                   cu, bool(a["reverse"]), compute_dtype=acc)
-        rows = _rows(cu, T)
+        rows = _rows(cu)
         for (k, dt, s), v in zip(layout[3:], (dx, dg)):
             _store(_view(a[k], (B, T, D), (a[s[0]], a[s[1]], 1), dt)[:, rows], v[:, rows], dt)
         if a["dh0"]:
