@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import sys
 
+# An experiment kernel's inputs by dtype: (C++ type of the library's kernels, itemsize).
+ELEMENT = {"bfloat16": ("hc::bfloat16_t", 2), "float32": ("float", 4)}
+
 
 def patched_kernels(nvrtc, sources, replacements, who):
     """Settings under which the library's kernel ``sources`` (file names, as an engine's SOURCE) compile

@@ -29,7 +29,7 @@ import _kernels as k  # noqa: E402
 CASES = ["bf16:8x4096x2048", "bf16:32x2048x4096", "bf16:64x4096x1024", "bf16:16x4096x1024", "bf16:4x4096x4096",
          "bf16:8x4096x1024", "f32:8x4096x2048", "f32:32x4096x1024", "f32:8x4096x1024"]
 SOURCE = Path(__file__).with_name("block_pipe.cu")
-ELEMENT = {"bfloat16": ("hc::bfloat16_t", 2), "float32": ("float", 4)}
+ELEMENT = k.ELEMENT
 # name: (lane bytes, warps, steps a warp, windows staged, blocks a multiprocessor, L2 prefetch of the window
 # after the last staged, copies of 16 bytes)
 VARIANTS = {
