@@ -9,6 +9,13 @@ from __future__ import annotations
 from .plan import IMPLS, OURS
 
 PROBE_MARGIN_US = 5.0  # how far ours-auto may sit above the minimal probe's host time per step
+# A cell whose call takes the host at least this share of the cell's time to queue times the host (torch's
+# autograd, Python, launches), not the kernels: such cells are marked, since their order between
+# implementations follows the host and moves from run to run.
+HOST_BOUND = 0.9
+HOST_NOTE = ("`*` host-bound: queuing one call took the host at least 90% of the cell's time, so the cell "
+             "times the host (torch's autograd included), not the kernels; the direct column, CUDA-graph "
+             "device time and the host-step table say what the device takes.")
 
 
 def fmt_ms(ms):
@@ -24,8 +31,22 @@ def ratio(t, floor):
 def cell_text(c, practical_ms):
     st = c.get("status")
     if st == "ok":
-        return f"{fmt_ms(c['ms'])} ({ratio(c['ms'], practical_ms)})"
+        return f"{fmt_ms(c['ms'])} ({ratio(c['ms'], practical_ms)}){mark(c)}"
     return {"mismatch": "MISMATCH", "error": "ERROR"}.get(st, "n/a")
+
+
+def host_bound(c):
+    return c.get("status") == "ok" and (c.get("host_ms") or 0) >= HOST_BOUND * c["ms"]
+
+
+def mark(c):
+    return " *" if host_bound(c) else ""
+
+
+def host_note(rows, impl_names):
+    """The footnote of a table with a host-bound cell, else an empty string."""
+    marked = any(host_bound(r["results"].get(n, {})) for r in rows for n in impl_names)
+    return "\n\n" + HOST_NOTE if marked else ""
 
 
 def floor_cells(row, unit="ms"):
@@ -87,7 +108,7 @@ def section_table(rows, impl_names):
         cells += [cell_text(r["results"].get(n, {}), r.get("practical_ms")) for n in impl_names]
         body.append(cells + [speedup_text(r)])
     notes = notes_text(rows, impl_names)
-    return md_table(headers, body) + ("\n\n" + notes if notes else "")
+    return md_table(headers, body) + host_note(rows, impl_names) + ("\n\n" + notes if notes else "")
 
 
 def compact_table(rows):
@@ -100,15 +121,16 @@ def compact_table(rows):
         ob_ms = res[ob]["ms"] if ob else None
         auto, direct = res.get("ours-auto", {}), res.get("ours-auto-direct", {})
         auto_ok = auto.get("status") == "ok"
-        auto_txt = (f"{fmt_ms(auto['ms'])} ({auto['ms'] / ob_ms:.2f}x)" if auto_ok and ob_ms
+        auto_txt = (f"{fmt_ms(auto['ms'])} ({auto['ms'] / ob_ms:.2f}x){mark(auto)}" if auto_ok and ob_ms
                     else cell_text(auto, prac) if auto else "-")
         direct_txt = (f"{fmt_ms(direct['ms'])} ({direct['ms'] / auto['ms']:.2f}x)"
                       if auto_ok and direct.get("status") == "ok" else "-")
         body.append([shape_text(r), r["dtype"], r["pass"]] + floor_cells(r) + [
-            f"{fmt_ms(ob_ms)} ({ratio(ob_ms, prac)})" if ob else "-", ob[5:] if ob else "-", auto_txt, direct_txt,
-            f"{fmt_ms(res[pb]['ms'])} ({ratio(res[pb]['ms'], prac)})" if pb else "-", pb or "-",
+            f"{fmt_ms(ob_ms)} ({ratio(ob_ms, prac)}){mark(res[ob])}" if ob else "-", ob[5:] if ob else "-",
+            auto_txt, direct_txt,
+            f"{fmt_ms(res[pb]['ms'])} ({ratio(res[pb]['ms'], prac)}){mark(res[pb])}" if pb else "-", pb or "-",
             f"{r['speedup']:.2f}x" if r.get("speedup") else "-"])
-    return md_table(headers, body)
+    return md_table(headers, body) + host_note(rows, used_impls(rows))
 
 
 def decode_table(dec):

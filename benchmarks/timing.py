@@ -117,6 +117,19 @@ class Timer:
         return statistics.median(times)
 
 
+def host_ms(ctx, fn, calls=20):
+    """Host milliseconds to queue one call of ``fn``: ``calls`` calls back to back, the clock read before
+    the synchronisation at the end (a call that waits for the GPU reads the wait).  A cell whose host
+    time is most of its timed figure (``report.HOST_BOUND``) times the host, not the kernels."""
+    ctx.sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    ctx.sync()
+    return (t1 - t0) * 1e3 / calls
+
+
 def measure_copy(ctx):
     """Device-to-device copy bandwidth (read + write bytes per second), the copy floor's yardstick."""
     nbytes = ctx.args.copy_mb << 20

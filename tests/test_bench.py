@@ -397,3 +397,39 @@ def test_results_name_no_folder_of_the_machine_that_ran():
     """results.json's argv keeps path-valued options' last component alone (either spelling), the rest as given."""
     argv = ["--out", "/a/b/bench/", "--quick", "--fpscan-src=/c/fpscan.tar.gz", "--fpscan-build-dir", "/e/f"]
     assert cli.portable_argv(argv) == ["--out", "bench", "--quick", "--fpscan-src=fpscan.tar.gz", "--fpscan-build-dir", "f"]
+
+
+def test_host_bound_cells_are_marked_and_explained():
+    """A cell whose host time to queue a call is at least 90% of its timed figure reads ``*`` in the pass
+    table and the summary, with the footnote; one below it, or one with no host figure (CPU runs), does not."""
+    def ok(ms, host):
+        return dict(status="ok", ms=ms, host_ms=host)
+
+    row = dict(B=8, T=4096, D=1024, dtype="bfloat16", **{"pass": "fwdbwd"}, floor_ms=0.1, practical_ms=0.1,
+               results={"ours-auto": ok(0.227, 0.21), "ours-chunk": ok(0.159, 0.12), "ours-auto-direct": ok(0.152, None),
+                        "ascan-triton": ok(0.30, 0.2699)},
+               ours_best="ours-chunk", peer_best="ascan-triton", speedup=0.30 / 0.159)
+    table = report.section_table([row], list(row["results"])).splitlines()
+    body = [c.strip() for c in table[2].split("|")[6:-2]]
+    assert body == ["0.227 (2.27x) *", "0.159 (1.59x)", "0.152 (1.52x)", "0.300 (3.00x)"], body
+    assert report.HOST_NOTE in report.section_table([row], list(row["results"]))
+    summary = report.compact_table([row])
+    line = summary.splitlines()[2].split("|")
+    assert line[6].strip() == "0.159 (1.59x)" and line[8].strip() == "0.227 (1.43x) *", line
+    assert report.HOST_NOTE in summary
+    row["results"]["ours-auto"]["host_ms"] = 0.2042  # just under 90% of 0.227
+    assert report.HOST_NOTE not in report.section_table([row], list(row["results"])) + report.compact_table([row])
+
+
+def test_host_ms_is_the_queueing_time_of_one_call(monkeypatch):
+    """Calls of 2 ms each on a fake clock read 2 ms, with a synchronisation before and after them."""
+    from benchmarks import timing
+
+    clock, syncs = {"t": 0.0}, []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+
+    def call():
+        clock["t"] += 2e-3
+    ctx = types.SimpleNamespace(sync=lambda: syncs.append(clock["t"]))
+    assert timing.host_ms(ctx, call, calls=7) == pytest.approx(2.0)
+    assert syncs == [0.0, pytest.approx(14e-3)]
