@@ -120,7 +120,7 @@ class Timer:
 def host_ms(ctx, fn, calls=20):
     """Host milliseconds to queue one call of ``fn``: ``calls`` calls back to back, the clock read before
     the synchronisation at the end (a call that waits for the GPU reads the wait).  A cell whose host
-    time is most of its timed figure (``report.HOST_BOUND``) times the host, not the kernels."""
+    time exceeds its device time times the host, not the kernels (``report.host_bound``)."""
     ctx.sync()
     t0 = time.perf_counter()
     for _ in range(calls):
