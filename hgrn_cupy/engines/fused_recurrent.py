@@ -27,10 +27,11 @@ PREFETCH_V = {2: 32, 4: 16, 8: 16}  # steps per register tile of the two-channel
 # steps between them (more steps spill).  One is taken where N * D lies in BLOCK_WALK_CHANNELS[storage
 # size of the wider input, direction], T exceeds BLOCK_WALK_MIN_T and the layout allows the lanes;
 # 16-bit forwards below BLOCK_WALK_NARROW_BELOW channels take 4-byte lanes (twice the blocks).  The lane
-# width and the window that win move with the card (on an H200 4-byte lanes won at 16K channels and
-# windows of SHORT_STEPS steps a warp from 16K channels on, where on an H100 8-byte lanes won at 16K and
-# shorter windows lost: docs/performance.md, "Block-walk lanes" and "Block-walk window shape"), so the
-# tuner measures those too (VARIANTS).  The staged forward (fused_recurrent_staged_fwd: the next window in
+# width and the window that win move with the card (on an H200 4-byte lanes won at 16K channels by 20-29%
+# and windows of SHORT_STEPS steps a warp from 16K channels on, where on an H100 8-byte lanes won at 16K by
+# 5% and shorter windows lost: docs/performance.md, "Block-walk lanes" and "Block-walk window shape"), so
+# the tuner measures those too (VARIANTS); where nothing is measured, 16K channels take the 4-byte lanes,
+# whose worse case is the smaller loss.  The staged forward (fused_recurrent_staged_fwd: the next window in
 # shared memory, not in registers) is a variant of its own for 16-bit forwards with 8-byte lanes, where it
 # won at 16K channels on an H200 and lost from 32K (docs/performance.md, "Block-walk staged forward").
 # The bulk walk (fused_recurrent_bulk_fwd: whole windows moved by bulk tensor copies, o included) is a
@@ -38,7 +39,7 @@ PREFETCH_V = {2: 32, 4: 16, 8: 16}  # steps per register tile of the two-channel
 BLOCK_WARPS = 8
 BLOCK_STEPS = 8
 SHORT_STEPS = 4
-BLOCK_WALK_NARROW_BELOW = 1 << 14
+BLOCK_WALK_NARROW_BELOW = 1 << 15
 NEVER = 1 << 62
 BLOCK_WALK_CHANNELS = {(2, 0): (1 << 13, NEVER), (4, 0): (1 << 12, NEVER), (8, 0): (NEVER, NEVER),
                        (2, 1): (1 << 13, NEVER), (4, 1): (1 << 12, 1 << 16), (8, 1): (NEVER, NEVER)}
