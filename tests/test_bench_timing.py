@@ -1,0 +1,98 @@
+"""The benchmark's host-time measurements without a GPU (``benchmarks/timing.py``): a fake clock stands in
+for the host, so what each measurement cancels (drift, busy spells) and what it reads is checked exactly."""
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def _paired_on_fake_host(monkeypatch, extra_us):
+    """paired_host_diff_us of a step of 10 us against one of 3 us on a fake clock whose host adds
+    ``extra_us()`` us to every step of a block (drawn at each synchronisation), time it spends on other
+    work: the wall clock counts it, the process's CPU time does not."""
+    from benchmarks import timing
+
+    clock = {"t": 0.0, "cpu": 0.0, "extra": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(timing.time, "process_time", lambda: clock["cpu"])
+
+    def step(cost_us):
+        def run():
+            clock["t"] += (cost_us + clock["extra"]) * 1e-6
+            clock["cpu"] += cost_us * 1e-6
+        return run
+
+    def sync():
+        clock["extra"] = extra_us()
+
+    return timing.paired_host_diff_us(types.SimpleNamespace(sync=sync), [step(10.0)], [step(3.0)], n=20, pairs=15)
+
+
+def test_paired_host_diff_cancels_drift_between_rounds(monkeypatch):
+    """The host slows by 1.5 us a step at every synchronisation (hundreds of us over the run): the
+    paired difference is still 7 us, in every round."""
+    drift = iter(np.arange(1, 1000) * 1.5)
+    diff, q1, q3, _, _ = _paired_on_fake_host(monkeypatch, lambda: float(next(drift)))
+    assert abs(diff - 7.0) < 1e-6 and abs(q1 - 7.0) < 1e-6 and abs(q3 - 7.0) < 1e-6, (diff, q1, q3)
+
+
+def test_paired_host_diff_fastest_blocks_and_cpu_time_drop_a_busy_host(monkeypatch):
+    """A busy host adds 0, 10 or 40 us a step to whole blocks at random: the fastest blocks' difference
+    and the CPU-time difference are the true 7 us, and the quartiles widen around the median."""
+    rng = np.random.default_rng(5)
+    diff, q1, q3, fastest, cpu = _paired_on_fake_host(
+        monkeypatch, lambda: float(rng.choice([0.0, 0.0, 10.0, 40.0])))
+    assert abs(fastest - 7.0) < 1e-6 and abs(cpu - 7.0) < 1e-6, (fastest, cpu)
+    assert q1 <= diff <= q3 and q3 - q1 > 1.0, (q1, diff, q3)
+
+
+def _interleaved_on_fake_host(monkeypatch, extra_us, cycles=400):
+    """interleaved_host_diff_us of a step of 10 us against one of 3 us on a fake clock whose host adds
+    ``extra_us()`` us to each step (drawn per step)."""
+    from benchmarks import timing
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+
+    def step(cost_us):
+        def run():
+            clock["t"] += (cost_us + extra_us()) * 1e-6
+        return run
+
+    ctx = types.SimpleNamespace(sync=lambda: None)
+    return timing.interleaved_host_diff_us(ctx, [step(10.0), step(10.0)], [step(3.0)], cycles)
+
+
+def test_interleaved_host_diff_cancels_drift(monkeypatch):
+    """The host slows by 0.5 us at every step (200 us a step by the end): each cycle's difference is off by
+    the drift of one step, one way in a b cycles and the other in b a cycles, so the median is the true
+    7 us and the quartiles 6.5 and 7.5."""
+    drift = iter(np.arange(1, 10000) * 0.5)
+    diff, q1, q3 = _interleaved_on_fake_host(monkeypatch, lambda: float(next(drift)))
+    assert abs(diff - 7.0) < 1e-6 and abs(q1 - 6.5) < 1e-6 and abs(q3 - 7.5) < 1e-6, (diff, q1, q3)
+
+
+def test_interleaved_host_diff_drops_busy_steps(monkeypatch):
+    """A busy host adds 30 us to one step in ten at random: the median is still the true 7 us."""
+    rng = np.random.default_rng(9)
+    diff, q1, q3 = _interleaved_on_fake_host(monkeypatch, lambda: 30.0 if rng.random() < 0.1 else 0.0)
+    assert abs(diff - 7.0) < 1e-6 and q1 <= diff <= q3, (diff, q1, q3)
+
+
+def test_host_ms_is_the_queueing_time_of_one_call(monkeypatch):
+    """Calls of 2 ms each on a fake clock read 2 ms, with a synchronisation before and after them."""
+    from benchmarks import timing
+
+    clock, syncs = {"t": 0.0}, []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+
+    def call():
+        clock["t"] += 2e-3
+    ctx = types.SimpleNamespace(sync=lambda: syncs.append(clock["t"]))
+    assert timing.host_ms(ctx, call, calls=7) == pytest.approx(2.0)
+    assert syncs == [0.0, pytest.approx(14e-3)]
