@@ -10,10 +10,11 @@ the caller's stream, CPU arrays run the NumPy reference.  ``hgrn_cupy.torch`` an
 The flow of a call: api -> checks -> plans -> dispatch -> engines -> kernels (docs/design.md).
 """
 from .api import chunk_hgrn, fused_recurrent_hgrn, hgrn, hgrn_backward
+from .dispatch import UntunedWarning
 from .naive import naive_recurrent_hgrn, naive_recurrent_hgrn_bwd
 from .settings import config
 from .workspace import release as release_workspaces
 
 __version__ = "0.1.0"
 __all__ = ["hgrn", "chunk_hgrn", "fused_recurrent_hgrn", "hgrn_backward", "naive_recurrent_hgrn",
-           "naive_recurrent_hgrn_bwd", "config", "release_workspaces", "__version__"]
+           "naive_recurrent_hgrn_bwd", "config", "release_workspaces", "UntunedWarning", "__version__"]

@@ -3,10 +3,12 @@
 built-in rule as its default.
 
 The built-in rule (measured on an H100, docs/performance.md, engine crossover) is what a call gets where
-nothing is measured: on the CPU, under CUDA-graph capture or JAX tracing before a decision is cached,
-and with ``config.tune`` off.
+nothing is measured: on the CPU, under CUDA-graph capture or JAX tracing before a decision is cached
+(with an :class:`UntunedWarning`), and with ``config.tune`` off.
 """
 from __future__ import annotations
+
+import warnings
 
 from .engines import VARIANTS
 from .engines import fused_recurrent as _fused
@@ -21,6 +23,33 @@ CHUNK_BELOW = {(2, 0): 1 << 16, (2, 1): 1 << 15, (4, 0): 1 << 15, (4, 1): 1 << 1
 # At most this many steps the walk is shorter than the chunk engine's look-back: nothing to measure.
 FUSED_MAX_T = 32
 CANDIDATES = ("chunk", "fused_recurrent")
+
+
+class UntunedWarning(UserWarning):
+    """A GPU call took the built-in rule because nothing could be timed (CUDA-graph capture, JAX tracing)
+    and no measured choice was stored for its shape class; the rule can be slower than the measured choice
+    (tens of percent on some cards).  Raised once per device and class; ``python -m hgrn_cupy tune``, one
+    such call outside capture and jit, or ``config.tune = False`` each silence it."""
+
+
+_untuned_seen = set()
+
+
+def _untuned(device, key, call, direction, engine):
+    """Warn (once per device and class) that ``engine``, the built-in rule's, runs untuned."""
+    if (device, key) in _untuned_seen:
+        return
+    _untuned_seen.add((device, key))
+    x_dtype, g_dtype = call.dtypes
+    dense = f"{call.N}x{call.T}x{call.D}"  # N = B where nothing is packed
+    shape = f"{call.N} sequences packed in {call.T} steps x {call.D}" if call.varlen else dense
+    tune = "" if call.varlen or x_dtype != g_dtype else f"`python -m hgrn_cupy tune {dense} --dtype {x_dtype}`, or "
+    warnings.warn(
+        f"hgrn_cupy: no measured engine is stored for a {('forward', 'backward')[direction]} like this one "
+        f"({x_dtype}/{g_dtype} {shape}) on this GPU, and nothing is timed under CUDA-graph capture or JAX "
+        f"tracing, so the built-in rule runs {engine!r}, which can be slower than the measured choice. Run "
+        f"{tune}one such call outside capture and jit first, to store the measured choice; "
+        f"hgrn_cupy.config.tune = False keeps the rule without this warning.", UntunedWarning, stacklevel=2)
 
 
 def rule(N, T, D, dtypes, direction):
@@ -75,8 +104,10 @@ def choose(engine, call, direction, reverse, device=None, run=None, allow_timing
 
             key = tuning.shape_class(direction, call.dtypes, call.N, call.T, call.D, call.varlen, bool(reverse))
             names = candidates(call.N, call.T, call.D, call.dtypes, direction, engine)
-            engine = tuning.choose(device, key, names, run, engine, allow_timing and config.tune and run is not None,
-                                   stream_ptr=stream_ptr)
+            timing = allow_timing and config.tune and run is not None
+            untuned = (lambda ruled=engine: _untuned(device, key, call, direction, ruled)) if config.tune else None
+            engine = tuning.choose(device, key, names, run, engine, timing, stream_ptr=stream_ptr,
+                                   on_default=untuned)
     if engine == "chunk" and call.T == 0:  # nothing to split; the walk passes states through
         engine = "fused_recurrent"
     return engine

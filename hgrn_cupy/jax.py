@@ -16,7 +16,9 @@ Where the work runs is decided when XLA lowers the program (:func:`jax.lax.platf
 Under ``jax.jit`` the values of ``cu_seqlens`` cannot be checked on the host: a device guard (or, on
 the CPU, the callback) checks them, and every output of a call with invalid offsets is NaN.  The
 engine is chosen when the program is traced: a decision cached for the device
-(:mod:`hgrn_cupy.tuning`), else the built-in rule; nothing is timed under tracing.
+(:mod:`hgrn_cupy.tuning`), else the built-in rule with an :class:`hgrn_cupy.UntunedWarning`; nothing is
+timed under tracing.  One call outside ``jax.jit`` (or ``python -m hgrn_cupy tune``) caches the
+measured choice first.
 
 :func:`jax.vmap` over extra leading axes folds them into the batch (or, with ``cu_seqlens``, into
 more packed sequences) and runs one launch.  Forward-mode differentiation (``jax.jvp``) is not

@@ -275,7 +275,8 @@ def _time_all(candidates, run, measure, device=None, stream_ptr=None):
     return times, best
 
 
-def choose(device, key, candidates, run, default, allow_timing, measure=None, stream_ptr=None) -> str:
+def choose(device, key, candidates, run, default, allow_timing, measure=None, stream_ptr=None,
+           on_default=None) -> str:
     """The engine for one call, measured once per (device, shape class) and then kept.
 
     Args:
@@ -289,6 +290,7 @@ def choose(device, key, candidates, run, default, allow_timing, measure=None, st
         measure: ``measure(fn) -> seconds`` for a callable launching once; default
             :func:`hgrn_cupy.measure.queued` on ``device`` (an index) and ``stream_ptr``.
         stream_ptr: the stream ``run`` launches on (None: CuPy's current stream).
+        on_default: called (no arguments) when ``default`` is returned for want of timing.
 
     Returns:
         A stored decision when there is one (in memory, else in the cache file) and it is among the
@@ -308,6 +310,8 @@ def choose(device, key, candidates, run, default, allow_timing, measure=None, st
         if hit in candidates:
             return hit
     if not allow_timing:
+        if on_default is not None:
+            on_default()
         return default
     _, best = _time_all(candidates, run, measure, None if isinstance(device, str) else device, stream_ptr)
     return _store(dev, cls, best, keep=candidates)

@@ -289,15 +289,17 @@ def test_auto_asks_the_tuner(N, T, D, x_dtype, g_dtype, direction, reverse, varl
     """``auto`` on a device past FUSED_MAX_T steps takes the tuner's decision (a fake here): it asks for
     the call's device, stream and shape class with the rule's engine first among the candidates and as
     the default, and allows timing only where the caller does, ``config.tune`` is on and there is a launch
-    to time.  Without a device, at most FUSED_MAX_T steps, or with an engine pinned, the tuner is not asked."""
+    to time, with the untuned warning to raise where it answers the default while ``config.tune`` is on.
+    Without a device, at most FUSED_MAX_T steps, or with an engine pinned, the tuner is not asked."""
     dtypes = (x_dtype, g_dtype)
     call = _call(N, T, D, dtypes, varlen)
     ruled = dispatch.rule(N, T, D, dtypes, direction)
     asked = []
 
-    def fake_choose(device, key, candidates, run, default, allow_timing, measure=None, stream_ptr=None):
+    def fake_choose(device, key, candidates, run, default, allow_timing, measure=None, stream_ptr=None,
+                    on_default=None):
         asked.append(dict(device=device, key=key, candidates=tuple(candidates), run=run, default=default,
-                          allow_timing=allow_timing, measure=measure, stream_ptr=stream_ptr))
+                          allow_timing=allow_timing, measure=measure, stream_ptr=stream_ptr, on_default=on_default))
         return candidates[-1]  # not the rule's engine: the answer must be the tuner's
 
     def run(name):
@@ -318,6 +320,7 @@ def test_auto_asks_the_tuner(N, T, D, x_dtype, g_dtype, direction, reverse, varl
             timing = allow_timing and tune and with_run
             # the tuner times on the call's stream with its default measurement
             assert a["allow_timing"] is timing and a["measure"] is None and a["stream_ptr"] == 5
+            assert (a["on_default"] is not None) == tune  # the untuned warning, unless tuning is off
             if with_run:
                 assert a["run"] is run
         for pinned in dispatch.CANDIDATES:

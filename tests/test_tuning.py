@@ -174,6 +174,36 @@ def test_on_disk_caching_can_be_turned_off(cache, monkeypatch, how):
     assert choose(timer) == "fused_recurrent" and timer.launched == []  # still kept in memory
 
 
+def test_the_rule_run_untuned_warns_once_per_class(cache, monkeypatch):
+    """Where nothing can be timed and nothing is stored, ``auto`` runs the rule's engine with one
+    UntunedWarning per device and class, naming the shape and the tune command (dense calls of one dtype)
+    or one call outside capture and jit (packed ones); none once a decision is stored or with tuning off."""
+    from hgrn_cupy import checks, dispatch
+
+    monkeypatch.setattr(dispatch, "_untuned_seen", set())
+    monkeypatch.setattr(dispatch.config, "engine", "auto")
+
+    def run(N, T, D, varlen=False, device=DEV, tune=True):
+        call = checks.Call(None, 1 if varlen else N, T, D, N, ("bfloat16", "bfloat16"), "float32", varlen, True)
+        monkeypatch.setattr(dispatch.config, "tune", tune)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine = dispatch.choose("auto", call, 0, False, device, None, False)
+        assert engine == dispatch.rule(N, T, D, call.dtypes, 0)
+        return [str(w.message) for w in caught if w.category is dispatch.UntunedWarning]
+
+    (msg,) = run(8, 4096, 2048)
+    assert "bfloat16/bfloat16 8x4096x2048" in msg and "`python -m hgrn_cupy tune 8x4096x2048 --dtype bfloat16`" in msg
+    assert run(8, 5000, 2100) == []  # the same class
+    assert len(run(8, 4096, 2048, device=DEV + " other")) == 1
+    (msg,) = run(3, 9000, 256, varlen=True)
+    assert "3 sequences packed in 9000 steps x 256" in msg and "tune" not in msg.split("Run ")[1].split(",")[0]
+    assert run(2, 512, 64, tune=False) == []
+    tuning.choose(DEV, tuning.shape_class(0, ("bfloat16", "bfloat16"), 2, 512, 64, False), ENGINES, None,
+                  "chunk", True, measure=lambda fn: 1.0)  # stored (the run is never called: measure stands in)
+    assert run(2, 512, 64) == []
+
+
 def test_device_keys_do_not_mix(cache):
     other = DEV.replace("sm_90", "sm_80")
     assert choose(Scripted({"chunk": 1.0, "fused_recurrent": 2.0})) == "chunk"
