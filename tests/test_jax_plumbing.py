@@ -224,3 +224,35 @@ def test_data_ptr_reads_dlpack(rng):
     y = jax.jit(buffer_callback(cb, jax.ShapeDtypeStruct(x.shape, jnp.float32)))(x)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x).astype(np.float32))
     assert seen["x"][0] == seen["x"][1] == seen["versioned"] and seen["out"][0] == seen["out"][1]
+
+
+def test_auto_under_jit_warns_when_nothing_is_tuned(fake_device, rng, monkeypatch, tmp_path):
+    """Traced on a GPU (faked) with nothing stored for the call's classes, ``hgrn`` runs the built-in
+    rule's engine and says so once per class, the forward's and the backward's, naming the shape; a
+    second trace of the same classes says nothing more."""
+    import warnings
+
+    import cupy
+    from hgrn_cupy import dispatch, tuning
+
+    monkeypatch.setenv("HGRN_CUPY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
+    monkeypatch.setattr(dispatch, "_untuned_seen", set())
+    tuning.forget()
+    tuning._device_keys[0] = "Fake GPU|sm_90|test"
+    x, g, _, _ = make_inputs(rng, False, "float32", shape=(2, 80, 16))
+
+    def loss(x, g):
+        return jnp.sum(hj.hgrn(x, g)[0])
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            jax.jit(jax.grad(loss, argnums=(0, 1)))(x, g)
+            jax.jit(jax.grad(lambda x, g: 2 * loss(x, g), argnums=(0, 1)))(x, g)  # a new trace, same classes
+    finally:
+        tuning.forget()
+    msgs = [str(w.message) for w in caught if w.category is hc.UntunedWarning]
+    assert len(msgs) == 2 and "a forward" in msgs[0] and "a backward" in msgs[1], msgs
+    assert all("float32/float32 2x80x16" in m and "python -m hgrn_cupy tune 2x80x16 --dtype float32" in m for m in msgs)
+    assert [c[1] for c in fake_device.calls] == ["fwd", "bwd"] * 2
