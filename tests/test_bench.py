@@ -155,7 +155,7 @@ def test_dry_run_prints_the_plan_without_torch():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert run.returncode == 0, run.stderr
     out = run.stdout
-    assert "budget for peers 100 s" in out and "[tsweep] without fla-chunk, fla-fused" in out
+    assert f"budget for peers {P.QUICK_BUDGET_S:g} s" in out and "[tsweep] without fla-chunk, fla-fused" in out
     assert "triton precompile: fla 13 tuning keys" in out
     assert "[hoststep] bfloat16 4x2048x512, 8x2048x1024, 4x4096x1024, 1x32768x1024, 8x4096x2048, 1x262144x256" in out
     assert "ours-auto, ours-probe, ours-auto-direct, fla-chunk" in out and "[jax]" in out and "[decode]" in out
