@@ -282,18 +282,24 @@ def fused_recurrent_hgrn(x, g, initial_state=None, output_final_state=False, cu_
     return apply("fused_recurrent", x, g, initial_state, output_final_state, cu_seqlens, reverse)
 
 
-def use_in_fla(enable=True):
+def use_in_fla(enable=True, engine="auto"):
     """Run flash-linear-attention's HGRN layer (``fla.layers.hgrn.HGRNAttention``, and so fla's HGRN
     models) on these kernels: the layer's ``chunk_hgrn`` and ``fused_recurrent_hgrn`` become this
-    module's, which take the same arguments.  ``use_in_fla(False)`` puts fla's own back.  Returns the
-    patched module.  Needs fla installed (``ImportError`` otherwise)."""
+    module's functions, which take the same arguments.  ``engine="auto"``: both become :func:`hgrn`, the
+    engine the device measured fastest for each call (the layer's mode then only says which of fla's
+    names it calls); ``engine="named"``: each becomes its namesake (:func:`chunk_hgrn`,
+    :func:`fused_recurrent_hgrn`).  ``use_in_fla(False)`` puts fla's own back.  Returns the patched
+    module.  Needs fla installed (``ImportError`` otherwise)."""
     import importlib
 
+    if engine not in ("auto", "named"):
+        raise ValueError(f'engine must be "auto" or "named", got {engine!r}')
     layer = importlib.import_module("fla.layers.hgrn")
     if not hasattr(layer, "_hgrn_cupy_saved"):
         layer._hgrn_cupy_saved = (layer.chunk_hgrn, layer.fused_recurrent_hgrn)
     if enable:
-        layer.chunk_hgrn, layer.fused_recurrent_hgrn = chunk_hgrn, fused_recurrent_hgrn
+        layer.chunk_hgrn, layer.fused_recurrent_hgrn = ((hgrn, hgrn) if engine == "auto"
+                                                        else (chunk_hgrn, fused_recurrent_hgrn))
     else:
         layer.chunk_hgrn, layer.fused_recurrent_hgrn = layer._hgrn_cupy_saved
     return layer

@@ -35,12 +35,18 @@ def fake_fla(monkeypatch):
 
 
 def test_switch_and_back(fake_fla):
+    """Both of fla's names run hgrn (the device's measured engine) by default, their namesakes with
+    engine="named"; fla's own come back whatever was switched in between, and a bad engine is refused."""
     layer, theirs_chunk, theirs_fused = fake_fla
     assert htorch.use_in_fla() is layer
+    assert layer.chunk_hgrn is htorch.hgrn and layer.fused_recurrent_hgrn is htorch.hgrn
+    htorch.use_in_fla(engine="named")  # twice: fla's own are still what comes back
     assert layer.chunk_hgrn is htorch.chunk_hgrn and layer.fused_recurrent_hgrn is htorch.fused_recurrent_hgrn
-    htorch.use_in_fla()  # twice: fla's own are still what comes back
     htorch.use_in_fla(False)
     assert layer.chunk_hgrn is theirs_chunk and layer.fused_recurrent_hgrn is theirs_fused
+    with pytest.raises(ValueError, match="engine"):
+        htorch.use_in_fla(engine="chunk")
+    assert layer.chunk_hgrn is theirs_chunk
 
 
 def test_switched_layer_calls_compute_hgrn(fake_fla):
