@@ -32,14 +32,8 @@ class UntunedWarning(UserWarning):
     such call outside capture and jit, or ``config.tune = False`` each silence it."""
 
 
-_untuned_seen = set()
-
-
-def _untuned(device, key, call, direction, engine):
-    """Warn (once per device and class) that ``engine``, the built-in rule's, runs untuned."""
-    if (device, key) in _untuned_seen:
-        return
-    _untuned_seen.add((device, key))
+def _untuned(call, direction, engine):
+    """Warn that ``engine``, the built-in rule's, runs untuned (the tuner asks once per device and class)."""
     x_dtype, g_dtype = call.dtypes
     dense = f"{call.N}x{call.T}x{call.D}"  # N = B where nothing is packed
     shape = f"{call.N} sequences packed in {call.T} steps x {call.D}" if call.varlen else dense
@@ -105,7 +99,7 @@ def choose(engine, call, direction, reverse, device=None, run=None, allow_timing
             key = tuning.shape_class(direction, call.dtypes, call.N, call.T, call.D, call.varlen, bool(reverse))
             names = candidates(call.N, call.T, call.D, call.dtypes, direction, engine)
             timing = allow_timing and config.tune and run is not None
-            untuned = (lambda ruled=engine: _untuned(device, key, call, direction, ruled)) if config.tune else None
+            untuned = (lambda ruled=engine: _untuned(call, direction, ruled)) if config.tune else None
             engine = tuning.choose(device, key, names, run, engine, timing, stream_ptr=stream_ptr,
                                    on_default=untuned)
     if engine == "chunk" and call.T == 0:  # nothing to split; the walk passes states through

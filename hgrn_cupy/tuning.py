@@ -47,7 +47,7 @@ settings = Settings()
 _lock = threading.Lock()
 _memory: dict = {}      # (device key, repr(shape class)) -> engine name
 _loaded = set()         # cache files already read into _memory
-_warned = set()         # (path, kind) already warned about: one warning each
+_warned = set()         # (path or (device, class), kind) already warned about: one warning each
 _memory_only = set()    # cache files found unwritable: decisions stay in memory
 
 
@@ -136,12 +136,18 @@ def writes_to_disk() -> bool:
     return _on_disk() and cache_path() not in _memory_only
 
 
-def _warn_once(path, kind, message):
+def _first(what, kind):
+    """True the first time (``what``, ``kind``) is asked about since the last :func:`forget`."""
     with _lock:
-        if (path, kind) in _warned:
-            return
-        _warned.add((path, kind))
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+        if (what, kind) in _warned:
+            return False
+        _warned.add((what, kind))
+    return True
+
+
+def _warn_once(path, kind, message):
+    if _first(path, kind):
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _read(path):
@@ -290,7 +296,8 @@ def choose(device, key, candidates, run, default, allow_timing, measure=None, st
         measure: ``measure(fn) -> seconds`` for a callable launching once; default
             :func:`hgrn_cupy.measure.queued` on ``device`` (an index) and ``stream_ptr``.
         stream_ptr: the stream ``run`` launches on (None: CuPy's current stream).
-        on_default: called (no arguments) when ``default`` is returned for want of timing.
+        on_default: called (no arguments) the first time, per device and class, that ``default`` is
+            returned for want of timing (again after :func:`forget`).
 
     Returns:
         A stored decision when there is one (in memory, else in the cache file) and it is among the
@@ -310,7 +317,7 @@ def choose(device, key, candidates, run, default, allow_timing, measure=None, st
         if hit in candidates:
             return hit
     if not allow_timing:
-        if on_default is not None:
+        if on_default is not None and _first((dev, cls), "default"):
             on_default()
         return default
     _, best = _time_all(candidates, run, measure, None if isinstance(device, str) else device, stream_ptr)

@@ -233,11 +233,10 @@ def test_auto_under_jit_warns_when_nothing_is_tuned(fake_device, rng, monkeypatc
     import warnings
 
     import cupy
-    from hgrn_cupy import dispatch, tuning
+    from hgrn_cupy import tuning
 
     monkeypatch.setenv("HGRN_CUPY_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
-    monkeypatch.setattr(dispatch, "_untuned_seen", set())
     tuning.forget()
     tuning._device_keys[0] = "Fake GPU|sm_90|test"
     x, g, _, _ = make_inputs(rng, False, "float32", shape=(2, 80, 16))

@@ -180,7 +180,6 @@ def test_the_rule_run_untuned_warns_once_per_class(cache, monkeypatch):
     or one call outside capture and jit (packed ones); none once a decision is stored or with tuning off."""
     from hgrn_cupy import checks, dispatch
 
-    monkeypatch.setattr(dispatch, "_untuned_seen", set())
     monkeypatch.setattr(dispatch.config, "engine", "auto")
 
     def run(N, T, D, varlen=False, device=DEV, tune=True):
