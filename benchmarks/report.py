@@ -48,10 +48,9 @@ def mark(c):
     return " *" if host_bound(c) else ""
 
 
-def host_note(rows, impl_names):
-    """The footnote of a table with a host-bound cell, else an empty string."""
-    marked = any(host_bound(r["results"].get(n, {})) for r in rows for n in impl_names)
-    return "\n\n" + HOST_NOTE if marked else ""
+def host_note(cells):
+    """The footnote of a table showing ``cells``, where one of them is host-bound, else an empty string."""
+    return "\n\n" + HOST_NOTE if any(host_bound(c) for c in cells) else ""
 
 
 def floor_cells(row, unit="ms"):
@@ -113,19 +112,21 @@ def section_table(rows, impl_names):
         cells += [cell_text(r["results"].get(n, {}), r.get("practical_ms")) for n in impl_names]
         body.append(cells + [speedup_text(r)])
     notes = notes_text(rows, impl_names)
-    return md_table(headers, body) + host_note(rows, impl_names) + ("\n\n" + notes if notes else "")
+    shown = (r["results"].get(n, {}) for r in rows for n in impl_names)
+    return md_table(headers, body) + host_note(shown) + ("\n\n" + notes if notes else "")
 
 
 def compact_table(rows):
     headers = ["shape", "dtype", "pass", "copy floor ms", "practical floor ms (x copy)", "ours best (x practical)",
                "engine", "auto (x best)", "direct (x auto)", "best peer (x practical)", "peer", "speed-up"]
-    body = []
+    body, shown = [], []
     for r in rows:
         res, prac = r["results"], r.get("practical_ms")
         ob, pb = r.get("ours_best"), r.get("peer_best")
         ob_ms = res[ob]["ms"] if ob else None
         auto, direct = res.get("ours-auto", {}), res.get("ours-auto-direct", {})
         auto_ok = auto.get("status") == "ok"
+        shown += [auto] + [res[n] for n in (ob, pb) if n]
         auto_txt = (f"{fmt_ms(auto['ms'])} ({auto['ms'] / ob_ms:.2f}x){mark(auto)}" if auto_ok and ob_ms
                     else cell_text(auto, prac) if auto else "-")
         direct_txt = (f"{fmt_ms(direct['ms'])} ({direct['ms'] / auto['ms']:.2f}x)"
@@ -135,7 +136,7 @@ def compact_table(rows):
             auto_txt, direct_txt,
             f"{fmt_ms(res[pb]['ms'])} ({ratio(res[pb]['ms'], prac)}){mark(res[pb])}" if pb else "-", pb or "-",
             f"{r['speedup']:.2f}x" if r.get("speedup") else "-"])
-    return md_table(headers, body) + host_note(rows, used_impls(rows))
+    return md_table(headers, body) + host_note(shown)
 
 
 def decode_table(dec):

@@ -75,22 +75,23 @@ def run_cell(ctx, impl, pazz, section, case, sets, checker):
     if bad:
         ctx.account(impl.name, check_s=t1 - t0)
         return bad
-    fns = host = device = None
+    fns = fn = host = device = None
     try:
         fns = [impl.make(pazz, s) for s in sets]
-        ms = ctx.timer(rotating(fns))
+        fn = rotating(fns)
+        ms = ctx.timer(fn)
         if ctx.device != "cpu":  # on the CPU every call is synchronous: its host time is its time
-            host = host_ms(ctx, rotating(fns))
+            host = host_ms(ctx, fn)
             # A host-bound cell reads at most the host's time plus the device's (which is less), so a host
             # time under half the cell rules it out; else the device's own time decides (report.host_bound).
             if host >= 0.5 * ms:
-                device = ctx.timer.events(rotating(fns))
+                device = ctx.timer.events(fn)
     except Exception as e:
-        fns = None
+        fns = fn = None  # the inputs' references go before after_error frees memory
         ctx.after_error()
         return dict(status="error", note=one_line(e))
     finally:
-        del fns
+        del fns, fn
         ctx.account(impl.name, check_s=t1 - t0, timing_s=time.perf_counter() - t1)
     return dict(status="ok", ms=ms, host_ms=host, device_ms=device, err=errs, first_call_ms=first)
 

@@ -350,5 +350,8 @@ def test_host_bound_cells_are_marked_and_explained():
     assert line[6].strip() == "0.159 (1.59x)" and line[8].strip() == "0.227 (1.43x) *", line
     assert report.HOST_NOTE in summary
     row["results"]["ours-auto"]["device_ms"] = 0.2101  # the device now the slower, the cell within the edge
+    # the marked fla-chunk cell is in the pass table, not in the summary (ours best, auto, best peer)
+    assert report.HOST_NOTE in report.section_table([row], list(row["results"]))
+    assert report.HOST_NOTE not in report.compact_table([row])
     row["results"]["fla-chunk"]["ms"] = edge * 0.99
     assert report.HOST_NOTE not in report.section_table([row], list(row["results"])) + report.compact_table([row])
