@@ -29,20 +29,25 @@ class UntunedWarning(UserWarning):
     """A GPU call took the built-in rule because nothing could be timed (CUDA-graph capture, JAX tracing)
     and no measured choice was stored for its shape class; the rule can be slower than the measured choice
     (tens of percent on some cards).  Raised once per device and class; ``python -m hgrn_cupy tune``, one
-    such call outside capture and jit, or ``config.tune = False`` each silence it."""
+    such call outside capture (for JAX: through the top level, which runs eagerly), or
+    ``config.tune = False`` each silence it."""
 
 
-def _untuned(call, direction, engine):
-    """Warn that ``engine``, the built-in rule's, runs untuned (the tuner asks once per device and class)."""
+def _untuned(call, direction, engine, traced):
+    """Warn that ``engine``, the built-in rule's, runs untuned (the tuner asks once per device and class);
+    ``traced``: chosen while JAX traces, where no call through ``hgrn_cupy.jax`` can measure (it is compiled
+    even when called eagerly) but one through the top level can."""
     x_dtype, g_dtype = call.dtypes
     dense = f"{call.N}x{call.T}x{call.D}"  # N = B where nothing is packed
     shape = f"{call.N} sequences packed in {call.T} steps x {call.D}" if call.varlen else dense
     tune = "" if call.varlen or x_dtype != g_dtype else f"`python -m hgrn_cupy tune {dense} --dtype {x_dtype}`, or "
+    first = (f"call hgrn_cupy.{('hgrn', 'hgrn_backward')[direction]} (the top level, which runs eagerly) once "
+             f"on such arrays" if traced else "one such call outside capture")
     warnings.warn(
         f"hgrn_cupy: no measured engine is stored for a {('forward', 'backward')[direction]} like this one "
-        f"({x_dtype}/{g_dtype} {shape}) on this GPU, and nothing is timed under CUDA-graph capture or JAX "
-        f"tracing, so the built-in rule runs {engine!r}, which can be slower than the measured choice. Run "
-        f"{tune}one such call outside capture and jit first, to store the measured choice; "
+        f"({x_dtype}/{g_dtype} {shape}) on this GPU, and nothing is timed under "
+        f"{'JAX tracing' if traced else 'CUDA-graph capture'}, so the built-in rule runs {engine!r}, which can "
+        f"be slower than the measured choice. Run {tune}{first} first, to store the measured choice; "
         f"hgrn_cupy.config.tune = False keeps the rule without this warning.", UntunedWarning, stacklevel=2)
 
 
@@ -81,13 +86,15 @@ def check_launch(engine):
         check_engine(engine)
 
 
-def choose(engine, call, direction, reverse, device=None, run=None, allow_timing=False, stream_ptr=None):
+def choose(engine, call, direction, reverse, device=None, run=None, allow_timing=False, stream_ptr=None,
+           traced=False):
     """The engine for a checked call (``checks.Call``) in ``direction`` (0 forward, 1 backward).
 
     ``engine``: as asked (``"auto"`` follows ``config.engine``).  ``device``: the CUDA device index, or
     None on the CPU.  ``run(name)`` launches engine ``name`` once on the call's own buffers, which is what
     a first-use measurement times (on the stream ``stream_ptr``) where ``allow_timing`` (and
-    ``config.tune``) allow it; ties keep the built-in rule's engine."""
+    ``config.tune``) allow it; ties keep the built-in rule's engine.  ``traced``: the JAX front end,
+    choosing while it traces (the untuned warning's advice differs)."""
     check_launch(engine)
     if engine == "auto":
         engine = config.engine
@@ -99,7 +106,7 @@ def choose(engine, call, direction, reverse, device=None, run=None, allow_timing
             key = tuning.shape_class(direction, call.dtypes, call.N, call.T, call.D, call.varlen, bool(reverse))
             names = candidates(call.N, call.T, call.D, call.dtypes, direction, engine)
             timing = allow_timing and config.tune and run is not None
-            untuned = (lambda ruled=engine: _untuned(call, direction, ruled)) if config.tune else None
+            untuned = (lambda ruled=engine: _untuned(call, direction, ruled, traced)) if config.tune else None
             engine = tuning.choose(device, key, names, run, engine, timing, stream_ptr=stream_ptr,
                                    on_default=untuned)
     if engine == "chunk" and call.T == 0:  # nothing to split; the walk passes states through

@@ -17,8 +17,9 @@ Under ``jax.jit`` the values of ``cu_seqlens`` cannot be checked on the host: a 
 the CPU, the callback) checks them, and every output of a call with invalid offsets is NaN.  The
 engine is chosen when the program is traced: a decision cached for the device
 (:mod:`hgrn_cupy.tuning`), else the built-in rule with an :class:`hgrn_cupy.UntunedWarning`; nothing is
-timed under tracing.  One call outside ``jax.jit`` (or ``python -m hgrn_cupy tune``) caches the
-measured choice first.
+timed under tracing, and these functions trace even when called eagerly.  To store the measured choice
+first, call the top-level :func:`hgrn_cupy.hgrn` and :func:`hgrn_cupy.hgrn_backward` once on JAX arrays
+of the shape (they run eagerly, through DLPack), or run ``python -m hgrn_cupy tune``.
 
 :func:`jax.vmap` over extra leading axes folds them into the batch (or, with ``cu_seqlens``, into
 more packed sequences) and runs one launch.  Forward-mode differentiation (``jax.jvp``) is not

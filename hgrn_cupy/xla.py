@@ -229,7 +229,8 @@ def _engine(spec, N, T, D, dtypes, varlen, direction):
         device = cupy.cuda.runtime.getDevice()
     except Exception:
         device = None
-    return dispatch.choose(spec.engine, _call(N, T, D, dtypes, varlen), direction, spec.reverse, device=device)
+    return dispatch.choose(spec.engine, _call(N, T, D, dtypes, varlen), direction, spec.reverse, device=device,
+                           traced=True)
 
 
 def _extra_outputs(out_shapes, spec, engine, N, T, D, varlen, acc, x_dtype, g_dtype):

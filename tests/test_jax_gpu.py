@@ -95,3 +95,38 @@ def test_gpu_vmap_and_grad(poison, rng, name, varlen):
     scan = jax.jit(jax.grad(loss(lambda x, g, h0: scan_hgrn(x, g, h0, cu)), argnums=(0, 1, 2)))(X, g, h0)
     for a, b in zip(ours, scan):
         assert rel_err(a, b) <= 5 * TOL["float32"]
+
+
+@pytest.mark.gpu
+def test_gpu_top_level_call_tunes_what_jit_then_takes(rng, monkeypatch, tmp_path):
+    """Under jit ``hgrn`` cannot measure: with nothing stored it warns once for the forward and once for the
+    backward.  One eager call of the top level's ``hgrn`` and ``hgrn_backward`` on JAX arrays of the class
+    measures and stores; a new program of the same class then runs the stored launches, warning no more."""
+    import warnings
+
+    import hgrn_cupy as hc
+    from hgrn_cupy import jax as hj
+    from hgrn_cupy import tuning
+
+    monkeypatch.setenv("HGRN_CUPY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hc.config, "engine", "auto")
+    monkeypatch.setattr(hc.config, "tune", True)
+    x, g, _, _ = gpu_inputs(rng, False, "float32", (2, 300, 64))
+
+    def untuned(scale):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grads = jax.jit(jax.grad(lambda x, g: scale * jnp.sum(hj.hgrn(x, g)[0]), argnums=(0, 1)))(x, g)
+            jax.block_until_ready(grads)
+        return [str(w.message) for w in caught if w.category is hc.UntunedWarning]
+
+    tuning.forget()
+    try:
+        assert len(untuned(1.0)) == 2
+        tuning.forget()  # the warnings given are forgotten too: what silences the next trace is the store
+        o, _ = hc.hgrn(x, g)
+        hc.hgrn_backward(g, o, jnp.ones_like(o))
+        assert len(tuning._memory) == 2, tuning._memory
+        assert untuned(2.0) == []
+    finally:
+        tuning.forget()

@@ -254,4 +254,6 @@ def test_auto_under_jit_warns_when_nothing_is_tuned(fake_device, rng, monkeypatc
     msgs = [str(w.message) for w in caught if w.category is hc.UntunedWarning]
     assert len(msgs) == 2 and "a forward" in msgs[0] and "a backward" in msgs[1], msgs
     assert all("float32/float32 2x80x16" in m and "python -m hgrn_cupy tune 2x80x16 --dtype float32" in m for m in msgs)
+    assert "call hgrn_cupy.hgrn (the top level" in msgs[0] and "call hgrn_cupy.hgrn_backward (the top" in msgs[1]
+    assert all("JAX tracing" in m and "capture" not in m for m in msgs)
     assert [c[1] for c in fake_device.calls] == ["fwd", "bwd"] * 2

@@ -193,6 +193,7 @@ def test_the_rule_run_untuned_warns_once_per_class(cache, monkeypatch):
 
     (msg,) = run(8, 4096, 2048)
     assert "bfloat16/bfloat16 8x4096x2048" in msg and "`python -m hgrn_cupy tune 8x4096x2048 --dtype bfloat16`" in msg
+    assert "CUDA-graph capture" in msg and "one such call outside capture first" in msg
     assert run(8, 5000, 2100) == []  # the same class
     assert len(run(8, 4096, 2048, device=DEV + " other")) == 1
     (msg,) = run(3, 9000, 256, varlen=True)
