@@ -17,8 +17,8 @@ PROBE_MARGIN_US = 5.0  # how far ours-auto may sit above the minimal probe's hos
 HOST_EDGE = 1.15
 HOST_NOTE = ("`*` host-bound: the host took longer to queue one call (torch's autograd included) than the "
              "device took to run it, or the cell read over 1.15x the device's time with the host busy for "
-             "half of it or more (device: CUDA events, the host queued ahead), so the cell times the host, "
-             "not the kernels; the direct column and the host-step table give the device's side.")
+             "half of it or more, so the cell times the host, not the kernels; `dev` is the device's time per "
+             "call (CUDA events around calls the host queued ahead of a wait), the figure to compare kernels by.")
 
 
 def fmt_ms(ms):
@@ -45,7 +45,8 @@ def host_bound(c):
 
 
 def mark(c):
-    return " *" if host_bound(c) else ""
+    """`` *``, with the device's time per call, on a host-bound cell; else nothing."""
+    return f" * dev {fmt_ms(c['device_ms'])}" if host_bound(c) else ""
 
 
 def host_note(cells):

@@ -342,12 +342,12 @@ def test_host_bound_cells_are_marked_and_explained():
                ours_best="ours-chunk", peer_best="ascan-triton", speedup=edge * 0.99 / 0.159)
     table = report.section_table([row], list(row["results"]))
     body = [c.strip() for c in table.splitlines()[2].split("|")[6:-2]]
-    assert [c.endswith(" *") for c in body] == [True, False, False, True, False], body
-    assert body[0] == "0.227 (2.27x) *" and body[1] == "0.159 (1.59x)"
+    assert [" * dev " in c for c in body] == [True, False, False, True, False], body
+    assert body[0] == "0.227 (2.27x) * dev 0.149" and body[1] == "0.159 (1.59x)"
     assert report.HOST_NOTE in table
     summary = report.compact_table([row])
     line = summary.splitlines()[2].split("|")
-    assert line[6].strip() == "0.159 (1.59x)" and line[8].strip() == "0.227 (1.43x) *", line
+    assert line[6].strip() == "0.159 (1.59x)" and line[8].strip() == "0.227 (1.43x) * dev 0.149", line
     assert report.HOST_NOTE in summary
     row["results"]["ours-auto"]["device_ms"] = 0.2101  # the device now the slower, the cell within the edge
     # the marked fla-chunk cell is in the pass table, not in the summary (ours best, auto, best peer)
