@@ -9,16 +9,15 @@ from __future__ import annotations
 from .plan import IMPLS, OURS
 
 PROBE_MARGIN_US = 5.0  # how far ours-auto may sit above the minimal probe's host time per step
-# A cell is host-bound where its call takes the host longer to queue than the device to run, or where,
-# the host busy for at least half of it (the only cells whose device time is measured), the cell reads
-# more than HOST_EDGE times the device's own time: what it adds is the host's.  Such a cell times the host
-# (torch's autograd, Python, launches), not the kernels, and its order between implementations follows
-# the lent machine's CPU.  Such cells are marked.
+# A cell is host-bound where it reads more than HOST_EDGE times the same timing with the host queued ahead
+# (``timing.Timer.queued``, measured where the host is busy for half the cell or more): what it adds is the
+# host's.  Such a cell times the host (torch's autograd, Python, launches), not the kernels, and its order
+# between implementations follows the lent machine's CPU.  Such cells are marked, with the queued figure.
+# (A host slower than the device alone does not make one: do_bench queues each call behind its L2 flush.)
 HOST_EDGE = 1.15
-HOST_NOTE = ("`*` host-bound: the host took longer to queue one call (torch's autograd included) than the "
-             "device took to run it, or the cell read over 1.15x the device's time with the host busy for "
-             "half of it or more, so the cell times the host, not the kernels; `dev` is the device's time per "
-             "call (CUDA events around calls the host queued ahead of a wait), the figure to compare kernels by.")
+HOST_NOTE = ("`*` host-bound: the cell read over 1.15x its own timing with the host queued ahead (`dev`: the "
+             "same flushed calls, CUDA events, queued behind a wait), so it times the host (torch's autograd "
+             "included), not the kernels; compare kernels by `dev`.")
 
 
 def fmt_ms(ms):
@@ -41,7 +40,7 @@ def cell_text(c, practical_ms):
 def host_bound(c):
     if c.get("status") != "ok" or c.get("device_ms") is None:
         return False
-    return c["host_ms"] > c["device_ms"] or c["ms"] > HOST_EDGE * c["device_ms"]
+    return c["ms"] > HOST_EDGE * c["device_ms"]
 
 
 def mark(c):

@@ -83,9 +83,10 @@ def run_cell(ctx, impl, pazz, section, case, sets, checker):
         if ctx.device != "cpu":  # on the CPU every call is synchronous: its host time is its time
             host = host_ms(ctx, fn)
             # A host-bound cell reads at most the host's time plus the device's (which is less), so a host
-            # time under half the cell rules it out; else the device's own time decides (report.host_bound).
+            # time under half the cell rules it out; else the cell timed with the host queued ahead decides
+            # (report.host_bound).
             if host >= 0.5 * ms:
-                device = ctx.timer.events(fn)
+                device = ctx.timer.queued(fn)
     except Exception as e:
         fns = fn = None  # the inputs' references go before after_error frees memory
         ctx.after_error()

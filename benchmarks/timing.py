@@ -37,18 +37,20 @@ def rotation_count(set_bytes, rotate_bytes, cap=256):
 class Timer:
     """Median milliseconds per call of ``fn``.
 
-    do_bench: triton.testing.do_bench (L2 flushed before every call; host launch overhead hidden
-      behind the flush).
+    do_bench: triton.testing.do_bench (L2 flushed before every call; the host's time to queue a call
+      hidden behind the flush while it is shorter than the flush).
     events: CUDA events around batches of calls; a ``torch.cuda._sleep`` queued ahead of each batch
       lets the host queue the whole batch first, so the batch runs back to back (device time, not
       host time); inputs are expected to rotate.
     wall: ``time.perf_counter`` with a synchronisation per call (CPU smoke runs only).
     """
     CYCLES_PER_MS = 2.0e6  # the spin is in clock cycles; a slower clock only lengthens it
+    FLUSH_BYTES = 256 << 20  # what do_bench zeroes before every call
 
     def __init__(self, ctx, kind, warmup_ms, rep_ms):
         self.ctx, self.warmup_ms, self.rep_ms = ctx, warmup_ms, rep_ms
         self.kind = kind
+        self._flush = None
         if ctx.device == "cpu":
             self.kind = "wall"
         elif kind in ("auto", "do_bench"):
@@ -106,6 +108,41 @@ class Timer:
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) / n for s, e in events)
 
+    def queued(self, fn, calls=20, rounds=3):
+        """Milliseconds per call of ``fn`` timed as this timer times it, with the host queued ahead: for
+        do_bench, its L2 flush then CUDA events around one call, ``calls`` times behind one spin long
+        enough for the host to queue them all (``rounds`` times), the median; the events timer queues
+        ahead already, and its figure is its own.  What a cell reads above this figure is the host's time
+        (``report.host_bound``)."""
+        if self.kind != "do_bench":
+            return self(fn)
+        torch = self.ctx.torch
+        if self._flush is None:
+            self._flush = torch.empty(self.FLUSH_BYTES, dtype=torch.int8, device="cuda")
+        flush = self._flush
+        self.ctx.sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            flush.zero_()
+            fn()
+        host_ms = (time.perf_counter() - t0) * 1e3 / 3
+        self.ctx.sync()
+        sleep = getattr(torch.cuda, "_sleep", None)
+        spin = int(min(host_ms * calls * 1.5, 50.0) * self.CYCLES_PER_MS)
+        events = []
+        for _ in range(rounds):
+            if sleep is not None:
+                sleep(spin)
+            for _ in range(calls):
+                flush.zero_()
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                events.append((s, e))
+        self.ctx.sync()
+        return statistics.median(s.elapsed_time(e) for s, e in events)
+
     def _wall(self, fn):
         fn()
         times, spent = [], 0.0
@@ -120,8 +157,8 @@ class Timer:
 
 def host_ms(ctx, fn, calls=20):
     """Host milliseconds to queue one call of ``fn``: ``calls`` calls back to back, the clock read before
-    the synchronisation at the end (a call that waits for the GPU reads the wait).  A cell whose host
-    time exceeds its device time times the host, not the kernels (``report.host_bound``)."""
+    the synchronisation at the end (a call that waits for the GPU reads the wait).  Under half a cell's
+    time it cannot be what the cell reads (``sections.run_cell``)."""
     ctx.sync()
     t0 = time.perf_counter()
     for _ in range(calls):

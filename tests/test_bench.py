@@ -327,10 +327,10 @@ def test_results_name_no_folder_of_the_machine_that_ran():
 
 
 def test_host_bound_cells_are_marked_and_explained():
-    """A cell reads ``*`` in the pass table and the summary, with the footnote, where its host takes longer
-    to queue a call than the device to run it, or where it reads over HOST_EDGE times the device's time;
-    not where neither holds, nor without a device figure (not measured: the host was under half the cell,
-    or a CPU run)."""
+    """A cell reads ``*`` and its queued figure (``dev``) in the pass table and the summary, with the
+    footnote, where it reads over HOST_EDGE times its timing with the host queued ahead; not within that,
+    a host slower than the device included (the flush hides it), nor without a queued figure (not
+    measured: the host was under half the cell, or a CPU run)."""
     def ok(ms, host, device):
         return dict(status="ok", ms=ms, host_ms=host, device_ms=device)
 
@@ -338,11 +338,11 @@ def test_host_bound_cells_are_marked_and_explained():
     row = dict(B=8, T=4096, D=1024, dtype="bfloat16", **{"pass": "fwdbwd"}, floor_ms=0.1, practical_ms=0.1,
                results={"ours-auto": ok(0.227, 0.21, 0.149), "ours-chunk": ok(0.159, 0.07, None),
                         "ours-auto-direct": ok(0.152, 0.08, 0.151), "fla-chunk": ok(edge * 1.01, 0.095, 0.103),
-                        "ascan-triton": ok(edge * 0.99, 0.095, 0.103)},
+                        "ascan-triton": ok(edge * 0.99, 0.095, 0.103), "fla-fused": ok(0.0047, 0.024, 0.0045)},
                ours_best="ours-chunk", peer_best="ascan-triton", speedup=edge * 0.99 / 0.159)
     table = report.section_table([row], list(row["results"]))
     body = [c.strip() for c in table.splitlines()[2].split("|")[6:-2]]
-    assert [" * dev " in c for c in body] == [True, False, False, True, False], body
+    assert [" * dev " in c for c in body] == [True, False, False, True, False, False], body
     assert body[0] == "0.227 (2.27x) * dev 0.149" and body[1] == "0.159 (1.59x)"
     assert report.HOST_NOTE in table
     summary = report.compact_table([row])

@@ -96,3 +96,65 @@ def test_host_ms_is_the_queueing_time_of_one_call(monkeypatch):
     ctx = types.SimpleNamespace(sync=lambda: syncs.append(clock["t"]))
     assert timing.host_ms(ctx, call, calls=7) == pytest.approx(2.0)
     assert syncs == [0.0, pytest.approx(14e-3)]
+
+
+class _FakeGpu:
+    """One stream on a fake clock: the host pays each call's host cost as it queues it; the device runs
+    what is queued in order, each op from when it is queued or the device is free, whichever is later.
+    Events read the device's clock when it reaches them; ``_sleep`` spins the device."""
+
+    def __init__(self, monkeypatch, timing):
+        self.host = self.free = 0.0  # seconds
+        monkeypatch.setattr(timing.time, "perf_counter", lambda: self.host)
+        gpu = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.at = None
+
+            def record(self):
+                self.at = gpu.op(0.0, 0.0)
+
+            def elapsed_time(self, end):
+                return (end.at - self.at) * 1e3
+
+        class Buffer:
+            def zero_(self):  # do_bench's L2 flush: 80 us on the device, 5 us to queue
+                gpu.op(5e-6, 80e-6)
+
+        self.torch = types.SimpleNamespace(
+            int8="int8", empty=lambda *a, **k: Buffer(),
+            cuda=types.SimpleNamespace(Event=Event, _sleep=lambda cycles: gpu.op(0.0, cycles / 2.0e9)))
+        self.ctx = types.SimpleNamespace(torch=self.torch, device="cuda", sync=self.sync)
+
+    def op(self, host_s, device_s):
+        """Queue one op; the device time at which it starts."""
+        self.host += host_s
+        start = max(self.host, self.free)
+        self.free = start + device_s
+        return start
+
+    def sync(self):
+        self.host = max(self.host, self.free)
+
+    def call(self, host_us, device_us):
+        return lambda: self.op(host_us * 1e-6, device_us * 1e-6)
+
+
+@pytest.mark.parametrize("host_us", [30.0, 150.0, 900.0])
+def test_queued_reads_the_device_whatever_the_host(monkeypatch, host_us):
+    """A 5 us kernel whose call takes the host 30 us (hidden by the flush), 150 us or 900 us (not hidden):
+    timed with the host queued ahead it reads 5 us each time.  Without the spin (no ``_sleep``), the same
+    calls read the host's excess over the flush."""
+    from benchmarks import timing
+
+    gpu = _FakeGpu(monkeypatch, timing)
+    timer = timing.Timer(gpu.ctx, "events", 1.0, 1.0)
+    timer.kind = "do_bench"
+    assert timer.queued(gpu.call(host_us, 5.0)) == pytest.approx(5e-3)
+    monkeypatch.setattr(gpu.torch.cuda, "_sleep", None)
+    late = timer.queued(gpu.call(host_us, 5.0))
+    if host_us + 5.0 > 80.0:  # the host queues a flush and a call more slowly than the device runs them
+        assert late == pytest.approx((host_us + 5.0 - 80.0) * 1e-3), late
+    else:
+        assert late == pytest.approx(5e-3)
