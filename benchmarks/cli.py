@@ -69,6 +69,9 @@ def parse_args(argv=None):
                     help="comma list of implementation name prefixes to run, e.g. ours,fla (default: all of "
                          + ", ".join(P.IMPLS) + "; the host step adds ours-probe, decode ours-torch, torch-eager)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit (no torch, no GPU)")
+    ap.add_argument("--render", metavar="JSON", default=None,
+                    help="write DIR/results.md from a run's results.json with this tree's tables and marks, "
+                         "and exit (no torch, no GPU)")
     ap.add_argument("--timer", choices=("auto", "do_bench", "events"), default="auto",
                     help="auto: triton's do_bench when triton imports, else CUDA events")
     ap.add_argument("--warmup-ms", type=float, default=None, help="default 25 (quick: 5)")
@@ -149,6 +152,8 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     args = parse_args(argv)
+    if args.render:
+        return render(args.render, args.out)
     plan = P.build_plan(args)
     extras = P.extras_plan(args)
     if args.cpu_smoke:
@@ -169,6 +174,22 @@ def main(argv=None):
             precompile.wait(children, 0, quiet=True)
         if build is not None:
             build.stop()
+
+
+def render(source, out):
+    """DIR/results.md from ``source`` (a run's results.json), rendered by this tree's report."""
+    import json
+    import types
+    from pathlib import Path
+
+    from .output import render_md
+
+    results = json.loads(Path(source).read_text())
+    Path(out).mkdir(parents=True, exist_ok=True)
+    ctx = types.SimpleNamespace(results=results, missing=results.get("not_run") or {})
+    (Path(out) / "results.md").write_text(render_md(ctx))
+    log(f"wrote {Path(out) / 'results.md'} from {source}")
+    return 0
 
 
 def run_benchmark(args, plan, extras, t_start, children, build):

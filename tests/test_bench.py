@@ -210,6 +210,9 @@ def test_cpu_smoke_runs_every_section_and_skips_peers_after_the_budget(tmp_path)
         assert (out / "bw_vs_T.png").exists() and (out / "bw_vs_channels.png").exists()
     assert f"torch-loop {P.BUDGET_NOTE}" in run.stdout
     assert run.stdout.rstrip().splitlines()[-1].startswith("total wall time:")
+    again = run_module("--render", str(out / "results.json"), "--out", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "again" / "results.md").read_text() == md  # the run's own tables, from its numbers
 
 
 def test_without_jax_the_jax_section_is_one_skip_line(tmp_path):
