@@ -2,7 +2,7 @@
 """Memory schedules a chunk kernel could have, with no recurrence: how close to torch.add each moves the
 forward's bytes (x, g in, o = x + g out) in the chunk engine's geometry (``stream_schedule.cu``).
 
-    python benchmarks/experiments/stream_schedule.py [--group schedules|habits|more|hints|carveout] [--cases ...] [--smoke]
+    python benchmarks/experiments/stream_schedule.py [--group schedules|habits|more|hints|carveout|residency] [--cases ...] [--smoke]
     python benchmarks/experiments/stream_schedule.py --compile-only    (NVRTC alone, no GPU)
 
 The question: the shipped block design's memory schedule alone sits 1.08-1.09x the add on the H200
@@ -36,6 +36,11 @@ Group ``more``: a wait of about 1 us between a block's loads and its stores (``+
 look-back does to the schedule), with plain and with streaming hints; and persistent blocks fed by one
 bulk copy a tensor and item (``whole``: where a row is one 512-byte segment, D * itemsize = 512, the
 item's rows are contiguous) against one copy a row.
+
+Group ``residency``: the launcher prints each plain kernel's registers and the blocks a SM the
+occupancy calculator gives it (the chunk bound holds two blocks of 8 warps a SM at 128 registers), and
+``L1 least`` launches the plain schedule with the most shared memory (unused) two blocks a SM can take:
+whether the loads in flight need L1.
 
 Every variant but the chunk bounds is checked against torch.add (the first column).  A schedule that
 reaches the add's ratio here is worth a recurrence on top (its look-back and scan cost what
@@ -81,9 +86,12 @@ VARIANTS = {
     "blocks x8 +st.cs": ("stream_blocks", 16, 8, 2, 32),
     "blocks x8 +smem": ("stream_blocks", 16, 8, 2, 64),
     "blocks x8 +smem, carveout 0": ("stream_blocks", 16, 8, 2, 192),
+    "blocks x8, L1 least": ("stream_blocks", 16, 8, 2, 256),
+    "blocks x8 +st.cs, L1 least": ("stream_blocks", 16, 8, 2, 256 + 32),
 }
 # MODE bits the launcher reads (the kernel ignores them): 64 launches with the shipped forward block's
-# shared memory (SMEM_BYTES, unused), 128 asks the driver for the least shared memory (carveout 0%).
+# shared memory (SMEM_BYTES, unused), 128 asks the driver for the least shared memory (carveout 0%), 256
+# for the most (carveout 100%, two blocks' worth of unused dynamic shared memory: the least L1).
 SMEM_BYTES = 16416
 CARVEOUTS = {"default": None, "0%": 0, "28% (64 KB)": 28, "100%": 100}
 # The shipped forward's carry-in holds the only block barriers of a 16-bit vector block past its first
@@ -117,11 +125,16 @@ GROUPS = {
     "carveout": (["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:32x2048x4096", "f32:8x4096x2048"],
                  ["torch.add", "blocks 256B x8", "blocks x8 +smem", "blocks x8 +smem, carveout 0"]
                  + [f"chunk, carveout {c}" for c in CARVEOUTS]),
+    "residency": (["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:1x32768x1024", "bf16:32x2048x4096",
+                   "f32:8x4096x2048"],
+                  ["torch.add", "blocks 256B x8", "blocks x8 +st.cs", "blocks x8, L1 least",
+                   "blocks x8 +st.cs, L1 least", "chunk bound", "chunk bound ld.nc"]),
 }
 ELEMENT = {"bfloat16": "ss::Bf16", "float32": "ss::F32"}
 
 
 def name_of(kernel, element, lanes, steps, third, *mode):
+    """The name expression of one instantiation (launcher-only variants share their kernel's)."""
     return f"ss::{kernel}<{', '.join(str(a) for a in (element, lanes, steps, third, *mode))}>"
 
 
@@ -132,6 +145,28 @@ def names():
 def compile_only():
     """Every instantiation through NVRTC for sm_90 (no GPU): prints the log, exits non-zero on failure."""
     k.compile_only(SOURCE.read_text(), SOURCE.name, names(), OPTIONS)
+
+
+def hold_resident(fn, blocks, device):
+    """The dynamic shared memory (bytes) that lets ``blocks`` blocks of ``fn`` share a SM and no more, with
+    the split of L1 and shared memory asked for that holds them."""
+    from cupy_backends.cuda.api import driver, runtime
+
+    static = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn.kernel.ptr)
+    reserve = runtime.deviceGetAttribute(runtime.cudaDevAttrReservedSharedMemoryPerBlock, device)
+    per_sm = runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)
+    dynamic = (per_sm // blocks - static - reserve) // 128 * 128
+    fn.max_dynamic_shared_size_bytes = dynamic
+    driver.funcSetAttribute(fn.kernel.ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)
+    return dynamic
+
+
+def report_residency(name, fn, shared):
+    """Print a variant's registers a thread and the blocks a SM the occupancy calculator gives it."""
+    from cupy_backends.cuda.api import driver
+
+    per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, 32 * WARPS, shared)
+    print(f"# {name}: {fn.num_regs} registers, {shared} B dynamic shared, {per_sm} blocks a SM", file=sys.stderr)
 
 
 def launcher(torch, module, name, sms, nvrtc):
@@ -155,6 +190,9 @@ def launcher(torch, module, name, sms, nvrtc):
             shared = SMEM_BYTES if mode[0] & 64 else 0
             if mode[0] & 128:
                 nvrtc.prefer_shared(fn.kernel, 0)
+            if mode[0] & 256:
+                shared = hold_resident(fn, 2, x.device.index)
+            report_residency(name, fn, shared)
         elif kernel == "stream_regpipe":
             grid = min(ntiles * nchunks, third * sms)
         else:
