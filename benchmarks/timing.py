@@ -133,13 +133,7 @@ class Timer:
         for _ in range(rounds):
             if sleep is not None:
                 sleep(spin)
-            for _ in range(calls):
-                flush.zero_()
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                events.append((s, e))
+            flushed_calls(torch, flush, fn, calls, events)
         self.ctx.sync()
         return statistics.median(s.elapsed_time(e) for s, e in events)
 
@@ -153,6 +147,18 @@ class Timer:
             times.append(dt)
             spent += dt
         return statistics.median(times)
+
+
+def flushed_calls(torch, flush, fn, calls, events):
+    """Queue ``calls`` calls of ``fn``, each after an L2 flush (``flush.zero_()``) and between two CUDA
+    events, as do_bench times a call; the (start, end) pairs go to ``events``."""
+    for _ in range(calls):
+        flush.zero_()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        events.append((s, e))
 
 
 def host_ms(ctx, fn, calls=20):

@@ -171,14 +171,10 @@ class Timer:
         each = max(start.elapsed_time(end) / 5, 1e-3)
         for _ in range(max(1, int(self.warmup_ms / each))):
             fn()
+        from benchmarks.timing import flushed_calls
+
         pairs = []
-        for _ in range(max(5, int(self.rep_ms / each))):
-            self._flush.zero_()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            pairs.append((s, e))
+        flushed_calls(torch, self._flush, fn, max(5, int(self.rep_ms / each)), pairs)
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in pairs)
 
