@@ -1,10 +1,13 @@
 """The checks the GPU kernel tests share: the engines under test, host float64 <-> device arrays of a
 given dtype, the per-test generator, and one forward or backward call checked against the NumPy reference.
 
-The generator (``_rng()``, named by ``_seed()`` in assertion messages) lives in ``_draw``; the test module's
-``seeded`` fixture fills it per test.  ``launched_kernels`` records the kernels launched while a test runs.
-Needs CuPy (the import skips the module without it).
+The generator (``_rng()``, named by ``_seed()`` in assertion messages) lives in ``_draw``; the ``seeded``
+fixture fills it per test (autouse in the modules that import it).  ``launched_kernels`` records the kernels
+launched while a test runs.  ``VARLEN`` and ``VECTOR_VIEWS`` are the packed offsets and strided views the
+modules share.  Needs CuPy (the import skips the module without it).
 """
+import zlib
+
 import numpy as np
 import pytest
 
@@ -34,6 +37,15 @@ def lib_engine(engine):
 # helpers: host float64 <-> device arrays of a given dtype
 
 _draw: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """One generator per test, seeded from the test's id: ``_rng()`` hands it out, ``_seed()`` names it."""
+    _draw["seed"] = zlib.crc32(request.node.nodeid.encode())
+    _draw["rng"] = np.random.default_rng(_draw["seed"])
+    yield
+    _draw.clear()
 
 
 def _rng():
@@ -167,3 +179,24 @@ def launched_kernels(monkeypatch):
     monkeypatch.setattr(nvrtc, "get_function", get_function)
     monkeypatch.setattr(nvrtc, "bind", bind)
     return launched
+
+
+# ---------------------------------------------------------------------------------------------
+# packed offsets and strided views
+
+VARLEN = [
+    [0, 0, 1, 1, 50, 50, 1037, 1300],          # empty and length-1 sequences, one spanning chunks
+    [0, 1300],                                  # one sequence
+    [0, 3, 3, 3, 700, 701, 702, 1299, 1300],   # several empties in a row, T-1 boundaries
+    [0, 0, 0, 1300],
+]
+
+
+VECTOR_VIEWS = {  # (view, whether the chunk engine can still use 16-byte accesses on it)
+    "dense": (lambda a: a, True),
+    "time_stride": (lambda a: a[:, ::3], True),
+    "batch_slice": (lambda a: a[1:], True),
+    "channel_slice_aligned": (lambda a: a[:, 5:, 8:-16], True),
+    "reversed_time": (lambda a: a[:, ::-1], True),
+    "odd_offset": (lambda a: a[:, :, 1:-7], False),
+}

@@ -4,8 +4,6 @@ Inputs are drawn from one generator per test, seeded from the test's id (the see
 message, so a failure replays); outputs are NaN-poisoned before every launch (fixture ``poison``), so an
 element a kernel fails to write cannot pass.  Tolerances live in conftest.
 """
-import zlib
-
 import numpy as np
 import pytest
 
@@ -14,8 +12,9 @@ from conftest import force_block_walks
 cupy = pytest.importorskip("cupy")
 import hgrn_cupy as hc  # noqa: E402
 from gpu_kernel_checks import (  # noqa: E402
-    DTYPES, ENGINES, FORWARD, _draw, _rng, _seed, check_backward, check_forward, launched_kernels,
+    DTYPES, ENGINES, FORWARD, VARLEN, VECTOR_VIEWS, _rng, _seed, check_backward, check_forward, launched_kernels,
     lib_engine, make_inputs, to_dev, to_host)
+from gpu_kernel_checks import seeded  # noqa: E402, F401  (an autouse fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison")]
 
@@ -38,15 +37,6 @@ def walk_channels(request, monkeypatch):
     plans._plans.clear()  # plans made under the usual thresholds
     yield
     plans._plans.clear()
-
-
-@pytest.fixture(autouse=True)
-def seeded(request):
-    """One generator per test, seeded from the test's id: ``_rng()`` hands it out, ``_seed()`` names it."""
-    _draw["seed"] = zlib.crc32(request.node.nodeid.encode())
-    _draw["rng"] = np.random.default_rng(_draw["seed"])
-    yield
-    _draw.clear()
 
 
 @pytest.fixture
@@ -90,14 +80,6 @@ def test_initial_and_final_state(engine, has_h0, final):
     h0 = rng.standard_normal((3, 70)) if has_h0 else None
     check_forward(engine, x, g, "float32", h0, final=final)
     check_backward(engine, x, g, "float32", h0, with_dht=final)
-
-
-VARLEN = [
-    [0, 0, 1, 1, 50, 50, 1037, 1300],          # empty and length-1 sequences, one spanning chunks
-    [0, 1300],                                  # one sequence
-    [0, 3, 3, 3, 700, 701, 702, 1299, 1300],   # several empties in a row, T-1 boundaries
-    [0, 0, 0, 1300],
-]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -193,16 +175,6 @@ def test_long_sequence_chunk(dtype, D):
     check_backward("chunk", x, g, dtype, h0)
 
 
-VECTOR_VIEWS = {  # (view, whether the chunk engine can still use 16-byte accesses on it)
-    "dense": (lambda a: a, True),
-    "time_stride": (lambda a: a[:, ::3], True),
-    "batch_slice": (lambda a: a[1:], True),
-    "channel_slice_aligned": (lambda a: a[:, 5:, 8:-16], True),
-    "reversed_time": (lambda a: a[:, ::-1], True),
-    "odd_offset": (lambda a: a[:, :, 1:-7], False),
-}
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("view", ["dense", "time_stride", "batch_slice", "channel_slice_aligned", "reversed_time",
                                   "odd_offset"])
@@ -228,142 +200,6 @@ def test_chunk_access_width(dtype, view, fresh_plans, monkeypatch):
     assert [k[0] for k in launched] == ["chunk_fwd"] and launched[0][-1] == str(expect), (_seed(), launched)
     xs, gs = to_host(fn(to_dev(x, dtype))), to_host(fn(to_dev(g, dtype)))
     check_backward("chunk", xs, gs, dtype, h0, reverse=view == "batch_slice")
-
-
-# The staged block walk (``fused_recurrent.STAGED``, a launch the tuner measures for 16-bit forwards): T
-# around its 64-step window and past its two stages, D around its block of 128 channels (8-byte lanes).
-STAGED_SHAPES = [(2, 2, 132), (3, 3, 4), (3, 63, 36), (2, 64, 128), (1, 65, 260), (2, 129, 36), (1, 1000, 4100),
-                 (1, 4097, 96)]
-STAGED = "fused_recurrent_staged_fwd"
-
-
-def force_staged(monkeypatch):
-    """The fused forward as the staged block walk wherever its 8-byte lanes fit: block walks opened to every
-    channel count and T, plans made afresh."""
-    from hgrn_cupy import plans
-    from hgrn_cupy.engines import fused_recurrent
-
-    force_block_walks(monkeypatch, narrow=False)
-    prepare = fused_recurrent.prepare
-    monkeypatch.setattr(fused_recurrent, "prepare", lambda *args, **kw: prepare(*args, **{**kw, "staged": True}))
-    monkeypatch.setattr(plans, "_plans", {})
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("shape", STAGED_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
-def test_staged_forward(dtype, shape, reverse, monkeypatch):
-    """The staged block walk with and without h0 and ht, and it is the kernel that ran."""
-    B, T, D = shape
-    force_staged(monkeypatch)
-    rng = _rng()
-    x, g = make_inputs(B, T, D, rng=rng)
-    launched = launched_kernels(monkeypatch)
-    check_forward("fused_recurrent", x, g, dtype, rng.standard_normal((B, D)), reverse=reverse)
-    check_forward("fused_recurrent", x, g, dtype, None, reverse=reverse, final=False)
-    assert [k[0] for k in launched] == [STAGED] * 2, (_seed(), launched)
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("cu", VARLEN, ids=lambda c: f"n{len(c) - 1}")
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
-def test_staged_forward_varlen(dtype, cu, reverse, monkeypatch):
-    """Packed sequences (empty ones, one step, many windows) through the staged block walk, h0 in, ht out."""
-    force_staged(monkeypatch)
-    rng = _rng()
-    x, g = make_inputs(1, cu[-1], 264, rng=rng)
-    launched = launched_kernels(monkeypatch)
-    check_forward("fused_recurrent", x, g, dtype, rng.standard_normal((len(cu) - 1, 264)), cu=cu, reverse=reverse)
-    assert [k[0] for k in launched if k[0].startswith("fused")] == [STAGED], (_seed(), launched)
-
-
-@pytest.mark.parametrize("view", list(VECTOR_VIEWS), ids=list(VECTOR_VIEWS))
-def test_staged_forward_views(view, monkeypatch):
-    """Strided views through the staged block walk where their pointers and strides allow 8-byte lanes, the
-    thread walk where they do not."""
-    fn, vector = VECTOR_VIEWS[view]
-    force_staged(monkeypatch)
-    rng = _rng()
-    x, g = make_inputs(3, 700, 288, rng=rng)
-    B, D = fn(np.empty((3, 700, 288)))[:, 0].shape
-    launched = launched_kernels(monkeypatch)
-    check_forward("fused_recurrent", x, g, "bfloat16", rng.standard_normal((B, D)), views=fn)
-    assert [k[0] for k in launched] == [STAGED if vector else "fused_recurrent_fwd"], (_seed(), launched)
-
-
-@pytest.mark.parametrize("gate", ["zero", "very_negative", "neg_inf"])
-def test_staged_forward_gate_extremes(gate, monkeypatch):
-    force_staged(monkeypatch)
-    x, g = make_inputs(2, 700, 40, gate=gate)
-    o = check_forward("fused_recurrent", x, g, "bfloat16", _rng().standard_normal((2, 40)))
-    assert bool(cupy.isfinite(o).all()), _seed()
-
-
-
-# The bulk walk (``fused_recurrent.BULK``, launches the tuner measures for dense forwards whose inputs share
-# an itemsize of 2 or 4): the staged walk's shapes at both lane widths.  It takes a layout whose strides are
-# multiples of 16 bytes and pointers 16-byte aligned; others fall back to the walks.
-BULK = "fused_recurrent_bulk_fwd"
-
-
-def force_bulk(monkeypatch, lanes):
-    """The fused forward as the bulk walk of ``lanes``-byte lanes wherever the layout allows it: block walks
-    opened to every channel count and T, plans made afresh."""
-    from hgrn_cupy import plans
-    from hgrn_cupy.engines import fused_recurrent
-
-    force_block_walks(monkeypatch, narrow=False)
-    prepare = fused_recurrent.prepare
-    monkeypatch.setattr(fused_recurrent, "prepare",
-                        lambda *args, **kw: prepare(*args, **{**kw, "bulk": True, "lanes": lanes}))
-    monkeypatch.setattr(plans, "_plans", {})
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-@pytest.mark.parametrize("lanes", [4, 8])
-@pytest.mark.parametrize("shape", STAGED_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
-def test_bulk_forward(dtype, lanes, shape, reverse, monkeypatch):
-    """The bulk walk with and without h0 and ht; it is the kernel that ran wherever rows are whole
-    16-byte multiples and D divides into its lanes, and no kernel ran it elsewhere."""
-    B, T, D = shape
-    force_bulk(monkeypatch, lanes)
-    rng = _rng()
-    x, g = make_inputs(B, T, D, rng=rng)
-    launched = launched_kernels(monkeypatch)
-    check_forward("fused_recurrent", x, g, dtype, rng.standard_normal((B, D)), reverse=reverse)
-    check_forward("fused_recurrent", x, g, dtype, None, reverse=reverse, final=False)
-    size = 4 if dtype == "float32" else 2
-    takes = D * size % 16 == 0 and D % (lanes // size) == 0
-    ran = [k[0] for k in launched]
-    assert (ran == [BULK] * 2) if takes else (BULK not in ran), (_seed(), launched)
-
-
-@pytest.mark.parametrize("view", list(VECTOR_VIEWS), ids=list(VECTOR_VIEWS))
-def test_bulk_forward_views(view, monkeypatch):
-    """Strided views through the bulk walk where their strides are positive multiples of 16 bytes, each
-    sequence's stride at least T time strides and their pointers 16-byte aligned; the block walk elsewhere
-    (reversed time; every third step, whose 234 steps of three rows span 702 rows of a 700-row sequence) or
-    the thread walk (odd offset)."""
-    fn, _ = VECTOR_VIEWS[view]
-    force_bulk(monkeypatch, 8)
-    rng = _rng()
-    x, g = make_inputs(3, 700, 288, rng=rng)
-    B, D = fn(np.empty((3, 700, 288)))[:, 0].shape
-    launched = launched_kernels(monkeypatch)
-    check_forward("fused_recurrent", x, g, "bfloat16", rng.standard_normal((B, D)), views=fn)
-    expect = {"reversed_time": "fused_recurrent_block_fwd", "time_stride": "fused_recurrent_block_fwd",
-              "odd_offset": "fused_recurrent_fwd"}.get(view, BULK)
-    assert [k[0] for k in launched] == [expect], (_seed(), launched)
-
-
-@pytest.mark.parametrize("gate", ["zero", "very_negative", "neg_inf"])
-@pytest.mark.parametrize("lanes", [4, 8])
-def test_bulk_forward_gate_extremes(gate, lanes, monkeypatch):
-    force_bulk(monkeypatch, lanes)
-    x, g = make_inputs(2, 700, 40, gate=gate)
-    o = check_forward("fused_recurrent", x, g, "bfloat16", _rng().standard_normal((2, 40)))
-    assert bool(cupy.isfinite(o).all()), _seed()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
