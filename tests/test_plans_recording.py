@@ -1,20 +1,15 @@
-"""The GPU plan body on a recording driver, and kept scratch (``hgrn_cupy.plans``, ``hgrn_cupy.workspace``;
-CPU).
+"""The GPU plan body on a recording driver (``hgrn_cupy.plans``; CPU).
 
 With torch CPU tensors posing as CUDA ones and reference "kernels" reading and writing through the
 packed parameters (``recording.RecordingDriver``), the GPU plan body's launches compute the float64
 reference, on the stream read at each call, with the widest accesses each call's pointers allow, and
-with kept or fresh scratch; poisoned outputs are filled before the launch.  Kept scratch (host memory
-standing in for the allocators'): one buffer per framework, device, stream and accumulation itemsize,
-grown, bypassed while capturing or when switched off, released on request, and per thread on the
-default stream's handles.
+with kept or fresh scratch; poisoned outputs are filled before the launch.  Kept scratch itself:
+``test_workspace.py``.
 """
-import threading
-import types
 
 import numpy as np
 import pytest
-from conftest import TOL, device_scope_on, force_block_walks, rel_err, to_numpy
+from conftest import TOL, force_block_walks, rel_err, to_numpy
 from recording import CASES, POINTERS, _torch_case, fake_cuda, fresh_plans  # noqa: F401  (fixtures)
 
 import hgrn_cupy as hc
@@ -333,81 +328,6 @@ def test_fake_cuda_fused_past_one_grid(varlen, reverse, fake_cuda, fresh_plans, 
         else:
             assert c["x" if k < 3 else "g"] == (x if k < 3 else g).data_ptr() + n0 * T * D * 4
         assert c["h0"] == h0.data_ptr() + (k % 3) * state_rows
-
-
-# ----------------------------------------------------------------------------------------------
-# kept scratch (CPU: host memory standing in for the allocators')
-
-@pytest.mark.parametrize("fw", ["torch", "cupy"])
-def test_kept_workspaces(fw, monkeypatch):
-    """Kept scratch is one buffer per (framework, device, stream, accumulation itemsize), at least
-    MIN_BYTES and a power of two, made (and filled with ones, on its stream) only when none is big
-    enough; it is not used while the stream captures a graph or when switched off, and
-    release_workspaces frees it."""
-    cupy = pytest.importorskip("cupy")
-    fills, made = [], []
-    monkeypatch.setattr(cupy.cuda.runtime, "memsetAsync", lambda p, v, n, s: fills.append((p, v, n, s)))
-    monkeypatch.setattr(workspace, "_kept", {})
-    capturing = set()
-    monkeypatch.setattr(workspace, "capturing", lambda stream_ptr: stream_ptr in capturing)
-    if fw == "torch":
-        torch = pytest.importorskip("torch")
-        real_empty = torch.empty
-
-        def empty(shape, dtype, device):  # host memory standing in for the device's
-            made.append((shape, device))
-            return real_empty(shape, dtype=dtype)
-        monkeypatch.setattr(torch, "empty", empty)
-        alloc = workspace.source(torch_device=types.SimpleNamespace(index=1))
-    else:
-        alloc = _cupy_alloc(monkeypatch, made)
-
-    small, least = 1000, workspace.MIN_BYTES
-    a = alloc(small, 4, 5)
-    assert a[2] and a[3] == least and fills == [(a[0], 0xFF, least, 5)]
-    assert alloc(least, 4, 5) is a and len(fills) == 1  # fits: the same buffer, no fill
-    b = alloc(small, 8, 5)  # another accumulation itemsize: its own buffer
-    c = alloc(small, 4, 6)  # another stream: its own buffer
-    assert len({a[0], b[0], c[0]}) == 3 and len(fills) == 3 and len(workspace._kept) == 3
-    d = alloc(least + 1, 4, 5)  # grown to the next power of two, filled
-    assert d[0] != a[0] and d[3] == 2 * least and fills[-1] == (d[0], 0xFF, 2 * least, 5)
-    assert len(workspace._kept) == 3
-    capturing.add(5)  # capturing: fresh memory of the size asked, which the launcher fills
-    e = alloc(small, 4, 5)
-    assert not e[2] and e[3] == small and e[0] != d[0] and len(fills) == 4
-    capturing.clear()
-    monkeypatch.setattr(hc.config, "keep_workspaces", False)
-    assert not alloc(small, 4, 5)[2] and len(fills) == 4
-    monkeypatch.setattr(hc.config, "keep_workspaces", True)
-    assert alloc(small, 4, 5) is d
-    hc.release_workspaces()
-    assert not workspace._kept
-    assert alloc(small, 4, 5)[0] != d[0] and len(fills) == 5 and len(made) == 7
-    # the default stream's handles may name another stream in each thread: memory per thread there
-    for handle, per_thread in ((0, True), (2, True), (5, False)):
-        mine = alloc(small, 4, handle)
-        theirs = []
-        t = threading.Thread(target=lambda: theirs.append(alloc(small, 4, handle)))
-        t.start()
-        t.join()
-        assert (theirs[0][0] != mine[0]) == per_thread and alloc(small, 4, handle) is mine
-
-
-def _cupy_alloc(monkeypatch, made):
-    """workspace.source for CuPy device 1 with host arrays standing in for CuPy's (data.ptr their
-    address) and no device switch."""
-    cupy = pytest.importorskip("cupy")
-
-    class HostArray:
-        def __init__(self, shape, dtype):
-            made.append((shape, dtype))
-            self.a = np.empty(shape, dtype)
-            self.data = types.SimpleNamespace(ptr=self.a.ctypes.data)
-
-    monkeypatch.setattr(cupy, "empty", HostArray)
-    monkeypatch.setattr(cupy.cuda, "Device", device_scope_on(1))
-    return workspace.source(cupy_device=1)
-
 
 
 def test_fake_cuda_narrow_backward(fake_cuda, fresh_plans, monkeypatch):
