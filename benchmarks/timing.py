@@ -110,8 +110,8 @@ class Timer:
 
     def queued(self, fn, calls=20, rounds=3):
         """Milliseconds per call of ``fn`` timed as this timer times it, with the host queued ahead: for
-        do_bench, its L2 flush then CUDA events around one call, ``calls`` times behind one spin long
-        enough for the host to queue them all (``rounds`` times), the median; the events timer queues
+        do_bench, its L2 flush then CUDA events around one call, up to ``calls`` times behind one spin
+        (at most 50 ms) long enough for the host to queue them all (``rounds`` times), the median; the events timer queues
         ahead already, and its figure is its own.  What a cell reads above this figure is the host's time
         (``report.host_bound``)."""
         if self.kind != "do_bench":
@@ -128,7 +128,8 @@ class Timer:
         host_ms = (time.perf_counter() - t0) * 1e3 / 3
         self.ctx.sync()
         sleep = getattr(torch.cuda, "_sleep", None)
-        spin = int(min(host_ms * calls * 1.5, 50.0) * self.CYCLES_PER_MS)
+        calls = max(1, min(calls, int(50.0 / (1.5 * host_ms))))  # a spin of at most 50 ms covers the batch
+        spin = int(calls * host_ms * 1.5 * self.CYCLES_PER_MS)
         events = []
         for _ in range(rounds):
             if sleep is not None:
