@@ -85,7 +85,7 @@ class Timer:
         for _ in range(3):
             fn()
         end.record()
-        host_ms = (time.perf_counter() - t0) * 1e3 / 3
+        host_ms = max((time.perf_counter() - t0) * 1e3 / 3, 1e-3)
         torch.cuda.synchronize()
         est = max(start.elapsed_time(end) / 3, 1e-4)
         n = max(1, min(100, math.ceil(0.5 / est)))         # calls per timed batch: about 0.5 ms
@@ -110,10 +110,10 @@ class Timer:
 
     def queued(self, fn, calls=20, rounds=3):
         """Milliseconds per call of ``fn`` timed as this timer times it, with the host queued ahead: for
-        do_bench, its L2 flush then CUDA events around one call, up to ``calls`` times behind one spin
-        (at most 50 ms) long enough for the host to queue them all (``rounds`` times), the median; the events timer queues
-        ahead already, and its figure is its own.  What a cell reads above this figure is the host's time
-        (``report.host_bound``)."""
+        do_bench, its L2 flush then CUDA events around one call, up to ``calls`` times behind one spin (at
+        most 50 ms) long enough for the host to queue them all, ``rounds`` times, the median; the events
+        timer queues ahead already, and its figure is its own.  What a cell reads above this figure is the
+        host's time (``report.host_bound``)."""
         if self.kind != "do_bench":
             return self(fn)
         torch = self.ctx.torch
