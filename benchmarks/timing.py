@@ -85,7 +85,7 @@ class Timer:
         for _ in range(3):
             fn()
         end.record()
-        host_ms = max((time.perf_counter() - t0) * 1e3 / 3, 1e-3)
+        host_ms = (time.perf_counter() - t0) * 1e3 / 3
         torch.cuda.synchronize()
         est = max(start.elapsed_time(end) / 3, 1e-4)
         n = max(1, min(100, math.ceil(0.5 / est)))         # calls per timed batch: about 0.5 ms
@@ -125,7 +125,7 @@ class Timer:
         for _ in range(3):
             flush.zero_()
             fn()
-        host_ms = (time.perf_counter() - t0) * 1e3 / 3
+        host_ms = max((time.perf_counter() - t0) * 1e3 / 3, 1e-3)
         self.ctx.sync()
         sleep = getattr(torch.cuda, "_sleep", None)
         calls = max(1, min(calls, int(50.0 / (1.5 * host_ms))))  # a spin of at most 50 ms covers the batch
