@@ -182,18 +182,28 @@ def prefer_shared(fn, percent):
     driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent)
 
 
+def shared_room(fn, device):
+    """``(per_sm, per_block)``: the bytes of shared memory a multiprocessor of ``device`` holds, and the
+    bytes a block of ``fn`` (a loaded ``cupy.cuda.Function``) takes of it besides its dynamic shared memory
+    (its static shared memory and the driver's reserve)."""
+    from cupy_backends.cuda.api import driver, runtime
+
+    static = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn.ptr)
+    reserve = runtime.deviceGetAttribute(runtime.cudaDevAttrReservedSharedMemoryPerBlock, device)
+    per_sm = runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)
+    return per_sm, static + reserve
+
+
 def hold_shared(fn, dynamic, blocks, device):
     """Let ``fn`` (a loaded ``cupy.cuda.Function`` of ``device``) take ``dynamic`` bytes of dynamic shared
     memory a block (past the 48 KB a launch gets without asking), and ask for the split of L1 and shared
     memory that holds ``blocks`` such blocks a multiprocessor and no more, so that L1 keeps the rest
-    (its static shared memory and the driver's reserve a block counted)."""
-    from cupy_backends.cuda.api import driver, runtime
+    (:func:`shared_room`'s bytes a block counted)."""
+    from cupy_backends.cuda.api import driver
 
     driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic)
-    static = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn.ptr)
-    reserve = runtime.deviceGetAttribute(runtime.cudaDevAttrReservedSharedMemoryPerBlock, device)
-    per_sm = runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)
-    prefer_shared(fn, min(100, -(-100 * blocks * (dynamic + static + reserve) // per_sm)))
+    per_sm, per_block = shared_room(fn, device)
+    prefer_shared(fn, min(100, -(-100 * blocks * (dynamic + per_block) // per_sm)))
 
 
 def blocks_at_once(fn, threads, device):

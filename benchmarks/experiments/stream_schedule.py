@@ -147,17 +147,12 @@ def compile_only():
     k.compile_only(SOURCE.read_text(), SOURCE.name, names(), OPTIONS)
 
 
-def hold_resident(fn, blocks, device):
+def hold_resident(nvrtc, fn, blocks, device):
     """The dynamic shared memory (bytes) that lets ``blocks`` blocks of ``fn`` share a SM and no more, with
-    the split of L1 and shared memory asked for that holds them."""
-    from cupy_backends.cuda.api import driver, runtime
-
-    static = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn.kernel.ptr)
-    reserve = runtime.deviceGetAttribute(runtime.cudaDevAttrReservedSharedMemoryPerBlock, device)
-    per_sm = runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)
-    dynamic = (per_sm // blocks - static - reserve) // 128 * 128
-    fn.max_dynamic_shared_size_bytes = dynamic
-    driver.funcSetAttribute(fn.kernel.ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)
+    the split of L1 and shared memory asked for that holds them (``nvrtc.hold_shared``: all shared)."""
+    per_sm, per_block = nvrtc.shared_room(fn.kernel, device)
+    dynamic = (per_sm // blocks - per_block) // 128 * 128
+    nvrtc.hold_shared(fn.kernel, dynamic, blocks, device)
     return dynamic
 
 
@@ -191,7 +186,7 @@ def launcher(torch, module, name, sms, nvrtc):
             if mode[0] & 128:
                 nvrtc.prefer_shared(fn.kernel, 0)
             if mode[0] & 256:
-                shared = hold_resident(fn, 2, x.device.index)
+                shared = hold_resident(nvrtc, fn, 2, x.device.index)
             report_residency(name, fn, shared)
         elif kernel == "stream_regpipe":
             grid = min(ntiles * nchunks, third * sms)
