@@ -177,14 +177,19 @@ def main(argv=None):
 
 
 def render(source, out):
-    """DIR/results.md from ``source`` (a run's results.json), rendered by this tree's report."""
+    """DIR/results.md from ``source`` (a run's results.json), rendered by this tree's report (its marks,
+    and its picks of the best cells and speed-ups)."""
     import json
     import types
     from pathlib import Path
 
     from .output import render_md
+    from .report import summarize_row
 
     results = json.loads(Path(source).read_text())
+    for rows in (results.get("sections") or {}).values():
+        for row in rows:  # best and speed-up by this tree's rule
+            summarize_row(row)
     Path(out).mkdir(parents=True, exist_ok=True)
     ctx = types.SimpleNamespace(results=results, missing=results.get("not_run") or {})
     (Path(out) / "results.md").write_text(render_md(ctx))

@@ -6,7 +6,7 @@ forward's traffic, timed the same way, scaled by bytes), and every table shows t
 own ratio to the copy floor (minimal bytes over the measured copy bandwidth) next to ours."""
 from __future__ import annotations
 
-from .plan import IMPLS, OURS
+from .plan import ENGINES, IMPLS, OURS
 
 PROBE_MARGIN_US = 5.0  # how far ours-auto may sit above the minimal probe's host time per step
 # A cell is host-bound where it reads more than HOST_EDGE times the same timing with the host queued ahead
@@ -18,7 +18,7 @@ PROBE_MARGIN_US = 5.0  # how far ours-auto may sit above the minimal probe's hos
 HOST_EDGE = 1.05
 HOST_NOTE = (f"`*` host-bound: the cell read over {HOST_EDGE:.2f}x its own timing with the host queued ahead (`dev`: the "
              "same flushed calls, CUDA events, queued behind a wait), so it times the host (torch's autograd "
-             "included), not the kernels; compare kernels by `dev`.")
+             "included), not the kernels; compare kernels by `dev`, as the best cells and speed-ups do.")
 
 
 def fmt_ms(ms):
@@ -47,6 +47,22 @@ def host_bound(c):
 def mark(c):
     """`` *``, with the device's time per call, on a host-bound cell; else nothing."""
     return f" * dev {fmt_ms(c['device_ms'])}" if host_bound(c) else ""
+
+
+def kernel_ms(c):
+    """What a cell says of the kernels: its queued figure where it is host-bound, else its own time."""
+    return c["device_ms"] if host_bound(c) else c["ms"]
+
+
+def summarize_row(row):
+    """Best of ours, best peer, and the speed-up of one over the other, by what the cells say of the
+    kernels (``kernel_ms``): a host-bound cell would rank the lent machine's CPU."""
+    ok = {n: kernel_ms(c) for n, c in row["results"].items() if c.get("status") == "ok"}
+    ours = {n: ms for n, ms in ok.items() if n in ENGINES}
+    peers = {n: ms for n, ms in ok.items() if n not in OURS}
+    row["ours_best"] = min(ours, key=ours.get) if ours else None
+    row["peer_best"] = min(peers, key=peers.get) if peers else None
+    row["speedup"] = (peers[row["peer_best"]] / ours[row["ours_best"]]) if ours and peers else None
 
 
 def host_note(cells):

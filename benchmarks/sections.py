@@ -10,8 +10,8 @@ import time
 
 from .context import log, one_line
 from .checks import Checker
-from .plan import BUDGET_NOTE, ENGINES, OURS, min_bytes, plan_skip_reason, practical_scale
-from .report import fmt_ms
+from .plan import BUDGET_NOTE, OURS, min_bytes, plan_skip_reason, practical_scale
+from .report import fmt_ms, summarize_row
 from .timing import host_ms, rotating, rotation_count
 
 
@@ -43,16 +43,6 @@ def blank_row(section, case, pazz, copy_gbps):
     floor_bytes = min_bytes(B, T, D, dtype, dtype, pazz)
     return dict(section=section, B=B, T=T, D=D, dtype=dtype, **{"pass": pazz}, min_bytes=floor_bytes,
                 floor_ms=floor_bytes / (copy_gbps * 1e9) * 1e3, practical_ms=None, results={})
-
-
-def summarize_row(row):
-    """Best of ours, best peer, and the speed-up of one over the other."""
-    ok = {n: c["ms"] for n, c in row["results"].items() if c.get("status") == "ok"}
-    ours = {n: ms for n, ms in ok.items() if n in ENGINES}
-    peers = {n: ms for n, ms in ok.items() if n not in OURS}
-    row["ours_best"] = min(ours, key=ours.get) if ours else None
-    row["peer_best"] = min(peers, key=peers.get) if peers else None
-    row["speedup"] = (peers[row["peer_best"]] / ours[row["ours_best"]]) if ours and peers else None
 
 
 def skip_reason(ctx, impl, section, B, T, D, dtype, pazz=None):

@@ -329,6 +329,28 @@ def test_results_name_no_folder_of_the_machine_that_ran():
     assert cli.portable_argv(argv) == ["--out", "bench", "--quick", "--fpscan-src=fpscan.tar.gz", "--fpscan-build-dir", "f"]
 
 
+def test_best_cells_and_speed_up_go_by_the_kernels():
+    """A host-bound cell counts by its queued figure when the summary picks the best cells and the
+    speed-up: accelerated-scan read 25.7 us through a slow host against ours at 14.5, and 13.1 on the
+    device (H200, 4x2048x512 bf16 forward), so it is the best peer and ours is slower, not 1.78x faster.
+    A cell within the edge counts by its own time."""
+    def ok(ms, device=None):
+        return dict(status="ok", ms=ms, host_ms=0.02, device_ms=device)
+
+    row = dict(results={"ours-chunk": ok(0.0145), "ours-fused": ok(0.0864), "ours-auto": ok(0.0148),
+                        "fla-chunk": ok(0.171, 0.111), "ascan-triton": ok(0.0257, 0.0131),
+                        "ascan-triton+T": ok(0.105)})
+    report.summarize_row(row)
+    assert (row["ours_best"], row["peer_best"]) == ("ours-chunk", "ascan-triton")
+    assert abs(row["speedup"] - 0.0131 / 0.0145) < 1e-12
+    row["results"]["ascan-triton"]["device_ms"] = 0.0257 / report.HOST_EDGE * 1.001  # within the edge
+    report.summarize_row(row)
+    assert abs(row["speedup"] - 0.0257 / 0.0145) < 1e-12
+    row["results"]["ours-chunk"].update(ms=0.09, device_ms=0.0140)  # ours host-bound: its dev, and still best
+    report.summarize_row(row)
+    assert row["ours_best"] == "ours-chunk" and abs(row["speedup"] - 0.0257 / 0.0140) < 1e-12
+
+
 def test_host_bound_cells_are_marked_and_explained():
     """A cell reads ``*`` and its queued figure (``dev``) in the pass table and the summary, with the
     footnote, where it reads over HOST_EDGE times its timing with the host queued ahead; not within that,
