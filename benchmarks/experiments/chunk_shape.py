@@ -1,11 +1,18 @@
 #!/usr/bin/env python
 """The chunk engine's compile-time shape and forms, each against what it ships with.
 
-    python benchmarks/experiments/chunk_shape.py [--cases ...] [--passes fwd,bwd] [--smoke]
+    python benchmarks/experiments/chunk_shape.py [--group shapes|resident] [--cases ...] [--passes fwd,bwd] [--smoke]
 
-Variants (16-bit and float32 vector kernels; docs/performance.md has the reasons):
+Group ``shapes`` (16-bit and float32 vector kernels; docs/performance.md has the reasons):
 - one-row and four-row warps: chunks of 64 or 256 steps instead of 128 (forward; backward half of that);
 - half the steps a thread, and four warps a block.
+
+Group ``resident`` (forward): more blocks a SM, each holding fewer steps, so that the SM keeps loading
+while a block folds, meets its warps and looks back (``stream_schedule.py --group landed`` measures what
+such a wait costs two blocks a SM and four): the forward's vector kernels with 4 or 6 steps a thread
+compiled for 3 or 4 resident blocks (``__launch_bounds__``: at most 80 or 64 registers; NVRTC's ptxas
+reports 28-112 bytes of spills a thread for these), four blocks with the split of L1 and shared memory
+at 50% (four blocks' 17 KB of shared memory do not fit the shipped 28%).
 The ticket order, the checked-only form, the look-back window and the blocks a SM were compile-time
 switches once; they are constants of the kernels now (docs/performance.md keeps what they measured).
 Each variant compiles its own module (NVRTC) on first use.  The 16-bit backward on grids of at most
@@ -16,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
+import _kernels as k  # noqa: E402
 
 CASES = ["bf16:4x2048x512", "bf16:4x4096x1024", "bf16:1x32768x1024", "bf16:8x4096x2048", "bf16:1x262144x256",
          "bf16:32x2048x4096", "f32:8x4096x2048", "f32:1x32768x1024"]
@@ -44,8 +52,27 @@ def shape_settings(chunk, fwd=None, bwd=None, extra=()):
     return [(chunk, "SHAPES", shapes), (chunk, "OPTIONS", options + tuple(extra))]
 
 
-def variants(chunk):
+MIN_BLOCKS = "    static constexpr int MIN_BLOCKS = VEC == 1 ? 1 : 2;\n"
+
+
+def resident(chunk, steps, blocks, carveout=None):
+    """Settings that give the forward's vector kernels ``steps`` steps a thread and launch bounds of
+    ``blocks`` blocks a SM (the split of L1 and shared memory at ``carveout`` percent where given)."""
+    from hgrn_cupy import nvrtc
+
+    bound = f"    static constexpr int MIN_BLOCKS = VEC == 1 ? 1 : (DIRECTION == 0 ? {blocks} : 2);\n"
+    settings = shape_settings(chunk, fwd=(8, 2, steps)) + k.patched_kernels(
+        nvrtc, [chunk.SOURCE], [(MIN_BLOCKS, bound, 1)], f"chunk_shape.py ({steps} steps, {blocks} blocks)")
+    return settings + ([(chunk, "CARVEOUT", carveout)] if carveout else [])
+
+
+def variants(chunk, group):
     s = lambda **kw: shape_settings(chunk, **kw)  # noqa: E731
+    if group == "resident":
+        return {"as shipped": [],
+                "4 steps, 3 blocks a SM": resident(chunk, 4, 3),
+                "4 steps, 4 blocks a SM": resident(chunk, 4, 4, 50),
+                "6 steps, 3 blocks a SM": resident(chunk, 6, 3)}
     return {
         "as shipped": [],
         "one-row warps": s(fwd=(8, 1, 8), bwd=(8, 1, 4)),
@@ -55,11 +82,17 @@ def variants(chunk):
     }
 
 
+GROUPS = {"shapes": (CASES,),
+          "resident": (["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:1x32768x1024", "bf16:32x2048x4096",
+                        "bf16:4x4096x1024", "bf16:4x2048x512", "f32:8x4096x2048", "f32:1x32768x1024"],)}
+
+
 def main():
     chunk, forget = library()
-    args, timer, gbps, hc = c.start(__doc__, "Chunk engine shapes and forms", CASES, "bf16:1x32768x1024",
-                                    'engine forced: chunk_hgrn and hgrn_backward(engine="chunk")')
-    c.run(args, timer, gbps, variants(chunk), c.engine_calls(hc, "chunk"), forget)
+    args, timer, gbps, hc = c.start(__doc__, "Chunk engine shapes and forms", None, "bf16:1x32768x1024",
+                                    'engine forced: chunk_hgrn and hgrn_backward(engine="chunk")', groups=GROUPS,
+                                    passes=lambda a: "fwd" if a.group == "resident" else "fwd,bwd")
+    c.run(args, timer, gbps, variants(chunk, args.group), c.engine_calls(hc, "chunk"), forget)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@
 //                  (ld/st.global.cs, as the library's Word), MODE_PREFETCH an L2 prefetch (evict-last) of
 //                  the rows of the item PREFETCH_AHEAD later (as the shipped L2_AHEAD), MODE_DELAY a wait
 //                  of about DELAY_NS between the loads and the stores (as a look-back's); MODE_LD_CS and
-//                  MODE_ST_CS the streaming hint of the loads or of the stores alone;
+//                  MODE_ST_CS the streaming hint of the loads or of the stores alone; MODE_LANDED a wait of
+//                  about DELAY_NS (three times that with MODE_LONG) that starts once the block's words have
+//                  landed (MODE_DELAY's starts as the loads go out, so it overlaps their flight), as the
+//                  chunk kernel's fold, meeting of warps and look-back do;
 //   stream_regpipe persistent blocks that load their next item while they add and store this one;
 //   stream_tma     persistent blocks, one a SM, whose next STAGES items are on their way into shared
 //                  memory by bulk copies (cp.async.bulk, sm_90) while they add and store this one: one
@@ -68,7 +71,8 @@ template <int LC, int STEPS> struct Place {
     __device__ __forceinline__ int row(int j) const { return q * STEPS + j; }
 };
 
-constexpr int MODE_SYNC = 1, MODE_HINTS = 2, MODE_PREFETCH = 4, MODE_DELAY = 8, MODE_LD_CS = 16, MODE_ST_CS = 32;
+constexpr int MODE_SYNC = 1, MODE_HINTS = 2, MODE_PREFETCH = 4, MODE_DELAY = 8, MODE_LD_CS = 16, MODE_ST_CS = 32,
+              MODE_LANDED = 512, MODE_LONG = 1024;
 constexpr int PREFETCH_AHEAD = 96;
 constexpr unsigned DELAY_NS = 1000;
 
@@ -129,6 +133,13 @@ stream_blocks(const char* __restrict__ x, const char* __restrict__ g, char* __re
     if ((MODE & MODE_PREFETCH) && blockIdx.x + PREFETCH_AHEAD < ntiles * nchunks)
         prefetch(x, g, Place<LC, STEPS>(blockIdx.x + PREFETCH_AHEAD, ntiles, tiles_per_row, T, row_bytes), T, row_bytes);
     if (MODE & MODE_DELAY) __nanosleep(DELAY_NS);
+    if (MODE & MODE_LANDED) {  // the sleep's length reads a word of every load: it waits for them to land
+        unsigned any = 0;
+#pragma unroll
+        for (int j = 0; j < STEPS; ++j)
+            if (p.t0 + p.row(j) < T) any |= xs[j].x | gs[j].x;
+        __nanosleep((MODE & MODE_LONG ? 3 : 1) * DELAY_NS + (any & 1u));
+    }
     if (MODE & MODE_SYNC) __syncthreads();
     store<E, LC, STEPS, ST_CS>(o, p, T, row_bytes, xs, gs);
 }

@@ -2,7 +2,7 @@
 """Memory schedules a chunk kernel could have, with no recurrence: how close to torch.add each moves the
 forward's bytes (x, g in, o = x + g out) in the chunk engine's geometry (``stream_schedule.cu``).
 
-    python benchmarks/experiments/stream_schedule.py [--group schedules|habits|more|hints|carveout|residency] [--cases ...] [--smoke]
+    python benchmarks/experiments/stream_schedule.py [--group schedules|habits|more|hints|carveout|residency|landed] [--cases ...] [--smoke]
     python benchmarks/experiments/stream_schedule.py --compile-only    (NVRTC alone, no GPU)
 
 The question: the shipped block design's memory schedule alone sits 1.08-1.09x the add on the H200
@@ -37,6 +37,11 @@ look-back does to the schedule), with plain and with streaming hints; and persis
 bulk copy a tensor and item (``whole``: where a row is one 512-byte segment, D * itemsize = 512, the
 item's rows are contiguous) against one copy a row.
 
+Group ``landed``: what a wait costs once a block's words have landed, as the chunk kernel's fold,
+meeting of warps and look-back make it wait (``+delay`` above starts as the loads go out and so overlaps
+their flight): 1 and 3 us, with two blocks a SM of 8 steps a thread and with four of 4 steps (the same
+bytes in flight a SM, twice the blocks to cover one block's wait).
+
 Group ``residency``: the launcher prints each plain kernel's registers and the blocks a SM the
 occupancy calculator gives it (the chunk bound holds two blocks of 8 warps a SM at 128 registers), and
 ``L1 least`` launches the plain schedule with the most shared memory (unused) two blocks a SM can take:
@@ -63,7 +68,8 @@ WARPS = 8
 # name: (kernel, lanes a row (SEG = 16 * lanes bytes), steps a thread, third template argument: resident
 # blocks a SM (blocks, regpipe) or stages (tma); persistent grids: blocks a SM), then stream_blocks' MODE
 # (stream_schedule.cu: 1 barrier, 2 streaming hints, 4 L2 prefetch, 8 a wait between loads and stores,
-# 16 / 32 streaming loads / stores alone; 64 and 128 below) or
+# 16 / 32 streaming loads / stores alone, 512 a wait once the words have landed, 1024 three times as long;
+# 64, 128 and 256 below) or
 # stream_tma's CONTIG (one copy a tensor and item: rows of one segment only)
 VARIANTS = {
     "blocks 256B x8": ("stream_blocks", 16, 8, 2, 0),
@@ -88,6 +94,10 @@ VARIANTS = {
     "blocks x8 +smem, carveout 0": ("stream_blocks", 16, 8, 2, 192),
     "blocks x8, L1 least": ("stream_blocks", 16, 8, 2, 256),
     "blocks x8 +st.cs, L1 least": ("stream_blocks", 16, 8, 2, 256 + 32),
+    "blocks x8 +landed 1us": ("stream_blocks", 16, 8, 2, 512),
+    "blocks x8 +landed 3us": ("stream_blocks", 16, 8, 2, 512 + 1024),
+    "blocks x4 +landed 1us": ("stream_blocks", 16, 4, 4, 512),
+    "blocks x4 +landed 3us": ("stream_blocks", 16, 4, 4, 512 + 1024),
 }
 # MODE bits the launcher reads (the kernel ignores them): 64 launches with the shipped forward block's
 # shared memory (SMEM_BYTES, unused), 128 asks the driver for the least shared memory (carveout 0%), 256
@@ -129,6 +139,9 @@ GROUPS = {
                    "f32:8x4096x2048"],
                   ["torch.add", "blocks 256B x8", "blocks x8 +st.cs", "blocks x8, L1 least",
                    "blocks x8 +st.cs, L1 least", "chunk bound", "chunk bound ld.nc"]),
+    "landed": (["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:1x32768x1024", "bf16:32x2048x4096"],
+               ["torch.add", "blocks 256B x8", "blocks x8 +landed 1us", "blocks x8 +landed 3us", "blocks 256B x4",
+                "blocks x4 +landed 1us", "blocks x4 +landed 3us", "chunk bound"]),
 }
 ELEMENT = {"bfloat16": "ss::Bf16", "float32": "ss::F32"}
 

@@ -7,8 +7,9 @@
     python benchmarks/experiments/walk_profile.py --case bf16:8x4096x2048 --what add
 
 ``--what`` names a variant of ``block_pipe.py`` (the staged walk; "L8 W8 S8 N2 B2 H2" is the library's
-staged forward) or of ``tma_walk.py`` (the walk fed by tensor-map copies) as ``script:variant``, or
-``add`` (``torch.add(x, g, out=o)``, the practical floor).  Runs it three times on one input set, then
+staged forward), of ``tma_walk.py`` (the walk fed by tensor-map copies) or of ``stream_schedule.py`` (the
+chunk engine's geometry with no recurrence; ``chunk_profile.py`` has the chunk kernel and its bounds) as
+``script:variant``, or ``add`` (``torch.add(x, g, out=o)``, the practical floor).  Runs it three times on one input set, then
 once more between ``cudaProfilerStart`` and ``cudaProfilerStop``, so that a profiler started with
 ``--profile-from-start off`` sees that warm fourth launch and none of the inputs' kernels; only the
 named variant's kernel is compiled.  Prints nothing but what it ran: the numbers are the profiler's.
@@ -20,9 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 import block_pipe  # noqa: E402
+import stream_schedule  # noqa: E402
 import tma_walk  # noqa: E402
 
-SCRIPTS = {"block_pipe": block_pipe, "tma_walk": tma_walk}
+SCRIPTS = {"block_pipe": block_pipe, "tma_walk": tma_walk, "stream_schedule": stream_schedule}
 
 
 def walk_call(torch, case, what):
@@ -33,6 +35,13 @@ def walk_call(torch, case, what):
     mod = SCRIPTS.get(script)
     if mod is None or variant not in mod.VARIANTS:
         sys.exit(f"walk_profile: unknown --what {what!r}; scripts {list(SCRIPTS)} with their VARIANTS")
+    if mod is stream_schedule:  # its launcher picks the instantiation by the input's dtype
+        kernel, *rest = mod.VARIANTS[variant]
+        name = mod.name_of(kernel, mod.ELEMENT[case.dtype], *rest)
+        module = cupy.RawModule(code=mod.SOURCE.read_text(), options=mod.OPTIONS, name_expressions=[name])
+        from hgrn_cupy import nvrtc
+
+        return mod.launcher(torch, module, variant, torch.cuda.get_device_properties(0).multi_processor_count, nvrtc)
     name = mod.name_of(case.dtype, *mod.VARIANTS[variant])
     module = cupy.RawModule(code=mod.source(), options=mod.OPTIONS, name_expressions=[name])
     return mod.launcher(torch, module, variant)
@@ -41,7 +50,7 @@ def walk_call(torch, case, what):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", type=c.Case, default=c.Case("bf16:8x4096x2048"))
-    p.add_argument("--what", default="add", help='"add", or "block_pipe:VARIANT" / "tma_walk:VARIANT"')
+    p.add_argument("--what", default="add", help='"add", or SCRIPT:VARIANT, SCRIPT one of ' + ", ".join(SCRIPTS))
     args = p.parse_args()
     torch = c.torch_cuda()
     (s,) = c.make_sets(torch, args.case, count=1)
