@@ -16,6 +16,8 @@
 //                  landed (MODE_DELAY's starts as the loads go out, so it overlaps their flight), as the
 //                  chunk kernel's fold, meeting of warps and look-back do;
 //   stream_regpipe persistent blocks that load their next item while they add and store this one;
+//   stream_cpasync persistent blocks whose next items come into shared memory by each thread's own
+//                  16-byte copies (cp.async) while they add and store this one;
 //   stream_tma     persistent blocks, one a SM, whose next STAGES items are on their way into shared
 //                  memory by bulk copies (cp.async.bulk, sm_90) while they add and store this one: one
 //                  copy a row, or, with CONTIG (the host checks that a row is one segment, D * itemsize
@@ -172,6 +174,60 @@ stream_regpipe(const char* __restrict__ x, const char* __restrict__ g, char* __r
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// grid (MINB blocks a SM, persistent), block (32, WARPS), dynamic shared memory STAGES * 2 * STEPS * 32 *
+// WARPS words of 16 bytes: items blockIdx.x, + gridDim.x, ...; while a block adds and stores one item, its
+// next STAGES - 1 are on their way into shared memory (cp.async.cg, each thread copying the words it will
+// read itself, so no barrier guards a stage; rows past T arrive as zeros).  MODE_LANDED waits once the
+// item's words have landed, as in stream_blocks.
+template <typename E, int LC, int STEPS, int STAGES, int MINB, int MODE>
+__global__ void __launch_bounds__(32 * WARPS, MINB)
+stream_cpasync(const char* __restrict__ x, const char* __restrict__ g, char* __restrict__ o, i64 T, i64 row_bytes,
+               i64 ntiles, i64 nchunks, i64 tiles_per_row) {
+    typedef Place<LC, STEPS> P;
+    extern __shared__ __align__(16) uint4 words[];
+    constexpr int NT = 32 * WARPS;
+    const int tid = threadIdx.y * 32 + threadIdx.x;
+    const i64 total = ntiles * nchunks, stride = gridDim.x;
+    // this thread's word of step j of tensor m (0: x, 1: g) in stage s
+    auto word = [&](int s, int j, int m) { return &words[((s * STEPS + j) * 2 + m) * NT + tid]; };
+    auto issue = [&](i64 item, int s) {
+        if (item < total) {
+            const P p(item, ntiles, tiles_per_row, T, row_bytes);
+#pragma unroll
+            for (int j = 0; j < STEPS; ++j) {
+                const int r = p.row(j);
+                const bool in = p.t0 + r < T;
+                const i64 off = in ? p.base + r * row_bytes : 0;
+#pragma unroll
+                for (int m = 0; m < 2; ++m)
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                                 :: "r"(smem_addr(word(s, j, m))), "l"((m ? g : x) + off), "r"(in ? 16 : 0) : "memory");
+            }
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");  // one group an item, empty past the end
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(blockIdx.x + s * stride, s);
+    int k = 0;
+    for (i64 item = blockIdx.x; item < total; item += stride, ++k) {
+        issue(item + (STAGES - 1) * stride, (k + STAGES - 1) % STAGES);  // the stage this thread read last
+        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");  // this item's group has landed
+        const int s = k % STAGES;
+        uint4 xs[STEPS], gs[STEPS];
+#pragma unroll
+        for (int j = 0; j < STEPS; ++j) { xs[j] = *word(s, j, 0); gs[j] = *word(s, j, 1); }
+        const P p(item, ntiles, tiles_per_row, T, row_bytes);
+        if (MODE & MODE_LANDED) {
+            unsigned any = 0;
+#pragma unroll
+            for (int j = 0; j < STEPS; ++j) any |= xs[j].x | gs[j].x;
+            __nanosleep((MODE & MODE_LONG ? 3 : 1) * DELAY_NS + (any & 1u));
+        }
+        store<E, LC, STEPS, true>(o, p, T, row_bytes, xs, gs);
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
 }
 
 __device__ __forceinline__ void bar_wait(unsigned bar, unsigned parity) {

@@ -2,7 +2,7 @@
 """Memory schedules a chunk kernel could have, with no recurrence: how close to torch.add each moves the
 forward's bytes (x, g in, o = x + g out) in the chunk engine's geometry (``stream_schedule.cu``).
 
-    python benchmarks/experiments/stream_schedule.py [--group schedules|habits|more|hints|carveout|residency|landed] [--cases ...] [--smoke]
+    python benchmarks/experiments/stream_schedule.py [--group schedules|habits|more|hints|carveout|residency|landed|cpasync] [--cases ...] [--smoke]
     python benchmarks/experiments/stream_schedule.py --compile-only    (NVRTC alone, no GPU)
 
 The question: the shipped block design's memory schedule alone sits 1.08-1.09x the add on the H200
@@ -13,6 +13,8 @@ practical floor needs a schedule that keeps loads in flight through a block's li
   thread in registers), the shipped shape without ticket, peek, prefetch or look-back;
 - ``regpipe SEG 2xSTEPS``: persistent blocks (two a SM) that load their next item while they add and
   store this one;
+- ``cp.async xSTEPS S{stages} B{blocks}``: persistent blocks whose next items come into shared memory
+  by each thread's own 16-byte copies (``cp.async``) while they add and store this one;
 - ``tma SEG S=steps xSTAGES``: persistent blocks (one a SM) whose next STAGES items come into shared
   memory by bulk copies (``cp.async.bulk``, sm_90 and later) while they add and store this one.
 
@@ -41,6 +43,11 @@ Group ``landed``: what a wait costs once a block's words have landed, as the chu
 meeting of warps and look-back make it wait (``+delay`` above starts as the loads go out and so overlaps
 their flight): 1 and 3 us, with two blocks a SM of 8 steps a thread and with four of 4 steps (the same
 bytes in flight a SM, twice the blocks to cover one block's wait).
+
+Group ``cpasync``: persistent blocks whose next items come into shared memory by each thread's own
+copies (``cp.async x{steps} S{stages} B{blocks a SM}``: stages of one item each, the one being stored
+and the next ones in flight; streaming stores), with and without the wait once the words have landed:
+whether loads kept in flight through that wait hold the rate.
 
 Group ``residency``: the launcher prints each plain kernel's registers and the blocks a SM the
 occupancy calculator gives it (the chunk bound holds two blocks of 8 warps a SM at 128 registers), and
@@ -98,6 +105,11 @@ VARIANTS = {
     "blocks x8 +landed 3us": ("stream_blocks", 16, 8, 2, 512 + 1024),
     "blocks x4 +landed 1us": ("stream_blocks", 16, 4, 4, 512),
     "blocks x4 +landed 3us": ("stream_blocks", 16, 4, 4, 512 + 1024),
+    "cp.async x4 S3 B2": ("stream_cpasync", 16, 4, 3, 2, 0),
+    "cp.async x4 S3 B2 +landed 1us": ("stream_cpasync", 16, 4, 3, 2, 512),
+    "cp.async x4 S3 B2 +landed 3us": ("stream_cpasync", 16, 4, 3, 2, 512 + 1024),
+    "cp.async x8 S3 B1": ("stream_cpasync", 16, 8, 3, 1, 0),
+    "cp.async x8 S3 B1 +landed 1us": ("stream_cpasync", 16, 8, 3, 1, 512),
 }
 # MODE bits the launcher reads (the kernel ignores them): 64 launches with the shipped forward block's
 # shared memory (SMEM_BYTES, unused), 128 asks the driver for the least shared memory (carveout 0%), 256
@@ -139,6 +151,11 @@ GROUPS = {
                    "f32:8x4096x2048"],
                   ["torch.add", "blocks 256B x8", "blocks x8 +st.cs", "blocks x8, L1 least",
                    "blocks x8 +st.cs, L1 least", "chunk bound", "chunk bound ld.nc"]),
+    "cpasync": (["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:1x32768x1024", "bf16:32x2048x4096",
+                 "bf16:4x2048x512", "f32:8x4096x2048"],
+                ["torch.add", "blocks 256B x8", "blocks x8 +landed 1us", "cp.async x4 S3 B2",
+                 "cp.async x4 S3 B2 +landed 1us", "cp.async x4 S3 B2 +landed 3us", "cp.async x8 S3 B1",
+                 "cp.async x8 S3 B1 +landed 1us"]),
     "landed": (["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:1x32768x1024", "bf16:32x2048x4096"],
                ["torch.add", "blocks 256B x8", "blocks x8 +landed 1us", "blocks x8 +landed 3us", "blocks 256B x4",
                 "blocks x4 +landed 1us", "blocks x4 +landed 3us", "chunk bound"]),
@@ -200,6 +217,12 @@ def launcher(torch, module, name, sms, nvrtc):
                 nvrtc.prefer_shared(fn.kernel, 0)
             if mode[0] & 256:
                 shared = hold_resident(nvrtc, fn, 2, x.device.index)
+            report_residency(name, fn, shared)
+        elif kernel == "stream_cpasync":
+            blocks = mode[0]
+            grid, shared = min(ntiles * nchunks, blocks * sms), third * 2 * steps * 32 * WARPS * 16
+            fn.max_dynamic_shared_size_bytes = shared
+            nvrtc.hold_shared(fn.kernel, shared, blocks, x.device.index)
             report_residency(name, fn, shared)
         elif kernel == "stream_regpipe":
             grid = min(ntiles * nchunks, third * sms)
