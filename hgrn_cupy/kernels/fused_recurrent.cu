@@ -355,16 +355,11 @@ fused_recurrent_staged_fwd(
         Acc a[S][VEC], h[VEC];
         fold_window(xr, gr, m, a);
         block_carry<Acc, W, VEC, false>(part[i & 1], m, hin, h);
+        Pack<TX, VEC> out[S];
+        apply_window(a, xr, h, out);
 #pragma unroll
-        for (int j = 0; j < S; ++j) {
-            Pack<TX, VEC> out;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                h[k] = a[j][k] * h[k] + xr[j].template get<Acc>(k);
-                out.template set<Acc>(k, h[k]);
-            }
-            if (live && u0 + j < len) out.store(op + (u0 + j) * sot);
-        }
+        for (int j = 0; j < S; ++j)
+            if (live && u0 + j < len) out[j].store(op + (u0 + j) * sot);
     }
     Stage::wait_all();
     if (ht && live && threadIdx.y == 0) {
