@@ -144,8 +144,8 @@ def compact_table(rows):
         auto, direct = res.get("ours-auto", {}), res.get("ours-auto-direct", {})
         auto_ok = auto.get("status") == "ok"
         shown += [auto] + [res[n] for n in (ob, pb) if n]
-        auto_txt = (f"{fmt_ms(auto['ms'])} ({kernel_ms(auto) / kernel_ms(res[ob]):.2f}x){mark(auto)}" if auto_ok and ob_ms
-                    else cell_text(auto, prac) if auto else "-")
+        auto_txt = (f"{fmt_ms(auto['ms'])} ({kernel_ms(auto) / kernel_ms(res[ob]):.2f}x){mark(auto)}"
+                    if auto_ok and ob_ms else cell_text(auto, prac) if auto else "-")
         direct_txt = (f"{fmt_ms(direct['ms'])} ({direct['ms'] / auto['ms']:.2f}x)"
                       if auto_ok and direct.get("status") == "ok" else "-")
         body.append([shape_text(r), r["dtype"], r["pass"]] + floor_cells(r) + [

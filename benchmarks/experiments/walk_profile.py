@@ -9,10 +9,10 @@
 ``--what`` names a variant of ``block_pipe.py`` (the staged walk; "L8 W8 S8 N2 B2 H2" is the library's
 staged forward), of ``tma_walk.py`` (the walk fed by tensor-map copies) or of ``stream_schedule.py`` (the
 chunk engine's geometry with no recurrence; ``chunk_profile.py`` has the chunk kernel and its bounds) as
-``script:variant``, or ``add`` (``torch.add(x, g, out=o)``, the practical floor).  Runs it three times on one input set, then
-once more between ``cudaProfilerStart`` and ``cudaProfilerStop``, so that a profiler started with
-``--profile-from-start off`` sees that warm fourth launch and none of the inputs' kernels; only the
-named variant's kernel is compiled.  Prints nothing but what it ran: the numbers are the profiler's.
+``script:variant``, or ``add`` (``torch.add(x, g, out=o)``, the practical floor).  Runs it three times
+on one input set, then once more between ``cudaProfilerStart`` and ``cudaProfilerStop``, so that a
+profiler started with ``--profile-from-start off`` sees that warm fourth launch and none of the inputs'
+kernels; only the named variant's kernel is compiled.  Prints nothing but what it ran: the numbers are the profiler's.
 """
 import argparse
 import sys
