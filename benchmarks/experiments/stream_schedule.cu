@@ -123,6 +123,18 @@ __device__ __forceinline__ void prefetch(const char* x, const char* g, const Pla
     }
 }
 
+// MODE_LANDED's wait: about DELAY_NS (three times that with MODE_LONG), its length reading a word of every
+// load of the thread's rows inside T, so that it starts once they have landed.
+template <int MODE, int LC, int STEPS>
+__device__ __forceinline__ void wait_landed(const Place<LC, STEPS>& p, i64 T, const uint4 (&xs)[STEPS],
+                                            const uint4 (&gs)[STEPS]) {
+    unsigned any = 0;
+#pragma unroll
+    for (int j = 0; j < STEPS; ++j)
+        if (p.t0 + p.row(j) < T) any |= xs[j].x | gs[j].x;
+    __nanosleep((MODE & MODE_LONG ? 3 : 1) * DELAY_NS + (any & 1u));
+}
+
 // grid (ntiles * nchunks,), block (32, WARPS)
 template <typename E, int LC, int STEPS, int MINB, int MODE>
 __global__ void __launch_bounds__(32 * WARPS, MINB)
@@ -135,13 +147,7 @@ stream_blocks(const char* __restrict__ x, const char* __restrict__ g, char* __re
     if ((MODE & MODE_PREFETCH) && blockIdx.x + PREFETCH_AHEAD < ntiles * nchunks)
         prefetch(x, g, Place<LC, STEPS>(blockIdx.x + PREFETCH_AHEAD, ntiles, tiles_per_row, T, row_bytes), T, row_bytes);
     if (MODE & MODE_DELAY) __nanosleep(DELAY_NS);
-    if (MODE & MODE_LANDED) {  // the sleep's length reads a word of every load: it waits for them to land
-        unsigned any = 0;
-#pragma unroll
-        for (int j = 0; j < STEPS; ++j)
-            if (p.t0 + p.row(j) < T) any |= xs[j].x | gs[j].x;
-        __nanosleep((MODE & MODE_LONG ? 3 : 1) * DELAY_NS + (any & 1u));
-    }
+    if (MODE & MODE_LANDED) wait_landed<MODE>(p, T, xs, gs);
     if (MODE & MODE_SYNC) __syncthreads();
     store<E, LC, STEPS, ST_CS>(o, p, T, row_bytes, xs, gs);
 }
@@ -219,12 +225,7 @@ stream_cpasync(const char* __restrict__ x, const char* __restrict__ g, char* __r
 #pragma unroll
         for (int j = 0; j < STEPS; ++j) { xs[j] = *word(s, j, 0); gs[j] = *word(s, j, 1); }
         const P p(item, ntiles, tiles_per_row, T, row_bytes);
-        if (MODE & MODE_LANDED) {
-            unsigned any = 0;
-#pragma unroll
-            for (int j = 0; j < STEPS; ++j) any |= xs[j].x | gs[j].x;
-            __nanosleep((MODE & MODE_LONG ? 3 : 1) * DELAY_NS + (any & 1u));
-        }
+        if (MODE & MODE_LANDED) wait_landed<MODE>(p, T, xs, gs);
         store<E, LC, STEPS, true>(o, p, T, row_bytes, xs, gs);
     }
     asm volatile("cp.async.wait_group 0;" ::: "memory");

@@ -221,8 +221,7 @@ def launcher(torch, module, name, sms, nvrtc):
         elif kernel == "stream_cpasync":
             blocks = mode[0]
             grid, shared = min(ntiles * nchunks, blocks * sms), third * 2 * steps * 32 * WARPS * 16
-            fn.max_dynamic_shared_size_bytes = shared
-            nvrtc.hold_shared(fn.kernel, shared, blocks, x.device.index)
+            nvrtc.hold_shared(fn.kernel, shared, blocks, x.device.index)  # sets the dynamic bound too
             report_residency(name, fn, shared)
         elif kernel == "stream_regpipe":
             grid = min(ntiles * nchunks, third * sms)
