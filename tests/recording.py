@@ -34,6 +34,7 @@ NP_STORAGE = {"float32": np.float32, "float64": np.float64, "float16": np.float1
 WALK_FWD_ARGS = ("x", "g", "o", "sxb", "sxt", "sgb", "sgt", "sob", "sot", "h0", "ht", "cu", "cu64", "T", "D",
                  "reverse")
 STEP_ARGS = ("x", "g", "o", "sxb", "sgb", "sob", "h0", "ht", "N", "D")  # fused_recurrent_step (T = 1)
+STEP_BWD_ARGS = ("g", "do", "dx", "dg", "sgb", "sdob", "sdxb", "sdgb", "h0", "dht", "dh0", "N", "D")  # its backward
 WALK_BWD_ARGS = ("g", "o", "do", "dx", "dg", "sgb", "sgt", "sob", "sot", "sdob", "sdot", "sdxb", "sdxt", "sdgb", "sdgt",
                  "h0", "dht", "dh0", "cu", "cu64", "T", "D", "reverse")
 CHUNK_FWD_ARGS = ("x", "g", "o", "sxb", "sxt", "sgb", "sgt", "sob", "sot", "h0", "ht", "cu", "cu64", "N", "T", "D",
@@ -48,7 +49,7 @@ BULK_FWD_ARGS = tuple(f"m{k}{i}" for k in "xgor" for i in range(nvrtc.TENSOR_MAP
                                                                                           "reverse")
 KERNEL_ARGS = {"fused_recurrent_fwd": WALK_FWD_ARGS, "fused_recurrent_block_fwd": WALK_FWD_ARGS,
                "fused_recurrent_staged_fwd": WALK_FWD_ARGS, "fused_recurrent_bulk_fwd": BULK_FWD_ARGS,
-               "fused_recurrent_step": STEP_ARGS,
+               "fused_recurrent_step": STEP_ARGS, "fused_recurrent_step_bwd": STEP_BWD_ARGS,
                "fused_recurrent_bwd": WALK_BWD_ARGS, "fused_recurrent_block_bwd": WALK_BWD_ARGS,
                "chunk_fwd": CHUNK_FWD_ARGS, "chunk_bwd": CHUNK_BWD_ARGS}
 POINTERS = ("x", "g", "o", "do", "dx", "dg", "h0", "ht", "dht", "dh0", "hdr", "slots")
@@ -190,6 +191,8 @@ class RecordingDriver:
         assert fn.varlen is None or fn.varlen == bool(a["cu"])  # the chunk kernels are compiled for one of them
         if fn.kernel == "fused_recurrent_step":
             self._step(fn, ln)
+        elif fn.kernel == "fused_recurrent_step_bwd":
+            self._step_bwd(fn, ln)
         elif fn.kernel.startswith("chunk"):
             assert (gy, gz) == (1, 1) and gx == a["ntiles"] * a["nchunks"] and bx == 32
             (self._forward if fn.kernel == "chunk_fwd" else self._backward)(fn, ln, a["N"])
@@ -229,6 +232,25 @@ class RecordingDriver:
         _store(_view(a["o"], (N, 1, D), (a["sob"], 1, 1), xd), o, xd)
         if a["ht"]:
             _state(a["ht"], N, D, acc)[...] = ht
+
+    def _step_bwd(self, fn, a):
+        """The single-step backward (T = 1): VEC channels per thread over the flattened [N, D]; o unread."""
+        (od, gd), vec = fn.dtypes, fn.vec
+        acc = nvrtc.accumulation_dtype(od, gd)
+        N, D = a["N"], a["D"]
+        gx, gy, gz = a["grid"]
+        bx, by, bz = a["block"]
+        assert (gy, gz, by, bz) == (1, 1, 1, 1) and gx * bx * vec >= N * D
+        layout = (("g", gd, ("sgb",)), ("do", od, ("sdob",)), ("dx", od, ("sdxb",)), ("dg", gd, ("sdgb",)))
+        _vector_ready(vec, a, layout, (N, D))
+        g, do = (_load(_view(a[k], (N, 1, D), (a[s[0]], 1, 1), dt), dt) for k, dt, s in layout[:2])
+        o = np.full((N, 1, D), np.nan)  # h[-1] is h0: the reference must not read o either
+        dx, dg, dh0 = hc.naive_recurrent_hgrn_bwd(g, o, do, _state(a["dht"], N, D, acc), _state(a["h0"], N, D, acc),
+                                                  compute_dtype=acc)
+        for (k, dt, s), v in zip(layout[2:], (dx, dg)):
+            _store(_view(a[k], (N, 1, D), (a[s[0]], 1, 1), dt), v, dt)
+        if a["dh0"]:
+            _state(a["dh0"], N, D, acc)[...] = dh0 if dh0 is not None else 0
 
     def _backward(self, fn, a, N):
         (od, gd), vec = fn.dtypes, fn.vec

@@ -1,6 +1,6 @@
 """Every kernel family on small shapes, for compute-sanitizer (not a pytest module): the chunk engine, the
-fused engine's thread walk and block walk (and the tuner's launch variants: the other lane width, short
-windows, the staged and bulk forwards), forward and backward, dense and varlen (an empty sequence
+fused engine's thread walk, block walk (and the tuner's launch variants: the other lane width, short
+windows, the staged and bulk forwards) and single step, forward and backward, dense and varlen (an empty sequence
 included), with and without states, both directions of time; the state-only passes and the composition
 of their maps (fold_maps on the GPU); the tuner's wait, with the candidates it times queued behind it.
 
@@ -21,8 +21,9 @@ from hgrn_cupy import plans, states, tuning
 from hgrn_cupy.engines import VARIANTS
 
 TOL = {"float32": 2e-5, "float16": 3e-3, "float64": 1e-12}
-# (B, T, D, cu_seqlens): thread walk (few channels), block walk (N * D of 8192), varlen with an empty sequence.
-CASES = ((2, 150, 72, None), (2, 200, 4096, None), (1, 300, 72, [0, 0, 100, 300]))
+# (B, T, D, cu_seqlens): thread walk (few channels), block walk (N * D of 8192), varlen with an empty sequence,
+# one step (the single-step kernels, forward and backward).
+CASES = ((2, 150, 72, None), (2, 200, 4096, None), (1, 300, 72, [0, 0, 100, 300]), (3, 1, 72, None))
 
 
 def _err(a, ref):

@@ -157,6 +157,19 @@ def test_decode_step(dtype, has_h0, final, view):
     check_forward("fused_recurrent", x, g, dtype, h0, final=final, views=fn, gdtype="float32")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("has_h0,with_dht", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["h0-dht", "h0", "dht", "none"])
+def test_decode_step_backward(dtype, has_h0, with_dht, monkeypatch):
+    """T = 1 backward, dense and aligned: the single-step kernel, and it is the kernel that ran."""
+    rng = _rng()
+    x, g = make_inputs(9, 1, 4128, rng=rng)
+    h0 = rng.standard_normal((9, 4128)) if has_h0 else None
+    launched = launched_kernels(monkeypatch)
+    check_backward("fused_recurrent", x, g, dtype, h0, with_dht=with_dht)
+    assert [k[0] for k in launched] == ["fused_recurrent_step_bwd"], (_seed(), launched)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_mixed_dtypes(engine):
     x, g = make_inputs(2, 500, 48)

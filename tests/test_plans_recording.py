@@ -251,12 +251,13 @@ def test_fake_cuda_chunk_launches(offset, kept, fake_cuda, fresh_plans, monkeypa
     assert kernels[0]["x"] == x.data_ptr() and kernels[3]["do"] == do.data_ptr()
 
 
-@pytest.mark.parametrize("shape", [(3, 300, 64), (2, 200, 4096)], ids=["walk", "block_walk"])
+@pytest.mark.parametrize("shape", [(3, 300, 64), (2, 200, 4096), (3, 1, 64)], ids=["walk", "block_walk", "step"])
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
 def test_fake_cuda_fused_backward(shape, offset, fake_cuda, fresh_plans):
     """The fused engine's planned backward launches, without and with states, compute the reference: the
-    block walk where the layout and the pointers allow it, else the walk, one channel a thread where a
-    pointer is misaligned; every call with its own pointers and the same everything else."""
+    single step at T = 1 and the block walk where the layout and the pointers allow them, else the walk,
+    one channel a thread where a pointer is misaligned; every call with its own pointers and the same
+    everything else."""
     torch = pytest.importorskip("torch")
     B, T, D = shape
     gen = torch.Generator().manual_seed(5)
@@ -277,15 +278,18 @@ def test_fake_cuda_fused_backward(shape, offset, fake_cuda, fresh_plans):
     assert len(fresh_plans) == 2 and len(calls) == 6
     block = fused_recurrent.block_walk_fits(B, T, D, "bfloat16", "bfloat16", 1) if not offset else 0
     assert (D == 4096) == bool(fused_recurrent.block_walk_fits(B, T, D, "bfloat16", "bfloat16", 1))
-    assert calls[0]["kernel"] == ("fused_recurrent_block_bwd" if block else "fused_recurrent_bwd")
-    assert calls[0]["vec"] == (block or 1)
+    step = T == 1 and not offset
+    assert calls[0]["kernel"] == ("fused_recurrent_step_bwd" if step else
+                                  "fused_recurrent_block_bwd" if block else "fused_recurrent_bwd")
+    assert calls[0]["vec"] == (8 if step else block or 1)
     for group, out in ((calls[:3], outs[:3]), (calls[3:], outs[3:])):
         first = group[0]
         for c, (dx, dg, dh0) in zip(group, out):
             assert c["stream"] == fake_cuda.stream
             assert {n: v for n, v in c.items() if n not in POINTERS} == \
                    {n: v for n, v in first.items() if n not in POINTERS}
-            assert (c["g"], c["o"], c["do"]) == (g.data_ptr(), o.data_ptr(), do.data_ptr())
+            assert (c["g"], c.get("o", o.data_ptr()), c["do"]) == (g.data_ptr(), o.data_ptr(), do.data_ptr())
+            assert ("o" in c) != step  # the step reads no o
             assert (c["dx"], c["dg"]) == (dx.data_ptr(), dg.data_ptr())
             assert c["dh0"] == (0 if dh0 is None else dh0.data_ptr())
     assert not any(c["h0"] or c["dht"] for c in calls[:3])

@@ -4,8 +4,8 @@ decoding and varlen.
 A thread owns one or two channels of one sequence and walks time (two from ``WALK_VEC_MIN_CHANNELS``
 channels where the layout allows); from 4K-8K channels on (the float32 backward up to 64K) a block of
 warps shares a group of channels of one sequence and splits each window of time between its warps (the
-block walks, where the layout allows, see ``BLOCK_WALK_CHANNELS``); a single step (T = 1, decoding) moves
-16 bytes per thread.  Launches check nothing: :mod:`hgrn_cupy.checks` has validated the call.  The
+block walks, where the layout allows, see ``BLOCK_WALK_CHANNELS``); a single dense step (T = 1, decoding)
+and its backward move 16 bytes per thread and access.  Launches check nothing: :mod:`hgrn_cupy.checks` has validated the call.  The
 reasons for each number are in docs/performance.md, fused engine.
 """
 from __future__ import annotations
@@ -15,7 +15,9 @@ from .layout import aligned, alignment_masks, layout_vector_width, vector_width
 
 SOURCE = "fused_recurrent.cu"
 BLOCK = 64        # threads per block of the walks: small blocks spread few channels over every SM
-STEP_BLOCK = 128  # threads per block of the single-step kernel (VEC channels each)
+STEP_BLOCK = 128  # threads per block of the single-step kernels (VEC channels each)
+STEP_KERNELS = ("fused_recurrent_step", "fused_recurrent_step_bwd")  # T = 1, dense: forward, backward
+STEP_TENSORS = ((0, 1, 2), (0, 2, 3, 4))  # the tensors each reads or writes: x, g, o; g, do, dx, dg (not o)
 # Channels per thread of the walks per storage size of the wider input, where there are at least
 # WALK_VEC_MIN_CHANNELS (sequences x D): two 16-bit channels make a warp's access 128 bytes instead of 64,
 # but below that the walk would run half the threads.
@@ -157,7 +159,7 @@ def names(x_dtype, g_dtype):
     inst = nvrtc.instantiation
     walks = sorted({1, WALK_VEC[_size(x_dtype, g_dtype)]})
     out = tuple(inst(k, x_dtype, g_dtype, v) for k in ("fused_recurrent_fwd", "fused_recurrent_bwd") for v in walks)
-    out += (inst("fused_recurrent_step", x_dtype, g_dtype, vector_width(x_dtype, g_dtype)),)
+    out += tuple(inst(k, x_dtype, g_dtype, vector_width(x_dtype, g_dtype)) for k in STEP_KERNELS)
     staged = staged_width(x_dtype, g_dtype)
     out += ((inst(STAGED_KERNEL, x_dtype, g_dtype, staged),) if staged else ())
     out += tuple(inst(BULK_KERNEL, x_dtype, g_dtype, v) for v in bulk_widths(x_dtype, g_dtype))
@@ -281,7 +283,8 @@ def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None, st
     ``lanes``, the option changes nothing where it does not apply: backward, other dtypes, other widths);
     ``bulk``: a dense forward the bulk walk serves takes it at ``lanes`` bytes a lane, where the layout
     allows.  Each call takes the widest kernel its pointers allow: the bulk walk, the block walk, the walk
-    of ``WALK_VEC`` channels a thread, or of one; forward without cu_seqlens at T = 1, the single step."""
+    of ``WALK_VEC`` channels a thread, or of one; without cu_seqlens at T = 1, the single step (either
+    direction)."""
     B, T, D = tensors[0].shape
     if N == 0 or D == 0:
         return None
@@ -326,19 +329,22 @@ def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None, st
         walk = _sliced({n: walks(n) for n in {MAX_GRID_Y, N % MAX_GRID_Y} - {0}}, tensors, N, varlen,
                        nvrtc.ITEMSIZE[nvrtc.accumulation_dtype(*dtypes)])
 
-    vec = layout_vector_width(D, tensors)
-    if direction == 1 or T != 1 or varlen or vec == 1:
+    # One step (decoding) and its backward: 16-byte accesses where this call's pointers allow them, states
+    # element-wise.  The backward's step reads g and do and writes dx and dg, not o (h[-1] is h0).
+    used = STEP_TENSORS[direction]
+    vec = layout_vector_width(D, [tensors[i] for i in used])
+    if T != 1 or varlen or vec == 1:
         return walk
-    # One step (decoding): 16-byte accesses where this call's pointers allow them; states element-wise.
     threads = N * D // vec
-    step = _kernel("fused_recurrent_step", dtypes, vec, ((threads + STEP_BLOCK - 1) // STEP_BLOCK,), (STEP_BLOCK,),
-                   device)
-    step_strides = tuple(a.strides[0] for a in tensors)
-    masks = alignment_masks(vec, tensors)
+    step = _kernel(STEP_KERNELS[direction], dtypes, vec, ((threads + STEP_BLOCK - 1) // STEP_BLOCK,),
+                   (STEP_BLOCK,), device)
+    step_strides = tuple(tensors[i].strides[0] for i in used)
+    masks = alignment_masks(vec, [tensors[i] for i in used])
 
     def launch(stream_ptr, pointers, states, cu, workspace=None):
-        if aligned(pointers, masks):
-            step(stream_ptr, *pointers, *step_strides, *states, N, D)
+        picked = tuple(pointers[i] for i in used)
+        if aligned(picked, masks):
+            step(stream_ptr, *picked, *step_strides, *states, N, D)
         else:
             walk(stream_ptr, pointers, states, cu)
     return launch

@@ -3,8 +3,9 @@
 // (fused_recurrent_block_fwd / _bwd, fused_recurrent_staged_fwd with the next window staged in shared
 // memory, and fused_recurrent_bulk_fwd with windows moved by bulk tensor copies): a block of warps owns 32
 // lanes of channels of one sequence and splits each window of time between its warps.
-// fused_recurrent_step: the forward of a single step (decoding).  This file owns the kernels and the thread
-// walks; fused_block_walk.cuh the block walks' machinery, fused_bulk_walk.cuh the bulk walk's copies.
+// fused_recurrent_step and fused_recurrent_step_bwd: one step (decoding) and its backward.  This file owns
+// the kernels and the thread walks; fused_block_walk.cuh the block walks' machinery, fused_bulk_walk.cuh the
+// bulk walk's copies.
 //
 // Thread walks
 // grid  (ceil(D / (VEC * blockDim.x)), N)   N = sequences (B, or len(cu_seqlens) - 1); past 65535 (the
@@ -519,6 +520,36 @@ __global__ void __launch_bounds__(128) fused_recurrent_step(
         if (ht) ht[i + k] = h;
     }
     out.store(o + n * sob + d);
+}
+
+// The backward of one step of every sequence (T = 1, dense): dh = do + dht, dx = dh, dg = dh * exp(g) * h0
+// (h0 = 0 where none is given) and dh0 = exp(g) * dh in the accumulation type; o is not read (h[-1] is
+// h0).  Thread i owns channels [VEC * i, VEC * i + VEC) of the flattened [N, D], as in fused_recurrent_step.
+template <typename TX, typename TG, int VEC>
+__global__ void __launch_bounds__(128) fused_recurrent_step_bwd(
+    const TG* __restrict__ g, const TX* __restrict__ dout, TX* __restrict__ dx, TG* __restrict__ dg,
+    i64 sgb, i64 sdob, i64 sdxb, i64 sdgb, const AccT<TX, TG>* __restrict__ h0,
+    const AccT<TX, TG>* __restrict__ dht, AccT<TX, TG>* __restrict__ dh0, i64 N, i64 D) {
+    typedef AccT<TX, TG> Acc;
+    const i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    if (i >= N * D) return;
+    const i64 n = i / D, d = i - n * D;
+    Pack<TG, VEC> gr, dgo;
+    Pack<TX, VEC> dr, dxo;
+    gr.load(g + n * sgb + d);
+    dr.load(dout + n * sdob + d);
+    dxo.clear(); dgo.clear();
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        Acc dh = dr.template get<Acc>(k);
+        if (dht) dh += dht[i + k];
+        const Acc a = gate_exp(gr.template get<Acc>(k));
+        dxo.template set<Acc>(k, dh);
+        dgo.template set<Acc>(k, dh * a * (h0 ? h0[i + k] : Acc(0)));  // NaN in dh stays NaN, as in the walk
+        if (dh0) dh0[i + k] = a * dh;
+    }
+    dxo.store(dx + n * sdxb + d);
+    dgo.store(dg + n * sdgb + d);
 }
 
 }  // namespace hc
