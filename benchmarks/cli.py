@@ -6,10 +6,8 @@ fpscan's build), then the sections in run order and the tables at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from . import plan as P  # noqa: E402
-from .context import log  # noqa: E402
+from .context import log, revision  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -229,11 +227,7 @@ def run_benchmark(args, plan, extras, t_start, children, build):
                                time_limit_s=args.time_limit, host_steps=args.host_steps, host_cycles=args.host_cycles,
                                argv=portable_argv(sys.argv[1:]),
                                tolerances=P.TOL)
-    with contextlib.suppress(Exception):
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        if rev.returncode == 0:
-            ctx.results["meta"]["git"] = rev.stdout.strip()
+    ctx.results["meta"]["git"] = revision(REPO)
     log(f"device: {info.get('device')}; timer: {ctx.timer.kind}; versions: "
         + ", ".join(f"{k} {v}" for k, v in ctx.versions.items()))
     sections = P.run_sections(plan, extras)

@@ -7,6 +7,7 @@ import gc
 import importlib
 import importlib.metadata
 import platform
+import subprocess
 import sys
 import time
 
@@ -21,6 +22,22 @@ def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     first = next((ln.strip() for ln in text if ln.strip()), "")
     return f"{type(e).__name__}: {first}"[:200]
+
+
+def revision(repo) -> str:
+    """HEAD's short hash with ``+changes`` when tracked files differ from it, else ``unknown``.
+
+    A copied tree can carry git metadata older than its files (the device's copy does), so the hash
+    alone may name a commit that is not what ran."""
+    git = ["git", "-C", str(repo)]
+    try:
+        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+changes" if changed else "")
 
 
 def version_of(dist, module):

@@ -380,3 +380,20 @@ def test_host_bound_cells_are_marked_and_explained():
     assert report.HOST_NOTE not in report.compact_table([row])
     row["results"]["fla-chunk"]["ms"] = edge * 0.99
     assert report.HOST_NOTE not in report.section_table([row], list(row["results"])) + report.compact_table([row])
+
+
+def test_revision_marks_a_tree_whose_tracked_files_differ_from_head(tmp_path):
+    from benchmarks.context import revision
+
+    assert revision(tmp_path) == "unknown"  # not a repository
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (tmp_path / "a.txt").write_text("one\n")
+    subprocess.run(git + ["add", "a.txt"], check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], check=True)
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (tmp_path / "untracked.txt").write_text("ignored by the mark\n")
+    assert revision(tmp_path) == head
+    (tmp_path / "a.txt").write_text("two\n")
+    assert revision(tmp_path) == head + "+changes"

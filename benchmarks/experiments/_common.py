@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import math
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -135,11 +134,9 @@ def host_cpu():
 
 
 def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=REPO, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
+    from benchmarks.context import revision
+
+    return revision(REPO)
 
 
 class Timer:
