@@ -12,11 +12,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO, "benchmarks", "experiments")
 
 
-# script -> kernels its --compile-only builds: stream_schedule.cu's own; the tile walks after common.cuh;
-# the two passes after the tile walk's pieces; the pipelined chunk forward after chunk.cu; the staged block
-# walks and the walk fed by tensor-map copies after fused_block_walk.cuh; every variant and dtype.
+# script -> kernels its --compile-only builds: stream_schedule.cu's own; the tile walks after common.cuh
+# (the staged one after tile_walk.cu too); the two passes after the tile walk's pieces; the pipelined chunk
+# forward after chunk.cu; the staged block walks and the walk fed by tensor-map copies after
+# fused_block_walk.cuh; every variant and dtype.
 OWN_KERNELS = {"stream_schedule.py": 62, "tile_walk.py": 16, "two_pass.py": 16, "chunk_pipe.py": 14,
-               "block_pipe.py": 60, "tma_walk.py": 48}
+               "block_pipe.py": 60, "tma_walk.py": 48, "tile_stage.py": 12}
 
 
 @pytest.fixture(scope="module")
