@@ -217,14 +217,19 @@ class RecordingDriver:
         if a["ht"]:
             _state(a["ht"], N, D, acc)[...] = ht
 
+    @staticmethod
+    def _flat(fn, a):
+        """``(N, D, accumulation dtype)`` of a single-step kernel's launch, whose one-dimensional grid
+        covers the flattened [N, D] with VEC channels a thread."""
+        gx, gy, gz = a["grid"]
+        bx, by, bz = a["block"]
+        assert (gy, gz, by, bz) == (1, 1, 1, 1) and gx * bx * fn.vec >= a["N"] * a["D"]
+        return a["N"], a["D"], nvrtc.accumulation_dtype(*fn.dtypes)
+
     def _step(self, fn, a):
         """The single-step (T = 1) kernel: VEC channels per thread over the flattened [N, D]."""
         (xd, gd), vec = fn.dtypes, fn.vec
-        acc = nvrtc.accumulation_dtype(xd, gd)
-        N, D = a["N"], a["D"]
-        gx, gy, gz = a["grid"]
-        bx, by, bz = a["block"]
-        assert (gy, gz, by, bz) == (1, 1, 1, 1) and gx * bx * vec >= N * D
+        N, D, acc = self._flat(fn, a)
         _vector_ready(vec, a, (("x", xd, ("sxb",)), ("g", gd, ("sgb",)), ("o", xd, ("sob",))), (N, D))
         x = _load(_view(a["x"], (N, 1, D), (a["sxb"], 1, 1), xd), xd)
         g = _load(_view(a["g"], (N, 1, D), (a["sgb"], 1, 1), gd), gd)
@@ -236,11 +241,7 @@ class RecordingDriver:
     def _step_bwd(self, fn, a):
         """The single-step backward (T = 1): VEC channels per thread over the flattened [N, D]; o unread."""
         (od, gd), vec = fn.dtypes, fn.vec
-        acc = nvrtc.accumulation_dtype(od, gd)
-        N, D = a["N"], a["D"]
-        gx, gy, gz = a["grid"]
-        bx, by, bz = a["block"]
-        assert (gy, gz, by, bz) == (1, 1, 1, 1) and gx * bx * vec >= N * D
+        N, D, acc = self._flat(fn, a)
         layout = (("g", gd, ("sgb",)), ("do", od, ("sdob",)), ("dx", od, ("sdxb",)), ("dg", gd, ("sdgb",)))
         _vector_ready(vec, a, layout, (N, D))
         g, do = (_load(_view(a[k], (N, 1, D), (a[s[0]], 1, 1), dt), dt) for k, dt, s in layout[:2])
