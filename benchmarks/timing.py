@@ -119,24 +119,7 @@ class Timer:
         torch = self.ctx.torch
         if self._flush is None:
             self._flush = torch.empty(self.FLUSH_BYTES, dtype=torch.int8, device="cuda")
-        flush = self._flush
-        self.ctx.sync()
-        t0 = time.perf_counter()
-        for _ in range(3):
-            flush.zero_()
-            fn()
-        host_ms = max((time.perf_counter() - t0) * 1e3 / 3, 1e-3)
-        self.ctx.sync()
-        sleep = getattr(torch.cuda, "_sleep", None)
-        calls = max(1, min(calls, int(50.0 / (1.5 * host_ms))))  # a spin of at most 50 ms covers the batch
-        spin = int(calls * host_ms * 1.5 * self.CYCLES_PER_MS)
-        events = []
-        for _ in range(rounds):
-            if sleep is not None:
-                sleep(spin)
-            flushed_calls(torch, flush, fn, calls, events)
-        self.ctx.sync()
-        return statistics.median(s.elapsed_time(e) for s, e in events)
+        return queued_ms(torch, self._flush, fn, calls, rounds)
 
     def _wall(self, fn):
         fn()
@@ -148,6 +131,30 @@ class Timer:
             times.append(dt)
             spent += dt
         return statistics.median(times)
+
+
+def queued_ms(torch, flush, fn, calls=20, rounds=3):
+    """Milliseconds per call of ``fn`` with the host queued ahead: an L2 flush (``flush.zero_()``) then
+    CUDA events around one call, up to ``calls`` times behind one ``torch.cuda._sleep`` spin (at most 50
+    ms) long enough for the host to queue them all, ``rounds`` times, the median.  The kernels' time as
+    do_bench would read it if the host cost nothing."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        flush.zero_()
+        fn()
+    host_ms = max((time.perf_counter() - t0) * 1e3 / 3, 1e-3)
+    torch.cuda.synchronize()
+    sleep = getattr(torch.cuda, "_sleep", None)
+    calls = max(1, min(calls, int(50.0 / (1.5 * host_ms))))  # a spin of at most 50 ms covers the batch
+    spin = int(calls * host_ms * 1.5 * Timer.CYCLES_PER_MS)
+    events = []
+    for _ in range(rounds):
+        if sleep is not None:
+            sleep(spin)
+        flushed_calls(torch, flush, fn, calls, events)
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def flushed_calls(torch, flush, fn, calls, events):

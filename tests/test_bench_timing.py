@@ -124,7 +124,8 @@ class _FakeGpu:
 
         self.torch = types.SimpleNamespace(
             int8="int8", empty=lambda *a, **k: Buffer(),
-            cuda=types.SimpleNamespace(Event=Event, _sleep=lambda cycles: gpu.op(0.0, cycles / 2.0e9)))
+            cuda=types.SimpleNamespace(Event=Event, _sleep=lambda cycles: gpu.op(0.0, cycles / 2.0e9),
+                                       synchronize=lambda: gpu.sync()))
         self.ctx = types.SimpleNamespace(torch=self.torch, device="cuda", sync=self.sync)
 
     def op(self, host_s, device_s):

@@ -5,7 +5,9 @@ one way and another (an A/B), and prints one Markdown table that names the GPU. 
 `python -m benchmarks` uses, so the figures read alike:
 
 - timer: ``triton.testing.do_bench`` median (L2 flushed by a 256 MB memset before every call); without
-  triton, CUDA events around single calls after the same flush, median;
+  triton, CUDA events around single calls after the same flush, median; with ``--queued``, the same
+  events with the host queued ahead behind a spin (``benchmarks.timing.queued_ms``), which leaves the
+  host's time out, as the benchmark's ``dev`` does;
 - inputs: x ~ randn, g = logsigmoid(randn), do ~ randn, in as many sets as it takes for the working set
   to exceed ``ROTATE_MB`` (three at least); calls run on the sets in turn, so none finds its inputs in L2;
 - rounds: every cell is the minimum over ``--rounds`` rounds, and in each round the variants of one
@@ -78,6 +80,9 @@ def parse(doc, cases, smoke_case, extra=None, passes="fwd,bwd"):
     p.add_argument("--rounds", type=int, default=2, help="rounds per cell, the minimum is kept (default 2)")
     p.add_argument("--warmup", type=float, default=25.0, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=float, default=100.0, help="do_bench repetitions, ms")
+    p.add_argument("--queued", action="store_true",
+                   help="time each call with the host queued ahead (behind a spin): the kernels' time, which "
+                        "do_bench reads only while the host's time to queue a call hides behind its flush")
     p.add_argument("--smoke", action="store_true",
                    help=f"one small case ({smoke_case}), one round, short repetitions: checks the script runs")
     if extra is not None:
@@ -109,7 +114,7 @@ def start(doc, title, cases, smoke_case, note="", groups=None, passes="fwd,bwd",
     args = parse(doc, cases, smoke_case, options, passes)
     import hgrn_cupy as hc
 
-    timer = Timer(args.warmup, args.rep)
+    timer = Timer(args.warmup, args.rep, args.queued)
     gbps = copy_gbps(timer)
     header(f"{title}: {args.group}" if groups else title, timer, gbps, note)
     return args, timer, gbps, hc
@@ -140,22 +145,36 @@ def commit():
 
 
 class Timer:
-    """Median ms of one call with L2 flushed before it (see the module docstring)."""
+    """Median ms of one call with L2 flushed before it (see the module docstring); ``queued``: with the
+    host queued ahead of the calls (``benchmarks.timing.queued_ms``), so that the host's time is not in it."""
 
-    def __init__(self, warmup_ms, rep_ms):
+    def __init__(self, warmup_ms, rep_ms, queued=False):
         self.torch = torch_cuda()
-        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
-        try:
-            from triton.testing import do_bench
+        self.warmup_ms, self.rep_ms, self.queued = warmup_ms, rep_ms, queued
+        self._do_bench = None
+        if not queued:
+            try:
+                from triton.testing import do_bench
 
-            self.kind, self._do_bench = "triton do_bench, median", do_bench
-        except ImportError:
-            self.kind, self._do_bench = "CUDA events after an L2 flush, median", None
+                self._do_bench = do_bench
+            except ImportError:
+                pass
+        if self._do_bench is not None:
+            self.kind = "triton do_bench, median"
+        else:
+            self.kind = ("CUDA events after an L2 flush, host queued ahead behind a spin, median" if queued
+                         else "CUDA events after an L2 flush, median")
             self._flush = self.torch.empty(256 << 20, dtype=self.torch.int8, device="cuda")
 
     def __call__(self, fn):
         if self._do_bench is not None:
             return float(self._do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
+        if self.queued:
+            from benchmarks.timing import queued_ms
+
+            for _ in range(3):  # compile, autotune and allocate before the host is timed
+                fn()
+            return queued_ms(self.torch, self._flush, fn, rounds=5)
         torch = self.torch
         fn()
         torch.cuda.synchronize()
