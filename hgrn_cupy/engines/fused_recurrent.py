@@ -5,10 +5,12 @@ A thread owns one or two channels of one sequence and walks time (two from ``WAL
 channels where the layout allows); from 4K-8K channels on (the float32 backward up to 64K) a block of
 warps shares a group of channels of one sequence and splits each window of time between its warps (the
 block walks, where the layout allows, see ``BLOCK_WALK_CHANNELS``); a single dense step (T = 1, decoding)
-and its backward move 16 bytes per thread and access.  Launches check nothing: :mod:`hgrn_cupy.checks` has validated the call.  The
-reasons for each number are in docs/performance.md, fused engine.
+and its backward move 16 bytes per thread and access.  Launches check nothing: :mod:`hgrn_cupy.checks`
+has validated the call.  The reasons for each number are in docs/performance.md, fused engine.
 """
 from __future__ import annotations
+
+import operator
 
 from .. import nvrtc
 from .layout import aligned, alignment_masks, layout_vector_width, vector_width
@@ -340,9 +342,10 @@ def prepare(direction, tensors, N, reverse, device, varlen=False, lanes=None, st
                    (STEP_BLOCK,), device)
     step_strides = tuple(tensors[i].strides[0] for i in used)
     masks = alignment_masks(vec, [tensors[i] for i in used])
+    pick = operator.itemgetter(*used)  # a tuple of the used pointers, in C: this runs on every decode step
 
     def launch(stream_ptr, pointers, states, cu, workspace=None):
-        picked = tuple(pointers[i] for i in used)
+        picked = pick(pointers)
         if aligned(picked, masks):
             step(stream_ptr, *picked, *step_strides, *states, N, D)
         else:
