@@ -193,13 +193,12 @@ def measure_copy(ctx):
     return dict(bytes=nbytes, ms=ms, gbps=2 * nbytes / (ms * 1e-3) / 1e9)
 
 
-def graph_ms(ctx, fns):
+def graph_ms(torch, fns, rep_ms):
     """Device milliseconds per call from CUDA-graph replay: one graph holds one call per input set (so
     the calls meet inputs that are not in L2, as with the timer's rotation), replayed back to back
-    between CUDA events; no launch or Python cost is in the figure.  The calls are warmed up on a side
-    stream first, as torch asks before a capture (autograd keeps per-stream state).  Raises when a
-    call cannot be captured (one that synchronises, say)."""
-    torch = ctx.torch
+    between CUDA events for about ``rep_ms``; no launch or Python cost is in the figure.  The calls are
+    warmed up on a side stream first, as torch asks before a capture (autograd keeps per-stream state).
+    Raises when a call cannot be captured (one that synchronises, say)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -221,7 +220,7 @@ def graph_ms(ctx, fns):
         end.record()
         torch.cuda.synchronize()
         est = max(start.elapsed_time(end), 1e-3)
-        reps = max(5, min(200, int(ctx.args.rep_ms / est)))
+        reps = max(5, min(200, int(rep_ms / est)))
         sleep = getattr(torch.cuda, "_sleep", None)
         if sleep is not None:  # the host queues the replays while the device spins: no gaps between them
             sleep(int(min(0.05 * reps, 20.0) * Timer.CYCLES_PER_MS))
@@ -244,7 +243,7 @@ def device_ms(ctx, fns):
     clock on CPU."""
     if ctx.device == "cuda":
         try:
-            return graph_ms(ctx, fns), "graph"
+            return graph_ms(ctx.torch, fns, ctx.args.rep_ms), "graph"
         except Exception as e:
             log(f"  (no CUDA graph: {one_line(e)}; timed with {ctx.timer.kind})")
             ctx.after_error()

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import hgrn_cupy as hc  # noqa: E402
 import hgrn_cupy.torch as htorch  # noqa: E402
+from benchmarks.timing import graph_ms  # noqa: E402
 
 DT = {"bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16}
 
@@ -87,26 +88,10 @@ def host_wall(fwd, bwd, n, count):
     return (t1 - t0) / n * 1e6, (t2 - t0) / n * 1e6, f_host / n * 1e6, b_host / n * 1e6
 
 
-def graph_us(fwd, bwd, count, replays=20):
-    """Device us per step: one CUDA graph holding a step per input set, replayed between events."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for k in range(3):
-            bwd(fwd(k % count), k % count)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for k in range(count):
-            bwd(fwd(k), k)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * count)
+def graph_us(fwd, bwd, count):
+    """Device us per step: one CUDA graph holding a step per input set, replayed back to back."""
+    steps = [lambda k=k: bwd(fwd(k), k) for k in range(count)]
+    return graph_ms(torch, steps, rep_ms=100) * 1e3
 
 
 def profile(name, fwd, bwd, count, n, trace):
