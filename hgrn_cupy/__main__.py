@@ -221,9 +221,19 @@ def tune_main(argv):
 
 
 def main(argv=None):
+    """The self-check, or ``tune`` with its arguments; anything else is refused (exit status 2)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tune"]:
         return tune_main(argv[1:])
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m hgrn_cupy",
+        description="Report versions, then check every engine forward and backward against the float64 "
+                    "reference (the GPU kernels where CuPy sees a GPU, else the CPU path); exit status 1 "
+                    "when a check fails.",
+        epilog="python -m hgrn_cupy tune [BxTxD ...] [--dtype NAME ...]: measure the engines and their "
+               "launch variants per shape on this GPU and cache the fastest (tune --help).").parse_args(argv)
     print(f"hgrn_cupy: {__version__}")
     print(f"Python: {platform.python_version()}")
     print(f"NumPy: {np.__version__}")

@@ -1,5 +1,6 @@
 """``python -m hgrn_cupy``: the self-check runs (GPU kernels where a GPU is visible, the CPU path
-otherwise), prints its table and exits 0."""
+otherwise), prints its table and exits 0; ``--help`` says what it does, and arguments it does not
+know are refused."""
 import os
 import subprocess
 import sys
@@ -27,3 +28,21 @@ def test_self_check_on_a_plain_install():
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "float32" in run.stdout and "FAIL" not in run.stdout, run.stdout
+
+
+def test_help_and_unknown_arguments(capsys):
+    """``--help`` prints what the command does and names ``tune``; a word it does not know is refused
+    (argparse's exit status 2) instead of running the check."""
+    import pytest
+
+    from hgrn_cupy.__main__ import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "float64 reference" in out and "hgrn_cupy tune" in out
+    with pytest.raises(SystemExit) as done:
+        main(["tnue"])
+    assert done.value.code == 2
+    assert "unrecognized arguments: tnue" in capsys.readouterr().err
