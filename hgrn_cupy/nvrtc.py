@@ -25,6 +25,7 @@ _lock = threading.Lock()
 _sources: dict = {}
 _modules: dict = {}
 _functions: dict = {}
+_attributes: dict = {}  # (function pointer, attribute) -> (value, the cupy.cuda.Function, kept alive)
 
 
 def accumulation_dtype(x_dtype: str, g_dtype: str) -> str:
@@ -179,7 +180,21 @@ def prefer_shared(fn, percent):
     carveout).  Ask before an occupancy query: the split bounds the blocks a multiprocessor holds."""
     from cupy_backends.cuda.api import driver
 
-    driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent)
+    _set_attribute(fn, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent)
+
+
+def _set_attribute(fn, attribute, value):
+    """Set ``attribute`` of ``fn`` (a loaded ``cupy.cuda.Function``) to ``value`` unless an earlier call set
+    it so: a loaded function keeps its attributes, and plans (each of which asks) are made again whenever
+    shapes change, so the driver is called once per function and value.  The entry keeps ``fn`` alive, so
+    that no other function can take its pointer while it is remembered."""
+    from cupy_backends.cuda.api import driver
+
+    key = (fn.ptr, attribute)
+    held = _attributes.get(key)
+    if held is None or held[0] != value:
+        driver.funcSetAttribute(fn.ptr, attribute, value)
+        _attributes[key] = (value, fn)
 
 
 def shared_room(fn, device):
@@ -201,7 +216,7 @@ def hold_shared(fn, dynamic, blocks, device):
     (:func:`shared_room`'s bytes a block counted)."""
     from cupy_backends.cuda.api import driver
 
-    driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic)
+    _set_attribute(fn, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic)
     per_sm, per_block = shared_room(fn, device)
     prefer_shared(fn, min(100, -(-100 * blocks * (dynamic + per_block) // per_sm)))
 

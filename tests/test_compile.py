@@ -171,3 +171,30 @@ def test_chunk_narrow_backward():
     assert [n for xd in nvrtc.DTYPES for gd in nvrtc.DTYPES for n in chunk.narrow_bwd_names(xd, gd)] == [
         nvrtc.instantiation("chunk_bwd", xd, gd, v, 8) for xd in nvrtc.DTYPES for gd in nvrtc.DTYPES
         if nvrtc.ITEMSIZE[xd] == nvrtc.ITEMSIZE[gd] == 2 for v in (False, True)]
+
+
+def test_function_attributes_are_set_once_per_value(monkeypatch):
+    """nvrtc asks the driver for a function attribute only when its value changes: a plan is made for each
+    new shape and asks again; another function, or another value, reaches the driver."""
+    import types
+
+    from cupy_backends.cuda.api import driver
+
+    calls = []
+    monkeypatch.setattr(driver, "funcSetAttribute", lambda ptr, attribute, value: calls.append((ptr, attribute, value)))
+    monkeypatch.setattr(nvrtc, "shared_room", lambda fn, device: (228 * 1024, 1024))
+    monkeypatch.setattr(nvrtc, "_attributes", {})
+    carveout, dynamic = (driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                         driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
+    a, b = types.SimpleNamespace(ptr=11), types.SimpleNamespace(ptr=12)
+    for _ in range(3):
+        nvrtc.prefer_shared(a, 28)
+    assert calls == [(11, carveout, 28)]
+    nvrtc.prefer_shared(b, 28)
+    nvrtc.prefer_shared(a, 100)
+    nvrtc.prefer_shared(a, 28)
+    assert calls[1:] == [(12, carveout, 28), (11, carveout, 100), (11, carveout, 28)]
+    del calls[:]
+    for _ in range(2):
+        nvrtc.hold_shared(b, 65536, 2, 0)  # two blocks of 64 KB + 1 KB: 58% of 228 KB
+    assert calls == [(12, dynamic, 65536), (12, carveout, 58)]

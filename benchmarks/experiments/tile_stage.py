@@ -30,8 +30,8 @@ OPTIONS = ("-std=c++17",)
 ELEMENT = {"bfloat16": ("hc::bfloat16_t", 8), "float32": ("float", 4)}  # (C++ type, channels a 16-byte lane)
 ASCAN = "ascan-triton"
 # name: (warps, rows, steps a thread, windows staged, split each call); the tile is 32 / rows lanes of 16
-# bytes.  "split each call" asks for the split of L1 and shared memory (nvrtc.hold_shared) on every call
-# rather than once: what that costs a call.
+# bytes.  "split each call" makes the driver calls of nvrtc.hold_shared (the split of L1 and shared memory)
+# on every call rather than once: what they cost a call.
 VARIANTS = {
     "W16 R16 S4 N2": (16, 16, 4, 2, False),
     "W8 R16 S4 N4": (8, 16, 4, 4, False),
@@ -67,6 +67,8 @@ def launcher(torch, module, name):
                 s["ascan"] = (s["g"].exp().transpose(1, 2).contiguous(), s["x"].transpose(1, 2).contiguous())
             return scalar.scan(*s["ascan"]).transpose(1, 2)
         return ascan
+    from cupy_backends.cuda.api import driver
+
     from hgrn_cupy import nvrtc
 
     warps, rows, steps, stages, each_call = VARIANTS[name]
@@ -76,9 +78,15 @@ def launcher(torch, module, name):
     def fwd(s):
         x, g, (B, T, D), dtype, vec = tile_walk.dense(s, "the staged tile walk")
         fn = module.get_function(name_of(dtype, warps, rows, steps, stages))
-        if each_call or dtype not in held:
-            nvrtc.hold_shared(fn.kernel, shared, max(1, 200_000 // shared), x.device.index)
+        blocks = max(1, 200_000 // shared)
+        if dtype not in held:
+            nvrtc.hold_shared(fn.kernel, shared, blocks, x.device.index)
             held.add(dtype)
+        elif each_call:  # nvrtc.hold_shared's driver calls, which it skips once the function holds the values
+            per_sm, per_block = nvrtc.shared_room(fn.kernel, x.device.index)
+            driver.funcSetAttribute(fn.kernel.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
+            driver.funcSetAttribute(fn.kernel.ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                                    min(100, -(-100 * blocks * (shared + per_block) // per_sm)))
         scalars = (np.int64(v) for v in (T, D, T * D, D, T * D, D, T * D, D))
         return k.raw_forward(torch, fn, (-(-D // (32 // rows * vec)), B), (32, warps), x, g, scalars, shared)
     return fwd
