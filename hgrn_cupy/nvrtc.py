@@ -217,8 +217,15 @@ def hold_shared(fn, dynamic, blocks, device):
     from cupy_backends.cuda.api import driver
 
     _set_attribute(fn, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic)
+    prefer_shared(fn, shared_split(fn, dynamic, blocks, device))
+
+
+def shared_split(fn, dynamic, blocks, device):
+    """The split of L1 and shared memory, in percent shared, that holds ``blocks`` blocks of ``fn`` (a
+    loaded ``cupy.cuda.Function`` of ``device``) with ``dynamic`` bytes of dynamic shared memory each on a
+    multiprocessor (:func:`shared_room`'s bytes a block counted), at most 100."""
     per_sm, per_block = shared_room(fn, device)
-    prefer_shared(fn, min(100, -(-100 * blocks * (dynamic + per_block) // per_sm)))
+    return min(100, -(-100 * blocks * (dynamic + per_block) // per_sm))
 
 
 def blocks_at_once(fn, threads, device):

@@ -83,10 +83,9 @@ def launcher(torch, module, name):
             nvrtc.hold_shared(fn.kernel, shared, blocks, x.device.index)
             held.add(dtype)
         elif each_call:  # nvrtc.hold_shared's driver calls, which it skips once the function holds the values
-            per_sm, per_block = nvrtc.shared_room(fn.kernel, x.device.index)
+            split = nvrtc.shared_split(fn.kernel, shared, blocks, x.device.index)
             driver.funcSetAttribute(fn.kernel.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
-            driver.funcSetAttribute(fn.kernel.ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                                    min(100, -(-100 * blocks * (shared + per_block) // per_sm)))
+            driver.funcSetAttribute(fn.kernel.ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, split)
         scalars = (np.int64(v) for v in (T, D, T * D, D, T * D, D, T * D, D))
         return k.raw_forward(torch, fn, (-(-D // (32 // rows * vec)), B), (32, warps), x, g, scalars, shared)
     return fwd
