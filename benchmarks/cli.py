@@ -179,7 +179,6 @@ def render(source, out):
     and its picks of the best cells and speed-ups)."""
     import json
     import types
-    from pathlib import Path
 
     from .output import render_md
     from .report import summarize_row

@@ -164,7 +164,9 @@ class Timer:
         else:
             self.kind = ("CUDA events after an L2 flush, host queued ahead behind a spin, median" if queued
                          else "CUDA events after an L2 flush, median")
-            self._flush = self.torch.empty(256 << 20, dtype=self.torch.int8, device="cuda")
+            from benchmarks.timing import Timer as SuiteTimer
+
+            self._flush = self.torch.empty(SuiteTimer.FLUSH_BYTES, dtype=self.torch.int8, device="cuda")
 
     def __call__(self, fn):
         if self._do_bench is not None:
