@@ -19,21 +19,6 @@ using hc::Affine;
 using hc::i64;
 using hc::Pack;
 
-// 16-byte copies bypass L1 (.cg); 4 and 8 bytes have only the .ca form.
-template <int BYTES>
-__device__ __forceinline__ void copy(void* smem, const void* src, bool on) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    if constexpr (BYTES == 16)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(on ? 16 : 0) : "memory");
-    else
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(s), "l"(src), "n"(BYTES), "r"(on ? BYTES : 0)
-                     : "memory");
-}
-__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wait_pending() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 template <typename TX, typename TG, int VEC, int W, int S, int NSTAGE, int MINB, int PF, int C16>
 __global__ void __launch_bounds__(32 * W, MINB) fwd(const TX* __restrict__ x, const TG* __restrict__ g,
                                                     TX* __restrict__ o, i64 sxb, i64 sxt, i64 sgb, i64 sgt,
@@ -72,18 +57,18 @@ __global__ void __launch_bounds__(32 * W, MINB) fwd(const TX* __restrict__ x, co
                     const void* src = m == 0 ? (const void*)(x + n * sxb + (u0 + j) * sxt + ch)
                                              : (const void*)(g + n * sgb + (u0 + j) * sgt + ch);
                     const unsigned* dst = stage + ((((s * W + w) * S + j) * 2 + m) * 32) * WORDS + piece * 4;
-                    copy<16>((void*)dst, on ? src : (const void*)x, on);
+                    hc::async_copy<16>((void*)dst, on ? src : (const void*)x, on);
                 }
             } else {
 #pragma unroll
                 for (int j = 0; j < S; ++j) {
                     const bool on = live && u0 + j < T;
-                    copy<BYTES>(word(s, j, 0), on ? (const void*)(xp + (u0 + j) * sxt) : (const void*)x, on);
-                    copy<BYTES>(word(s, j, 1), on ? (const void*)(gp + (u0 + j) * sgt) : (const void*)g, on);
+                    hc::async_copy<BYTES>(word(s, j, 0), on ? (const void*)(xp + (u0 + j) * sxt) : (const void*)x, on);
+                    hc::async_copy<BYTES>(word(s, j, 1), on ? (const void*)(gp + (u0 + j) * sgt) : (const void*)g, on);
                 }
             }
         }
-        commit();
+        hc::async_commit();
     };
 #pragma unroll
     for (int s = 0; s < NSTAGE; ++s) issue(s, s);
@@ -93,7 +78,7 @@ __global__ void __launch_bounds__(32 * W, MINB) fwd(const TX* __restrict__ x, co
     for (int k = 0; k < VEC; ++k) carry[k] = Acc(0);
     for (i64 i = 0; i < nwin; ++i) {
         const int s = (int)(i % NSTAGE);
-        wait_pending<NSTAGE - 1>();
+        hc::async_wait<NSTAGE - 1>();
         if (C16) __syncwarp();
         PX xr[S];
         PG gr[S];
@@ -127,7 +112,7 @@ __global__ void __launch_bounds__(32 * W, MINB) fwd(const TX* __restrict__ x, co
             if (live && u0 + j < T) out.store(op + (u0 + j) * sot);
         }
     }
-    wait_pending<0>();
+    hc::async_wait<0>();
 }
 
 }  // namespace bpipe

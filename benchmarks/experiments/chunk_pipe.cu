@@ -25,15 +25,6 @@ using hc::i64;
 using hc::Pack;
 using hc::Slot;
 
-__device__ __forceinline__ void copy16(void* smem, const void* src, bool on) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(on ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wait_pending() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 template <typename TX, typename TG, int VEC, int WARPS, int ROWS, int STEPS, int NSTAGE, int BLOCKS>
 __global__ void __launch_bounds__(32 * WARPS, BLOCKS) fwd(
     const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o,
@@ -89,12 +80,12 @@ __global__ void __launch_bounds__(32 * WARPS, BLOCKS) fwd(
 #pragma unroll
             for (int j = 0; j < STEPS; ++j) {
                 const bool on = live && u0 + j < T;
-                copy16(&stage[((s * 2 + 0) * STEPS + j) * NT + tid], on ? (const void*)xq : (const void*)x, on);
-                copy16(&stage[((s * 2 + 1) * STEPS + j) * NT + tid], on ? (const void*)gq : (const void*)g, on);
+                hc::async_copy<16>(&stage[((s * 2 + 0) * STEPS + j) * NT + tid], on ? (const void*)xq : (const void*)x, on);
+                hc::async_copy<16>(&stage[((s * 2 + 1) * STEPS + j) * NT + tid], on ? (const void*)gq : (const void*)g, on);
                 xq += sxt * tdir; gq += sgt * tdir;
             }
         }
-        commit();
+        hc::async_commit();
     };
 #pragma unroll
     for (int s = 0; s < NSTAGE; ++s) issue(ring[s], s);
@@ -110,7 +101,7 @@ __global__ void __launch_bounds__(32 * WARPS, BLOCKS) fwd(
         const unsigned cur = ring[k % M];
         if (cur >= total) break;  // block-uniform: read from shared memory after a barrier
         const int s = k % NSTAGE;
-        wait_pending<NSTAGE - 1>();
+        hc::async_wait<NSTAGE - 1>();
         Pack<TX, VEC> xr[STEPS];
         Pack<TG, VEC> gr[STEPS];
 #pragma unroll
@@ -148,7 +139,7 @@ __global__ void __launch_bounds__(32 * WARPS, BLOCKS) fwd(
         else hc::fwd_scan<true>(u0, T, D, d, batch, live, seg, xr, gr, h0, ht, oq, sot * tdir, h);
         peek(ring[(k + 1) % M]);
     }
-    wait_pending<0>();
+    hc::async_wait<0>();
     sm.finish(slots, blockIdx.x, gridDim.x, slot_bytes, (unsigned long long)capacity);
     if (tid == 0) {
         __threadfence();

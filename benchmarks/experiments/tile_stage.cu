@@ -50,13 +50,11 @@ __global__ void __launch_bounds__(32 * WARPS) tile_stage_fwd(const TX* __restric
                 for (int m = 0; m < 2; ++m) {
                     const void* src = in ? (m ? (const void*)(gp + u * sgt) : (const void*)(xp + u * sxt))
                                          : (m ? (const void*)g : (const void*)x);
-                    const unsigned dst = (unsigned)__cvta_generic_to_shared(&stage[((s * S + j) * 2 + m) * NT + t]);
-                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
-                                 "r"(in ? 16 : 0) : "memory");
+                    hc::async_copy<16>(&stage[((s * S + j) * 2 + m) * NT + t], src, in);
                 }
             }
         }
-        asm volatile("cp.async.commit_group;" ::: "memory");
+        hc::async_commit();
     };
 #pragma unroll
     for (int s = 0; s < NST; ++s) issue(s, s);
@@ -65,7 +63,7 @@ __global__ void __launch_bounds__(32 * WARPS) tile_stage_fwd(const TX* __restric
     for (int k = 0; k < VEC; ++k) carry[k] = Acc(0);
     for (i64 w = 0; w < windows; ++w) {
         const int s = (int)(w % NST);
-        asm volatile("cp.async.wait_group %0;" ::"n"(NST - 1) : "memory");
+        hc::async_wait<NST - 1>();
         tw::Words<TX, TG, VEC, S> in;
 #pragma unroll
         for (int j = 0; j < S; ++j) {

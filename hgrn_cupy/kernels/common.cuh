@@ -1,6 +1,6 @@
 // Shared pieces of the hgrn_cupy kernels: storage types for 16-bit floats and their conversions, the
-// accumulation type, gate_exp, the varlen bounds, the affine pair, the segment cursor, and the vector
-// words (Pack) every access goes through.
+// accumulation type, gate_exp, the varlen bounds, the affine pair, the segment cursor, the vector words
+// (Pack) every access goes through, and the asynchronous copies of a word into shared memory.
 // Compiles with NVRTC alone: no CUDA toolkit header is included anywhere.
 #pragma once
 
@@ -270,5 +270,26 @@ template <typename T, int VEC> struct Pack {
     template <typename Acc> __device__ __forceinline__ Acc get(int k) const { return Cvt<Acc, T>::load(Lane<T>::get(u, k)); }
     template <typename Acc> __device__ __forceinline__ void set(int k, Acc v) { Lane<T>::set(u, k, Cvt<Acc, T>::store(v)); }
 };
+
+// ---- asynchronous copies of one word, global -> shared (cp.async, sm_80 on) ------------------------
+// BYTES (4, 8 or 16) from src to dst where `in`; elsewhere dst is zero-filled and nothing is read, but
+// src must still be a valid global address (callers pass a tensor's base).  16-byte words bypass L1
+// (.cg); 4 and 8 bytes have only the form that caches in L1 (.ca).
+template <int BYTES>
+__device__ __forceinline__ void async_copy(void* dst, const void* src, bool in) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    if constexpr (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(in ? 16 : 0) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(d), "l"(src), "n"(BYTES), "r"(in ? BYTES : 0)
+                     : "memory");
+}
+// Closes this thread's copies since the last commit into one group (an empty one where there were none).
+__device__ __forceinline__ void async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most PENDING of this thread's groups, the latest ones, are still on their way.
+template <int PENDING> __device__ __forceinline__ void async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+}
 
 }  // namespace hc

@@ -217,17 +217,15 @@ struct BlockStage : BlockWindow<TX, TG, VEC> {
 #pragma unroll
             for (int j = 0; j < S; ++j) {
                 const bool in = live && u0 + j < len;
-                copy(word(stage, s, j, 0), in ? (const void*)(xp + (u0 + j) * sxt) : (const void*)x0, in);
-                copy(word(stage, s, j, 1), in ? (const void*)(gp + (u0 + j) * sgt) : (const void*)g0, in);
+                async_copy<BYTES>(word(stage, s, j, 0), in ? (const void*)(xp + (u0 + j) * sxt) : (const void*)x0, in);
+                async_copy<BYTES>(word(stage, s, j, 1), in ? (const void*)(gp + (u0 + j) * sgt) : (const void*)g0, in);
             }
         }
-        asm volatile("cp.async.commit_group;" ::: "memory");
+        async_commit();
     }
     // Waits until this thread's copies but the last group's have landed (the window about to be read).
-    static __device__ __forceinline__ void wait_older() {
-        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1) : "memory");
-    }
-    static __device__ __forceinline__ void wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+    static __device__ __forceinline__ void wait_older() { async_wait<STAGES - 1>(); }
+    static __device__ __forceinline__ void wait_all() { async_wait<0>(); }
     // This thread's words of stage s into registers.
     static __device__ __forceinline__ void take(unsigned* stage, int s, Pack<TX, VEC> (&x)[S], Pack<TG, VEC> (&g)[S]) {
 #pragma unroll
@@ -235,14 +233,6 @@ struct BlockStage : BlockWindow<TX, TG, VEC> {
 #pragma unroll
             for (int q = 0; q < WORDS; ++q) { x[j].u[q] = word(stage, s, j, 0)[q]; g[j].u[q] = word(stage, s, j, 1)[q]; }
         }
-    }
-
-  private:
-    // One word global -> shared, BYTES of it read where `in` (else zeros).
-    static __device__ __forceinline__ void copy(unsigned* dst, const void* src, bool in) {
-        const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(d), "l"(src), "n"(BYTES),
-                     "r"(in ? BYTES : 0) : "memory");
     }
 };
 
