@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _kernels as k  # noqa: E402
 import tile_walk  # noqa: E402
 
-CASES = ["bf16:4x2048x512", "bf16:1x4096x1024", "bf16:2x4096x1024", "bf16:4x4096x1024", "bf16:8x4096x1024",
-         "f32:2x4096x1024", "f32:8x4096x2048", "bf16:8x4096x2048"]
+CASES = ["bf16:4x2048x512", "bf16:1x4096x256", "bf16:1x4096x1024", "bf16:2x4096x1024", "bf16:4x4096x1024",
+         "bf16:8x4096x1024", "f32:2x4096x1024", "f32:8x4096x2048", "bf16:8x4096x2048"]
 SOURCE = Path(__file__).with_name("tile_stage.cu")
 OPTIONS = ("-std=c++17",)
 ELEMENT = {"bfloat16": ("hc::bfloat16_t", 8), "float32": ("float", 4)}  # (C++ type, channels a 16-byte lane)
@@ -38,6 +38,7 @@ VARIANTS = {
     "W8 R16 S4 N2": (8, 16, 4, 2, False),
     "W16 R16 S2 N4": (16, 16, 2, 4, False),
     "W8 R32 S4 N2": (8, 32, 4, 2, False),
+    "W8 R32 S4 N4": (8, 32, 4, 4, False),  # one lane a row: 8 channels a block; 4096 steps requested at once
     "W8 R8 S4 N4": (8, 8, 4, 4, False),
     "W8 R16 S4 N2, split each call": (8, 16, 4, 2, True),
 }
