@@ -17,7 +17,7 @@ EXPERIMENTS = os.path.join(REPO, "benchmarks", "experiments")
 # forward after chunk.cu; the staged block walks and the walk fed by tensor-map copies after
 # fused_block_walk.cuh; every variant and dtype.
 OWN_KERNELS = {"stream_schedule.py": 62, "tile_walk.py": 16, "two_pass.py": 16, "chunk_pipe.py": 14,
-               "block_pipe.py": 60, "tma_walk.py": 48, "tile_stage.py": 12}
+               "block_pipe.py": 60, "tma_walk.py": 48, "tile_stage.py": 14}
 
 
 @pytest.fixture(scope="module")
