@@ -22,6 +22,9 @@
 //                  memory by bulk copies (cp.async.bulk, sm_90) while they add and store this one: one
 //                  copy a row, or, with CONTIG (the host checks that a row is one segment, D * itemsize
 //                  = SEG), one copy a tensor and item.
+//
+// Compiled after the library's kernels/common.cuh (hc::async_copy and its group calls, for stream_cpasync),
+// which stream_schedule.py puts in front of this text.
 
 namespace ss {
 
@@ -207,19 +210,17 @@ stream_cpasync(const char* __restrict__ x, const char* __restrict__ g, char* __r
                 const bool in = p.t0 + r < T;
                 const i64 off = in ? p.base + r * row_bytes : 0;
 #pragma unroll
-                for (int m = 0; m < 2; ++m)
-                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                                 :: "r"(smem_addr(word(s, j, m))), "l"((m ? g : x) + off), "r"(in ? 16 : 0) : "memory");
+                for (int m = 0; m < 2; ++m) hc::async_copy<16>(word(s, j, m), (m ? g : x) + off, in);
             }
         }
-        asm volatile("cp.async.commit_group;" ::: "memory");  // one group an item, empty past the end
+        hc::async_commit();  // one group an item, empty past the end
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue(blockIdx.x + s * stride, s);
     int k = 0;
     for (i64 item = blockIdx.x; item < total; item += stride, ++k) {
         issue(item + (STAGES - 1) * stride, (k + STAGES - 1) % STAGES);  // the stage this thread read last
-        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");  // this item's group has landed
+        hc::async_wait<STAGES - 1>();  // this item's group has landed
         const int s = k % STAGES;
         uint4 xs[STEPS], gs[STEPS];
 #pragma unroll
@@ -228,7 +229,7 @@ stream_cpasync(const char* __restrict__ x, const char* __restrict__ g, char* __r
         if (MODE & MODE_LANDED) wait_landed<MODE>(p, T, xs, gs);
         store<E, LC, STEPS, true>(o, p, T, row_bytes, xs, gs);
     }
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    hc::async_wait<0>();
 }
 
 __device__ __forceinline__ void bar_wait(unsigned bar, unsigned parity) {

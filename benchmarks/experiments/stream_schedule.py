@@ -172,9 +172,16 @@ def names():
     return [name_of(k, e, *rest) for e in ELEMENT.values() for k, *rest in VARIANTS.values()]
 
 
+def source():
+    """The library's common.cuh (its cp.async helpers), then this experiment's kernels."""
+    from hgrn_cupy import nvrtc
+
+    return nvrtc.read_source("common.cuh") + "\n" + SOURCE.read_text()
+
+
 def compile_only():
     """Every instantiation through NVRTC for sm_90 (no GPU): prints the log, exits non-zero on failure."""
-    k.compile_only(SOURCE.read_text(), SOURCE.name, names(), OPTIONS)
+    k.compile_only(source(), SOURCE.name, names(), OPTIONS)
 
 
 def hold_resident(nvrtc, fn, blocks, device):
@@ -255,7 +262,7 @@ def main():
                                     "o = x + g in the chunk engine's geometry; chunk bound: the shipped kernel with "
                                     "loads and stores alone (unchecked)", groups=groups, passes="fwd")
     nvrtc, chunk, forget = lb.library()
-    module = cupy.RawModule(code=SOURCE.read_text(), options=OPTIONS, name_expressions=names())
+    module = cupy.RawModule(code=source(), options=OPTIONS, name_expressions=names())
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     bound_lines = [(old, new, 1) for old, new in lb.PATCHES[BOUND]]
     plain = ch.NC_LOADS + ch.PLAIN_STORES
