@@ -12,6 +12,7 @@ import warnings
 
 from .engines import VARIANTS
 from .engines import fused_recurrent as _fused
+from .engines import fused_variants
 from .nvrtc import ITEMSIZE
 from .settings import ENGINES, config
 
@@ -70,7 +71,7 @@ def candidates(N, T, D, dtypes, direction, ruled=None):
     apply (names of ``VARIANTS``)."""
     ruled = ruled or rule(N, T, D, dtypes, direction)
     return ((ruled,) + tuple(c for c in CANDIDATES if c != ruled)
-            + _fused.variants(N, T, D, dtypes[0], dtypes[-1], direction))
+            + fused_variants.variants(N, T, D, dtypes[0], dtypes[-1], direction))
 
 
 def check_engine(engine):

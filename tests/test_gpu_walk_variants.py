@@ -1,6 +1,6 @@
 """The fused engine's forward launch variants that the tuner measures, against the NumPy reference in float64
-(GPU; skipped without one): the staged block walk (``fused_recurrent.STAGED``) and the bulk walk
-(``fused_recurrent.BULK``), each forced where its layout allows it, with the kernel that ran checked.
+(GPU; skipped without one): the staged block walk (``fused_variants.STAGED``) and the bulk walk
+(``fused_variants.BULK``), each forced where its layout allows it, with the kernel that ran checked.
 
 Seeded and poisoned as ``test_gpu_kernels.py`` (``gpu_kernel_checks``); tolerances live in conftest.
 """
@@ -16,7 +16,7 @@ from gpu_kernel_checks import seeded  # noqa: E402, F401  (an autouse fixture)
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison")]
 
 
-# The staged block walk (``fused_recurrent.STAGED``, a launch the tuner measures for 16-bit forwards): T
+# The staged block walk (``fused_variants.STAGED``, a launch the tuner measures for 16-bit forwards): T
 # around its 64-step window and past its two stages, D around its block of 128 channels (8-byte lanes).
 STAGED_SHAPES = [(2, 2, 132), (3, 3, 4), (3, 63, 36), (2, 64, 128), (1, 65, 260), (2, 129, 36), (1, 1000, 4100),
                  (1, 4097, 96)]
@@ -86,7 +86,7 @@ def test_staged_forward_gate_extremes(gate, monkeypatch):
 
 
 
-# The bulk walk (``fused_recurrent.BULK``, launches the tuner measures for dense forwards whose inputs share
+# The bulk walk (``fused_variants.BULK``, launches the tuner measures for dense forwards whose inputs share
 # an itemsize of 2 or 4): the staged walk's shapes at both lane widths.  It takes a layout whose strides are
 # multiples of 16 bytes and pointers 16-byte aligned; others fall back to the walks.
 BULK = "fused_recurrent_bulk_fwd"

@@ -298,6 +298,7 @@ def test_tuned_variants(case, fresh_plans, poison, monkeypatch, tmp_path, reques
 
     from hgrn_cupy import nvrtc
     from hgrn_cupy.engines import fused_recurrent as fr
+    from hgrn_cupy.engines import fused_variants
 
     direction, dtype, (B, T, D) = case
     seed = zlib.crc32(request.node.nodeid.encode())
@@ -312,7 +313,7 @@ def test_tuned_variants(case, fresh_plans, poison, monkeypatch, tmp_path, reques
         refs = hc.naive_recurrent_hgrn_bwd(f64[1], cupy.asnumpy(o).astype(np.float64),
                                            cupy.asnumpy(do).astype(np.float64), cupy.asnumpy(dht), f64[2])
     names = dispatch.candidates(B, T, D, (dtype, dtype), direction)
-    assert set(names[2:]) <= set(fr.VARIANTS) and f"fused_recurrent, {fr.SHORT_STEPS}-step windows" in names
+    assert set(names[2:]) <= set(fused_variants.VARIANTS) and f"fused_recurrent, {fr.SHORT_STEPS}-step windows" in names
     monkeypatch.setenv("HGRN_CUPY_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(hc.config, "engine", "auto")
     monkeypatch.setattr(hc.config, "tune", True)
@@ -331,7 +332,7 @@ def test_tuned_variants(case, fresh_plans, poison, monkeypatch, tmp_path, reques
         launched.clear()
         # the decision this call's measurement would store, stored ahead of it
         assert tuning._store(tuning.device_key(x.data.device_id), repr(key), name, keep=()) == name
-        options = fr.VARIANTS.get(name, {"lanes": None, "steps": None})
+        options = fused_variants.VARIANTS.get(name, {"lanes": None, "steps": None})
         steps = options["steps"] or fr.BLOCK_STEPS
         what = f"seed {seed}, {case}, {name}"
         if direction == 0:

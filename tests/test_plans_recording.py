@@ -14,7 +14,7 @@ from recording import CASES, POINTERS, _torch_case, fake_cuda, fresh_plans  # no
 
 import hgrn_cupy as hc
 from hgrn_cupy import nvrtc, plans, workspace
-from hgrn_cupy.engines import chunk, fused_recurrent
+from hgrn_cupy.engines import chunk, fused_recurrent, fused_variants
 from hgrn_cupy.engines.layout import vector_width
 
 
@@ -144,7 +144,7 @@ def test_block_walk_where_the_layout_allows(layout, narrow, fake_cuda, fresh_pla
 
 
 @pytest.mark.parametrize("narrow", [False, True], ids=["rule 8 bytes", "rule 4 bytes"])
-@pytest.mark.parametrize("name", sorted(fused_recurrent.VARIANTS))
+@pytest.mark.parametrize("name", sorted(fused_variants.VARIANTS))
 def test_variant_launches(name, narrow, fake_cuda, fresh_plans, monkeypatch):
     """A launch variant the tuner may store (``engines.VARIANTS``) runs the block walks with its own lane
     width (forward; else the rule's) and window (the SHORT_STEPS module, else the engine's), the staged
@@ -165,14 +165,14 @@ def test_variant_launches(name, narrow, fake_cuda, fresh_plans, monkeypatch):
         assert rel_err(a, ref) <= TOL["bfloat16"]
     hc.fused_recurrent_hgrn(x, g, h0, True)
     assert len(fresh_plans) == 3
-    lanes, steps = fused_recurrent.VARIANTS[name]["lanes"], fused_recurrent.VARIANTS[name]["steps"]
+    lanes, steps = fused_variants.VARIANTS[name]["lanes"], fused_variants.VARIANTS[name]["steps"]
     vec = lanes // 2 if lanes else fused_recurrent.block_walk_width("bfloat16", "bfloat16", 0, narrow)
     window = f"-DHC_BLOCK_STEPS={steps or fused_recurrent.BLOCK_STEPS}"
     shipped = f"-DHC_BLOCK_STEPS={fused_recurrent.BLOCK_STEPS}"
     rule_vec = fused_recurrent.block_walk_width("bfloat16", "bfloat16", 0, narrow)
     bwd_vec = fused_recurrent.block_walk_width("bfloat16", "bfloat16", 1)
-    staged = fused_recurrent.VARIANTS[name].get("staged", False)
-    bulk = fused_recurrent.VARIANTS[name].get("bulk", False)
+    staged = fused_variants.VARIANTS[name].get("staged", False)
+    bulk = fused_variants.VARIANTS[name].get("bulk", False)
     forward = (fused_recurrent.STAGED_KERNEL if staged else fused_recurrent.BULK_KERNEL if bulk
                else "fused_recurrent_block_fwd")
     launched = [(ln["kernel"], ln["vec"], ln["grid"]) for ln in fake_cuda.launches]

@@ -2,12 +2,12 @@
 one interface, ``prepare(direction, tensors, N, reverse, device, varlen) -> launch(stream_ptr, pointers,
 states, cu, workspace)`` (see ``chunk.prepare``), plus ``names`` (every instantiation, for CI); and the
 launch variants the tuner may choose besides the engines as their rules set them up."""
-from . import chunk, fused_recurrent
+from . import chunk, fused_recurrent, fused_variants
 
 ENGINES = {"chunk": chunk, "fused_recurrent": fused_recurrent}
 # name -> (engine, options of its prepare): launches whose best setting moves with the card, so that the
 # tuner measures them (hgrn_cupy.dispatch.candidates); internal names, stored in the tuning cache.
-VARIANTS = {name: ("fused_recurrent", options) for name, options in fused_recurrent.VARIANTS.items()}
+VARIANTS = {name: ("fused_recurrent", options) for name, options in fused_variants.VARIANTS.items()}
 
 
 def prepare(name, direction, tensors, N, reverse, device, varlen=False):

@@ -34,7 +34,7 @@ PREFETCH_V = {2: 32, 4: 16, 8: 16}  # steps per register tile of the two-channel
 # width and the window that win move with the card (on an H200 4-byte lanes won at 16K channels by 20-29%
 # and windows of SHORT_STEPS steps a warp from 16K channels on, where on an H100 8-byte lanes won at 16K by
 # 5% and shorter windows lost: docs/performance.md, "Block-walk lanes" and "Block-walk window shape"), so
-# the tuner measures those too (VARIANTS); where nothing is measured, 16K channels take the 4-byte lanes,
+# the tuner measures those too (fused_variants); where nothing is measured, 16K channels take the 4-byte lanes,
 # whose worse case is the smaller loss.  The staged forward (fused_recurrent_staged_fwd: the next window in
 # shared memory, not in registers) is a variant of its own for 16-bit forwards with 8-byte lanes, where it
 # won at 16K channels on an H200 and lost from 32K (docs/performance.md, "Block-walk staged forward").
@@ -72,22 +72,6 @@ def bulk_shared(lane_bytes):
     """The bulk walk's dynamic shared memory (BulkWalk::SHARED_BYTES): its windows of x and g, then two
     buffers of a warp's rows of o, rows of 32 lanes of ``lane_bytes``."""
     return (2 * BULK_STAGES[lane_bytes] + 2) * BLOCK_WARPS * BLOCK_STEPS * 32 * lane_bytes
-
-
-def _variant_name(lanes, steps, staged=False, bulk=False):
-    return ("fused_recurrent" + (", staged" if staged else "") + (", bulk copies" if bulk else "")
-            + (f", {lanes}-byte lanes" if lanes else "") + (f", {steps}-step windows" if steps else ""))
-
-
-STAGED = _variant_name(STAGED_LANES, None, True)
-BULK = {lanes: _variant_name(lanes, None, bulk=True) for lanes in sorted(BULK_STAGES)}
-# The launches the tuner may store besides the engine as its rules set it up, by name: the block walk with
-# the 16-bit forward's lanes fixed at 4 or 8 bytes and / or windows of SHORT_STEPS steps a warp (None: as
-# the rules say), the staged forward, and the bulk walk at each lane width; prepare's options.
-VARIANTS = {_variant_name(lanes, steps): {"lanes": lanes, "steps": steps}
-            for steps in (None, SHORT_STEPS) for lanes in (None, 4, 8) if lanes or steps}
-VARIANTS[STAGED] = {"lanes": STAGED_LANES, "steps": None, "staged": True}
-VARIANTS.update({name: {"lanes": lanes, "steps": None, "bulk": True} for lanes, name in BULK.items()})
 
 
 def _size(x_dtype, g_dtype):
@@ -176,26 +160,6 @@ def block_walk_fits(N, T, D, x_dtype, g_dtype, direction=0, lanes=None):
     narrow = N * D < BLOCK_WALK_NARROW_BELOW if lanes is None else lanes == 4
     vec = block_walk_width(x_dtype, g_dtype, direction, narrow)
     return vec if T > BLOCK_WALK_MIN_T and lo <= N * D < hi and D % vec == 0 else 0
-
-
-def variants(N, T, D, x_dtype, g_dtype, direction):
-    """The names (of VARIANTS) of the launches a call's tuning measures besides the two engines, where the
-    rules take a block walk: windows of SHORT_STEPS steps; for a 16-bit forward whose D also divides
-    into the lane width the rule does not take, that width with either window; for a 16-bit forward whose
-    D divides into 8-byte lanes, the staged forward; for a forward the bulk walk serves, the bulk walk at
-    each lane width D divides into."""
-    if not block_walk_fits(N, T, D, x_dtype, g_dtype, direction):
-        return ()
-    lanes = [None]
-    if direction == 0 and _size(x_dtype, g_dtype) == 2:
-        other = 8 if N * D < BLOCK_WALK_NARROW_BELOW else 4
-        if block_walk_fits(N, T, D, x_dtype, g_dtype, 0, other):
-            lanes.append(other)
-    width = staged_width(x_dtype, g_dtype)
-    fits = direction == 0 and width and block_walk_fits(N, T, D, x_dtype, g_dtype, 0, STAGED_LANES)
-    staged = (STAGED,) if fits else ()
-    bulk = tuple(name for n, name in BULK.items() if direction == 0 and bulk_fits(N, T, D, x_dtype, g_dtype, n))
-    return tuple(_variant_name(n, s) for s in (None, SHORT_STEPS) for n in lanes if n or s) + staged + bulk
 
 
 def _kernel(name, dtypes, vec, grid, block, device, block_steps=BLOCK_STEPS):
