@@ -84,17 +84,19 @@ def parse(doc, cases, smoke_case, extra=None, passes="fwd,bwd"):
                    help="time each call with the host queued ahead (behind a spin): the kernels' time, which "
                         "do_bench reads only while the host's time to queue a call hides behind its flush")
     p.add_argument("--smoke", action="store_true",
-                   help=f"one small case ({smoke_case}), one round, short repetitions: checks the script runs")
+                   help=f"one round, short repetitions, and the cases --cases names, else one small case "
+                        f"({smoke_case}): checks the script runs, or feeds a profiler one case")
     if extra is not None:
         extra(p)
     args = p.parse_args()
     if args.passes is None:
         args.passes = passes(args) if callable(passes) else passes
     args.passes = [s for s in args.passes.split(",") if s]
+    if args.smoke:
+        args.cases = args.cases or [Case(smoke_case)]
+        args.rounds, args.warmup, args.rep = 1, 2.0, 5.0
     if args.cases is None:
         args.cases = [Case(t) for t in (cases(args) if callable(cases) else cases)]
-    if args.smoke:
-        args.cases, args.rounds, args.warmup, args.rep = [Case(smoke_case)], 1, 2.0, 5.0
     return args
 
 
