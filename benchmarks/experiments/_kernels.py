@@ -37,6 +37,14 @@ def carved(nvrtc, percent):
     return [(nvrtc, "_modules", {}), (nvrtc, "_functions", {}), (nvrtc, "prefer_shared", prefer)]
 
 
+def after_library(name, path):
+    """The library's kernel file ``name`` (its includes folded in by ``nvrtc.read_source``), then the
+    experiment's kernels at ``path``: one text, as NVRTC compiles it."""
+    from hgrn_cupy import nvrtc
+
+    return nvrtc.read_source(name) + "\n" + path.read_text()
+
+
 def compile_only(text, filename, names, options):
     """An experiment's own kernels through NVRTC for sm_90 (no GPU): every name expression of ``names``
     in ``text``; prints the log or a count, exits non-zero on failure."""

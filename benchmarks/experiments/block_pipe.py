@@ -99,9 +99,7 @@ def names():
 
 def source():
     """The library's fused_block_walk.cuh (common.cuh folded in), then the staged walk."""
-    from hgrn_cupy import nvrtc
-
-    return nvrtc.read_source("fused_block_walk.cuh") + "\n" + SOURCE.read_text()
+    return k.after_library("fused_block_walk.cuh", SOURCE)
 
 
 

@@ -60,9 +60,7 @@ def options():
 
 def source():
     """The library's chunk.cu (common.cuh and chunk_lookback.cuh folded in), then the pipelined kernel."""
-    from hgrn_cupy import nvrtc
-
-    return nvrtc.read_source("chunk.cu") + "\n" + SOURCE.read_text()
+    return k.after_library("chunk.cu", SOURCE)
 
 
 

@@ -174,9 +174,7 @@ def names():
 
 def source():
     """The library's common.cuh (its cp.async helpers), then this experiment's kernels."""
-    from hgrn_cupy import nvrtc
-
-    return nvrtc.read_source("common.cuh") + "\n" + SOURCE.read_text()
+    return k.after_library("common.cuh", SOURCE)
 
 
 def compile_only():

@@ -59,9 +59,7 @@ def names():
 
 def source():
     """The library's common.cuh, then this experiment's kernels: one text, as NVRTC compiles it."""
-    from hgrn_cupy import nvrtc
-
-    return nvrtc.read_source("common.cuh") + "\n" + SOURCE.read_text()
+    return k.after_library("common.cuh", SOURCE)
 
 
 
