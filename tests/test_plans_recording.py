@@ -165,14 +165,14 @@ def test_variant_launches(name, narrow, fake_cuda, fresh_plans, monkeypatch):
         assert rel_err(a, ref) <= TOL["bfloat16"]
     hc.fused_recurrent_hgrn(x, g, h0, True)
     assert len(fresh_plans) == 3
-    lanes, steps = fused_variants.VARIANTS[name]["lanes"], fused_variants.VARIANTS[name]["steps"]
+    options = fused_variants.VARIANTS[name]
+    lanes, steps = options["lanes"], options["steps"]
     vec = lanes // 2 if lanes else fused_recurrent.block_walk_width("bfloat16", "bfloat16", 0, narrow)
     window = f"-DHC_BLOCK_STEPS={steps or fused_recurrent.BLOCK_STEPS}"
     shipped = f"-DHC_BLOCK_STEPS={fused_recurrent.BLOCK_STEPS}"
     rule_vec = fused_recurrent.block_walk_width("bfloat16", "bfloat16", 0, narrow)
     bwd_vec = fused_recurrent.block_walk_width("bfloat16", "bfloat16", 1)
-    staged = fused_variants.VARIANTS[name].get("staged", False)
-    bulk = fused_variants.VARIANTS[name].get("bulk", False)
+    staged, bulk = options.get("staged", False), options.get("bulk", False)
     forward = (fused_recurrent.STAGED_KERNEL if staged else fused_recurrent.BULK_KERNEL if bulk
                else "fused_recurrent_block_fwd")
     launched = [(ln["kernel"], ln["vec"], ln["grid"]) for ln in fake_cuda.launches]
