@@ -228,22 +228,27 @@ def _launches(direction, tensors, N, reverse, device, varlen):
 def _guarded(kit, call, launch, cu):
     """``launch`` wrapped in the device guard where cu_seqlens' values were not checked on the host:
     ``run(stream, pointers, states, cu, workspace, outputs)`` with ``outputs`` the (pointer, bytes) the
-    guard fills with NaN when the offsets are invalid.  Every GPU varlen plan loads the guard, so that a
-    CUDA graph captured after an eager call finds it loaded."""
-    if launch is None:
-        return None
+    guard fills with NaN when the offsets are invalid; None where nothing runs.  The guard runs even where
+    the engine has nothing to compute but an output has bytes: offsets of one entry (no sequence) against
+    T > 0 are invalid.  Every GPU varlen plan loads the guard, so that a CUDA graph captured after an eager
+    call finds it loaded."""
     if call.varlen:
         from .engines import guard
 
         checker = guard.prepare(kit.device, ar.framework_of(cu).dtype(cu))
     if not call.varlen or call.values_checked:
+        if launch is None:
+            return None
         return lambda s, pointers, states, cu, ws, outputs: launch(s, pointers, states, cu, ws)
     T, n = call.T, call.N + 1
+    if launch is None and (call.D == 0 or T == call.N == 0):
+        return None  # no output has a byte
 
     def run(s, pointers, states, cu, ws, outputs):
         flag = kit.empty((1,), "int32")
         checker.check(s, cu[0], n, T, kit.ptr(flag))
-        launch(s, pointers, states, cu, ws)
+        if launch is not None:
+            launch(s, pointers, states, cu, ws)
         checker.fill(s, kit.ptr(flag), [b for b in outputs if b[1]])
     return run
 

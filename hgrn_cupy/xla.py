@@ -157,7 +157,7 @@ def _run(spec, direction, engine, tensors, N, cu_dtype, T, out_keys):
 
     def launch(ptrs, bufs, device, stream):
         run = engines.prepare(engine, direction, tensors, N, spec.reverse, device, varlen)
-        if run is None:
+        if run is None and not spec.guard:
             return
         names = ("x", "g", "o") if direction == 0 else ("g", "o", "do", "dx", "dg")
         states = ("h0", "ht") if direction == 0 else ("h0", "dht", "dh0")
@@ -169,9 +169,10 @@ def _run(spec, direction, engine, tensors, N, cu_dtype, T, out_keys):
             return
         from .engines import guard
 
-        checker = guard.prepare(device, cu_dtype)
+        checker = guard.prepare(device, cu_dtype)  # no launch (no sequence): offsets against T > 0 are invalid
         checker.check(stream, cu[0], N + 1, T, ptrs["flag"])
-        run(*args)
+        if run is not None:
+            run(*args)
         checker.fill(stream, ptrs["flag"], [(ptrs[k], _nbytes(bufs[k])) for k in out_keys
                                             if k in ptrs and _nbytes(bufs[k])])
     return launch

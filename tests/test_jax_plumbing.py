@@ -50,6 +50,8 @@ class FakeEngines:
         def prepare(direction, tensors, N, reverse, device, varlen=False):
             assert device == 0
             B, T, D = tensors[0].shape
+            if N == 0:  # as the engines: no sequence, nothing to compute
+                return None
             assert all(a.shape == (B, T, D) and a.strides == row_major((B, T, D)) for a in tensors), tensors
             # the dtypes the engines read: (x, g) forward, (o, g) backward
             xd, gd = (tensors[0].dtype, tensors[1].dtype) if direction == 0 else (tensors[1].dtype, tensors[0].dtype)
@@ -194,6 +196,21 @@ def test_device_guard_on_cpu(fake_device, rng, cu_seqlens):
         for a in (o, ht) + tuple(grads):
             assert bool(jnp.isfinite(a).all()) if valid else bool(jnp.isnan(a).all()), (cu, a)
     assert fake_device.guard.checked == [True, True, False, False]
+
+
+def test_device_guard_without_a_sequence(fake_device, rng):
+    """Offsets of one entry (no sequence) against T > 0 under jit: the engines have nothing to compute, the
+    guard still checks the offsets and fills every output, forward and backward, with NaN."""
+    x, g, _, _ = make_inputs(rng, True, "float32")
+
+    def loss(x, g, cu):
+        o, _ = hj.chunk_hgrn(x, g, None, False, cu)
+        return jnp.sum(o), o
+
+    (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, g, jnp.zeros(1, jnp.int32))
+    for a in (o,) + tuple(grads):
+        assert a.shape == x.shape and bool(jnp.isnan(a).all())
+    assert fake_device.calls == [] and fake_device.guard.checked == [False, False]
 
 
 def test_device_plumbing_under_vmap(fake_device, rng):

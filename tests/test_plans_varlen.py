@@ -61,3 +61,33 @@ def test_fake_cuda_varlen_plans_kept(engine, fake_cuda, fresh_plans, monkeypatch
     assert len(fresh_plans) == 6 and len(fake_cuda.launches) == 8
     assert [e[0] for e in fake_cuda.events[-4:]] == ["guard", "guard check", "kernel", "guard fill"]
     assert fake_cuda.events[-3][1:4] == (cu.data_ptr(), 3, T)  # N + 1 offsets against T
+
+
+@pytest.mark.parametrize("engine", ["chunk", "fused_recurrent"])
+def test_fake_cuda_no_sequence_left_to_the_guard(engine, fake_cuda, fresh_plans, monkeypatch):
+    """Offsets of one entry (no sequence) against T > 0, left to the device guard: no engine kernel runs (no
+    step belongs to a sequence, and the kernels would look for one), the guard checks the offsets and is
+    asked to fill every output with bytes, forward and backward; against T = 0 nothing runs at all."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(hc.config, "check_cu_seqlens_values", False)
+    gen = torch.Generator().manual_seed(12)
+    T, D = 300, 64
+    x, do = (torch.randn(1, T, D, generator=gen) for _ in range(2))
+    g = torch.nn.functional.logsigmoid(torch.randn(1, T, D, generator=gen))
+    cu = torch.tensor([0], dtype=torch.int32)
+    run = hc.chunk_hgrn if engine == "chunk" else hc.fused_recurrent_hgrn
+    o, ht = run(x, g, None, True, cu)
+    dx, dg, dh0 = hc.hgrn_backward(g, x, do, None, None, cu, engine=engine)
+    assert not fake_cuda.launches
+    events = [e for e in fake_cuda.events if e[0] != "guard"]
+    assert [e[0] for e in events] == ["guard check", "guard fill"] * 2
+    assert events[0][1:4] == events[2][1:4] == (cu.data_ptr(), 1, T)
+    filled = [e[-1] for e in events[1::2]]  # the (pointer, bytes) of the outputs with bytes
+    assert filled[0] == [(o.data_ptr(), T * D * 4)]
+    assert filled[1] == [(dx.data_ptr(), T * D * 4), (dg.data_ptr(), T * D * 4)]
+    assert ht.shape == (0, D) and dh0 is None
+    fake_cuda.events.clear()
+    empty = x[:, :0]
+    run(empty, g[:, :0], None, True, cu)
+    hc.hgrn_backward(g[:, :0], empty, do[:, :0], None, None, cu, engine=engine)
+    assert not fake_cuda.launches and not [e for e in fake_cuda.events if e[0] != "guard"]

@@ -178,6 +178,8 @@ def prepare(direction, tensors, N, reverse, device, varlen=False):
     launch (fresh memory is filled here first).  Each call takes VEC-wide accesses where its pointers
     allow them."""
     B, T, D = tensors[0].shape
+    if N == 0:  # no sequence (varlen offsets of one entry): steps of T > 0 belong to none
+        return None
     dtypes = (tensors[0].dtype, tensors[1].dtype) if direction == 0 else (tensors[1].dtype, tensors[0].dtype)
     narrow = _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device, 1)
     if narrow is None:
