@@ -236,6 +236,20 @@ def test_unchecked_bad_offsets_give_nan_gpu(framework, func, bad, unchecked_offs
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("framework", ["cupy", "torch"])
+@pytest.mark.parametrize("func", list(GPU_FORWARD))
+def test_unchecked_offsets_without_a_sequence_give_nan_gpu(framework, func, unchecked_offsets):
+    """With the host check off, cu_seqlens of one entry (no sequence) against T > 0 make every output of a
+    forward and a backward NaN (no engine kernel runs; the guard fills them)."""
+    x, g, _, _ = _gpu_args(framework)
+    cu = _gpu(framework)(np.zeros(1, np.int32))
+    o, ht = getattr(hc, func)(x, g, None, True, cu)
+    assert tuple(ht.shape) == (0, x.shape[2]) and np.isnan(to_numpy(o)).all(), func
+    dx, dg, _ = hc.hgrn_backward(g, x, x, None, None, cu, engine=GPU_FORWARD[func])
+    assert np.isnan(to_numpy(dx)).all() and np.isnan(to_numpy(dg)).all(), func
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["hgrn", "chunk_hgrn", "fused_recurrent_hgrn"])
 def test_cuda_graph_bad_offsets_give_nan(name):
     """Capture a torch CUDA graph of a varlen call, then replay it after writing each kind of bad offsets
