@@ -22,6 +22,9 @@ from .engines.layout import Arr, row_major
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 INDEX_DTYPES = ("int32", "int64")
+# Tests (``plans.poison_outputs``): every GPU output is filled with all-ones bytes (a NaN in every float
+# dtype) before the kernels run, so that an element they fail to write cannot pass as correct.
+poison = False
 
 
 def _np_dtype_name(dt) -> str:
@@ -136,7 +139,10 @@ class _Cupy(Framework):
         import cupy
 
         with cupy.cuda.Device(like.device.id):
-            return cupy.empty(shape, self._np_dtype(dtype))
+            a = cupy.empty(shape, self._np_dtype(dtype))
+            if poison:
+                a.view(cupy.uint8).fill(0xFF)
+            return a
 
     def astype(self, a, dtype):
         return a.astype(self._np_dtype(dtype))
@@ -208,7 +214,10 @@ class _Torch(Framework):
     def empty(self, shape, dtype, like):
         import torch
 
-        return torch.empty(shape, dtype=_torch_dtype_names()[dtype], device=like.device)
+        a = torch.empty(shape, dtype=_torch_dtype_names()[dtype], device=like.device)
+        if poison and a.is_cuda:
+            a.view(torch.uint8).fill_(0xFF)
+        return a
 
     def astype(self, a, dtype):
         return a.to(_torch_dtype_names()[dtype])

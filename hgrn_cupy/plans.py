@@ -24,14 +24,12 @@ from .settings import config
 
 MAX_PLANS = 256  # keys kept before the cache starts over (shapes that keep changing, such as T)
 _plans: dict = {}
-_poison = False
 
 
 def poison_outputs(on):
-    """Tests: fill every GPU output with all-ones bytes (NaN) before the kernels run, so that an element
-    the kernels fail to write cannot pass as correct.  Plans made before are dropped."""
-    global _poison
-    _poison = bool(on)
+    """Tests: fill every GPU output with all-ones bytes (NaN) before the kernels run (``arrays.poison``), so
+    that an element the kernels fail to write cannot pass as correct.  Plans made before are dropped."""
+    ar.poison = bool(on)
     _plans.clear()
 
 
@@ -203,7 +201,7 @@ class _Kit:
         self.astate = lambda a, dt: fw.contiguous(a if fw.dtype(a) == dt else fw.astype(a, dt))
         self.contiguous = fw.contiguous
         self.get_device, self.set_device = cupy.cuda.runtime.getDevice, cupy.cuda.runtime.setDevice
-        if _poison:
+        if ar.poison:
             empty, memset, stream = self.empty, cupy.cuda.runtime.memsetAsync, self.stream
 
             def poisoned(shape, dt):
@@ -277,7 +275,7 @@ def _forward_plan(engine, call, x, g, h0, final, cu, reverse):
     launch_of = _launches(0, tensors, N, reverse, kit.device, call.varlen)
     direct = h0 is not None and fw.dtype(h0) == acc and kit.contiguous(h0) is h0  # read in place
     empty, ptr, stream, astate, ws = kit.empty, kit.ptr, kit.stream, kit.astate, kit.workspace
-    empty_o = kit.empty_like if o_like_x and not _poison else (lambda x: empty((B, T, D), xd))
+    empty_o = kit.empty_like if o_like_x and not ar.poison else (lambda x: empty((B, T, D), xd))
     o_bytes, s_bytes = B * T * D * ITEMSIZE[xd], N * D * ITEMSIZE[acc]
     get_device, set_device, dev = kit.get_device, kit.set_device, kit.device
 

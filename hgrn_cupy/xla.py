@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import arrays as ar
-from . import checks, dispatch, plans
+from . import checks, dispatch
 from .engines import chunk as _chunk
 from .engines.layout import Arr, row_major
 from .nvrtc import accumulation_dtype
@@ -137,7 +137,7 @@ def _run_device_kernels(launch, in_names, out_names, ctx, outs, *ins):
     device = _device_of(ins[0])
     with _device_scope(device):
         stream = _launch_stream(ctx)
-        if plans._poison:
+        if ar.poison:
             _poison(ptrs, bufs, out_names, stream)
         launch(ptrs, bufs, device, stream)
 

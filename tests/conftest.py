@@ -36,9 +36,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def poison():
     """Fill every output with NaN before the kernels run, so an unwritten element cannot pass."""
-    from hgrn_cupy import plans
+    from hgrn_cupy import arrays, plans
 
-    before = plans._poison
+    before = arrays.poison
     plans.poison_outputs(True)
     try:
         yield

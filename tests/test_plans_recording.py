@@ -13,7 +13,7 @@ from conftest import TOL, force_block_walks, rel_err, to_numpy
 from recording import CASES, POINTERS, _torch_case, fake_cuda, fresh_plans  # noqa: F401  (fixtures)
 
 import hgrn_cupy as hc
-from hgrn_cupy import nvrtc, plans, workspace
+from hgrn_cupy import arrays, nvrtc, plans, workspace
 from hgrn_cupy.engines import chunk, fused_recurrent, fused_variants
 from hgrn_cupy.engines.layout import vector_width
 
@@ -84,7 +84,7 @@ def test_poisoned_outputs_are_filled_before_the_launch(fake_cuda, fresh_plans, m
     x, g, h0 = _torch_case(gen, CASES["decode_f32"])
     hc.fused_recurrent_hgrn(x, g, h0, True)
     assert len(fresh_plans) == 1 and not [e for e in fake_cuda.events if e[0] == "fill"]
-    monkeypatch.setattr(plans, "_poison", False)  # the switch is put back after the test
+    monkeypatch.setattr(arrays, "poison", False)  # the switch is put back after the test
     plans.poison_outputs(True)
     assert not fresh_plans
     fake_cuda.events.clear()
