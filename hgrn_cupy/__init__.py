@@ -1,7 +1,8 @@
 """hgrn_cupy: CUDA kernels for the HGRN recurrence ``h[t] = exp(g[t]) * h[t-1] + x[t]``.
 
     o, ht = hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False)
-    dx, dg, dh0 = hgrn_backward(g, o, do, dht=None, initial_state=None, cu_seqlens=None, reverse=False)
+    dx, dg, dh0 = hgrn_backward(g, o, do, dht=None, initial_state=None, cu_seqlens=None, reverse=False,
+                                engine="auto")
 
 x, g: ``[B, T, D]``; states ``[N, D]``.  The math is in :mod:`hgrn_cupy.naive`.  NumPy, CuPy,
 PyTorch and JAX arrays are accepted and returned as they came; GPU arrays run the CUDA kernels on

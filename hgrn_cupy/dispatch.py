@@ -3,8 +3,8 @@
 built-in rule as its default.
 
 The built-in rule (measured on an H100, docs/performance.md, engine crossover) is what a call gets where
-nothing is measured: on the CPU, under CUDA-graph capture or JAX tracing before a decision is cached
-(with an :class:`UntunedWarning`), and with ``config.tune`` off.
+nothing is measured: on the CPU, and on a GPU where no decision is stored for the call's class, under
+CUDA-graph capture or JAX tracing (with an :class:`UntunedWarning`) or with ``config.tune`` off.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _untuned(call, direction, engine, traced):
         f"({x_dtype}/{g_dtype} {shape}) on this GPU, and nothing is timed under "
         f"{'JAX tracing' if traced else 'CUDA-graph capture'}, so the built-in rule runs {engine!r}, which can "
         f"be slower than the measured choice. Run {tune}{first} first, to store the measured choice; "
-        f"hgrn_cupy.config.tune = False keeps the rule without this warning.", UntunedWarning, stacklevel=2)
+        f"hgrn_cupy.config.tune = False times nothing and gives no warning.", UntunedWarning, stacklevel=2)
 
 
 def rule(N, T, D, dtypes, direction):

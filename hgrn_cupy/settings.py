@@ -22,10 +22,10 @@ class Config:
         default stream's handles, to one host thread as well).
     engine: what ``hgrn`` (and ``hgrn_backward(engine="auto")``) runs: ``"auto"`` (chosen per device and
         shape class, see ``tune``), or ``"chunk"`` / ``"fused_recurrent"`` to pin one engine.
-    tune: with ``engine == "auto"`` on a GPU, time both engines on the first call of each shape class
-        (direction, dtypes, powers of two of T and of the channels) and keep the faster, in memory and in
-        the on-disk cache (``hgrn_cupy.tuning``), so that a machine always takes the same engine for
-        the same call.  Never while a CUDA graph is captured or under JAX tracing: there, and when this
+    tune: with ``engine == "auto"`` on a GPU, time both engines and their launch variants on the first call
+        of each shape class (direction, dtypes, powers of two of T and of the channels) and keep the
+        fastest, in memory and in the on-disk cache (``hgrn_cupy.tuning``), so that a machine always takes
+        the same launch for the same call.  Never while a CUDA graph is captured or under JAX tracing: there, and when this
         is False, a cached decision or the built-in rule decides.
     """
 

@@ -183,7 +183,7 @@ def _nbytes(buf):
 
 
 def _workspace_fn(ptrs, bufs):
-    """The chunk launchers' workspace (see ``chunk.chunk_fwd``): XLA's buffer of this call, fresh (the
+    """The chunk launchers' workspace (see ``chunk.prepare``): XLA's buffer of this call, fresh (the
     launcher fills it)."""
     def workspace(nbytes, acc_itemsize, stream_ptr):
         ws = bufs["ws"]

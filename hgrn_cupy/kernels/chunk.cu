@@ -35,34 +35,34 @@ namespace hc {
 // one row) and vector kernels: the launcher passes the values it launches with, so the two sides cannot
 // disagree.
 #ifndef HC_FWD_WARPS_1
-#error "HC_FWD_WARPS_1 is set by the launcher (hgrn_cupy/chunk.py)"
+#error "HC_FWD_WARPS_1 is set by the launcher (hgrn_cupy/engines/chunk.py)"
 #endif
 #ifndef HC_FWD_STEPS_1
-#error "HC_FWD_STEPS_1 is set by the launcher (hgrn_cupy/chunk.py)"
+#error "HC_FWD_STEPS_1 is set by the launcher (hgrn_cupy/engines/chunk.py)"
 #endif
 #ifndef HC_BWD_WARPS_1
-#error "HC_BWD_WARPS_1 is set by the launcher (hgrn_cupy/chunk.py)"
+#error "HC_BWD_WARPS_1 is set by the launcher (hgrn_cupy/engines/chunk.py)"
 #endif
 #ifndef HC_BWD_STEPS_1
-#error "HC_BWD_STEPS_1 is set by the launcher (hgrn_cupy/chunk.py)"
+#error "HC_BWD_STEPS_1 is set by the launcher (hgrn_cupy/engines/chunk.py)"
 #endif
 #ifndef HC_FWD_WARPS_V
-#error "HC_FWD_WARPS_V is set by the launcher (hgrn_cupy/chunk.py)"
+#error "HC_FWD_WARPS_V is set by the launcher (hgrn_cupy/engines/chunk.py)"
 #endif
 #ifndef HC_FWD_ROWS_V
-#error "HC_FWD_ROWS_V is set by the launcher (hgrn_cupy/chunk.py)"
+#error "HC_FWD_ROWS_V is set by the launcher (hgrn_cupy/engines/chunk.py)"
 #endif
 #ifndef HC_FWD_STEPS_V
-#error "HC_FWD_STEPS_V is set by the launcher (hgrn_cupy/chunk.py)"
+#error "HC_FWD_STEPS_V is set by the launcher (hgrn_cupy/engines/chunk.py)"
 #endif
 #ifndef HC_BWD_WARPS_V
-#error "HC_BWD_WARPS_V is set by the launcher (hgrn_cupy/chunk.py)"
+#error "HC_BWD_WARPS_V is set by the launcher (hgrn_cupy/engines/chunk.py)"
 #endif
 #ifndef HC_BWD_ROWS_V
-#error "HC_BWD_ROWS_V is set by the launcher (hgrn_cupy/chunk.py)"
+#error "HC_BWD_ROWS_V is set by the launcher (hgrn_cupy/engines/chunk.py)"
 #endif
 #ifndef HC_BWD_STEPS_V
-#error "HC_BWD_STEPS_V is set by the launcher (hgrn_cupy/chunk.py)"
+#error "HC_BWD_STEPS_V is set by the launcher (hgrn_cupy/engines/chunk.py)"
 #endif
 
 template <int DIRECTION, int VEC> struct Shape {

@@ -9,13 +9,13 @@ namespace hc {
 
 // The window: warps a block, steps a warp; the launcher passes the values it launches with.
 #ifndef HC_BLOCK_WARPS
-#error "HC_BLOCK_WARPS is set by the launcher (hgrn_cupy/fused_recurrent.py)"
+#error "HC_BLOCK_WARPS is set by the launcher (hgrn_cupy/engines/fused_recurrent.py)"
 #endif
 #ifndef HC_BLOCK_STEPS
-#error "HC_BLOCK_STEPS is set by the launcher (hgrn_cupy/fused_recurrent.py)"
+#error "HC_BLOCK_STEPS is set by the launcher (hgrn_cupy/engines/fused_recurrent.py)"
 #endif
 #ifndef HC_BLOCK_STAGES
-#error "HC_BLOCK_STAGES is set by the launcher (hgrn_cupy/fused_recurrent.py)"
+#error "HC_BLOCK_STAGES is set by the launcher (hgrn_cupy/engines/fused_recurrent.py)"
 #endif
 
 // The block walk (forward): a block of BLOCK_WARPS warps owns C = 32 * VEC channels of one sequence

@@ -17,10 +17,10 @@
 // Windows in shared memory a block, per lane width (bytes): the launcher passes the values it sizes the
 // launch's shared memory with.
 #ifndef HC_BULK_STAGES_4
-#error "HC_BULK_STAGES_4 is set by the launcher (hgrn_cupy/fused_recurrent.py)"
+#error "HC_BULK_STAGES_4 is set by the launcher (hgrn_cupy/engines/fused_recurrent.py)"
 #endif
 #ifndef HC_BULK_STAGES_8
-#error "HC_BULK_STAGES_8 is set by the launcher (hgrn_cupy/fused_recurrent.py)"
+#error "HC_BULK_STAGES_8 is set by the launcher (hgrn_cupy/engines/fused_recurrent.py)"
 #endif
 
 namespace hc {

@@ -26,10 +26,10 @@ namespace hc {
 // Steps each thread loads ahead per tile (two tiles in flight), with one channel per thread and with
 // VEC > 1 channels per thread: the launcher passes the values it launches with.
 #ifndef HC_PREFETCH
-#error "HC_PREFETCH is set by the launcher (hgrn_cupy/fused_recurrent.py)"
+#error "HC_PREFETCH is set by the launcher (hgrn_cupy/engines/fused_recurrent.py)"
 #endif
 #ifndef HC_PREFETCH_V
-#error "HC_PREFETCH_V is set by the launcher (hgrn_cupy/fused_recurrent.py)"
+#error "HC_PREFETCH_V is set by the launcher (hgrn_cupy/engines/fused_recurrent.py)"
 #endif
 template <int VEC> struct Prefetch { static constexpr int STEPS = VEC == 1 ? HC_PREFETCH : HC_PREFETCH_V; };
 
