@@ -5,7 +5,9 @@
   the same call gives without the NaN.
 - g = -inf at step t forgets the state: o[t] == x[t] exactly, and the recurrence goes on from there
   (the reference computes exp(-inf) = 0); the backward stays finite and matches the reference.
-- g > 0 is allowed (growth): the results match the reference wherever the reference is finite.
+- g > 0 is allowed (growth): the results match the reference wherever the reference is finite, for gates
+  whose product over any 128 steps stays inside float32 (the chunk engine composes that many; past it a
+  later state may be inf or NaN while the exact one is finite: docs/design.md).
 - +inf in x at step t gives +inf or NaN only from t on (in the time direction), in that channel.
 - 16-bit inputs accumulate in float32: with T = 100000 and g close to 0 the results stay finite and
   within the 16-bit tolerances (GPU only).
