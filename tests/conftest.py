@@ -25,6 +25,10 @@ def gpu_available() -> bool:
         return False
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with the reason, where CuPy sees none)")
+
+
 def pytest_collection_modifyitems(config, items):
     if any(item.get_closest_marker("gpu") for item in items) and not gpu_available():
         skip = pytest.mark.skip(reason=NO_GPU_REASON)

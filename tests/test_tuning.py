@@ -256,7 +256,7 @@ def test_shape_class_buckets():
                   tuning.shape_class(0, ("float32", "bfloat16"), 4, 2048, 512, False)]:
         assert other != base
     assert tuning.shape_class(0, bf, 1, 0, 0, False) != tuning.shape_class(0, bf, 1, 1, 1, False)
-    assert hash(base) is not None
+    assert {base: 1}.get(tuning.shape_class(0, bf, 4, 3000, 512, False)) == 1  # a dict key: equal classes hash alike
     assert tuple(json.loads(json.dumps(base))) == base  # JSON-friendly
 
 
