@@ -224,6 +224,7 @@ def reference(x, g, h0, cu, reverse, do=None, dht=None):
     return hc.naive_recurrent_hgrn_bwd(f64(g), o, f64(do), dht, h0, cu64, reverse)
 
 
+@pytest.mark.usefixtures("poison")  # outputs checked finite: an unwritten (NaN) element fails
 @pytest.mark.parametrize("reverse", REVERSE)
 @pytest.mark.parametrize("front, shape, dtype", fronts_and_shapes())
 def test_minus_inf_gate_resets(front, shape, dtype, reverse):
@@ -269,6 +270,7 @@ def finite_close(got, want, dtype, what):
     assert rel_err(got[ok], want[ok]) <= TOL[dtype], what
 
 
+@pytest.mark.usefixtures("poison")  # outputs checked finite: an unwritten (NaN) element fails
 @pytest.mark.parametrize("reverse", REVERSE)
 @pytest.mark.parametrize("front, shape, dtype", fronts_and_shapes(("float32", "bfloat16", "float16")))
 def test_positive_gates_grow(front, shape, dtype, reverse):
@@ -330,6 +332,7 @@ def test_nan_in_do_reaches_only_earlier_steps(front, shape, dtype, frac, reverse
 # long sequences in 16-bit types (GPU)
 
 
+@pytest.mark.usefixtures("poison")  # outputs checked finite: an unwritten (NaN) element fails
 @pytest.mark.gpu
 @pytest.mark.parametrize("engine", ["chunk", "fused_recurrent"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -35,6 +35,7 @@ def _to_cupy(t):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("engine", ["fused_recurrent", "chunk"])
 @pytest.mark.parametrize("fw", ["cupy", "torch"])
 @pytest.mark.parametrize("case", GPU_CASES)
@@ -56,6 +57,7 @@ def test_planned_calls_gpu(fw, case, engine, fresh_plans):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("fw", ["cupy", "torch"])
 def test_planned_chunk_call_follows_each_calls_alignment(fw, fresh_plans):
     """Two calls with one key (shape, strides, dtypes) whose pointers differ in alignment: the planned
@@ -77,6 +79,7 @@ def test_planned_chunk_call_follows_each_calls_alignment(fw, fresh_plans):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poison")
 def test_chunk_kernels_ask_for_their_shared_memory_split(fresh_plans):
     """Every chunk kernel a call loads (forward and backward, 16-byte and element accesses) carries the
     engine's shared-memory preference, read back from the driver; the call computes the reference."""
@@ -103,6 +106,7 @@ def test_chunk_kernels_ask_for_their_shared_memory_split(fresh_plans):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poison")
 def test_planned_torch_call_on_a_side_stream():
     """The planned launch goes on torch's current stream: the side stream first sleeps, then
     overwrites the inputs; a kernel queued on any other stream would read the old values."""
@@ -135,6 +139,7 @@ BACKWARD_CASES = {  # (B, T, D, o and do dtype, g dtype, do dtype, layout)
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("engine", ["fused_recurrent", "chunk"])
 @pytest.mark.parametrize("fw", ["cupy", "torch"])
 @pytest.mark.parametrize("case", list(BACKWARD_CASES))
@@ -180,6 +185,7 @@ BACKWARD_STATE_CASES = {  # (dht present, h0 dtype or None, h0 a strided view)
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("engine", ["fused_recurrent", "chunk"])
 @pytest.mark.parametrize("fw", ["cupy", "torch"])
 @pytest.mark.parametrize("case", list(BACKWARD_STATE_CASES))

@@ -18,7 +18,7 @@ import hgrn_cupy as hc  # noqa: E402
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison")]
 
 ITERATIONS = 25
 SEED = 7000
@@ -221,15 +221,12 @@ def _frameworks():
 
 @pytest.mark.parametrize("with_release", [False, True], ids=["no_release", "release_workspaces"])
 def test_threads_match_single_threaded(_frameworks, with_release):
-    release = getattr(hc, "release_workspaces", None)
-    if with_release and release is None:
-        pytest.skip("hgrn_cupy.release_workspaces does not exist")
     workers = [Worker(i, spec) for i, spec in enumerate(WORKERS)]
     sync_all()
     expected = single_threaded(workers)
     for w in workers:
         check_reference(w, expected[w.index])
-    results, errors = run_threads(workers, ITERATIONS, release if with_release else None)
+    results, errors = run_threads(workers, ITERATIONS, hc.release_workspaces if with_release else None)
     assert not errors, errors
     check_against(workers, results, expected)
 
@@ -238,8 +235,7 @@ def test_first_call_race(_frameworks):
     """Fresh shapes (and dtype pairs) in every thread at once: nothing cached yet for any of them."""
     workers = [Worker(100 + i, spec) for i, spec in enumerate(FRESH)]
     sync_all()
-    release = getattr(hc, "release_workspaces", None)
-    results, errors = run_threads(workers, 3, release)
+    results, errors = run_threads(workers, 3, hc.release_workspaces)
     assert not errors, errors
     expected = single_threaded(workers)
     for w in workers:

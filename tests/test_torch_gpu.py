@@ -35,6 +35,7 @@ def _fill_(static, gen):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("name", GPU_ENGINES)
 def test_cuda_graph_forward(name, kind, gen):
@@ -54,6 +55,7 @@ def test_cuda_graph_forward(name, kind, gen):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("name", GPU_ENGINES)
 def test_cuda_graph_forward_backward(name, kind, gen):
@@ -89,6 +91,7 @@ def test_cuda_graph_forward_backward(name, kind, gen):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("name", GPU_ENGINES)
 def test_non_default_stream(name, gen):
     """Work goes on torch's current stream: the side stream first sleeps, then overwrites the
