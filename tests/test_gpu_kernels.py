@@ -58,17 +58,42 @@ SHAPES = [  # (B, T, D)
 ]
 
 
+def forced_walk(engine, dtype, direction):
+    """(kernel, channels a thread) that the fixture ``walk_channels`` forces for ``engine`` (None for the
+    others): a dense call of T > 1 whose D divides into them launches it (T = 1 takes the step kernels)."""
+    from hgrn_cupy.engines import fused_recurrent as fr
+    from hgrn_cupy.nvrtc import ITEMSIZE
+
+    if engine == "fused_recurrent_2ch":
+        return ("fused_recurrent_fwd", "fused_recurrent_bwd")[direction], fr.WALK_VEC[ITEMSIZE[dtype]]
+    if engine.startswith("fused_recurrent_block"):
+        return (("fused_recurrent_block_fwd", "fused_recurrent_block_bwd")[direction],
+                fr.block_walk_width(dtype, dtype, direction, narrow=engine.endswith("4")))
+    return None
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
-def test_forward_backward(engine, dtype, shape, reverse):
+def test_forward_backward(engine, dtype, shape, reverse, monkeypatch):
+    """Values and gradients; the forced walk of the 2ch and block cases is the kernel that ran where D
+    divides into its lanes."""
     B, T, D = shape
     rng = _rng()
     x, g = make_inputs(B, T, D, rng=rng)
     h0 = rng.standard_normal((B, D)) if (T + D) % 2 else None
+    launched = launched_kernels(monkeypatch)
     check_forward(engine, x, g, dtype, h0, reverse=reverse)
+    ran = [list(launched)]
+    launched.clear()
     check_backward(engine, x, g, dtype, h0, reverse=reverse, with_dht=T % 2 == 1)
+    ran.append(list(launched))
+    for direction in (0, 1):
+        want = forced_walk(engine, dtype, direction)
+        if want and T > 1 and D % want[1] == 0:
+            got = [(k[0], int(k[-1])) for k in ran[direction]]
+            assert want in got, (_seed(), direction, got)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -81,9 +81,10 @@ def test_staged_forward_views(view, monkeypatch):
 def test_staged_forward_gate_extremes(gate, monkeypatch):
     force_staged(monkeypatch)
     x, g = make_inputs(2, 700, 40, gate=gate)
+    launched = launched_kernels(monkeypatch)
     o = check_forward("fused_recurrent", x, g, "bfloat16", _rng().standard_normal((2, 40)))
     assert bool(cupy.isfinite(o).all()), _seed()
-
+    assert [k[0] for k in launched] == [STAGED], (_seed(), launched)
 
 
 # The bulk walk (``fused_variants.BULK``, launches the tuner measures for dense forwards whose inputs share
@@ -148,5 +149,7 @@ def test_bulk_forward_views(view, monkeypatch):
 def test_bulk_forward_gate_extremes(gate, lanes, monkeypatch):
     force_bulk(monkeypatch, lanes)
     x, g = make_inputs(2, 700, 40, gate=gate)
+    launched = launched_kernels(monkeypatch)
     o = check_forward("fused_recurrent", x, g, "bfloat16", _rng().standard_normal((2, 40)))
     assert bool(cupy.isfinite(o).all()), _seed()
+    assert [k[0] for k in launched] == [BULK], (_seed(), launched)
