@@ -14,7 +14,6 @@ PROBE_MARGIN_US = 5.0  # how far ours-auto may sit above the minimal probe's hos
 # host's.  Such a cell times the host (torch's autograd, Python, launches), not the kernels, and its order
 # between implementations follows the lent machine's CPU.  Such cells are marked, with the queued figure.
 # (A host slower than the device alone does not make one: do_bench queues each call behind its L2 flush.)
-# Cells that are not host-bound read 0.96-1.03x their queued timing (H200, docs/performance.md).
 HOST_EDGE = 1.05
 HOST_NOTE = (f"`*` host-bound: the cell read over {HOST_EDGE:.2f}x its own timing with the host queued ahead (`dev`: the "
              "same flushed calls, CUDA events, queued behind a wait), so it times the host (torch's autograd "

@@ -5,8 +5,8 @@ workspaces), then queues a wait on the GPU (``kernels/wait.cu``) and behind it `
 between two events, and returns the events' interval over ``calls``.  The wait holds the stream while the
 host issues the calls, so the GPU runs them back to back, as in a busy training step, and the interval
 holds no host time.  Without it (each call between two events on an idle stream) the interval adds the
-host's time to issue the launches, 10-28 us, which on an H200 flipped the choice between engines whose
-kernels differ by 6% (docs/performance.md, "The tuner's measurement").
+host's time to issue the launches, which can exceed the difference between two engines' kernels and flip
+the choice (docs/performance.md, "The tuner's measurement").
 """
 from __future__ import annotations
 

@@ -60,8 +60,8 @@ PEEK_MAX_TILES = 32
 FEW_TILES = 8
 # The share of each multiprocessor's unified L1 / shared memory the kernels ask to be shared memory: 28% is
 # 64 KB on sm_90.  Without a preference they run under the split the kernels before them left, which after
-# a kernel that takes most of the shared memory (a GEMM) is 100%: 3-5% slower for 16-bit types and float32
-# on many tiles, up to 3% faster for float32 on few tiles (docs/performance.md, shared memory carveout).
+# a kernel that takes most of the shared memory (a GEMM) is 100%: slower on many tiles, a little faster for
+# float32 on few, so a call's speed would follow its neighbours (docs/performance.md, shared memory carveout).
 CARVEOUT = 28
 
 

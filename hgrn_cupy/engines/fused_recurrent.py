@@ -31,13 +31,13 @@ PREFETCH_V = {2: 32, 4: 16, 8: 16}  # steps per register tile of the two-channel
 # steps between them (more steps spill).  One is taken where N * D lies in BLOCK_WALK_CHANNELS[storage
 # size of the wider input, direction], T exceeds BLOCK_WALK_MIN_T and the layout allows the lanes;
 # 16-bit forwards below BLOCK_WALK_NARROW_BELOW channels take 4-byte lanes (twice the blocks).  The lane
-# width and the window that win move with the card (on an H200 4-byte lanes won at 16K channels by 20-29%
-# and windows of SHORT_STEPS steps a warp from 16K channels on, where on an H100 8-byte lanes won at 16K by
-# 5% and shorter windows lost: docs/performance.md, "Block-walk lanes" and "Block-walk window shape"), so
+# width and the window that win move with the card (4-byte lanes and windows of SHORT_STEPS steps a warp won
+# from 16K channels on an H200, 8-byte lanes and the longer windows on an H100: docs/performance.md,
+# "Block-walk lanes" and "Block-walk window shape"), so
 # the tuner measures those too (fused_variants); where nothing is measured, 16K channels take the 4-byte lanes,
 # whose worse case is the smaller loss.  The staged forward (fused_recurrent_staged_fwd: the next window in
-# shared memory, not in registers) is a variant of its own for 16-bit forwards with 8-byte lanes, where it
-# won at 16K channels on an H200 and lost from 32K (docs/performance.md, "Block-walk staged forward").
+# shared memory, not in registers) is a variant of its own for 16-bit forwards with 8-byte lanes, whose
+# wins depend on the channel count and the card (docs/performance.md, "Block-walk staged forward").
 # The bulk walk (fused_recurrent_bulk_fwd: whole windows moved by bulk tensor copies, o included) is a
 # variant of its own at each lane width for dense forwards whose inputs share an itemsize of 2 or 4.
 BLOCK_WARPS = 8
@@ -60,9 +60,8 @@ STAGED_SHARED = STAGED_WINDOWS * BLOCK_WARPS * BLOCK_STEPS * 2 * 32 * STAGED_LAN
 
 
 BULK_KERNEL = "fused_recurrent_bulk_fwd"
-# Windows in shared memory a block of the bulk walk, per lane width in bytes (BulkWalk::STAGES): on an H200
-# three won with 8-byte lanes at 32K-64K 16-bit channels, four with 4-byte lanes on grids of one block a SM
-# (docs/performance.md, "Block-walk staged forward", the tensor-map walk).
+# Windows in shared memory a block of the bulk walk, per lane width in bytes (BulkWalk::STAGES), the counts
+# that won on an H200 (docs/performance.md, "Block-walk staged forward", the tensor-map walk).
 BULK_STAGES = {4: 4, 8: 3}
 BULK_BLOCKS = 2  # the split of L1 and shared memory asked for, as measured (BlockWindow::MIN_BLOCKS)
 BULK_MAX_T = (1 << 31) - 2 * BLOCK_WALK_MIN_T  # the copies' step coordinates are 32-bit

@@ -208,7 +208,7 @@ namespace hc {
 // VEC consecutive elements moved as one access (2, 4, 8 or 16 bytes; the caller guarantees alignment),
 // held as 32-bit words in registers, and converted element by element.  Loads and stores stream (evict
 // first): every element is touched once, and the chunk engine's stores, which wait on the recurrence,
-// ran 5-44% slower as plain stores (docs/performance.md, "Cache hints in the engines").
+// ran slower as plain stores (docs/performance.md, "Cache hints in the engines").
 template <int BYTES> struct Word;
 template <> struct Word<2> {
     static __device__ __forceinline__ void load(unsigned* u, const void* p) { u[0] = __ldcs(static_cast<const unsigned short*>(p)); }

@@ -189,8 +189,8 @@ struct BlockWalkFwd : BlockWindow<TX, TG, VEC> {
 // its way into shared memory instead of registers.  Each lane copies its own words (cp.async, one copy a
 // step and tensor) and reads them back when the window's turn comes, so no barrier guards a stage; the
 // registers a second window would hold are free.  Steps past the sequence arrive as zeros (x = 0, g = 0
-// is the identity map), so the fold checks no bounds; the stores do.  On an H200 it beats the register
-// walk with 8-byte 16-bit lanes at 16K channels; the tuner measures it (docs/performance.md, "Block-walk
+// is the identity map), so the fold checks no bounds; the stores do.  Where it beats the register walk
+// depends on the channel count and the card, so the tuner measures it (docs/performance.md, "Block-walk
 // staged forward").  Dynamic shared memory: STAGES windows (the launcher's HC_BLOCK_STAGES, from which it
 // also sizes the launch) of W * S rows of x and g, 32 words of BYTES each (STAGE_BYTES).
 template <typename TX, typename TG, int VEC>

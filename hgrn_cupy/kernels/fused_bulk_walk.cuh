@@ -8,9 +8,9 @@
 // and of g (a box of W * S steps x 32 lanes of channels, one copy a tensor), STAGES windows a block in
 // flight, and each warp sends its S rows of o by one copy from shared memory.  Steps and channels outside
 // the tensor arrive as zeros (the maps' out-of-bounds fill; x = 0, g = 0 is the identity map, so the fold
-// checks nothing) and the copies of o clip them, so no step is checked at all.  On an H200 it beats the
-// register and staged walks where one block a SM holds the grid or from 32K 16-bit channels
-// (docs/performance.md, "Block-walk staged forward": the tensor-map walk); the tuner measures it.
+// checks nothing) and the copies of o clip them, so no step is checked at all.  Where it beats the register
+// and staged walks depends on the grid and the card, so the tuner measures it (docs/performance.md,
+// "Block-walk staged forward": the tensor-map walk).
 #pragma once
 #include "fused_block_walk.cuh"
 
