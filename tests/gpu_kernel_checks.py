@@ -23,8 +23,10 @@ from hgrn_cupy.naive import bf16_bits_to_float32, float32_to_bf16_bits  # noqa: 
 # "fused_recurrent_block": the fused engine's block walks wherever the layout allows them (the library
 # takes them for T > 64 in bands of channel counts; the fixture opens both to everything), with 8-byte
 # lanes forward; "fused_recurrent_block4": the same with 4-byte lanes forward (16-bit types below 16K
-# channels).
-ENGINES = ["chunk", "fused_recurrent", "fused_recurrent_2ch", "fused_recurrent_block", "fused_recurrent_block4"]
+# channels); "fused_recurrent_block_short": the block walks with windows of SHORT_STEPS steps a warp (a
+# launch variant the tuner may store for any call the block walks take: reverse, varlen, views).
+ENGINES = ["chunk", "fused_recurrent", "fused_recurrent_2ch", "fused_recurrent_block", "fused_recurrent_block4",
+           "fused_recurrent_block_short"]
 DTYPES = ["float32", "float16", "bfloat16", "float64"]
 FORWARD = {"chunk": hc.chunk_hgrn, **{e: hc.fused_recurrent_hgrn for e in ENGINES[1:]}}
 

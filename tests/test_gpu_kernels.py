@@ -21,10 +21,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison")]
 @pytest.fixture(autouse=True)
 def walk_channels(request, monkeypatch):
     """Two channels per thread in the fused walks for the ``fused_recurrent_2ch`` cases, the block walks
-    for the ``fused_recurrent_block`` and ``fused_recurrent_block4`` cases."""
+    for the ``fused_recurrent_block*`` cases (with windows of SHORT_STEPS steps for ``_short``)."""
     spec = getattr(request.node, "callspec", None)
     engine = spec.params.get("engine") if spec is not None else None
-    if engine not in ("fused_recurrent_2ch", "fused_recurrent_block", "fused_recurrent_block4"):
+    if engine not in ("fused_recurrent_2ch", "fused_recurrent_block", "fused_recurrent_block4",
+                      "fused_recurrent_block_short"):
         yield
         return
     from hgrn_cupy import plans
@@ -34,6 +35,10 @@ def walk_channels(request, monkeypatch):
         monkeypatch.setattr(fused_recurrent, "WALK_VEC_MIN_CHANNELS", 0)
     else:
         force_block_walks(monkeypatch, narrow=engine.endswith("4"))
+    if engine.endswith("short"):
+        prepare = fused_recurrent.prepare
+        monkeypatch.setattr(fused_recurrent, "prepare",
+                            lambda *args, **kw: prepare(*args, **{**kw, "steps": fused_recurrent.SHORT_STEPS}))
     plans._plans.clear()  # plans made under the usual thresholds
     yield
     plans._plans.clear()
