@@ -148,8 +148,10 @@ OFFSETS_CHECKED_MAX = 64
 
 
 def _offsets_known(cu, fw, T):
-    """The version to remember ``cu`` under after a passing check, or True where it passed unchanged."""
-    version = fw.version(cu)
+    """The version to remember ``cu`` under after a passing check, or True where it passed unchanged; None
+    (read every call) for CPU arrays, where reading costs no synchronisation and writes through NumPy views
+    of a tensor (``.numpy()``, ``.data``) leave its version counter as it was."""
+    version = fw.version(cu) if fw.is_gpu(cu) else None
     if version is None:
         return None
     seen = _offsets_checked.get(id(cu))
@@ -159,10 +161,13 @@ def _offsets_known(cu, fw, T):
 
 
 def offsets_on_host(cu, fw, ref):
-    """Whether an eager call on ``ref`` checks the values of its cu_seqlens ``cu`` on the host: unless
+    """Whether an eager call on ``ref`` checks the values of its cu_seqlens ``cu`` on the host: always on the
+    CPU (no synchronisation to save, and no device guard behind it); on a GPU unless
     ``config.check_cu_seqlens_values`` is off or a CUDA graph is being captured (the device guard checks
     them then)."""
-    return config.check_cu_seqlens_values and not (fw.is_gpu(cu) and fw.capturing(ref))
+    if not fw.is_gpu(cu):
+        return True
+    return config.check_cu_seqlens_values and not fw.capturing(ref)
 
 
 def offsets_values(cu, fw, T):

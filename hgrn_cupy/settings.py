@@ -7,13 +7,14 @@ ENGINES = ("auto", "chunk", "fused_recurrent")
 class Config:
     """Library switches.
 
-    check_cu_seqlens_values: read ``cu_seqlens`` back to the host to check that it starts at 0, never
-        decreases and ends at T (one small device-to-host copy, hence a synchronisation, for GPU
-        arrays).  A torch tensor is read once: later calls on the same tensor, with the same T and not
-        written through torch since (its version counter), reuse the result; values changed behind
-        torch's back (through DLPack) are not read again.  Where values are not checked on the host
-        (this is False, a CUDA graph is being captured, or inside ``jax.jit``), a device guard checks
-        them instead and every output of a call with invalid offsets is NaN.
+    check_cu_seqlens_values: read GPU ``cu_seqlens`` back to the host to check that it starts at 0, never
+        decreases and ends at T (one small device-to-host copy, hence a synchronisation).  A CUDA torch
+        tensor is read once: later calls on the same tensor, with the same T and not written through
+        torch since (its version counter), reuse the result; values changed behind torch's back (through
+        DLPack or ``.data``) are not read again.  Where values are not checked on the host (this is
+        False, a CUDA graph is being captured, or inside ``jax.jit``), a device guard checks them instead
+        and every output of a call with invalid offsets is NaN.  CPU offsets are checked on every call
+        whatever this says (nothing to save, no guard behind it).
     keep_workspaces: the chunk engine keeps its scratch memory (8 bytes per channel every 64 steps or
         more, 16 with float64: about N * D * T / 8 bytes at most; one buffer per device, stream,
         framework and accumulation dtype) between calls; each launch leaves it ready for the next.
