@@ -202,16 +202,49 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _op_backward(ctx, do, dht):
-    g, o, initial_state, cu_seqlens = ctx.saved_tensors
-    if do is None:
-        do = torch.zeros_like(o)
-    dx, dg, dh0 = _bwd(g, o, do, dht if ctx.output_final_state else None, initial_state, cu_seqlens,
-                       ctx.reverse, ctx.engine)
-    return dx, dg, (dh0 if initial_state is not None else None), None, None, None, None
+def _backward_by(bwd):
+    """The forward operator's backward, computed by ``bwd`` (arguments as ``hgrn_cupy::bwd``)."""
+    def backward(ctx, do, dht):
+        g, o, initial_state, cu_seqlens = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dx, dg, dh0 = bwd(g, o, do, dht if ctx.output_final_state else None, initial_state, cu_seqlens,
+                          ctx.reverse, ctx.engine)
+        return dx, dg, (dh0 if initial_state is not None else None), None, None, None, None
+    return backward
 
 
-_fwd.register_autograd(_op_backward, setup_context=_setup_context)
+_fwd.register_autograd(_backward_by(_bwd), setup_context=_setup_context)
+
+
+# Under functorch transforms (torch.func.grad, vjp, jacrev, vmap) the operators' own autograd registrations
+# fail: the transforms need Functions with setup_context and a vmap rule.  These two wrap the operators so,
+# with the operators' context and backward.
+
+class _TransformableBackward(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g, o, do, dht, initial_state, cu_seqlens, reverse, engine):
+        return torch.ops.hgrn_cupy.bwd.default(g, o, do, dht, initial_state, cu_seqlens, reverse, engine)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, ddx, ddg, ddh0):
+        _no_double_backward()
+
+
+class _Transformable(torch.autograd.Function):
+    generate_vmap_rule = True
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward_by(_TransformableBackward.apply))
+
+    @staticmethod
+    def forward(x, g, initial_state, cu_seqlens, output_final_state, reverse, engine):
+        return _fwd_op(x, g, initial_state, cu_seqlens, output_final_state, reverse, engine)
 _bwd.register_autograd(lambda ctx, ddx, ddg, ddh0: _no_double_backward(),
                        setup_context=lambda ctx, inputs, output: None)
 _fwd_op = torch.ops.hgrn_cupy.fwd.default  # the OpOverload: calling it skips CustomOpDef's Python layer
@@ -244,13 +277,18 @@ def apply(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse):
                 return _PLAIN[engine, reverse, True].apply(x, g, cu_seqlens), None
             return _Eager.apply(x, g, initial_state, _Options(cu_seqlens, output_final_state, reverse, engine))
         return _forward(engine, x, g, initial_state, output_final_state, cu_seqlens, reverse)[:2]
-    if not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
         for a, name in ((x, "x"), (g, "g"), (initial_state, "initial_state"), (cu_seqlens, "cu_seqlens")):
             if a is not None and not isinstance(a, _Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(a).__name__}")
-        checks.flag(output_final_state, "output_final_state")
-        checks.flag(reverse, "reverse")
-    o, ht = _fwd_op(x, g, initial_state, cu_seqlens, output_final_state, reverse, engine)
+    # the flags are Python values a compiler specializes on: checked (and made plain bools) either way
+    output_final_state = checks.flag(output_final_state, "output_final_state")
+    reverse = checks.flag(reverse, "reverse")
+    if not compiling and _functorch_active():
+        o, ht = _Transformable.apply(x, g, initial_state, cu_seqlens, output_final_state, reverse, engine)
+    else:
+        o, ht = _fwd_op(x, g, initial_state, cu_seqlens, output_final_state, reverse, engine)
     return o, (ht if output_final_state else None)
 
 

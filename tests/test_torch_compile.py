@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from conftest import rel_err
+from conftest import TOL, rel_err
 
 torch = pytest.importorskip("torch")
 import hgrn_cupy.torch as htorch  # noqa: E402
@@ -147,3 +147,48 @@ def test_opcheck_gpu(name, gen):
 @pytest.mark.gpu
 def test_compile_fullgraph_gpu(gen):
     compile_and_compare("inductor", device="cuda", gen=gen)
+
+
+# ----------------------------------------------------------------------------------------------
+# functorch transforms and the flags under torch.compile, on the CPU
+
+@pytest.mark.parametrize("kind", ["dense", "varlen"])
+def test_functorch_transforms(kind, gen):
+    """torch.func.grad, vjp, jacrev and vmap (alone and of grad, per-example gradients) give what autograd
+    gives; differentiating the gradient raises (no double backward)."""
+    x, g, h0, cu = make_inputs(gen, kind, "float64", size="short")
+
+    def loss(x, g, h0):
+        o, ht = htorch.hgrn(x, g, h0, True, cu)
+        return (o * o).sum() + (ht * ht).sum()
+
+    grads = torch.func.grad(loss, argnums=(0, 1, 2))(x, g, h0)
+    xs, gs, hs = leaf(x), leaf(g), leaf(h0)
+    want = torch.autograd.grad(loss(xs, gs, hs), (xs, gs, hs))
+    assert all(rel_err(a, b) <= TOL["float64"] for a, b in zip(grads, want))
+    do = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    _, vjp = torch.func.vjp(lambda x: htorch.hgrn(x, g, None, False, cu)[0], x)
+    want = torch.autograd.grad(htorch.hgrn(xs, g, None, False, cu)[0], xs, do)[0]
+    assert rel_err(vjp(do)[0], want) <= TOL["float64"]
+    jac = torch.func.jacrev(lambda x: htorch.hgrn(x, g, None, False, cu)[0].sum(1))(x)
+    assert jac.shape == (x.shape[0], x.shape[2]) + tuple(x.shape)
+    if kind == "dense":  # a batch of inputs, and a gradient per example
+        batch = torch.func.vmap(lambda x: htorch.hgrn(x, g)[0])(torch.stack([x, 2 * x]))
+        assert rel_err(batch[1], 2 * htorch.hgrn(x, g)[0]) <= TOL["float64"]
+        one = lambda x1: htorch.hgrn(x1[None], g[:1])[0].sum()  # noqa: E731
+        per_example = torch.func.vmap(torch.func.grad(one))(x)
+        assert rel_err(per_example[1], torch.func.grad(one)(x[1])) <= TOL["float64"]
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.func.grad(lambda x: torch.func.grad(lambda y: htorch.hgrn(y, g)[0].sum())(x).sum())(x)
+
+
+def test_compiled_flags_are_checked(gen):
+    """A flag that is not a bool raises the eager TypeError in a compiled function too (it did not run
+    the call with the value read as true)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x, g, _, _ = make_inputs(gen, "dense", "float64", size="short")
+    for kw, name in (({"reverse": 1}, "reverse"), ({"output_final_state": "yes"}, "output_final_state")):
+        with pytest.raises(TypeError, match=rf"^{name} must be a bool"):
+            torch.compile(lambda x, g: htorch.hgrn(x, g, **kw), backend="aot_eager")(x, g)
