@@ -75,15 +75,17 @@ def candidates(N, T, D, dtypes, direction, ruled=None):
 
 
 def check_engine(engine):
-    """A public engine name (``settings.ENGINES``), else ValueError."""
+    """A public engine name (``settings.ENGINES``), else TypeError (not a str) or ValueError."""
+    if not isinstance(engine, str):
+        raise TypeError(f"engine must be a str, one of {ENGINES}, got {type(engine).__name__}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
 
 
 def check_launch(engine):
     """A public engine name or a variant's (``engines.VARIANTS``: the tuner's, which the internal
-    interface runs as named), else the ValueError of :func:`check_engine`."""
-    if engine not in VARIANTS:
+    interface runs as named), else the error of :func:`check_engine`."""
+    if not isinstance(engine, str) or engine not in VARIANTS:
         check_engine(engine)
 
 

@@ -1,6 +1,8 @@
 """The library's switches (``hgrn_cupy.config``), read at each call."""
 from __future__ import annotations
 
+import numpy as np
+
 ENGINES = ("auto", "chunk", "fused_recurrent")
 
 
@@ -40,11 +42,18 @@ class Config:
         if name not in ("check_cu_seqlens_values", "keep_workspaces", "engine", "tune"):
             raise AttributeError(f"hgrn_cupy.config has no setting {name!r}")
         if name == "engine":
+            if not isinstance(value, str):
+                raise TypeError(f"config.engine must be a str, one of {ENGINES}, got {type(value).__name__}")
             if value not in ENGINES:
                 raise ValueError(f"config.engine must be one of {ENGINES}, got {value!r}")
-        elif type(value) is not bool:
+        elif isinstance(value, (bool, np.bool_)):
+            value = bool(value)
+        else:
             raise TypeError(f"config.{name} must be a bool, got {type(value).__name__}")
         object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        raise AttributeError(f"hgrn_cupy.config settings cannot be deleted ({name!r}); set them instead")
 
     @staticmethod
     def release_workspaces():

@@ -251,19 +251,42 @@ def test_tuning_candidates(N, T, D, x_dtype, g_dtype, direction, narrow_below):
 @settings(max_examples=200, deadline=None, database=None)
 @given(name=st.one_of(st.text(max_size=20), st.none(), st.integers(), st.sampled_from([n.upper() for n in ENGINES])))
 def test_unknown_engine_is_rejected(name):
-    """Any name but the engines' is a ValueError that says which names there are, on every path that
-    takes one (the dispatch, the public functions on CPU arrays, and the setting)."""
+    """Any name but the engines' is an error that says which names there are (ValueError; TypeError for
+    what is not a str), on every path that takes one (the dispatch, the public functions on CPU arrays,
+    and the setting)."""
     if name in ENGINES:
         return
+    error, says = (ValueError, r"must be one of \(") if isinstance(name, str) else (TypeError, r"must be a str, one of \(")
     call = _call(2, 100, 8, ("float32", "float32"))
-    with pytest.raises(ValueError, match=r"^engine must be one of \("):
+    with pytest.raises(error, match=rf"^engine {says}"):
         dispatch.choose(name, call, 0, False)
     x = np.zeros((2, 3, 4), np.float32)
-    with pytest.raises(ValueError, match=r"^engine must be one of \("):
+    with pytest.raises(error, match=rf"^engine {says}"):
         hc.hgrn_backward(x, x, x, engine=name)
-    with pytest.raises(ValueError, match=r"^config\.engine must be one of \("):
+    with pytest.raises(error, match=rf"^config\.engine {says}"):
         hc.config.engine = name
     assert hc.config.engine in ENGINES
+
+
+def test_config_values():
+    """The switches take Python and NumPy bools (stored as bool) and nothing else, the engine a str (an
+    array holding one is refused at once, not at the next call), and no setting can be deleted."""
+    before = hc.config.tune
+    try:
+        hc.config.tune = np.bool_(False)
+        assert hc.config.tune is False
+        for bad in (1, "no", None, np.array([True])):
+            with pytest.raises(TypeError, match=r"^config\.tune must be a bool"):
+                hc.config.tune = bad
+        with pytest.raises(TypeError, match=r"^config\.engine must be a str"):
+            hc.config.engine = np.array(["chunk"])
+        with pytest.raises(AttributeError, match="cannot be deleted"):
+            del hc.config.engine
+        with pytest.raises(AttributeError, match="no setting 'engines'"):
+            hc.config.engines = "chunk"
+        assert hc.config.engine in ENGINES
+    finally:
+        hc.config.tune = before
 
 
 def test_variant_names_are_internal():
