@@ -28,8 +28,8 @@ class Config:
     tune: with ``engine == "auto"`` on a GPU, time both engines and their launch variants on the first call
         of each shape class (direction, dtypes, powers of two of T and of the channels) and keep the
         fastest, in memory and in the on-disk cache (``hgrn_cupy.tuning``), so that a machine always takes
-        the same launch for the same call.  Never while a CUDA graph is captured or under JAX tracing: there, and when this
-        is False, a cached decision or the built-in rule decides.
+        the same launch for the same call.  Never while a CUDA graph is captured or under JAX tracing:
+        there, and when this is False, a cached decision or the built-in rule decides.
     """
 
     def __init__(self):

@@ -256,7 +256,8 @@ def test_unknown_engine_is_rejected(name):
     and the setting)."""
     if name in ENGINES:
         return
-    error, says = (ValueError, r"must be one of \(") if isinstance(name, str) else (TypeError, r"must be a str, one of \(")
+    error, says = ((ValueError, r"must be one of \(") if isinstance(name, str)
+                   else (TypeError, r"must be a str, one of \("))
     call = _call(2, 100, 8, ("float32", "float32"))
     with pytest.raises(error, match=rf"^engine {says}"):
         dispatch.choose(name, call, 0, False)
