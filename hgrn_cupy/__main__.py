@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from . import __version__, hgrn_backward, naive_recurrent_hgrn, naive_recurrent_hgrn_bwd, plans
+from .arrays import FLOAT_DTYPES
 from .naive import bf16_bits_to_float32, float32_to_bf16_bits
 
 # Largest accepted ||out - ref|| / ||ref|| by the dtype of the output checked (tests/conftest.py
@@ -201,7 +202,7 @@ def tune_main(argv):
                                                  "and cache the fastest.")
     parser.add_argument("shapes", nargs="*", type=parse_shape, metavar="BxTxD",
                         help="default: " + " ".join("x".join(map(str, s)) for s in TUNE_SHAPES))
-    parser.add_argument("--dtype", action="append", dest="dtypes", metavar="NAME",
+    parser.add_argument("--dtype", action="append", dest="dtypes", choices=FLOAT_DTYPES,
                         help="dtype of x and g, repeatable (default: bfloat16)")
     args = parser.parse_args(argv)
     lines, cupy, why_not = gpu_info()

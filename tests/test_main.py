@@ -46,3 +46,16 @@ def test_help_and_unknown_arguments(capsys):
         main(["tnue"])
     assert done.value.code == 2
     assert "unrecognized arguments: tnue" in capsys.readouterr().err
+
+
+def test_tune_refuses_an_unknown_dtype(capsys):
+    """``tune --dtype`` takes the float dtypes by name and refuses anything else before looking for a GPU."""
+    import pytest
+
+    from hgrn_cupy.__main__ import main
+
+    for bad in ("fp16", "int32"):
+        with pytest.raises(SystemExit) as done:
+            main(["tune", "--dtype", bad])
+        assert done.value.code == 2
+        assert f"invalid choice: '{bad}'" in capsys.readouterr().err
