@@ -46,8 +46,9 @@ def hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, re
         reverse: run time backwards (a bool).
 
     Returns:
-        ``(o, ht)``: o ``[B, T, D]`` in x's dtype; ht ``[N, D]`` in float32 (float64 when an input is
-        float64), or None unless ``output_final_state``.
+        ``(o, ht)``: o ``[B, T, D]`` in x's dtype; ht ``[N, D]`` in float32 (float64 when x or g is
+        float64: the accumulation dtype, to which initial_state is cast), or None unless
+        ``output_final_state``.
 
     Arrays may be NumPy (and subclasses such as ``np.memmap``), CuPy, PyTorch or JAX; the result is of
     the same kind on the same device, computed on the caller's current stream (CPU arrays: the NumPy

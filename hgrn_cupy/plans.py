@@ -143,7 +143,8 @@ def _cu_values(fw, cu):
 
 def _cpu_forward(fw, acc, final, reverse):
     def plan(x, g, h0, cu):
-        o, ht = naive_recurrent_hgrn(_np(fw, x), _np(fw, g), _np(fw, h0), final, _cu_values(fw, cu), reverse)
+        o, ht = naive_recurrent_hgrn(_np(fw, x), _np(fw, g), _np(fw, h0), final, _cu_values(fw, cu), reverse,
+                                     compute_dtype=np.float64 if acc == "float64" else np.float32)
         return fw.from_numpy(o, x, fw.dtype(x)), None if ht is None else fw.from_numpy(ht, x, acc)
     return plan
 

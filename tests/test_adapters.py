@@ -350,3 +350,13 @@ def test_rejects_unknown_backward_engine(rng):
     args = _backward_args(rng)
     with pytest.raises(ValueError, match="engine"):
         hc.hgrn_backward(**args, engine="scan")
+
+
+def test_a_float64_state_is_cast_to_the_accumulation_dtype(rng):
+    """initial_state in float64 with float32 x and g: the call accumulates in float32, as the kernels do,
+    with the state cast to it: ht float32, bit for bit what a float32 initial_state gives."""
+    x64, g64, h064, _, _ = problem(rng, False)
+    x, g = x64.astype(np.float32), g64.astype(np.float32)
+    o, ht = hc.hgrn(x, g, initial_state=h064, output_final_state=True)
+    o32, ht32 = hc.hgrn(x, g, initial_state=h064.astype(np.float32), output_final_state=True)
+    assert ht.dtype == np.float32 and np.array_equal(ht, ht32) and np.array_equal(o, o32)
