@@ -42,17 +42,23 @@ from .xla import Spec, _acc, _nseq
 __all__ = ["hgrn", "chunk_hgrn", "fused_recurrent_hgrn"]
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # validation (once, at the public boundary; the per-example view under vmap)
 
+_INT32 = np.iinfo(np.int32)
+
+
 def _as_jax(a, name):
-    """JAX arrays (and tracers) as they are; NumPy arrays converted; anything else refused, as the top
-    level refuses it."""
+    """JAX arrays (and tracers) as they are; NumPy arrays converted as ``jnp.asarray`` converts them (without
+    64-bit types, float64 becomes float32), but integers past int32 refused there rather than wrapped;
+    anything else refused, as the top level refuses it."""
     if a is None or isinstance(a, jax.Array):
         return a
     if isinstance(a, np.ndarray) and not isinstance(a, np.ma.MaskedArray):
+        if (a.dtype.kind in "iu" and a.size and not jax.config.jax_enable_x64
+                and (a.min() < _INT32.min or a.max() > _INT32.max)):
+            raise ValueError(f"{name} holds values past int32, which JAX without 64-bit types (jax_enable_x64 "
+                             f"off) would wrap; enable x64 or pass int32 values")
         return jnp.asarray(a)
     checks.framework(a, name)  # names masked arrays and unsupported types
     raise TypeError(f"{name} must be a JAX or NumPy array, got {type(a).__name__}")
@@ -243,7 +249,8 @@ def hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, re
     static).  Differentiable in reverse mode in x, g and initial_state, with the final state's
     gradient flowing back; ``jax.vmap`` folds extra leading axes into the batch.  On GPU the kernels
     run inside the compiled program (``jax.experimental.buffer_callback`` on XLA's stream); on CPU
-    the NumPy reference runs through ``jax.pure_callback``.
+    the NumPy reference runs through ``jax.pure_callback``.  NumPy inputs become JAX arrays as
+    ``jnp.asarray`` makes them: without ``jax_enable_x64``, float64 is computed and returned as float32.
     """
     return _apply("auto", x, g, initial_state, output_final_state, cu_seqlens, reverse)
 

@@ -92,11 +92,27 @@ def test_mixed_dtypes_and_bf16_state(rng):
     assert rel_err(dh0, rdh0) <= TOL["bfloat16"]
 
 
-def test_float64_with_x64(rng):
+def _enable_x64():
     enable = getattr(jax, "enable_x64", None)
     if enable is None:  # older JAX
         enable = pytest.importorskip("jax.experimental").enable_x64
-    with enable(True):
+    return enable
+
+
+def test_numpy_offsets_past_int32_without_x64(rng):
+    """Without 64-bit types JAX would wrap NumPy int64 offsets past int32 into other offsets (2**32 + 2 -> 2);
+    they are refused by name instead, and int64 offsets that fit run."""
+    x, g, _, cu = make_inputs(rng, True, "float32")
+    T = x.shape[1]
+    with _enable_x64()(False):
+        with pytest.raises(ValueError, match=r"^cu_seqlens holds values past int32"):
+            hj.hgrn(x, g, cu_seqlens=np.array([0, 2**32 + 2, T], np.int64))
+        o, _ = hj.hgrn(x, g, cu_seqlens=np.asarray(cu, np.int64))
+        assert rel_err(o, reference(x, g, None, cu, False)[0]) <= TOL["float32"]
+
+
+def test_float64_with_x64(rng):
+    with _enable_x64()(True):
         x, g, h0, cu = make_inputs(rng, True, "float64")
         h0 = h0.astype(jnp.float64)
         o, ht = jax.jit(lambda x, g, h0: hj.hgrn(x, g, h0, True, cu))(x, g, h0)
