@@ -115,15 +115,19 @@ def check_argument_errors():
             (dict(cu_seqlens=torch.tensor([0, 3])), ValueError, "cu_seqlens is not supported"),
             (dict(g=torch.zeros(2, 3, 5)), ValueError, "g must have shape"),
             (dict(x=torch.zeros(3, 4), g=torch.zeros(3, 4)), ValueError, "x must have 3 dimensions"),
-            (dict(initial_state=torch.zeros(3, 4)), ValueError, r"initial_state must have shape \[B, D\]"),
+            (dict(initial_state=torch.zeros(3, 4)), ValueError, r"initial_state must have shape \[N, D\]"),
             (dict(g=torch.zeros(2, 3, 4, dtype=torch.int32)), TypeError, "g has dtype"),
             (dict(reverse=1), TypeError, "reverse must be a bool"),
             (dict(output_final_state=None), TypeError, "output_final_state must be a bool"),
-            (dict(x=np.zeros((2, 3, 4))), TypeError, "x must be a torch.Tensor")):
+            (dict(x=np.zeros((2, 3, 4))), TypeError, "x must be a torch.Tensor"),
+            (dict(g=torch.zeros(2, 3, 4).tolist()), TypeError, "g must be a torch.Tensor"),
+            (dict(x=torch.zeros(2, 3, 4).to_sparse()), TypeError, r"^x is .*sparse")):
         args = dict(x=x, g=torch.zeros(2, 3, 4))
         args.update(kwargs)
         with pytest.raises(exc, match=text):
             hgrn(**args)
+    o, _ = hgrn(x, torch.zeros(2, 3, 4), reverse=np.bool_(True))  # NumPy bools pass, as at the top level
+    assert o.shape == x.shape
 
 
 def worker(rank, W, port, seed, device, failures):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .. import checks
 from .. import hgrn as _hgrn
 from .. import hgrn_backward as _hgrn_backward
 from ..states import backward_states, forward_states
@@ -38,7 +39,6 @@ from . import compose
 
 __all__ = ["hgrn"]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 # (backend, device type) pairs whose backend rejected the single-tensor gather (it does so before any
@@ -110,38 +110,25 @@ class _ContextParallelHGRN(torch.autograd.Function):
 
 
 def _check(x, g, initial_state, output_final_state, cu_seqlens, reverse, group):
+    """The front ends' one argument check (``checks.check_forward``) on the dense slices the kernels read
+    (the torch front end's policy: channels with a stride are copied once), for torch tensors without
+    cu_seqlens, in a process group this rank belongs to.  Returns x and g as the kernels read them."""
     if cu_seqlens is not None:
         raise ValueError("cu_seqlens is not supported by the context-parallel hgrn (dense [B, T, D] slices only)")
-    for a, name in ((x, "x"), (g, "g")):
-        if not isinstance(a, torch.Tensor):
+    for a, name in ((x, "x"), (g, "g"), (initial_state, "initial_state")):
+        if a is not None and not isinstance(a, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(a).__name__}")
-        if a.dtype not in _FLOATS:
-            raise TypeError(f"{name} has dtype {a.dtype}; supported: float16, bfloat16, float32, float64")
-    if x.dim() != 3:
-        raise ValueError(f"x must have 3 dimensions [B, T, D], got shape {tuple(x.shape)}")
-    if g.shape != x.shape:
-        raise ValueError(f"g must have shape {tuple(x.shape)} like x, got {tuple(g.shape)}")
-    if g.device != x.device:
-        raise ValueError(f"g is on {g.device} but x is on {x.device}")
-    if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor):
-            raise TypeError(f"initial_state must be a torch.Tensor or None, got {type(initial_state).__name__}")
-        if initial_state.dtype not in _FLOATS:
-            raise TypeError(f"initial_state has dtype {initial_state.dtype}; supported: float16, bfloat16, float32, "
-                            "float64")
-        if tuple(initial_state.shape) != (x.shape[0], x.shape[2]):
-            raise ValueError(f"initial_state must have shape [B, D] = {(x.shape[0], x.shape[2])}, "
-                             f"got {tuple(initial_state.shape)}")
-        if initial_state.device != x.device:
-            raise ValueError(f"initial_state is on {initial_state.device} but x is on {x.device}")
-    for flag, name in ((output_final_state, "output_final_state"), (reverse, "reverse")):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    try:
+        checks.check_forward(x, g, initial_state, None, output_final_state, reverse)
+    except checks.ChannelStrideError:
+        x, g = _dense(x), _dense(g)
+        checks.check_forward(x, g, initial_state, None, output_final_state, reverse)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("hgrn_cupy.distributed.torch.hgrn needs torch.distributed initialised "
                            "(torch.distributed.init_process_group)")
     if group is not None and dist.get_rank(group) < 0:
         raise ValueError("group: this process is not a member of the given process group")
+    return x, g
 
 
 def hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False, *, group=None):
@@ -162,7 +149,6 @@ def hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, re
         when x or g is float64), or None unless ``output_final_state``.  The module docstring says which
         rank receives which gradient.
     """
-    _check(x, g, initial_state, output_final_state, cu_seqlens, reverse, group)
-    x, g = _dense(x), _dense(g)
-    o, ht = _ContextParallelHGRN.apply(x, g, initial_state, output_final_state, reverse, group)
+    x, g = _check(x, g, initial_state, output_final_state, cu_seqlens, reverse, group)
+    o, ht = _ContextParallelHGRN.apply(x, g, initial_state, bool(output_final_state), bool(reverse), group)
     return o, ht
