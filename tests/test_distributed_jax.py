@@ -107,10 +107,14 @@ def check_argument_errors():
 
     with pytest.raises(ValueError, match="cu_seqlens is not supported"):
         mapped(cu_seqlens=jnp.array([0, 2]))(x, x)
-    with pytest.raises(ValueError, match=r"initial_state must have shape \[B, D\]"):
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[N, D\]"):
         mapped(initial_state=jnp.zeros((3, 3)))(x, x)
     with pytest.raises(TypeError, match="reverse must be a bool"):
         mapped(reverse=1)(x, x)
+    with pytest.raises(TypeError, match="g must be a JAX or NumPy array, got list"):
+        jax.shard_map(lambda x, g: hgrn(x, [[[0.0] * 3] * 2] * 2, axis_name="sp")[0], mesh=mesh,
+                      in_specs=(seq, seq), out_specs=seq)(x, x)
+    assert mapped(reverse=np.bool_(True))(x, x).shape == x.shape  # NumPy bools pass, as at the top level
     with pytest.raises(TypeError, match="x has dtype int32"):
         jax.shard_map(lambda x, g: hgrn(x.astype(jnp.int32), g, axis_name="sp")[0], mesh=mesh,
                       in_specs=(seq, seq), out_specs=seq)(x, x)

@@ -31,15 +31,16 @@ from typing import Hashable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from .. import checks
 from .. import jax as _hjax
 from ..states import _fold_time
 from . import compose
 
 __all__ = ["hgrn"]
 
-_FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
 class _Spec(NamedTuple):
@@ -143,29 +144,23 @@ _hgrn.defvjp(_forward, _hgrn_bwd)
 
 
 def _check(x, g, h0, output_final_state, cu_seqlens, reverse, axis_name):
+    """The front ends' one argument check (``checks.check_forward``, values unread: inside shard_map the
+    slices are traced) for JAX or NumPy arrays without cu_seqlens, inside a map over ``axis_name``.
+    Returns x, g and the initial state as JAX arrays."""
     if cu_seqlens is not None:
         raise ValueError("cu_seqlens is not supported by the context-parallel hgrn (dense [B, T, D] slices only)")
-    for a, name in ((x, "x"), (g, "g")):
-        if jnp.dtype(a.dtype).name not in _FLOATS:
-            raise TypeError(f"{name} has dtype {a.dtype}; supported: {', '.join(_FLOATS)}")
-    if x.ndim != 3:
-        raise ValueError(f"x must have 3 dimensions [B, T, D], got shape {tuple(x.shape)}")
-    if tuple(g.shape) != tuple(x.shape):
-        raise ValueError(f"g must have shape {tuple(x.shape)} like x, got {tuple(g.shape)}")
-    if h0 is not None:
-        if jnp.dtype(h0.dtype).name not in _FLOATS:
-            raise TypeError(f"initial_state has dtype {h0.dtype}; supported: {', '.join(_FLOATS)}")
-        if tuple(h0.shape) != (x.shape[0], x.shape[2]):
-            raise ValueError(f"initial_state must have shape [B, D] = {(x.shape[0], x.shape[2])}, "
-                             f"got {tuple(h0.shape)}")
-    for flag, name in ((output_final_state, "output_final_state"), (reverse, "reverse")):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    for a, name in ((x, "x"), (g, "g"), (h0, "initial_state")):
+        if a is not None and not isinstance(a, (jax.Array, np.ndarray)):
+            raise TypeError(f"{name} must be a JAX or NumPy array, got {type(a).__name__}")
+    x, g = jnp.asarray(x), jnp.asarray(g)
+    h0 = None if h0 is None else jnp.asarray(h0)
+    checks.check_forward(x, g, h0, None, output_final_state, reverse, values=False)
     try:
         lax.axis_index(axis_name)
     except NameError as e:
         raise ValueError(f"axis_name {axis_name!r} is not a mesh axis here: call hgrn inside jax.shard_map over the "
                          "sequence's axis") from e
+    return x, g, h0
 
 
 def hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=False, *, axis_name):
@@ -184,8 +179,7 @@ def hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, re
         ``(o, ht)``: this device's output slice in x's dtype; ht ``[B, D]`` in float32 (float64 when x or g
         is float64), or None unless ``output_final_state``.  Differentiable in x, g and initial_state.
     """
-    x, g = jnp.asarray(x), jnp.asarray(g)
-    h0 = None if initial_state is None else jnp.asarray(initial_state)
-    _check(x, g, h0, output_final_state, cu_seqlens, reverse, axis_name)
-    spec = _Spec(output_final_state, reverse, axis_name, None if h0 is None else jnp.dtype(h0.dtype).name)
+    x, g, h0 = _check(x, g, initial_state, output_final_state, cu_seqlens, reverse, axis_name)
+    spec = _Spec(bool(output_final_state), bool(reverse), axis_name,
+                 None if h0 is None else jnp.dtype(h0.dtype).name)
     return _hgrn(spec, x, g, h0)
