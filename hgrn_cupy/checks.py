@@ -107,9 +107,10 @@ def _check_state(a, name, fw, ref, ref_name, N, D, places):
 
 def cu_seqlens_layout(shape, dtype, B):
     """The checks on cu_seqlens that need no values; returns N, the number of sequences."""
-    if len(shape) != 1 or dtype not in ar.INDEX_DTYPES:
-        raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 array [N+1], got shape {tuple(shape)} "
-                         f"and dtype {dtype}")
+    if dtype not in ar.INDEX_DTYPES:
+        raise TypeError(f"cu_seqlens has dtype {dtype}; supported: int32, int64")
+    if len(shape) != 1:
+        raise ValueError(f"cu_seqlens must be a 1-D array [N+1], got shape {tuple(shape)}")
     if shape[0] < 1:
         raise ValueError("cu_seqlens must hold at least one offset (0)")
     if B != 1:

@@ -270,7 +270,7 @@ FORWARD_CASES = [
     ("initial_state_rows_varlen", lambda a: {"initial_state": a["initial_state"][:1]}, True, ValueError,
      r"^initial_state\b"),
     ("cu_seqlens_2d", lambda a: {"cu_seqlens": a["cu_seqlens"][None]}, True, ValueError, r"^cu_seqlens\b"),
-    ("cu_seqlens_float", lambda a: {"cu_seqlens": a["cu_seqlens"].astype(np.float32)}, True, ValueError,
+    ("cu_seqlens_float", lambda a: {"cu_seqlens": a["cu_seqlens"].astype(np.float32)}, True, TypeError,
      r"^cu_seqlens\b"),
     ("cu_seqlens_empty", lambda a: {"cu_seqlens": a["cu_seqlens"][:0], "initial_state": None}, True, ValueError,
      r"^cu_seqlens\b"),

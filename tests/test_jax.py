@@ -225,7 +225,7 @@ def test_vmap_with_unbatched_arguments_and_grad(rng):
     ("int x", TypeError, r"^x has dtype int32"),
     ("state shape", ValueError, r"^initial_state must have shape"),
     ("cu with B > 1", ValueError, r"^cu_seqlens packs sequences .* needs B == 1"),
-    ("cu float", ValueError, r"^cu_seqlens must be a 1-D int32 or int64"),
+    ("cu float", TypeError, r"^cu_seqlens has dtype float32; supported: int32, int64"),
     ("cu start", ValueError, r"^cu_seqlens must start at 0"),
     ("cu decreasing", ValueError, r"^cu_seqlens must be non-decreasing"),
     ("cu end", ValueError, r"^cu_seqlens must end at T"),
