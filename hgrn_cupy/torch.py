@@ -217,6 +217,37 @@ def _backward_by(bwd):
 _fwd.register_autograd(_backward_by(_bwd), setup_context=_setup_context)
 
 
+def _batched(info, in_dims, tensors, run):
+    """An operator under ``torch.vmap``: its tensor arguments ``tensors`` (cu_seqlens last) carry the mapped
+    dimension at ``in_dims`` (None: shared by every example).  Without cu_seqlens the examples fold into the
+    batch, one launch for all (shared arguments are expanded); with it (B == 1 an example) each example is
+    a call.  ``run(*tensors)`` -> outputs whose first axis is the batch (or empty)."""
+    V = info.batch_size
+    if tensors[-1] is not None:
+        outs = [run(*(a if d is None else a.select(d, v) for a, d in zip(tensors, in_dims))) for v in range(V)]
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+
+    def fold(a, d):
+        if a is None:
+            return None
+        a = a.expand(V, *a.shape) if d is None else a.movedim(d, 0)
+        return a.reshape(V * a.shape[1], *a.shape[2:])
+    outs = run(*(fold(a, d) for a, d in zip(tensors, in_dims)))
+    return tuple(o.reshape(V, o.shape[0] // V, *o.shape[1:]) for o in outs), (0,) * len(outs)
+
+
+@_fwd.register_vmap
+def _fwd_vmap(info, in_dims, x, g, initial_state, cu_seqlens, output_final_state, reverse, engine):
+    return _batched(info, in_dims[:4], (x, g, initial_state, cu_seqlens),
+                    lambda *t: _fwd_op(*t, output_final_state, reverse, engine))
+
+
+@_bwd.register_vmap
+def _bwd_vmap(info, in_dims, g, o, do, dht, initial_state, cu_seqlens, reverse, engine):
+    return _batched(info, in_dims[:6], (g, o, do, dht, initial_state, cu_seqlens),
+                    lambda *t: torch.ops.hgrn_cupy.bwd.default(*t, reverse, engine))
+
+
 # Under functorch transforms (torch.func.grad, vjp, jacrev, vmap) the operators' own autograd registrations
 # fail: the transforms need Functions with setup_context and a vmap rule.  These two wrap the operators so,
 # with the operators' context and backward.

@@ -192,3 +192,30 @@ def test_compiled_flags_are_checked(gen):
     for kw, name in (({"reverse": 1}, "reverse"), ({"output_final_state": "yes"}, "output_final_state")):
         with pytest.raises(TypeError, match=rf"^{name} must be a bool"):
             torch.compile(lambda x, g: htorch.hgrn(x, g, **kw), backend="aot_eager")(x, g)
+
+
+@pytest.mark.parametrize("kind", ["dense", "varlen"])
+def test_vmap_folds_examples_into_the_batch(kind, gen, monkeypatch):
+    """torch.vmap of the operators: dense examples fold into the batch (one forward and one backward call
+    for all of them, shared arguments expanded), packed ones are a call each; every example is what it
+    gives alone, states and gradients included."""
+    from hgrn_cupy import plans
+
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(plans, name)
+        monkeypatch.setattr(plans, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    x, g, h0, cu = make_inputs(gen, kind, "float64", size="short")
+    V = 3
+    xs = torch.stack([x * (v + 1) for v in range(V)])
+    hs = torch.stack([h0 - v for v in range(V)])
+
+    def loss(x, h0):
+        o, ht = htorch.hgrn(x, g, h0, True, cu)
+        return (o * o).sum() + (ht * ht).sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)))(xs, hs)
+    assert calls == (["forward", "backward"] if kind == "dense" else ["forward"] * V + ["backward"] * V)
+    for v in range(V):
+        want = torch.func.grad(loss, argnums=(0, 1))(xs[v], hs[v])
+        assert all(rel_err(a[v], b) <= TOL["float64"] for a, b in zip(grads, want)), v
