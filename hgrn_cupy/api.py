@@ -37,8 +37,10 @@ def hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None, re
     shape and device (``hgrn_cupy.config``).
 
     Args:
-        x: values ``[B, T, D]``.
-        g: forget gates in log space ``[B, T, D]`` (normally ``<= 0``); may differ from x in dtype.
+        x: values ``[B, T, D]``, channels (the last axis) with stride 1; batch and time strides are free
+            (views are read in place), other layouts raise ``ValueError`` (``checks.ChannelStrideError``).
+        g: forget gates in log space ``[B, T, D]`` (normally ``<= 0``), laid out as x may be; may differ
+            from x in dtype.
         initial_state: ``[N, D]`` state before the first step (zeros when None); N = B, or the number
             of sequences with ``cu_seqlens``.
         output_final_state: also return the state after the last step (a bool).
