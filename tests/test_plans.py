@@ -10,7 +10,7 @@ pinned engines, unknown names and what the dispatch asks the tuner.
 import numpy as np
 import pytest
 from conftest import TOL, rel_err, to_numpy
-from recording import fake_cuda, fresh_plans  # noqa: F401  (fixtures)
+from recording import fresh_plans  # noqa: F401  (a fixture)
 
 try:
     from hypothesis import given, settings
@@ -353,63 +353,3 @@ def test_auto_asks_the_tuner(N, T, D, x_dtype, g_dtype, direction, reverse, varl
             dispatch.choose("auto", call, direction, reverse, device, run, allow_timing, 5)
             dispatch.choose(pinned, call, direction, reverse, device, run, allow_timing, 5)
             assert not asked
-
-
-def test_offsets_read_once_per_unchanged_tensor(fake_cuda, monkeypatch):
-    """A CUDA torch cu_seqlens (the recording driver's) is read back (a synchronisation) once: later calls on
-    the same tensor with the same T reuse the check; an in-place write (its version counter), another T,
-    another tensor with the same values, or an inference tensor (no counter) are read again, and bad values
-    still raise."""
-    torch = pytest.importorskip("torch")
-    reads = []  # the checks' reads (the CPU reference reads the offsets as well, to compute)
-    real = checks.cu_seqlens_values
-    monkeypatch.setattr(checks, "cu_seqlens_values", lambda v, T: reads.append(1) or real(v, T))
-    monkeypatch.setattr(checks, "_offsets_checked", {})
-    T, D = 9, 4
-    x = torch.randn(1, T, D, dtype=torch.float64)
-    g = torch.nn.functional.logsigmoid(torch.randn(1, T, D, dtype=torch.float64))
-    cu = torch.tensor([0, 4, T])
-    want = hc.hgrn(x, g, cu_seqlens=cu)[0]
-    for _ in range(3):
-        torch.testing.assert_close(hc.hgrn(x, g, cu_seqlens=cu)[0], want)
-        hc.hgrn_backward(g, want, x, cu_seqlens=cu)
-    assert len(reads) == 1
-    with pytest.raises(ValueError, match="end at T"):  # another T: read again
-        hc.hgrn(x[:, :7], g[:, :7], cu_seqlens=cu)
-    assert len(reads) == 2
-    hc.hgrn(x, g, cu_seqlens=torch.tensor([0, 4, T]))  # equal values, another tensor
-    assert len(reads) == 3
-    cu[1] = 11  # written in place: read again, and refused
-    with pytest.raises(ValueError, match="non-decreasing"):
-        hc.hgrn(x, g, cu_seqlens=cu)
-    assert len(reads) == 4
-    with torch.inference_mode():
-        cu_inf = torch.tensor([0, 4, T])
-    for _ in range(2):
-        hc.hgrn(x, g, cu_seqlens=cu_inf)
-    assert len(reads) == 6
-
-
-def test_cpu_offsets_read_every_call(monkeypatch):
-    """CPU offsets are checked on every call, unwritten or not and whatever config.check_cu_seqlens_values
-    says: a write through a NumPy view of the tensor (no version bump) is caught, and there is no device
-    guard to fall back on."""
-    torch = pytest.importorskip("torch")
-    reads = []
-    real = checks.cu_seqlens_values
-    monkeypatch.setattr(checks, "cu_seqlens_values", lambda v, T: reads.append(1) or real(v, T))
-    T, D = 9, 4
-    x = torch.randn(1, T, D, dtype=torch.float64)
-    g = torch.nn.functional.logsigmoid(torch.randn(1, T, D, dtype=torch.float64))
-    cu = torch.tensor([0, 4, T])
-    for _ in range(3):
-        hc.hgrn(x, g, cu_seqlens=cu)
-    assert len(reads) == 3
-    cu.numpy()[1] = 11  # behind torch's back: the version counter stays
-    with pytest.raises(ValueError, match="non-decreasing"):
-        hc.hgrn(x, g, cu_seqlens=cu)
-    monkeypatch.setattr(hc.config, "check_cu_seqlens_values", False)
-    for call in (lambda: hc.hgrn(x.numpy(), g.numpy(), cu_seqlens=np.array([0, 2, 3])),
-                 lambda: hc.hgrn_backward(g, x, x, cu_seqlens=torch.tensor([0, 4, 8]))):
-        with pytest.raises(ValueError, match="end at T"):
-            call()

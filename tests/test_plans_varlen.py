@@ -1,6 +1,7 @@
 """Varlen calls on the recording driver (``recording.RecordingDriver``: torch CPU tensors posing as CUDA
 tensors, each launch computed by the float64 reference): plans kept across offsets, what a kept plan's
-call still checks, and the device guard's plan.  Needs no GPU.
+call still checks, the device guard's plan (and its runs without an engine launch), and the host check of
+offsets: once per unwritten CUDA tensor, every call on the CPU.  Needs no GPU.
 """
 import numpy as np
 import pytest
@@ -91,3 +92,63 @@ def test_fake_cuda_no_sequence_left_to_the_guard(engine, fake_cuda, fresh_plans,
     run(empty, g[:, :0], None, True, cu)
     hc.hgrn_backward(g[:, :0], empty, do[:, :0], None, None, cu, engine=engine)
     assert not fake_cuda.launches and not [e for e in fake_cuda.events if e[0] != "guard"]
+
+
+def test_offsets_read_once_per_unchanged_tensor(fake_cuda, monkeypatch):
+    """A CUDA torch cu_seqlens (the recording driver's) is read back (a synchronisation) once: later calls on
+    the same tensor with the same T reuse the check; an in-place write (its version counter), another T,
+    another tensor with the same values, or an inference tensor (no counter) are read again, and bad values
+    still raise."""
+    torch = pytest.importorskip("torch")
+    reads = []  # the checks' reads (the CPU reference reads the offsets as well, to compute)
+    real = checks.cu_seqlens_values
+    monkeypatch.setattr(checks, "cu_seqlens_values", lambda v, T: reads.append(1) or real(v, T))
+    monkeypatch.setattr(checks, "_offsets_checked", {})
+    T, D = 9, 4
+    x = torch.randn(1, T, D, dtype=torch.float64)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, T, D, dtype=torch.float64))
+    cu = torch.tensor([0, 4, T])
+    want = hc.hgrn(x, g, cu_seqlens=cu)[0]
+    for _ in range(3):
+        torch.testing.assert_close(hc.hgrn(x, g, cu_seqlens=cu)[0], want)
+        hc.hgrn_backward(g, want, x, cu_seqlens=cu)
+    assert len(reads) == 1
+    with pytest.raises(ValueError, match="end at T"):  # another T: read again
+        hc.hgrn(x[:, :7], g[:, :7], cu_seqlens=cu)
+    assert len(reads) == 2
+    hc.hgrn(x, g, cu_seqlens=torch.tensor([0, 4, T]))  # equal values, another tensor
+    assert len(reads) == 3
+    cu[1] = 11  # written in place: read again, and refused
+    with pytest.raises(ValueError, match="non-decreasing"):
+        hc.hgrn(x, g, cu_seqlens=cu)
+    assert len(reads) == 4
+    with torch.inference_mode():
+        cu_inf = torch.tensor([0, 4, T])
+    for _ in range(2):
+        hc.hgrn(x, g, cu_seqlens=cu_inf)
+    assert len(reads) == 6
+
+
+def test_cpu_offsets_read_every_call(monkeypatch):
+    """CPU offsets are checked on every call, unwritten or not and whatever config.check_cu_seqlens_values
+    says: a write through a NumPy view of the tensor (no version bump) is caught, and there is no device
+    guard to fall back on."""
+    torch = pytest.importorskip("torch")
+    reads = []
+    real = checks.cu_seqlens_values
+    monkeypatch.setattr(checks, "cu_seqlens_values", lambda v, T: reads.append(1) or real(v, T))
+    T, D = 9, 4
+    x = torch.randn(1, T, D, dtype=torch.float64)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, T, D, dtype=torch.float64))
+    cu = torch.tensor([0, 4, T])
+    for _ in range(3):
+        hc.hgrn(x, g, cu_seqlens=cu)
+    assert len(reads) == 3
+    cu.numpy()[1] = 11  # behind torch's back: the version counter stays
+    with pytest.raises(ValueError, match="non-decreasing"):
+        hc.hgrn(x, g, cu_seqlens=cu)
+    monkeypatch.setattr(hc.config, "check_cu_seqlens_values", False)
+    for call in (lambda: hc.hgrn(x.numpy(), g.numpy(), cu_seqlens=np.array([0, 2, 3])),
+                 lambda: hc.hgrn_backward(g, x, x, cu_seqlens=torch.tensor([0, 4, 8]))):
+        with pytest.raises(ValueError, match="end at T"):
+            call()
