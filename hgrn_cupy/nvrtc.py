@@ -107,10 +107,11 @@ def compile_for_arch(source: str, names: tuple, arch: str, options: tuple = ()) 
 
 
 # ---------------------------------------------------------------------------------------------
-# Launching.  CuPy's Function.__call__ converts each argument to a temporary object, a host cost per call
-# that grows with the kernels' 16-25 arguments (docs/performance.md, host time); here every argument is one 8-byte slot of a reused per-thread buffer (a 4-byte int
-# parameter reads the low half, little-endian) and the driver is called directly.  A kernel whose last
-# parameter is a struct of 8-byte fields takes them as that many consecutive slots (``tail_words``).
+# Launching.  CuPy's Function.__call__ converts each argument to a temporary object, a host cost per call that
+# grows with the kernels' 16-25 arguments (docs/performance.md, host time); here every argument is one 8-byte
+# slot of a reused per-thread buffer (a 4-byte int parameter reads the low half, little-endian) and the driver
+# is called directly.  A kernel whose last parameter is a struct of 8-byte fields takes them as that many
+# consecutive slots (``tail_words``).
 
 _tls = threading.local()
 _at_once: dict = {}

@@ -42,7 +42,6 @@ from . import compose
 __all__ = ["hgrn"]
 
 
-
 class _Spec(NamedTuple):
     output_final_state: bool
     reverse: bool

@@ -27,19 +27,19 @@ WALK_VEC = {2: 2, 4: 2, 8: 1}
 WALK_VEC_MIN_CHANNELS = 1 << 16
 PREFETCH_V = {2: 32, 4: 16, 8: 16}  # steps per register tile of the two-channel walks
 # The block walks: BLOCK_WARPS warps share a group of channels of one sequence (8 bytes of them per lane
-# forward, 4 backward: it holds three tensors' steps) and split each window of BLOCK_WARPS * BLOCK_STEPS
-# steps between them (more steps spill).  One is taken where N * D lies in BLOCK_WALK_CHANNELS[storage
-# size of the wider input, direction], T exceeds BLOCK_WALK_MIN_T and the layout allows the lanes;
-# 16-bit forwards below BLOCK_WALK_NARROW_BELOW channels take 4-byte lanes (twice the blocks).  The lane
-# width and the window that win move with the card (4-byte lanes and windows of SHORT_STEPS steps a warp won
-# from 16K channels on an H200, 8-byte lanes and the longer windows on an H100: docs/performance.md,
-# "Block-walk lanes" and "Block-walk window shape"), so
-# the tuner measures those too (fused_variants); where nothing is measured, 16K channels take the 4-byte lanes,
-# whose worse case is the smaller loss.  The staged forward (fused_recurrent_staged_fwd: the next window in
-# shared memory, not in registers) is a variant of its own for 16-bit forwards with 8-byte lanes, whose
-# wins depend on the channel count and the card (docs/performance.md, "Block-walk staged forward").
-# The bulk walk (fused_recurrent_bulk_fwd: whole windows moved by bulk tensor copies, o included) is a
-# variant of its own at each lane width for dense forwards whose inputs share an itemsize of 2 or 4.
+# forward, 4 backward: it holds three tensors' steps) and split each window of BLOCK_WARPS * BLOCK_STEPS steps
+# between them (more steps spill).  One is taken where N * D lies in BLOCK_WALK_CHANNELS[storage size of the
+# wider input, direction], T exceeds BLOCK_WALK_MIN_T and the layout allows the lanes; 16-bit forwards below
+# BLOCK_WALK_NARROW_BELOW channels take 4-byte lanes (twice the blocks).  The lane width and the window that
+# win move with the card (4-byte lanes and windows of SHORT_STEPS steps a warp won from 16K channels on an
+# H200, 8-byte lanes and the longer windows on an H100: docs/performance.md, "Block-walk lanes" and
+# "Block-walk window shape"), so the tuner measures those too (fused_variants); where nothing is measured, 16K
+# channels take the 4-byte lanes, whose worse case is the smaller loss.  The staged forward
+# (fused_recurrent_staged_fwd: the next window in shared memory, not in registers) is a variant of its own for
+# 16-bit forwards with 8-byte lanes, whose wins depend on the channel count and the card (docs/performance.md,
+# "Block-walk staged forward").  The bulk walk (fused_recurrent_bulk_fwd: whole windows moved by bulk tensor
+# copies, o included) is a variant of its own at each lane width for dense forwards whose inputs share an
+# itemsize of 2 or 4.
 BLOCK_WARPS = 8
 BLOCK_STEPS = 8
 SHORT_STEPS = 4
