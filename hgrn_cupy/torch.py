@@ -245,7 +245,7 @@ def _fwd_vmap(info, in_dims, x, g, initial_state, cu_seqlens, output_final_state
 @_bwd.register_vmap
 def _bwd_vmap(info, in_dims, g, o, do, dht, initial_state, cu_seqlens, reverse, engine):
     return _batched(info, in_dims[:6], (g, o, do, dht, initial_state, cu_seqlens),
-                    lambda *t: torch.ops.hgrn_cupy.bwd.default(*t, reverse, engine))
+                    lambda *t: _bwd_op(*t, reverse, engine))
 
 
 # Under functorch transforms (torch.func.grad, vjp, jacrev, vmap) the operators' own autograd registrations
@@ -257,7 +257,7 @@ class _TransformableBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(g, o, do, dht, initial_state, cu_seqlens, reverse, engine):
-        return torch.ops.hgrn_cupy.bwd.default(g, o, do, dht, initial_state, cu_seqlens, reverse, engine)
+        return _bwd_op(g, o, do, dht, initial_state, cu_seqlens, reverse, engine)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -278,7 +278,8 @@ class _Transformable(torch.autograd.Function):
         return _fwd_op(x, g, initial_state, cu_seqlens, output_final_state, reverse, engine)
 _bwd.register_autograd(lambda ctx, ddx, ddg, ddh0: _no_double_backward(),
                        setup_context=lambda ctx, inputs, output: None)
-_fwd_op = torch.ops.hgrn_cupy.fwd.default  # the OpOverload: calling it skips CustomOpDef's Python layer
+# The OpOverloads: calling them skips CustomOpDef's Python layer.
+_fwd_op, _bwd_op = torch.ops.hgrn_cupy.fwd.default, torch.ops.hgrn_cupy.bwd.default
 
 
 # ----------------------------------------------------------------------------------------------
