@@ -46,7 +46,8 @@ def test_experiment_kernels_compile(script, compiles):
 
 def test_experiment_source_patches_match_the_kernels():
     """Every line the experiments replace in the library's kernel sources (chunk_lookback's bounds,
-    stream_schedule's barrier-free bound, cache_hints' access spellings) is there as often as they expect,
+    stream_schedule's barrier-free bound, cache_hints' access spellings, chunk_stage's staged gate words) is
+    there as often as they expect,
     and each patch changes the source: a kernel edit that moves one fails here, not on the device."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
     folder = EXPERIMENTS
@@ -54,12 +55,14 @@ def test_experiment_source_patches_match_the_kernels():
     try:
         import cache_hints
         import chunk_lookback
+        import chunk_stage
         import stream_schedule
     finally:
         sys.path.remove(folder)
     nvrtc, chunk, _ = chunk_lookback.library()
     shipped = nvrtc.read_source(chunk.SOURCE)
     patched = [chunk_lookback.patched_source(nvrtc, chunk, name) for name in chunk_lookback.PATCHES]
+    patched.append(chunk_stage.staged(chunk, 3, [chunk_lookback.NO_LOOKBACK]))
     patched.append(chunk_lookback.patched_source(nvrtc, chunk, stream_schedule.BOUND, [stream_schedule.NO_CARRY]))
     _, engines, _ = cache_hints.library()
     for replacements in (cache_hints.NC_LOADS, cache_hints.PLAIN_STORES, cache_hints.spelled()):
@@ -68,6 +71,30 @@ def test_experiment_source_patches_match_the_kernels():
     for settings in patched:
         sources = next(value for _, attribute, value in settings if attribute == "_sources")
         assert sources[chunk.SOURCE] != shipped
+
+
+def test_staged_chunk_forward_compiles():
+    """chunk_stage's forward kernels (gate words in shared memory, three blocks a SM) compile with NVRTC for
+    sm_90 in every dtype the script times, vector and scalar, and its launcher stand-in answers every name
+    the chunk engine asks of ``hgrn_cupy.nvrtc``."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
+    sys.path.insert(0, EXPERIMENTS)
+    try:
+        import _kernels
+        import chunk_stage
+    finally:
+        sys.path.remove(EXPERIMENTS)
+    chunk, _ = chunk_stage.library()
+    settings = {attribute: value for _, attribute, value in chunk_stage.staged(chunk, 3)}
+    from hgrn_cupy import nvrtc
+
+    names = [nvrtc.instantiation("chunk_fwd", dt, dt, False, vec)
+             for dt in ("bfloat16", "float32") for vec in (1, 16 // nvrtc.ITEMSIZE[dt])]
+    _kernels.compile_only(settings["_sources"][chunk.SOURCE], chunk.SOURCE, names,
+                          list(nvrtc.BASE_OPTIONS) + list(settings["OPTIONS"]))
+    used = {"get_function", "prefer_shared", "blocks_at_once", "bind", "instantiation", "ITEMSIZE",
+            "accumulation_dtype"}
+    assert all(hasattr(settings["nvrtc"], name) for name in used)
 
 
 def test_launch_experiments_set_what_the_library_has():

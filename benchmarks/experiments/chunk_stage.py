@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""The chunk forward with its gate words in shared memory: more resident blocks for the same chunks.
+
+    python benchmarks/experiments/chunk_stage.py [--cases ...] [--smoke]
+
+The shipped forward holds a thread's 8 steps of x and g (16-byte words) in registers, 128 registers a
+thread, two blocks of 8 warps a SM; between its words landing and its stores a block folds, meets its warps
+and looks back, and at two blocks a SM every microsecond of that costs 18-25% (docs/performance.md,
+"Waiting after the loads land").  Shorter chunks for more blocks lost (``chunk_shape.py --group
+resident``: longer look-back chains, spills).  Here the chunks stay 128 steps: each thread copies its
+words of g into dynamic shared memory (``cp.async.cg``, 32 KB a block) and keeps x in registers, so the
+kernel can be compiled for three blocks a SM (80 registers) and the split of L1 and shared memory set to
+hold them:
+
+- "g staged, 2 blocks": the staging alone, two blocks a SM as shipped (its cost);
+- "g staged, 3 blocks": three blocks a SM, half as many bytes again in flight;
+- "g staged, 3 blocks, no look-back (bound)": the same with every carry-in 0 (timed only), what the
+  look-back still costs it.
+
+Only the forward changes (the backward keeps its registers; the scalar kernels copy their g words to
+shared memory synchronously).  Before the table every checked variant runs on odd shapes (T not a multiple
+of a chunk, with h0 and ht, forward and reverse) with its outputs poisoned first, against the shipped kernel;
+in the table each is checked against it again on the case's first input set.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+import _kernels as k  # noqa: E402
+from chunk_lookback import NO_LOOKBACK  # noqa: E402
+from chunk_shape import library  # noqa: E402
+
+CASES = ["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:1x32768x1024", "bf16:32x2048x4096",
+         "bf16:4x4096x1024", "bf16:4x2048x512", "f32:8x4096x2048", "f32:1x32768x1024"]
+
+# The staged words: thread-major per step, so that a warp's 16-byte copies and reads are conflict-free.
+STAGED = r"""
+#ifndef HC_STAGE_BLOCKS
+#define HC_STAGE_BLOCKS 2
+#endif
+// Experiment (benchmarks/experiments/chunk_stage.py): a thread's words of one tensor in dynamic shared memory.
+template <typename T, int VEC> struct StagedWords {
+    typedef Pack<T, VEC> P;
+    P* base;
+    int stride;
+    __device__ __forceinline__ explicit StagedWords(int nt) : stride(nt) {
+        extern __shared__ __align__(16) unsigned char hc_stage[];
+        base = reinterpret_cast<P*>(hc_stage) + (threadIdx.y * 32 + threadIdx.x);
+    }
+    __device__ __forceinline__ void fetch(int j, const T* p, bool in) {
+        if constexpr (P::BYTES == 16) async_copy<16>(base + j * stride, p, in);
+        else { P w; w.clear(); if (in) w.load(p); base[j * stride] = w; }
+    }
+    __device__ __forceinline__ P operator[](int j) const {
+        P r;
+        if constexpr (P::BYTES == 16) {
+            const uint4 v = *reinterpret_cast<const uint4*>(base + j * stride);
+            r.u[0] = v.x; r.u[1] = v.y; r.u[2] = v.z; r.u[3] = v.w;
+        } else {
+            r = base[j * stride];
+        }
+        return r;
+    }
+};
+
+"""
+
+FWD_HEAD = "template <typename TX, typename TG, bool VARLEN, int VEC>\n__global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_BLOCKS) chunk_fwd(\n"
+LOADS = """    Pack<TX, VEC> xr[STEPS];
+    Pack<TG, VEC> gr[STEPS];
+#pragma unroll
+    for (int j = 0; j < STEPS; ++j) {
+        xr[j].clear(); gr[j].clear();
+        if (live && u0 + j < T) { xr[j].load(xq); gr[j].load(gq); }
+        xq += sxt; gq += sgt;
+    }
+"""
+STAGED_LOADS = """    Pack<TX, VEC> xr[STEPS];
+    StagedWords<TG, VEC> gr(32 * Shape<0, VEC>::WARPS);
+#pragma unroll
+    for (int j = 0; j < STEPS; ++j) {
+        xr[j].clear();
+        const bool in = live && u0 + j < T;
+        if (in) xr[j].load(xq);
+        gr.fetch(j, in ? gq : g, in);
+        xq += sxt; gq += sgt;
+    }
+    async_commit();
+"""
+SIGNATURE = "const Pack<TX, VEC> (&x)[STEPS], const Pack<TG, VEC> (&g)[STEPS],"
+PATCHES = [
+    # the passes take g's words from any container with operator[], one word a step
+    ("template <bool CHECKED, typename Acc, typename TX, typename TG, bool VARLEN, int VEC, int STEPS>\n"
+     "__device__ __forceinline__ void fwd_", "template <bool CHECKED, typename Acc, typename TX, typename GW, "
+     "bool VARLEN, int VEC, int STEPS>\n__device__ __forceinline__ void fwd_", 2),
+    (SIGNATURE, "const Pack<TX, VEC> (&x)[STEPS], const GW& g,", 2),
+    ("[&](int j, i64, bool start, const Acc* h0p) {\n",
+     "[&](int j, i64, bool start, const Acc* h0p) {\n        const auto gj = g[j];\n", 1),
+    ("        Pack<TX, VEC> out;\n", "        const auto gj = g[j];\n        Pack<TX, VEC> out;\n", 1),
+    ("            Acc a = gate_exp(g[j].template get<Acc>(k)), b = x[j]",
+     "            Acc a = gate_exp(gj.template get<Acc>(k)), b = x[j]", 2),
+    # the forward kernel: g staged, launch bounds from HC_STAGE_BLOCKS
+    (FWD_HEAD, STAGED + FWD_HEAD.replace("Shape<0, VEC>::MIN_BLOCKS", "VEC == 1 ? 1 : HC_STAGE_BLOCKS"), 1),
+    (LOADS, STAGED_LOADS, 1),
+    ("    if (interior) fwd_fold<false>(", "    async_wait<0>();\n    if (interior) fwd_fold<false>(", 1),
+]
+
+
+class StagedLaunch:
+    """Stands in for ``hgrn_cupy.nvrtc`` in the chunk launcher: the forward kernels get the dynamic shared
+    memory of their staged words, the split of L1 and shared memory that holds ``blocks`` of them a SM,
+    and the occupancy (for the stagger) with that memory counted."""
+
+    def __init__(self, real, shapes, blocks):
+        self._real, self._shapes, self._blocks, self._staged = real, shapes, blocks, {}
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def get_function(self, source, names, name, device, options=()):
+        fn = self._real.get_function(source, names, name, device, options)
+        if "chunk_fwd<" in name:
+            wide = not name.endswith(", 1>")
+            warps, _, steps = self._shapes[0, wide]
+            self._staged[fn.ptr] = steps * 32 * warps * (16 if wide else 8)
+        return fn
+
+    def prefer_shared(self, fn, percent):
+        if fn.ptr not in self._staged:
+            return self._real.prefer_shared(fn, percent)
+        from cupy.cuda import runtime
+        self._real.hold_shared(fn, self._staged[fn.ptr], self._blocks, runtime.getDevice())
+
+    def blocks_at_once(self, fn, threads, device):
+        if fn.ptr not in self._staged:
+            return self._real.blocks_at_once(fn, threads, device)
+        from cupy_backends.cuda.api import driver, runtime
+        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, self._staged[fn.ptr])
+        return per_sm * runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device)
+
+    def bind(self, fn, grid, block, device, tail_words=1, shared=0, head_words=1):
+        return self._real.bind(fn, grid, block, device, tail_words, self._staged.get(fn.ptr, shared), head_words)
+
+
+def staged(chunk, blocks, more=()):
+    """Settings under which the chunk forward stages g and is compiled and launched for ``blocks`` blocks a
+    SM, with the replacements ``more`` besides."""
+    from hgrn_cupy import nvrtc
+
+    who = f"chunk_stage.py ({blocks} blocks)"
+    return k.patched_kernels(nvrtc, [chunk.SOURCE], PATCHES + [(old, new, 1) for old, new in more], who) + [
+        (chunk, "OPTIONS", chunk.OPTIONS + (f"-DHC_STAGE_BLOCKS={blocks}",)),
+        (chunk, "nvrtc", StagedLaunch(nvrtc, chunk.SHAPES, blocks))]
+
+
+ODD = ["bf16:3x1000x1000", "f32:2x777x520", "bf16:1x129x8"]
+
+
+def check(torch, hc, variants, forget, unchecked):
+    """Every variant not in ``unchecked`` against the first on ODD with h0 and ht, both directions, outputs
+    poisoned (every byte one) so that an element left unwritten reads NaN; exits on a mismatch."""
+    from hgrn_cupy import arrays
+
+    for text in ODD:
+        case = c.Case(text)
+        s = c.make_sets(torch, case, count=1)[0]
+        h0 = torch.randn(case.B, case.D, device=s["x"].device, dtype=torch.float32)
+        for reverse in (False, True):
+            ref = None
+            for name, settings in variants.items():
+                if name in unchecked:
+                    continue
+                with c.patched(*settings, (arrays, "poison", True)):
+                    forget()
+                    out = hc.chunk_hgrn(s["x"], s["g"], h0, True, reverse=reverse)
+                    torch.cuda.synchronize()
+                    forget()
+                ref = ref or out
+                err = max(c.rel_err(a, b) for a, b in zip(out, ref))
+                if not err < c.TOL[case.dtype]:  # NaN fails too
+                    sys.exit(f"{name} on {text} (reverse={reverse}): rel err {err:.3g}")
+    print(f"checked: {', '.join(n for n in variants if n not in unchecked)} on {', '.join(ODD)}, both directions\n")
+
+
+def main():
+    chunk, forget = library()
+    args, timer, gbps, hc = c.start(__doc__, "Chunk forward with staged gate words", CASES, "bf16:1x32768x1024",
+                                    'engine forced: chunk_hgrn', passes="fwd")
+    bound = "g staged, 3 blocks, no look-back (bound)"
+    variants = {"as shipped": [], "g staged, 2 blocks": staged(chunk, 2), "g staged, 3 blocks": staged(chunk, 3),
+                bound: staged(chunk, 3, [NO_LOOKBACK])}
+    check(timer.torch, hc, variants, forget, (bound,))
+    c.run(args, timer, gbps, variants, c.engine_calls(hc, "chunk"), forget, unchecked=(bound,))
+
+
+if __name__ == "__main__":
+    main()
