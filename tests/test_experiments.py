@@ -74,7 +74,7 @@ def test_experiment_source_patches_match_the_kernels():
 
 
 def test_staged_chunk_forward_compiles():
-    """chunk_stage's forward kernels (gate words in shared memory, three blocks a SM) compile with NVRTC for
+    """chunk_stage's kernels (words in shared memory, three blocks a SM) compile with NVRTC for
     sm_90 in every dtype the script times, vector and scalar, and its launcher stand-in answers every name
     the chunk engine asks of ``hgrn_cupy.nvrtc``."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
@@ -88,7 +88,7 @@ def test_staged_chunk_forward_compiles():
     settings = {attribute: value for _, attribute, value in chunk_stage.staged(chunk, 3)}
     from hgrn_cupy import nvrtc
 
-    names = [nvrtc.instantiation("chunk_fwd", dt, dt, False, vec)
+    names = [nvrtc.instantiation(kernel, dt, dt, False, vec) for kernel in chunk.KERNELS
              for dt in ("bfloat16", "float32") for vec in (1, 16 // nvrtc.ITEMSIZE[dt])]
     _kernels.compile_only(settings["_sources"][chunk.SOURCE], chunk.SOURCE, names,
                           list(nvrtc.BASE_OPTIONS) + list(settings["OPTIONS"]))

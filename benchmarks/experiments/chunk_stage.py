@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The chunk forward with its gate words in shared memory: more resident blocks for the same chunks.
+"""The chunk kernels with some of their words in shared memory: more resident blocks for the same chunks.
 
     python benchmarks/experiments/chunk_stage.py [--cases ...] [--smoke]
 
@@ -10,17 +10,19 @@ and looks back, and at two blocks a SM every microsecond of that costs 18-25% (d
 resident``: longer look-back chains, spills).  Here the chunks stay 128 steps: each thread copies its
 words of g into dynamic shared memory (``cp.async.cg``, 32 KB a block) and keeps x in registers, so the
 kernel can be compiled for three blocks a SM (80 registers) and the split of L1 and shared memory set to
-hold them:
+hold them.  The backward stages its words of o (the previous states h[u-1], which only its second pass
+reads; 16 KB a block) the same way and keeps g and do in registers.  Variants, both directions:
 
-- "g staged, 2 blocks": the staging alone, two blocks a SM as shipped (its cost);
-- "g staged, 3 blocks": three blocks a SM, half as many bytes again in flight;
-- "g staged, 3 blocks, no look-back (bound)": the same with every carry-in 0 (timed only), what the
+- "staged, 2 blocks": the staging alone, two blocks a SM as shipped (its cost);
+- "staged, 3 blocks": three blocks a SM, half as many bytes again in flight;
+- "staged, 3 blocks, no look-back (bound)": the same with every carry-in 0 (timed only), what the
   look-back still costs it.
 
-Only the forward changes (the backward keeps its registers; the scalar kernels copy their g words to
-shared memory synchronously).  Before the table every checked variant runs on odd shapes (T not a multiple
-of a chunk, with h0 and ht, forward and reverse) with its outputs poisoned first, against the shipped kernel;
-in the table each is checked against it again on the case's first input set.
+The scalar kernels copy their words to shared memory synchronously (not timed here), and the 16-bit
+backward's four-row module (NARROW_BWD) keeps two blocks a SM.  Before the table every checked variant
+runs on odd shapes (T not a multiple of a chunk, with states in and out, in time order and reversed) with
+its outputs poisoned first, against the shipped kernels; in the table each is checked against them again
+on the case's first input set.
 """
 import sys
 from pathlib import Path
@@ -104,12 +106,29 @@ PATCHES = [
     (FWD_HEAD, STAGED + FWD_HEAD.replace("Shape<0, VEC>::MIN_BLOCKS", "VEC == 1 ? 1 : HC_STAGE_BLOCKS"), 1),
     (LOADS, STAGED_LOADS, 1),
     ("    if (interior) fwd_fold<false>(", "    async_wait<0>();\n    if (interior) fwd_fold<false>(", 1),
+    # the backward: the previous states h[u-1] (o), which only pass 2 reads, staged; launch bounds as above
+    ("template <bool CHECKED, typename Acc, typename TX, typename TG, bool VARLEN, int VEC, int STEPS>\n"
+     "__device__ __forceinline__ void bwd_scan(", "template <bool CHECKED, typename Acc, typename TX, typename TG, "
+     "bool VARLEN, int VEC, int STEPS, typename HW>\n__device__ __forceinline__ void bwd_scan(", 1),
+    ("const Pack<TX, VEC> (&dout)[STEPS], const Pack<TX, VEC> (&hprev)[STEPS],",
+     "const Pack<TX, VEC> (&dout)[STEPS], const HW& hprev,", 1),
+    ("            Pack<TX, VEC> dxo;\n", "            const auto hj = hprev[j];\n            Pack<TX, VEC> dxo;\n", 1),
+    (": hprev[j].template get<Acc>(k);", ": hj.template get<Acc>(k);", 1),
+    ("__launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_BLOCKS) chunk_bwd(",
+     "__launch_bounds__(32 * Shape<1, VEC>::WARPS, VEC == 1 ? 1 : HC_STAGE_BLOCKS) chunk_bwd(", 1),
+    ("    Pack<TX, VEC> dr[STEPS], orr[STEPS];\n",
+     "    Pack<TX, VEC> dr[STEPS];\n    StagedWords<TX, VEC> orr(32 * Shape<1, VEC>::WARPS);\n", 1),
+    ("        gr[j].clear(); dr[j].clear(); orr[j].clear();\n", "        gr[j].clear(); dr[j].clear();\n"
+     "        bool want = false;\n", 1),
+    ("                if (!first) orr[j].load(oq);\n            }\n        }\n",
+     "                want = !first;\n            }\n        }\n        orr.fetch(j, want ? oq : o, want);\n", 1),
+    ("    if (interior)\n        bwd_scan<false>(", "    async_wait<0>();\n    if (interior)\n        bwd_scan<false>(", 1),
 ]
 
 
 class StagedLaunch:
-    """Stands in for ``hgrn_cupy.nvrtc`` in the chunk launcher: the forward kernels get the dynamic shared
-    memory of their staged words, the split of L1 and shared memory that holds ``blocks`` of them a SM,
+    """Stands in for ``hgrn_cupy.nvrtc`` in the chunk launcher: the kernels get the dynamic shared memory of
+    their staged words, the split of L1 and shared memory that holds ``blocks`` of them a SM,
     and the occupancy (for the stagger) with that memory counted."""
 
     def __init__(self, real, shapes, blocks):
@@ -120,9 +139,9 @@ class StagedLaunch:
 
     def get_function(self, source, names, name, device, options=()):
         fn = self._real.get_function(source, names, name, device, options)
-        if "chunk_fwd<" in name:
+        if "chunk_fwd<" in name or "chunk_bwd<" in name:
             wide = not name.endswith(", 1>")
-            warps, _, steps = self._shapes[0, wide]
+            warps, _, steps = self._shapes["chunk_bwd<" in name, wide]
             self._staged[fn.ptr] = steps * 32 * warps * (16 if wide else 8)
         return fn
 
@@ -144,8 +163,8 @@ class StagedLaunch:
 
 
 def staged(chunk, blocks, more=()):
-    """Settings under which the chunk forward stages g and is compiled and launched for ``blocks`` blocks a
-    SM, with the replacements ``more`` besides."""
+    """Settings under which the chunk kernels stage their words (forward g, backward o) and are compiled and
+    launched for ``blocks`` blocks a SM, with the replacements ``more`` besides."""
     from hgrn_cupy import nvrtc
 
     who = f"chunk_stage.py ({blocks} blocks)"
@@ -158,14 +177,15 @@ ODD = ["bf16:3x1000x1000", "f32:2x777x520", "bf16:1x129x8"]
 
 
 def check(torch, hc, variants, forget, unchecked):
-    """Every variant not in ``unchecked`` against the first on ODD with h0 and ht, both directions, outputs
-    poisoned (every byte one) so that an element left unwritten reads NaN; exits on a mismatch."""
+    """Every variant not in ``unchecked`` against the first on ODD, forward (with h0 and ht) and backward (with
+    h0 and dht), in time order and reversed, outputs poisoned (every byte one) so that an element left
+    unwritten reads NaN; exits on a mismatch."""
     from hgrn_cupy import arrays
 
     for text in ODD:
         case = c.Case(text)
         s = c.make_sets(torch, case, count=1)[0]
-        h0 = torch.randn(case.B, case.D, device=s["x"].device, dtype=torch.float32)
+        h0, dht = (torch.randn(case.B, case.D, device=s["x"].device, dtype=torch.float32) for _ in range(2))
         for reverse in (False, True):
             ref = None
             for name, settings in variants.items():
@@ -173,22 +193,25 @@ def check(torch, hc, variants, forget, unchecked):
                     continue
                 with c.patched(*settings, (arrays, "poison", True)):
                     forget()
-                    out = hc.chunk_hgrn(s["x"], s["g"], h0, True, reverse=reverse)
+                    o, ht = hc.chunk_hgrn(s["x"], s["g"], h0, True, reverse=reverse)
+                    grads = hc.hgrn_backward(s["g"], o, s["do"], dht, h0, reverse=reverse, engine="chunk")
+                    out = (o, ht) + tuple(grads)
                     torch.cuda.synchronize()
                     forget()
                 ref = ref or out
                 err = max(c.rel_err(a, b) for a, b in zip(out, ref))
                 if not err < c.TOL[case.dtype]:  # NaN fails too
                     sys.exit(f"{name} on {text} (reverse={reverse}): rel err {err:.3g}")
-    print(f"checked: {', '.join(n for n in variants if n not in unchecked)} on {', '.join(ODD)}, both directions\n")
+    print(f"checked: {', '.join(n for n in variants if n not in unchecked)} on {', '.join(ODD)}, forward and "
+          "backward, in time order and reversed\n")
 
 
 def main():
     chunk, forget = library()
-    args, timer, gbps, hc = c.start(__doc__, "Chunk forward with staged gate words", CASES, "bf16:1x32768x1024",
-                                    'engine forced: chunk_hgrn', passes="fwd")
-    bound = "g staged, 3 blocks, no look-back (bound)"
-    variants = {"as shipped": [], "g staged, 2 blocks": staged(chunk, 2), "g staged, 3 blocks": staged(chunk, 3),
+    args, timer, gbps, hc = c.start(__doc__, "Chunk kernels with staged words", CASES, "bf16:1x32768x1024",
+                                    'engine forced: chunk_hgrn and hgrn_backward(engine="chunk")')
+    bound = "staged, 3 blocks, no look-back (bound)"
+    variants = {"as shipped": [], "staged, 2 blocks": staged(chunk, 2), "staged, 3 blocks": staged(chunk, 3),
                 bound: staged(chunk, 3, [NO_LOOKBACK])}
     check(timer.torch, hc, variants, forget, (bound,))
     c.run(args, timer, gbps, variants, c.engine_calls(hc, "chunk"), forget, unchecked=(bound,))
