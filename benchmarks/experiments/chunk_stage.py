@@ -120,8 +120,9 @@ PATCHES = [
      "    Pack<TX, VEC> dr[STEPS];\n    StagedWords<TX, VEC> orr(32 * Shape<1, VEC>::WARPS);\n", 1),
     ("        gr[j].clear(); dr[j].clear(); orr[j].clear();\n", "        gr[j].clear(); dr[j].clear();\n"
      "        bool want = false;\n", 1),
-    ("                if (!first) orr[j].load(oq);\n            }\n        }\n",
-     "                want = !first;\n            }\n        }\n        orr.fetch(j, want ? oq : o, want);\n", 1),
+    ("                if (!first) orr[j].load(oq);\n            }\n        }\n        gq += sgt; dq += sdot; oq += sot;\n    }\n",
+     "                want = !first;\n            }\n        }\n        orr.fetch(j, want ? oq : o, want);\n"
+     "        gq += sgt; dq += sdot; oq += sot;\n    }\n    async_commit();\n", 1),
     ("    if (interior)\n        bwd_scan<false>(", "    async_wait<0>();\n    if (interior)\n        bwd_scan<false>(", 1),
 ]
 
