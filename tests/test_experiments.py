@@ -46,9 +46,9 @@ def test_experiment_kernels_compile(script, compiles):
 
 def test_experiment_source_patches_match_the_kernels():
     """Every line the experiments replace in the library's kernel sources (chunk_lookback's bounds,
-    stream_schedule's barrier-free bound, cache_hints' access spellings, chunk_stage's staged gate words) is
-    there as often as they expect,
-    and each patch changes the source: a kernel edit that moves one fails here, not on the device."""
+    stream_schedule's barrier-free bound, cache_hints' access spellings, chunk_stage's staged words) is
+    there as often as they expect, and each patch changes the source: a kernel edit that moves one fails
+    here, not on the device."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
     folder = EXPERIMENTS
     sys.path.insert(0, folder)
