@@ -215,6 +215,8 @@ def _backward_by(bwd):
 
 
 _fwd.register_autograd(_backward_by(_bwd), setup_context=_setup_context)
+_bwd.register_autograd(lambda ctx, ddx, ddg, ddh0: _no_double_backward(),
+                       setup_context=lambda ctx, inputs, output: None)
 
 
 def _batched(info, in_dims, tensors, run):
@@ -249,8 +251,8 @@ def _bwd_vmap(info, in_dims, g, o, do, dht, initial_state, cu_seqlens, reverse, 
 
 
 # Under functorch transforms (torch.func.grad, vjp, jacrev, vmap) the operators' own autograd registrations
-# fail: the transforms need Functions with setup_context and a vmap rule.  These two wrap the operators so,
-# with the operators' context and backward.
+# fail: the transforms need Functions with setup_context and a vmap rule.  These two wrap the operators as
+# such Functions, with the operators' context and backward.
 
 class _TransformableBackward(torch.autograd.Function):
     generate_vmap_rule = True
@@ -276,8 +278,8 @@ class _Transformable(torch.autograd.Function):
     @staticmethod
     def forward(x, g, initial_state, cu_seqlens, output_final_state, reverse, engine):
         return _fwd_op(x, g, initial_state, cu_seqlens, output_final_state, reverse, engine)
-_bwd.register_autograd(lambda ctx, ddx, ddg, ddh0: _no_double_backward(),
-                       setup_context=lambda ctx, inputs, output: None)
+
+
 # The OpOverloads: calling them skips CustomOpDef's Python layer.
 _fwd_op, _bwd_op = torch.ops.hgrn_cupy.fwd.default, torch.ops.hgrn_cupy.bwd.default
 
