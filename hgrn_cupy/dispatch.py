@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 from .engines import VARIANTS
+from .engines import chunk as _chunk
 from .engines import fused_recurrent as _fused
 from .engines import fused_variants
 from .nvrtc import ITEMSIZE
@@ -71,7 +72,8 @@ def candidates(N, T, D, dtypes, direction, ruled=None):
     apply (names of ``VARIANTS``)."""
     ruled = ruled or rule(N, T, D, dtypes, direction)
     return ((ruled,) + tuple(c for c in CANDIDATES if c != ruled)
-            + fused_variants.variants(N, T, D, dtypes[0], dtypes[-1], direction))
+            + fused_variants.variants(N, T, D, dtypes[0], dtypes[-1], direction)
+            + _chunk.variants(N, T, D, dtypes[0], dtypes[-1], direction))
 
 
 def check_engine(engine):

@@ -229,15 +229,16 @@ def shared_split(fn, dynamic, blocks, device):
     return min(100, -(-100 * blocks * (dynamic + per_block) // per_sm))
 
 
-def blocks_at_once(fn, threads, device):
-    """How many blocks of ``threads`` threads of ``fn`` (a ``cupy.cuda.Function`` of ``device``) the GPU
-    holds at once: blocks per multiprocessor by the occupancy calculator, times the multiprocessors."""
-    key = (fn.ptr, threads, device)
+def blocks_at_once(fn, threads, device, dynamic=0):
+    """How many blocks of ``threads`` threads of ``fn`` (a ``cupy.cuda.Function`` of ``device``), each with
+    ``dynamic`` bytes of dynamic shared memory, the GPU holds at once: blocks per multiprocessor by the
+    occupancy calculator, times the multiprocessors."""
+    key = (fn.ptr, threads, device, dynamic)
     n = _at_once.get(key)
     if n is None:
         from cupy_backends.cuda.api import driver, runtime
 
-        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, 0)
+        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, dynamic)
         n = _at_once[key] = per_sm * runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device)
     return n
 

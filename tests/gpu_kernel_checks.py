@@ -25,14 +25,14 @@ from hgrn_cupy.naive import bf16_bits_to_float32, float32_to_bf16_bits  # noqa: 
 # lanes forward; "fused_recurrent_block4": the same with 4-byte lanes forward (16-bit types below 16K
 # channels); "fused_recurrent_block_short": the block walks with windows of SHORT_STEPS steps a warp (a
 # launch variant the tuner may store for any call the block walks take: reverse, varlen, views).
-ENGINES = ["chunk", "fused_recurrent", "fused_recurrent_2ch", "fused_recurrent_block", "fused_recurrent_block4",
-           "fused_recurrent_block_short"]
+ENGINES = ["chunk", "chunk_staged", "fused_recurrent", "fused_recurrent_2ch", "fused_recurrent_block",
+           "fused_recurrent_block4", "fused_recurrent_block_short"]
 DTYPES = ["float32", "float16", "bfloat16", "float64"]
-FORWARD = {"chunk": hc.chunk_hgrn, **{e: hc.fused_recurrent_hgrn for e in ENGINES[1:]}}
+FORWARD = {"chunk": hc.chunk_hgrn, "chunk_staged": hc.chunk_hgrn, **{e: hc.fused_recurrent_hgrn for e in ENGINES[2:]}}
 
 
 def lib_engine(engine):
-    return "fused_recurrent" if engine.startswith("fused_recurrent") else engine
+    return "fused_recurrent" if engine.startswith("fused_recurrent") else "chunk"
 
 
 # ---------------------------------------------------------------------------------------------

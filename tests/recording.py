@@ -51,7 +51,7 @@ KERNEL_ARGS = {"fused_recurrent_fwd": WALK_FWD_ARGS, "fused_recurrent_block_fwd"
                "fused_recurrent_staged_fwd": WALK_FWD_ARGS, "fused_recurrent_bulk_fwd": BULK_FWD_ARGS,
                "fused_recurrent_step": STEP_ARGS, "fused_recurrent_step_bwd": STEP_BWD_ARGS,
                "fused_recurrent_bwd": WALK_BWD_ARGS, "fused_recurrent_block_bwd": WALK_BWD_ARGS,
-               "chunk_fwd": CHUNK_FWD_ARGS, "chunk_bwd": CHUNK_BWD_ARGS}
+               "chunk_fwd": CHUNK_FWD_ARGS, "chunk_fwd_staged": CHUNK_FWD_ARGS, "chunk_bwd": CHUNK_BWD_ARGS}
 POINTERS = ("x", "g", "o", "do", "dx", "dg", "h0", "ht", "dht", "dh0", "hdr", "slots")
 C_NAMES = {c: d for d, c in nvrtc.C_TYPES.items()}
 
@@ -131,8 +131,10 @@ class RecordingDriver:
         """Keeps the dynamic shared memory a launch may take and the blocks it is sized for (as carveout)."""
         fn.dynamic, fn.carveout = dynamic, ("blocks", blocks)
 
-    def blocks_at_once(self, fn, threads, device):
-        """8 blocks at once; keeps the shared-memory preference the occupancy query saw."""
+    def blocks_at_once(self, fn, threads, device, dynamic=0):
+        """8 blocks at once; keeps the shared-memory preference the occupancy query saw, which must count the
+        dynamic shared memory the kernel was let take."""
+        assert dynamic == fn.dynamic
         fn.carveout_seen = fn.carveout
         return 8
 
@@ -195,7 +197,7 @@ class RecordingDriver:
             self._step_bwd(fn, ln)
         elif fn.kernel.startswith("chunk"):
             assert (gy, gz) == (1, 1) and gx == a["ntiles"] * a["nchunks"] and bx == 32
-            (self._forward if fn.kernel == "chunk_fwd" else self._backward)(fn, ln, a["N"])
+            (self._backward if fn.kernel == "chunk_bwd" else self._forward)(fn, ln, a["N"])
         else:  # the walks: blocks of bx x by threads cover bx * VEC channels of one sequence (grid y)
             # gy within CUDA's bound (fr.MAX_GRID_Y, read at the launch: a test may set a smaller one)
             assert gz == 1 and gx * bx * fn.vec >= a["D"] > (gx - 1) * bx * fn.vec and gy <= fr.MAX_GRID_Y

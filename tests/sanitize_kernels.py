@@ -1,5 +1,5 @@
-"""Every kernel family on small shapes, for compute-sanitizer (not a pytest module): the chunk engine, the
-fused engine's thread walk, block walk (and the tuner's launch variants: the other lane width, short
+"""Every kernel family on small shapes, for compute-sanitizer (not a pytest module): the chunk engine (its
+staged forward too), the fused engine's thread walk, block walk (and the tuner's launch variants: the other lane width, short
 windows, the staged and bulk forwards) and single step, forward and backward, dense and varlen (an empty sequence
 included), with and without states, both directions of time; the state-only passes and the composition
 of their maps (fold_maps on the GPU); the tuner's wait, with the candidates it times queued behind it.
@@ -18,7 +18,7 @@ import numpy as np
 
 import hgrn_cupy as hc
 from hgrn_cupy import plans, states, tuning
-from hgrn_cupy.engines import VARIANTS
+from hgrn_cupy.engines import VARIANTS, chunk
 
 from conftest import TOL  # tests/, the script's folder, is on sys.path
 
@@ -61,9 +61,11 @@ def main():
                     ref_o, ref_ht = hc.naive_recurrent_hgrn(xr, gr, h0r, True, cur, reverse)
                     ref_b = hc.naive_recurrent_hgrn_bwd(gr, ref_o, dor, dhts if with_states else None, h0r, cur,
                                                         reverse)
-                    # the variants where the block walks run (float64 has none)
-                    launchers = ("chunk", "fused_recurrent") + (tuple(VARIANTS) if D == 4096 and dtype != "float64"
-                                                                else ())
+                    # the staged chunk forward everywhere; the fused variants where the block walks run
+                    # (float64 has none)
+                    fused = tuple(v for v in VARIANTS if VARIANTS[v][0] == "fused_recurrent")
+                    launchers = ("chunk", chunk.STAGED, "fused_recurrent") + (
+                        fused if D == 4096 and dtype != "float64" else ())
                     for engine in launchers:
                         name = f"{dtype} {B}x{T}x{D} cu={offsets} reverse={reverse} states={with_states} {engine}"
                         o, ht = plans.forward(engine, x, g, h0, True, cu, reverse)

@@ -74,7 +74,8 @@ def test_experiment_source_patches_match_the_kernels():
 
 
 def test_staged_chunk_forward_compiles():
-    """chunk_stage's kernels (words in shared memory, three blocks a SM) compile with NVRTC for
+    """chunk_stage's kernels (the staged forward; the backward with its words of o in shared memory, three
+    blocks a SM) compile with NVRTC for
     sm_90 in every dtype the script times, vector and scalar, and its launcher stand-in answers every name
     the chunk engine asks of ``hgrn_cupy.nvrtc``."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
@@ -90,9 +91,11 @@ def test_staged_chunk_forward_compiles():
 
     names = [nvrtc.instantiation(kernel, dt, dt, False, vec) for kernel in chunk.KERNELS
              for dt in ("bfloat16", "float32") for vec in (1, 16 // nvrtc.ITEMSIZE[dt])]
+    names += [nvrtc.instantiation(chunk.STAGED_KERNEL, dt, dt, False, 16 // nvrtc.ITEMSIZE[dt])
+              for dt in ("bfloat16", "float32")]
     _kernels.compile_only(settings["_sources"][chunk.SOURCE], chunk.SOURCE, names,
                           list(nvrtc.BASE_OPTIONS) + list(settings["OPTIONS"]))
-    used = {"get_function", "prefer_shared", "blocks_at_once", "bind", "instantiation", "ITEMSIZE",
+    used = {"get_function", "prefer_shared", "hold_shared", "blocks_at_once", "bind", "instantiation", "ITEMSIZE",
             "accumulation_dtype"}
     assert all(hasattr(settings["nvrtc"], name) for name in used)
 

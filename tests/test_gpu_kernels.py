@@ -21,9 +21,20 @@ pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison")]
 @pytest.fixture(autouse=True)
 def walk_channels(request, monkeypatch):
     """Two channels per thread in the fused walks for the ``fused_recurrent_2ch`` cases, the block walks
-    for the ``fused_recurrent_block*`` cases (with windows of SHORT_STEPS steps for ``_short``)."""
+    for the ``fused_recurrent_block*`` cases (with windows of SHORT_STEPS steps for ``_short``), the chunk
+    engine's staged forward (the tuner's variant) for the ``chunk_staged`` cases."""
     spec = getattr(request.node, "callspec", None)
     engine = spec.params.get("engine") if spec is not None else None
+    if engine == "chunk_staged":
+        from hgrn_cupy import plans
+        from hgrn_cupy.engines import chunk
+
+        prepare = chunk.prepare
+        monkeypatch.setattr(chunk, "prepare", lambda *args, **kw: prepare(*args, **{**kw, "staged": True}))
+        plans._plans.clear()
+        yield
+        plans._plans.clear()
+        return
     if engine not in ("fused_recurrent_2ch", "fused_recurrent_block", "fused_recurrent_block4",
                       "fused_recurrent_block_short"):
         yield
@@ -66,9 +77,12 @@ SHAPES = [  # (B, T, D)
 def forced_walk(engine, dtype, direction):
     """(kernel, channels a thread) that the fixture ``walk_channels`` forces for ``engine`` (None for the
     others): a dense call of T > 1 whose D divides into them launches it (T = 1 takes the step kernels)."""
+    from hgrn_cupy.engines import chunk
     from hgrn_cupy.engines import fused_recurrent as fr
     from hgrn_cupy.nvrtc import ITEMSIZE
 
+    if engine == "chunk_staged":  # the forward; the backward is the chunk engine's own
+        return (chunk.STAGED_KERNEL, chunk.staged_width(dtype, dtype)) if direction == 0 else None
     if engine == "fused_recurrent_2ch":
         return ("fused_recurrent_fwd", "fused_recurrent_bwd")[direction], fr.WALK_VEC[ITEMSIZE[dtype]]
     if engine.startswith("fused_recurrent_block"):
@@ -82,8 +96,8 @@ def forced_walk(engine, dtype, direction):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
 def test_forward_backward(engine, dtype, shape, reverse, monkeypatch):
-    """Values and gradients; the forced walk of the 2ch and block cases is the kernel that ran where D
-    divides into its lanes."""
+    """Values and gradients; the forced walk of the 2ch and block cases (the staged chunk forward of the
+    chunk_staged cases, where the dtype has one) is the kernel that ran where D divides into its lanes."""
     B, T, D = shape
     rng = _rng()
     x, g = make_inputs(B, T, D, rng=rng)
@@ -96,7 +110,7 @@ def test_forward_backward(engine, dtype, shape, reverse, monkeypatch):
     ran.append(list(launched))
     for direction in (0, 1):
         want = forced_walk(engine, dtype, direction)
-        if want and T > 1 and D % want[1] == 0:
+        if want and want[1] and T > 1 and D % want[1] == 0:
             got = [(k[0], int(k[-1])) for k in ran[direction]]
             assert want in got, (_seed(), direction, got)
 
@@ -372,7 +386,7 @@ def test_chunk_stagger(dtype, at_once, fresh_plans, monkeypatch):
     from hgrn_cupy import nvrtc
     from hgrn_cupy.engines import chunk
 
-    monkeypatch.setattr(nvrtc, "blocks_at_once", lambda fn, threads, device: at_once)
+    monkeypatch.setattr(nvrtc, "blocks_at_once", lambda fn, threads, device, dynamic=0: at_once)
     assert chunk.stagger(at_once + 1, at_once) == at_once // 2 > 0
     rng = _rng()
     x, g = make_inputs(3, 2001, 264, rng=rng)

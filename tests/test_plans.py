@@ -209,7 +209,8 @@ def test_tuning_candidates(N, T, D, x_dtype, g_dtype, direction, narrow_below):
     none), the block walk with short windows, and for a 16-bit forward whose D divides into the lane
     width the rule does not take, that width with either window, and where D divides into 8-byte lanes,
     the staged forward; for a forward whose inputs share an itemsize of 2 or 4, the bulk walk at each lane
-    width (4 and 8 bytes) D divides into."""
+    width (4 and 8 bytes) D divides into; and for a forward whose gate is the wider input, 16 or 32 bits,
+    on a grid of one to 16 chunk tiles and more than one chunk, the chunk engine's staged forward."""
     from hgrn_cupy.engines import fused_recurrent as fr
 
     dtypes = (x_dtype, g_dtype)
@@ -235,9 +236,16 @@ def test_tuning_candidates(N, T, D, x_dtype, g_dtype, direction, narrow_below):
         one_size = nvrtc.ITEMSIZE[x_dtype] == nvrtc.ITEMSIZE[g_dtype] == wide
         expect += tuple(f"fused_recurrent, bulk copies, {n}-byte lanes" for n in (4, 8)
                         if walks and direction == 0 and one_size and D % (n // wide) == 0)
+        gsize = nvrtc.ITEMSIZE[g_dtype]
+        tiles = N * -(-D // (256 // gsize))  # a chunk tile: 16 lanes of 16 bytes of g
+        if direction == 0 and gsize == wide and gsize < 8 and T > 128 and 0 < tiles <= 16:
+            expect += ("chunk, staged gate words",)
         assert sorted(got[2:]) == sorted(expect)
         for name in got[2:]:
             engine, options = engines.VARIANTS[name]
+            if engine == "chunk":
+                assert options == {"staged": True}
+                continue
             assert engine == "fused_recurrent" and options["steps"] in (None, fr.SHORT_STEPS)
             assert options.get("staged", False) == name.startswith("fused_recurrent, staged")
             assert options.get("bulk", False) == name.startswith("fused_recurrent, bulk")

@@ -3,26 +3,26 @@
 
     python benchmarks/experiments/chunk_stage.py [--cases ...] [--smoke]
 
-The shipped forward holds a thread's 8 steps of x and g (16-byte words) in registers, 128 registers a
-thread, two blocks of 8 warps a SM; between its words landing and its stores a block folds, meets its warps
-and looks back, and at two blocks a SM every microsecond of that costs 18-25% (docs/performance.md,
+The shipped kernels hold a thread's words (forward: 8 steps of x and g; backward: 4 of g, do and o) in
+registers, two blocks of 8 warps a SM; between its words landing and its stores a block folds, meets its
+warps and looks back, and at two blocks a SM every microsecond of that costs 18-25% (docs/performance.md,
 "Waiting after the loads land").  Shorter chunks for more blocks lost (``chunk_shape.py --group
-resident``: longer look-back chains, spills).  Here the chunks stay 128 steps: each thread copies its
-words of g into dynamic shared memory (``cp.async.cg``, 32 KB a block) and keeps x in registers, so the
-kernel can be compiled for three blocks a SM (80 registers) and the split of L1 and shared memory set to
-hold them.  The backward stages its words of o (the previous states h[u-1], which only its second pass
-reads; 16 KB a block) the same way and keeps g and do in registers.  Variants, both directions:
+resident``: longer look-back chains, spills).  Here the chunks stay as they are and words move to dynamic
+shared memory (``cp.async.cg``), so that the kernels fit three blocks a SM (80 registers), the split of L1
+and shared memory set to hold them: the forward is the library's staged forward (``chunk.prepare(staged=
+True)``, the tuner's variant "chunk, staged gate words": g staged, x in registers, 32 KB a block); the
+backward stages its words of o (the previous states h[u-1], which only its second pass reads; 16 KB a
+block) by a patch of its source and keeps g and do in registers.  Variants, both directions:
 
-- "staged, 2 blocks": the staging alone, two blocks a SM as shipped (its cost);
-- "staged, 3 blocks": three blocks a SM, half as many bytes again in flight;
+- "staged, 3 blocks": the above;
 - "staged, 3 blocks, no look-back (bound)": the same with every carry-in 0 (timed only), what the
   look-back still costs it.
 
-The scalar kernels copy their words to shared memory synchronously (not timed here), and the 16-bit
-backward's four-row module (NARROW_BWD) keeps two blocks a SM.  Before the table every checked variant
-runs on odd shapes (T not a multiple of a chunk, with states in and out, in time order and reversed) with
-its outputs poisoned first, against the shipped kernels; in the table each is checked against them again
-on the case's first input set.
+The backward's scalar kernels copy their words to shared memory synchronously (not timed here), and the
+16-bit backward's four-row module (NARROW_BWD) keeps two blocks a SM.  Before the table every checked
+variant runs on odd shapes (T not a multiple of a chunk, with states in and out, in time order and
+reversed) with its outputs poisoned first, against the shipped kernels; in the table each is checked
+against them again on the case's first input set.
 """
 import sys
 from pathlib import Path
@@ -36,17 +36,18 @@ from chunk_shape import library  # noqa: E402
 CASES = ["bf16:8x4096x2048", "bf16:1x262144x256", "bf16:1x32768x1024", "bf16:32x2048x4096",
          "bf16:4x4096x1024", "bf16:4x2048x512", "f32:8x4096x2048", "f32:1x32768x1024"]
 
-# The staged words: thread-major per step, so that a warp's 16-byte copies and reads are conflict-free.
-STAGED = r"""
+# The backward's staged words of o: thread-major per step, so that a warp's 16-byte copies and reads are
+# conflict-free (the scalar kernels copy theirs synchronously).
+STAGED_O = r"""
 #ifndef HC_STAGE_BLOCKS
 #define HC_STAGE_BLOCKS 2
 #endif
-// Experiment (benchmarks/experiments/chunk_stage.py): a thread's words of one tensor in dynamic shared memory.
-template <typename T, int VEC> struct StagedWords {
+// Experiment (benchmarks/experiments/chunk_stage.py): a thread's words of o in dynamic shared memory.
+template <typename T, int VEC> struct StagedO {
     typedef Pack<T, VEC> P;
     P* base;
     int stride;
-    __device__ __forceinline__ explicit StagedWords(int nt) : stride(nt) {
+    __device__ __forceinline__ explicit StagedO(int nt) : stride(nt) {
         extern __shared__ __align__(16) unsigned char hc_stage[];
         base = reinterpret_cast<P*>(hc_stage) + (threadIdx.y * 32 + threadIdx.x);
     }
@@ -68,45 +69,10 @@ template <typename T, int VEC> struct StagedWords {
 
 """
 
-FWD_HEAD = "template <typename TX, typename TG, bool VARLEN, int VEC>\n__global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_BLOCKS) chunk_fwd(\n"
-LOADS = """    Pack<TX, VEC> xr[STEPS];
-    Pack<TG, VEC> gr[STEPS];
-#pragma unroll
-    for (int j = 0; j < STEPS; ++j) {
-        xr[j].clear(); gr[j].clear();
-        if (live && u0 + j < T) { xr[j].load(xq); gr[j].load(gq); }
-        xq += sxt; gq += sgt;
-    }
-"""
-STAGED_LOADS = """    Pack<TX, VEC> xr[STEPS];
-    StagedWords<TG, VEC> gr(32 * Shape<0, VEC>::WARPS);
-#pragma unroll
-    for (int j = 0; j < STEPS; ++j) {
-        xr[j].clear();
-        const bool in = live && u0 + j < T;
-        if (in) xr[j].load(xq);
-        gr.fetch(j, in ? gq : g, in);
-        xq += sxt; gq += sgt;
-    }
-    async_commit();
-"""
-SIGNATURE = "const Pack<TX, VEC> (&x)[STEPS], const Pack<TG, VEC> (&g)[STEPS],"
+BWD_HEAD = "template <typename TX, typename TG, bool VARLEN, int VEC>\n__global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_BLOCKS) chunk_bwd(\n"
 PATCHES = [
-    # the passes take g's words from any container with operator[], one word a step
-    ("template <bool CHECKED, typename Acc, typename TX, typename TG, bool VARLEN, int VEC, int STEPS>\n"
-     "__device__ __forceinline__ void fwd_", "template <bool CHECKED, typename Acc, typename TX, typename GW, "
-     "bool VARLEN, int VEC, int STEPS>\n__device__ __forceinline__ void fwd_", 2),
-    (SIGNATURE, "const Pack<TX, VEC> (&x)[STEPS], const GW& g,", 2),
-    ("[&](int j, i64, bool start, const Acc* h0p) {\n",
-     "[&](int j, i64, bool start, const Acc* h0p) {\n        const auto gj = g[j];\n", 1),
-    ("        Pack<TX, VEC> out;\n", "        const auto gj = g[j];\n        Pack<TX, VEC> out;\n", 1),
-    ("            Acc a = gate_exp(g[j].template get<Acc>(k)), b = x[j]",
-     "            Acc a = gate_exp(gj.template get<Acc>(k)), b = x[j]", 2),
-    # the forward kernel: g staged, launch bounds from HC_STAGE_BLOCKS
-    (FWD_HEAD, STAGED + FWD_HEAD.replace("Shape<0, VEC>::MIN_BLOCKS", "VEC == 1 ? 1 : HC_STAGE_BLOCKS"), 1),
-    (LOADS, STAGED_LOADS, 1),
-    ("    if (interior) fwd_fold<false>(", "    async_wait<0>();\n    if (interior) fwd_fold<false>(", 1),
-    # the backward: the previous states h[u-1] (o), which only pass 2 reads, staged; launch bounds as above
+    # the backward: the previous states h[u-1] (o), which only pass 2 reads, staged; launch bounds from
+    # HC_STAGE_BLOCKS
     ("template <bool CHECKED, typename Acc, typename TX, typename TG, bool VARLEN, int VEC, int STEPS>\n"
      "__device__ __forceinline__ void bwd_scan(", "template <bool CHECKED, typename Acc, typename TX, typename TG, "
      "bool VARLEN, int VEC, int STEPS, typename HW>\n__device__ __forceinline__ void bwd_scan(", 1),
@@ -114,10 +80,9 @@ PATCHES = [
      "const Pack<TX, VEC> (&dout)[STEPS], const HW& hprev,", 1),
     ("            Pack<TX, VEC> dxo;\n", "            const auto hj = hprev[j];\n            Pack<TX, VEC> dxo;\n", 1),
     (": hprev[j].template get<Acc>(k);", ": hj.template get<Acc>(k);", 1),
-    ("__launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_BLOCKS) chunk_bwd(",
-     "__launch_bounds__(32 * Shape<1, VEC>::WARPS, VEC == 1 ? 1 : HC_STAGE_BLOCKS) chunk_bwd(", 1),
+    (BWD_HEAD, STAGED_O + BWD_HEAD.replace("Shape<1, VEC>::MIN_BLOCKS", "VEC == 1 ? 1 : HC_STAGE_BLOCKS"), 1),
     ("    Pack<TX, VEC> dr[STEPS], orr[STEPS];\n",
-     "    Pack<TX, VEC> dr[STEPS];\n    StagedWords<TX, VEC> orr(32 * Shape<1, VEC>::WARPS);\n", 1),
+     "    Pack<TX, VEC> dr[STEPS];\n    StagedO<TX, VEC> orr(32 * Shape<1, VEC>::WARPS);\n", 1),
     ("        gr[j].clear(); dr[j].clear(); orr[j].clear();\n", "        gr[j].clear(); dr[j].clear();\n"
      "        bool want = false;\n", 1),
     ("                if (!first) orr[j].load(oq);\n            }\n        }\n        gq += sgt; dq += sdot; oq += sot;\n    }\n",
@@ -128,8 +93,8 @@ PATCHES = [
 
 
 class StagedLaunch:
-    """Stands in for ``hgrn_cupy.nvrtc`` in the chunk launcher: the kernels get the dynamic shared memory of
-    their staged words, the split of L1 and shared memory that holds ``blocks`` of them a SM,
+    """Stands in for ``hgrn_cupy.nvrtc`` in the chunk launcher: the backward kernels get the dynamic shared
+    memory of their staged words, the split of L1 and shared memory that holds ``blocks`` of them a SM,
     and the occupancy (for the stagger) with that memory counted."""
 
     def __init__(self, real, shapes, blocks):
@@ -140,9 +105,9 @@ class StagedLaunch:
 
     def get_function(self, source, names, name, device, options=()):
         fn = self._real.get_function(source, names, name, device, options)
-        if "chunk_fwd<" in name or "chunk_bwd<" in name:
+        if "chunk_bwd<" in name:
             wide = not name.endswith(", 1>")
-            warps, _, steps = self._shapes["chunk_bwd<" in name, wide]
+            warps, _, steps = self._shapes[1, wide]
             self._staged[fn.ptr] = steps * 32 * warps * (16 if wide else 8)
         return fn
 
@@ -152,9 +117,9 @@ class StagedLaunch:
         from cupy.cuda import runtime
         self._real.hold_shared(fn, self._staged[fn.ptr], self._blocks, runtime.getDevice())
 
-    def blocks_at_once(self, fn, threads, device):
+    def blocks_at_once(self, fn, threads, device, dynamic=0):
         if fn.ptr not in self._staged:
-            return self._real.blocks_at_once(fn, threads, device)
+            return self._real.blocks_at_once(fn, threads, device, dynamic)
         from cupy_backends.cuda.api import driver, runtime
         per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, self._staged[fn.ptr])
         return per_sm * runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device)
@@ -164,14 +129,17 @@ class StagedLaunch:
 
 
 def staged(chunk, blocks, more=()):
-    """Settings under which the chunk kernels stage their words (forward g, backward o) and are compiled and
-    launched for ``blocks`` blocks a SM, with the replacements ``more`` besides."""
+    """Settings under which the chunk forward is the library's staged one (``chunk.prepare(staged=True)``) and
+    the backward stages its words of o, compiled and launched for ``blocks`` blocks a SM, with the
+    replacements ``more`` besides."""
     from hgrn_cupy import nvrtc
 
     who = f"chunk_stage.py ({blocks} blocks)"
+    prepare = chunk.prepare
     return k.patched_kernels(nvrtc, [chunk.SOURCE], PATCHES + [(old, new, 1) for old, new in more], who) + [
         (chunk, "OPTIONS", chunk.OPTIONS + (f"-DHC_STAGE_BLOCKS={blocks}",)),
-        (chunk, "nvrtc", StagedLaunch(nvrtc, chunk.SHAPES, blocks))]
+        (chunk, "nvrtc", StagedLaunch(nvrtc, chunk.SHAPES, blocks)),
+        (chunk, "prepare", lambda *args, **kw: prepare(*args, **{**kw, "staged": True}))]
 
 
 ODD = ["bf16:3x1000x1000", "f32:2x777x520", "bf16:1x129x8"]
@@ -212,8 +180,7 @@ def main():
     args, timer, gbps, hc = c.start(__doc__, "Chunk kernels with staged words", CASES, "bf16:1x32768x1024",
                                     'engine forced: chunk_hgrn and hgrn_backward(engine="chunk")')
     bound = "staged, 3 blocks, no look-back (bound)"
-    variants = {"as shipped": [], "staged, 2 blocks": staged(chunk, 2), "staged, 3 blocks": staged(chunk, 3),
-                bound: staged(chunk, 3, [NO_LOOKBACK])}
+    variants = {"as shipped": [], "staged, 3 blocks": staged(chunk, 3), bound: staged(chunk, 3, [NO_LOOKBACK])}
     check(timer.torch, hc, variants, forget, (bound,))
     c.run(args, timer, gbps, variants, c.engine_calls(hc, "chunk"), forget, unchecked=(bound,))
 

@@ -8,6 +8,7 @@ ENGINES = {"chunk": chunk, "fused_recurrent": fused_recurrent}
 # name -> (engine, options of its prepare): launches whose best setting moves with the card, so that the
 # tuner measures them (hgrn_cupy.dispatch.candidates); internal names, stored in the tuning cache.
 VARIANTS = {name: ("fused_recurrent", options) for name, options in fused_variants.VARIANTS.items()}
+VARIANTS.update({name: ("chunk", options) for name, options in chunk.VARIANTS.items()})
 
 
 def prepare(name, direction, tensors, N, reverse, device, varlen=False):

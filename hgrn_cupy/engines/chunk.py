@@ -34,11 +34,26 @@ NARROW_BWD_MAX_TILES = 2
 NARROW_BWD_VEC = 8
 
 
+# The staged forward (chunk_fwd_staged): the forward's vector kernel with each thread's words of g in dynamic
+# shared memory (copied there by cp.async) instead of registers, compiled for STAGED_BLOCKS blocks a SM, the
+# split of L1 and shared memory set to hold them.  Only where g's words are 16 bytes and g is not float64
+# (STAGED_ITEMSIZES; float64 accumulates in pairs of registers and was not measured).  A launch variant the
+# tuner times against the shipped forward on grids of at most STAGED_MAX_TILES tiles: on the H200 it took 5%
+# off bf16 on two tiles and 6% off float32 on 16, and lost 1-8% on 32 tiles and more and on one wave
+# (docs/performance.md, "Gate words in shared memory").
+STAGED_KERNEL = "chunk_fwd_staged"
+STAGED_BLOCKS = 3
+STAGED_MAX_TILES = 16
+STAGED_ITEMSIZES = (2, 4)
+STAGED = "chunk, staged gate words"
+VARIANTS = {STAGED: {"staged": True}}  # by name (internal, stored in the tuning cache), prepare's options
+
+
 def _options(shapes):
     """The compile options that give the kernels the block shapes ``shapes`` (as SHAPES)."""
     return tuple(f"-DHC_{'FWD' if d == 0 else 'BWD'}_{what}_{'V' if v else '1'}={shapes[d, v][i]}"
                  for (d, v) in shapes for i, what in enumerate(("WARPS", "ROWS", "STEPS"))
-                 if what != "ROWS" or v)
+                 if what != "ROWS" or v) + (f"-DHC_STAGED_BLOCKS={STAGED_BLOCKS}",)
 
 
 # The kernels take their shapes at compile time from these.
@@ -65,10 +80,38 @@ FEW_TILES = 8
 CARVEOUT = 28
 
 
+def staged_width(x_dtype, g_dtype):
+    """The VEC of the staged forward of one dtype pair (its vector kernels' width), or None where it has none:
+    g's words narrower than 16 bytes, or g float64."""
+    vec = vector_width(x_dtype, g_dtype)
+    size = nvrtc.ITEMSIZE[g_dtype]
+    return vec if vec > 1 and vec * size == 16 and size in STAGED_ITEMSIZES else None
+
+
 def names(x_dtype, g_dtype):
-    """Every kernel of the module of one dtype pair: both directions, dense and varlen, VEC 1 and wide."""
+    """Every kernel of the module of one dtype pair: both directions, dense and varlen, VEC 1 and wide, and
+    the staged forward where the pair has one."""
     vecs = sorted({1, vector_width(x_dtype, g_dtype)})
-    return tuple(nvrtc.instantiation(k, x_dtype, g_dtype, v, w) for k in KERNELS for v in (False, True) for w in vecs)
+    staged = staged_width(x_dtype, g_dtype)
+    return (tuple(nvrtc.instantiation(k, x_dtype, g_dtype, v, w) for k in KERNELS for v in (False, True) for w in vecs)
+            + (tuple(nvrtc.instantiation(STAGED_KERNEL, x_dtype, g_dtype, v, staged) for v in (False, True))
+               if staged else ()))
+
+
+def variants(N, T, D, x_dtype, g_dtype, direction):
+    """The names (of VARIANTS) of the chunk launches a call's tuning measures besides the engines: the
+    staged forward, where the pair has one and the grid has at most STAGED_MAX_TILES tiles."""
+    vec = staged_width(x_dtype, g_dtype) if direction == 0 else None
+    if not vec:
+        return ()
+    warps, rows, steps = SHAPES[0, True]
+    tiles = N * -(-D // (LANES // rows * vec))
+    return (STAGED,) if 0 < tiles <= STAGED_MAX_TILES and T > warps * rows * steps else ()
+
+
+def staged_bytes(threads):
+    """The staged forward's dynamic shared memory: a 16-byte word of g per thread and step."""
+    return SHAPES[0, True][2] * threads * 16
 
 
 def narrow_bwd_names(x_dtype, g_dtype):
@@ -132,9 +175,9 @@ def workspace_bytes(N, T, D, varlen, acc_itemsize, x_dtype, g_dtype):
     return max(workspace_layout(N, T, D, varlen, acc_itemsize, d, v)[3] for d in (0, 1) for v in vecs)
 
 
-def _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec):
+def _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec, staged=False):
     """One kernel's launch for one layout and access width, as ``run(stream_ptr, pointers, states, cu,
-    workspace)``; None when there is nothing to compute."""
+    workspace)``; None when there is nothing to compute.  ``staged``: the staged forward, where it applies."""
     acc_itemsize = nvrtc.ITEMSIZE[nvrtc.accumulation_dtype(*dtypes)]
     ntiles, nchunks, _, total, off_slots = workspace_layout(N, T, D, varlen, acc_itemsize, direction, vec)
     if ntiles * nchunks == 0:
@@ -144,15 +187,21 @@ def _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device,
     shape = block_shape(direction, vec, N, D, varlen)
     module = ((narrow_bwd_names(*dtypes), NARROW_BWD_OPTIONS) if shape is NARROW_BWD
               else (names(*dtypes), OPTIONS))
-    fn = nvrtc.get_function(SOURCE, module[0], nvrtc.instantiation(KERNELS[direction], *dtypes, varlen, vec),
-                            device, module[1])
-    nvrtc.prefer_shared(fn, CARVEOUT)
+    staged = staged and direction == 0 and vec == staged_width(*dtypes)
+    name = STAGED_KERNEL if staged else KERNELS[direction]
+    fn = nvrtc.get_function(SOURCE, module[0], nvrtc.instantiation(name, *dtypes, varlen, vec), device, module[1])
     threads = LANES * shape[0]
-    kernel = nvrtc.bind(fn, (ntiles * nchunks,), (LANES, threads // LANES), device, tail_words=GRID_WORDS)
+    dynamic = staged_bytes(threads) if staged else 0
+    if staged:
+        nvrtc.hold_shared(fn, dynamic, STAGED_BLOCKS, device)
+    else:
+        nvrtc.prefer_shared(fn, CARVEOUT)
+    kernel = nvrtc.bind(fn, (ntiles * nchunks,), (LANES, threads // LANES), device, tail_words=GRID_WORDS,
+                        shared=dynamic)
     strides = tuple(s for a in tensors for s in a.strides[:2])
     shape = (N, T, D, int(bool(reverse)))
     grid = (ntiles, nchunks, l2_ahead(ntiles, nchunks, varlen), peek(ntiles),
-            stagger(ntiles * nchunks, nvrtc.blocks_at_once(fn, threads, device)))
+            stagger(ntiles * nchunks, nvrtc.blocks_at_once(fn, threads, device, dynamic)))
     memset = cupy.cuda.runtime.memsetAsync
 
     def run(stream_ptr, pointers, states, cu, workspace):
@@ -166,7 +215,7 @@ def _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device,
     return run
 
 
-def prepare(direction, tensors, N, reverse, device, varlen=False):
+def prepare(direction, tensors, N, reverse, device, varlen=False, staged=False):
     """The launch of one direction for one layout, as ``launch(stream_ptr, pointers, states, cu,
     workspace)``, or None when there is nothing to compute.
 
@@ -176,7 +225,8 @@ def prepare(direction, tensors, N, reverse, device, varlen=False):
     of cu_seqlens or ``(0, 0)``, ``workspace(nbytes, acc_itemsize, stream_ptr) -> (pointer, owner,
     filled, size)``: device memory valid until the kernel has run, ``filled`` where it is ready for a
     launch (fresh memory is filled here first).  Each call takes VEC-wide accesses where its pointers
-    allow them."""
+    allow them.  ``staged``: the forward's vector kernel is the staged one, where the pair has one (the
+    option changes nothing elsewhere: backward, VEC = 1)."""
     B, T, D = tensors[0].shape
     if N == 0:  # no sequence (varlen offsets of one entry): steps of T > 0 belong to none
         return None
@@ -187,7 +237,7 @@ def prepare(direction, tensors, N, reverse, device, varlen=False):
     vec = layout_vector_width(D, tensors)
     if vec == 1:
         return narrow
-    wide = _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec)
+    wide = _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec, staged)
     masks = alignment_masks(vec, tensors)
 
     def launch(stream_ptr, pointers, states, cu, workspace):

@@ -64,6 +64,9 @@ namespace hc {
 #ifndef HC_BWD_STEPS_V
 #error "HC_BWD_STEPS_V is set by the launcher (hgrn_cupy/engines/chunk.py)"
 #endif
+#ifndef HC_STAGED_BLOCKS
+#error "HC_STAGED_BLOCKS is set by the launcher (hgrn_cupy/engines/chunk.py)"
+#endif
 
 template <int DIRECTION, int VEC> struct Shape {
     static constexpr int WARPS = DIRECTION == 0 ? (VEC == 1 ? HC_FWD_WARPS_1 : HC_FWD_WARPS_V)
@@ -166,6 +169,45 @@ template <int DIRECTION, typename TX, typename TG, int VEC> struct ChunkPlace {
     }
 };
 
+// A forward thread's words of g, step j's at [j]: in registers (Held), or in dynamic shared memory (Staged,
+// 16-byte words: the staged kernel, chunk_fwd_staged), where each thread copies its own by cp.async and the
+// block needs no registers for them, so that STAGED_BLOCKS blocks fit a SM (docs/performance.md, "Gate words
+// in shared memory").  fetch(j, p, in) asks for step j's word at p (zeros where !in; p must still be a valid
+// address), sent() closes the requests, landed() waits for them; a thread reads only its own words.
+template <typename T, int VEC, int STEPS, int THREADS> struct HeldWords {
+    Pack<T, VEC> w[STEPS];
+    template <typename X>
+    __device__ __forceinline__ void fetch(int j, X& x, const typename X::Elem* xp, const T* p, const T*, bool in) {
+        x.clear(); w[j].clear();
+        if (in) { x.load(xp); w[j].load(p); }
+    }
+    __device__ __forceinline__ void sent() {}
+    __device__ __forceinline__ void landed() {}
+    __device__ __forceinline__ const Pack<T, VEC>& operator[](int j) const { return w[j]; }
+};
+template <typename T, int VEC, int STEPS, int THREADS> struct StagedWords {
+    static_assert(Pack<T, VEC>::BYTES == 16, "staged words are 16 bytes");
+    uint4* base;  // step j's word at base[j * THREADS]: a warp's copies and reads are conflict-free
+    __device__ __forceinline__ StagedWords() {
+        extern __shared__ uint4 stage_words[];  // STEPS x THREADS words (chunk.py: staged_bytes)
+        base = stage_words + threadIdx.y * 32 + threadIdx.x;
+    }
+    template <typename X>
+    __device__ __forceinline__ void fetch(int j, X& x, const typename X::Elem* xp, const T* p, const T* any, bool in) {
+        x.clear();
+        if (in) x.load(xp);
+        async_copy<16>(base + j * THREADS, in ? p : any, in);
+    }
+    __device__ __forceinline__ void sent() { async_commit(); }
+    __device__ __forceinline__ void landed() { async_wait<0>(); }
+    __device__ __forceinline__ Pack<T, VEC> operator[](int j) const {
+        const uint4 v = base[j * THREADS];
+        Pack<T, VEC> r;
+        r.u[0] = v.x; r.u[1] = v.y; r.u[2] = v.z; r.u[3] = v.w;
+        return r;
+    }
+};
+
 // The two passes over one thread's STEPS steps of a chunk, from the raw words it holds in registers through
 // the look-back.  Each is written once for two forms: CHECKED skips steps past T and keeps the segment
 // bookkeeping (a segment's start and end: h0, ht, dht, dh0); the interior form (steps strictly inside a
@@ -196,15 +238,17 @@ __device__ __forceinline__ void fwd_steps(i64 u0, i64 T, i64 D, i64 d, i64 batch
     }
 }
 
-// Forward, pass 1: the map of steps u0 + j (x[j], g[j]) per channel, h0 entering at a segment's start.
-template <bool CHECKED, typename Acc, typename TX, typename TG, bool VARLEN, int VEC, int STEPS>
+// Forward, pass 1: the map of steps u0 + j (x[j], g[j]: g's words as GateWords holds them) per channel, h0
+// entering at a segment's start.
+template <bool CHECKED, typename Acc, typename TX, typename GW, bool VARLEN, int VEC, int STEPS>
 __device__ __forceinline__ void fwd_fold(i64 u0, i64 T, i64 D, i64 d, i64 batch, bool live, SegmentCursor<VARLEN>& seg,
-                                         const Pack<TX, VEC> (&x)[STEPS], const Pack<TG, VEC> (&g)[STEPS],
+                                         const Pack<TX, VEC> (&x)[STEPS], const GW& g,
                                          const Acc* h0, Affine<Acc>* mine) {
     fwd_steps<CHECKED, STEPS>(u0, T, D, d, batch, live, seg, h0, [&](int j, i64, bool start, const Acc* h0p) {
+        const auto gj = g[j];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-            Acc a = gate_exp(g[j].template get<Acc>(k)), b = x[j].template get<Acc>(k);
+            Acc a = gate_exp(gj.template get<Acc>(k)), b = x[j].template get<Acc>(k);
             if (h0p) b += a * h0p[k];  // h[-1] = h0
             // a sequence begins: what came before is dropped, NaN included (0 * NaN is NaN).  A select on
             // `start`, not compose_reset: start is false at compile time in interior steps, so they pay nothing.
@@ -216,16 +260,17 @@ __device__ __forceinline__ void fwd_fold(i64 u0, i64 T, i64 D, i64 d, i64 batch,
 
 // Forward, pass 2: from h (the state before step u0) the states, written to oq + j * sot, and to ht at a
 // segment's last step.
-template <bool CHECKED, typename Acc, typename TX, typename TG, bool VARLEN, int VEC, int STEPS>
+template <bool CHECKED, typename Acc, typename TX, typename GW, bool VARLEN, int VEC, int STEPS>
 __device__ __forceinline__ void fwd_scan(i64 u0, i64 T, i64 D, i64 d, i64 batch, bool live, SegmentCursor<VARLEN>& seg,
-                                         const Pack<TX, VEC> (&x)[STEPS], const Pack<TG, VEC> (&g)[STEPS],
+                                         const Pack<TX, VEC> (&x)[STEPS], const GW& g,
                                          const Acc* h0, Acc* ht, TX* oq, i64 sot, Acc* h) {
     fwd_steps<CHECKED, STEPS>(u0, T, D, d, batch, live, seg, h0, [&](int j, i64 u, bool start, const Acc* h0p) {
+        const auto gj = g[j];
         Pack<TX, VEC> out;
         if (CHECKED) out.clear();
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-            Acc a = gate_exp(g[j].template get<Acc>(k)), b = x[j].template get<Acc>(k);
+            Acc a = gate_exp(gj.template get<Acc>(k)), b = x[j].template get<Acc>(k);
             if (h0p) b += a * h0p[k];
             h[k] = start ? b : a * h[k] + b;
             out.template set<Acc>(k, h[k]);
@@ -318,8 +363,9 @@ __device__ __forceinline__ void bwd_scan(i64 v0, i64 T, i64 D, i64 d, i64 batch,
     }
 }
 
-template <typename TX, typename TG, bool VARLEN, int VEC>
-__global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_BLOCKS) chunk_fwd(
+// Forward, one block's chunk, g's words held by Words (HeldWords or StagedWords).
+template <typename TX, typename TG, bool VARLEN, int VEC, template <typename, int, int, int> class Words>
+__device__ __forceinline__ void fwd_chunk(
     const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o,
     i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
     const AccT<TX, TG>* __restrict__ h0, AccT<TX, TG>* __restrict__ ht,
@@ -340,13 +386,13 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     sxt *= tdir; sgt *= tdir;
 
     Pack<TX, VEC> xr[STEPS];
-    Pack<TG, VEC> gr[STEPS];
+    Words<TG, VEC, STEPS, 32 * Place::S::WARPS> gr;
 #pragma unroll
     for (int j = 0; j < STEPS; ++j) {
-        xr[j].clear(); gr[j].clear();
-        if (live && u0 + j < T) { xr[j].load(xq); gr[j].load(gq); }
+        gr.fetch(j, xr[j], xq, gq, g, live && u0 + j < T);
         xq += sxt; gq += sgt;
     }
+    gr.sent();
     Slot<Acc> pre[Block::PER];  // the predecessor's slots, asked for behind this thread's loads
     Block::peek(grid.slots, at.slot0, at.chunk, grid.peek != 0, pre);
     if (const i64 ahead = VARLEN ? -1 : grid.ahead(at.ticket); ahead >= 0) {  // rows a later block will load
@@ -366,6 +412,7 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     Affine<Acc> mine[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) { mine[k].a = Acc(1); mine[k].b = Acc(0); }
+    gr.landed();
     if (interior) fwd_fold<false>(u0, T, D, d, at.batch, live, seg, xr, gr, h0, mine);
     else fwd_fold<true>(u0, T, D, d, at.batch, live, seg, xr, gr, h0, mine);
 
@@ -381,6 +428,28 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
     else fwd_scan<true>(u0, T, D, d, at.batch, live, seg, xr, gr, h0, ht, oq, sot, h);
     if (VARLEN) at.pass_empty(cu_seqlens, cu64, N, D, h0, ht);
     sm.finish(grid.slots, at.ticket, at.total, at.slot_bytes, (unsigned long long)grid.capacity);
+}
+
+template <typename TX, typename TG, bool VARLEN, int VEC>
+__global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_BLOCKS) chunk_fwd(
+    const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o,
+    i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
+    const AccT<TX, TG>* __restrict__ h0, AccT<TX, TG>* __restrict__ ht,
+    const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse, const ChunkGrid grid) {
+    fwd_chunk<TX, TG, VARLEN, VEC, HeldWords>(x, g, o, sxb, sxt, sgb, sgt, sob, sot, h0, ht, cu_seqlens, cu64, N, T,
+                                              D, reverse, grid);
+}
+
+// The staged forward (16-byte words only): g's words in STAGED_STEPS x threads x 16 bytes of dynamic shared
+// memory, STAGED_BLOCKS blocks a SM.
+template <typename TX, typename TG, bool VARLEN, int VEC>
+__global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, HC_STAGED_BLOCKS) chunk_fwd_staged(
+    const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o,
+    i64 sxb, i64 sxt, i64 sgb, i64 sgt, i64 sob, i64 sot,
+    const AccT<TX, TG>* __restrict__ h0, AccT<TX, TG>* __restrict__ ht,
+    const void* __restrict__ cu_seqlens, int cu64, i64 N, i64 T, i64 D, int reverse, const ChunkGrid grid) {
+    fwd_chunk<TX, TG, VARLEN, VEC, StagedWords>(x, g, o, sxb, sxt, sgb, sgt, sob, sot, h0, ht, cu_seqlens, cu64, N,
+                                                T, D, reverse, grid);
 }
 
 // Backward: the same scan over v = T - 1 - u.  With the gate shifted by one step,

@@ -258,6 +258,7 @@ template <> struct Lane<half_t> : Lane16<half_t> {};
 template <> struct Lane<bfloat16_t> : Lane16<bfloat16_t> {};
 
 template <typename T, int VEC> struct Pack {
+    typedef T Elem;
     static constexpr int BYTES = (int)sizeof(T) * VEC;
     static constexpr int WORDS = BYTES >= 4 ? BYTES / 4 : 1;
     unsigned u[WORDS];
