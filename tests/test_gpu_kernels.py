@@ -20,30 +20,22 @@ pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison")]
 
 @pytest.fixture(autouse=True)
 def walk_channels(request, monkeypatch):
-    """Two channels per thread in the fused walks for the ``fused_recurrent_2ch`` cases, the block walks
-    for the ``fused_recurrent_block*`` cases (with windows of SHORT_STEPS steps for ``_short``), the chunk
-    engine's staged forward (the tuner's variant) for the ``chunk_staged`` cases."""
+    """Forced launches: two channels a thread in the fused walks (``fused_recurrent_2ch``), the block walks
+    (``fused_recurrent_block*``; ``_short``: SHORT_STEPS-step windows), the staged chunk forward (``chunk_staged``)."""
     spec = getattr(request.node, "callspec", None)
     engine = spec.params.get("engine") if spec is not None else None
-    if engine == "chunk_staged":
-        from hgrn_cupy import plans
-        from hgrn_cupy.engines import chunk
-
-        prepare = chunk.prepare
-        monkeypatch.setattr(chunk, "prepare", lambda *args, **kw: prepare(*args, **{**kw, "staged": True}))
-        plans._plans.clear()
-        yield
-        plans._plans.clear()
-        return
     if engine not in ("fused_recurrent_2ch", "fused_recurrent_block", "fused_recurrent_block4",
-                      "fused_recurrent_block_short"):
+                      "fused_recurrent_block_short", "chunk_staged"):
         yield
         return
     from hgrn_cupy import plans
-    from hgrn_cupy.engines import fused_recurrent
+    from hgrn_cupy.engines import chunk, fused_recurrent
 
     if engine == "fused_recurrent_2ch":
         monkeypatch.setattr(fused_recurrent, "WALK_VEC_MIN_CHANNELS", 0)
+    elif engine == "chunk_staged":
+        staged = chunk.prepare
+        monkeypatch.setattr(chunk, "prepare", lambda *args, **kw: staged(*args, **{**kw, "staged": True}))
     else:
         force_block_walks(monkeypatch, narrow=engine.endswith("4"))
     if engine.endswith("short"):
@@ -77,8 +69,7 @@ SHAPES = [  # (B, T, D)
 def forced_walk(engine, dtype, direction):
     """(kernel, channels a thread) that the fixture ``walk_channels`` forces for ``engine`` (None for the
     others): a dense call of T > 1 whose D divides into them launches it (T = 1 takes the step kernels)."""
-    from hgrn_cupy.engines import chunk
-    from hgrn_cupy.engines import fused_recurrent as fr
+    from hgrn_cupy.engines import chunk, fused_recurrent as fr
     from hgrn_cupy.nvrtc import ITEMSIZE
 
     if engine == "chunk_staged":  # the forward; the backward is the chunk engine's own
@@ -96,8 +87,8 @@ def forced_walk(engine, dtype, direction):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwdtime", "reverse"])
 def test_forward_backward(engine, dtype, shape, reverse, monkeypatch):
-    """Values and gradients; the forced walk of the 2ch and block cases (the staged chunk forward of the
-    chunk_staged cases, where the dtype has one) is the kernel that ran where D divides into its lanes."""
+    """Values and gradients; the forced walk of the 2ch and block cases (the chunk_staged cases' staged
+    forward where the dtype has one) is the kernel that ran where D divides into its lanes."""
     B, T, D = shape
     rng = _rng()
     x, g = make_inputs(B, T, D, rng=rng)

@@ -1,0 +1,57 @@
+"""The chunk engine's staged forward on a GPU (GPU-marked): stored as a shape class's tuned decision, it is
+the launch ``hgrn`` runs, with the dynamic shared memory and the split of L1 and shared memory it asks of
+the driver.  Its values across dtypes, layouts, states, varlen and reverse are in test_gpu_kernels.py (the
+``chunk_staged`` cases)."""
+import zlib
+
+import numpy as np
+import pytest
+from conftest import TOL, rel_err
+from recording import fresh_plans  # noqa: F401  (a fixture)
+
+import hgrn_cupy as hc
+from hgrn_cupy import dispatch, tuning
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_tuned_staged_chunk_forward(dtype, fresh_plans, poison, monkeypatch, tmp_path, request):
+    """Where a forward's tuning measures the chunk engine's staged forward (a grid of few tiles, more than one
+    chunk), that variant stored as the decision is what ``hgrn`` then runs: chunk_fwd_staged, let take its
+    dynamic shared memory and asking for the split that holds STAGED_BLOCKS blocks (both read back from the
+    driver), with the states in and out, within tolerance of the float64 reference (outputs poisoned)."""
+    cupy = pytest.importorskip("cupy")
+    from cupy_backends.cuda.api import driver
+    from gpu_kernel_checks import launched_kernels
+
+    from hgrn_cupy import nvrtc
+    from hgrn_cupy.engines import chunk
+
+    B, T, D = 2, 777, 200  # 4 tiles (bfloat16) or 8 (float32) of 7 chunks; D a multiple of 8
+    seed = zlib.crc32(request.node.nodeid.encode())
+    rng = cupy.random.default_rng(seed)
+    x, g = (tuning._random(cupy, (B, T, D), dtype, rng, gate=k == 1) for k in range(2))
+    h0 = tuning._random(cupy, (B, D), "float32", rng)
+    refs = hc.naive_recurrent_hgrn(*[cupy.asnumpy(a).astype(np.float64) for a in (x, g, h0)], True)
+    assert chunk.STAGED in dispatch.candidates(B, T, D, (dtype, dtype), 0)
+    monkeypatch.setenv("HGRN_CUPY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hc.config, "engine", "auto")
+    monkeypatch.setattr(hc.config, "tune", True)
+    monkeypatch.setattr(tuning.settings, "on_disk", False)
+    request.addfinalizer(tuning.forget)
+    tuning.forget()
+    key = tuning.shape_class(0, (dtype, dtype), B, T, D, False)
+    assert tuning._store(tuning.device_key(x.data.device_id), repr(key), chunk.STAGED, keep=()) == chunk.STAGED
+    launched = launched_kernels(monkeypatch)
+    outs = hc.hgrn(x, g, h0, True)
+    what = f"seed {seed}, {dtype}"
+    assert [k[0] for k in launched] == [chunk.STAGED_KERNEL], (what, launched)
+    assert launched[0][-1] == str(chunk.staged_width(dtype, dtype)), (what, launched)
+    for k, (a, ref) in enumerate(zip(outs, refs)):
+        assert rel_err(a, ref) <= TOL[dtype], (what, k)
+    fn = next(fn for key, fn in nvrtc._functions.items() if key[2].startswith(f"hc::{chunk.STAGED_KERNEL}<"))
+    dynamic = chunk.staged_bytes(32 * chunk.SHAPES[0, True][0])
+    assert driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, fn.ptr) == dynamic
+    split = nvrtc.shared_split(fn, dynamic, chunk.STAGED_BLOCKS, x.data.device_id)
+    assert driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, fn.ptr) == split
+    assert nvrtc.blocks_at_once(fn, 32 * chunk.SHAPES[0, True][0], x.data.device_id, dynamic) >= 1
