@@ -1,6 +1,6 @@
 // Chunk engine: time split into chunks that are scanned in parallel, in one pass over memory.  This file
-// owns the kernels chunk_fwd / chunk_bwd, their block shapes and the two passes over a thread's steps;
-// chunk_lookback.cuh owns the workspace and the block-level look-back they share.
+// owns the kernels chunk_fwd / chunk_fwd_staged / chunk_bwd, their block shapes and the two passes over a
+// thread's steps; chunk_lookback.cuh owns the workspace and the block-level look-back they share.
 //
 // grid  (ntiles * nchunks,)   a tile is LC * VEC channels of one batch row (of the packed row with varlen)
 // block (32, WARPS)           a warp is ROWS rows of LC = 32 / ROWS lanes; lane = VEC consecutive channels.
@@ -169,11 +169,13 @@ template <int DIRECTION, typename TX, typename TG, int VEC> struct ChunkPlace {
     }
 };
 
-// A forward thread's words of g, step j's at [j]: in registers (Held), or in dynamic shared memory (Staged,
-// 16-byte words: the staged kernel, chunk_fwd_staged), where each thread copies its own by cp.async and the
-// block needs no registers for them, so that STAGED_BLOCKS blocks fit a SM (docs/performance.md, "Gate words
-// in shared memory").  fetch(j, p, in) asks for step j's word at p (zeros where !in; p must still be a valid
-// address), sent() closes the requests, landed() waits for them; a thread reads only its own words.
+// A forward thread's words of g, step j's at [j]: in registers (HeldWords), or in dynamic shared memory
+// (StagedWords, 16-byte words: the staged kernel, chunk_fwd_staged), where each thread copies its own by
+// cp.async and the block needs no registers for them, so that STAGED_BLOCKS blocks fit a SM
+// (docs/performance.md, "Gate words in shared memory").  fetch(j, x, xp, p, any, in) loads step j's word of
+// x at xp into x and asks for its word of g at p (zeros in both where !in; a copy then reads nothing but
+// still names a valid address, any); sent() closes the requests, landed() waits for them; a thread reads
+// only its own words.
 template <typename T, int VEC, int STEPS, int THREADS> struct HeldWords {
     Pack<T, VEC> w[STEPS];
     template <typename X>
@@ -238,8 +240,8 @@ __device__ __forceinline__ void fwd_steps(i64 u0, i64 T, i64 D, i64 d, i64 batch
     }
 }
 
-// Forward, pass 1: the map of steps u0 + j (x[j], g[j]: g's words as GateWords holds them) per channel, h0
-// entering at a segment's start.
+// Forward, pass 1: the map of steps u0 + j (x[j], g[j]: g's words from their holder) per channel, h0 entering
+// at a segment's start.
 template <bool CHECKED, typename Acc, typename TX, typename GW, bool VARLEN, int VEC, int STEPS>
 __device__ __forceinline__ void fwd_fold(i64 u0, i64 T, i64 D, i64 d, i64 batch, bool live, SegmentCursor<VARLEN>& seg,
                                          const Pack<TX, VEC> (&x)[STEPS], const GW& g,
@@ -440,8 +442,8 @@ __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, Shape<0, VEC>::MIN_
                                               D, reverse, grid);
 }
 
-// The staged forward (16-byte words only): g's words in STAGED_STEPS x threads x 16 bytes of dynamic shared
-// memory, STAGED_BLOCKS blocks a SM.
+// The staged forward (16-byte words of g only): g's words in STEPS x threads x 16 bytes of dynamic shared
+// memory (chunk.py: staged_bytes), HC_STAGED_BLOCKS blocks a SM.
 template <typename TX, typename TG, bool VARLEN, int VEC>
 __global__ void __launch_bounds__(32 * Shape<0, VEC>::WARPS, HC_STAGED_BLOCKS) chunk_fwd_staged(
     const TX* __restrict__ x, const TG* __restrict__ g, TX* __restrict__ o,
