@@ -1,8 +1,9 @@
 """Every kernel family on small shapes, for compute-sanitizer (not a pytest module): the chunk engine (its
-staged forward too), the fused engine's thread walk, block walk (and the tuner's launch variants: the other lane width, short
-windows, the staged and bulk forwards) and single step, forward and backward, dense and varlen (an empty sequence
-included), with and without states, both directions of time; the state-only passes and the composition
-of their maps (fold_maps on the GPU); the tuner's wait, with the candidates it times queued behind it.
+staged forward too), the fused engine's thread walk, block walk (and the tuner's launch variants: the other
+lane width, short windows, the staged and bulk forwards) and single step, forward and backward, dense and
+varlen (an empty sequence included), with and without states, both directions of time; the state-only passes
+and the composition of their maps (fold_maps on the GPU); the tuner's wait, with the candidates it times
+queued behind it.
 
     compute-sanitizer --tool memcheck python tests/sanitize_kernels.py
     compute-sanitizer --tool racecheck python tests/sanitize_kernels.py
