@@ -28,6 +28,8 @@ DTYPES = ("float32", "float16", "float64")
 # (B, T, D, cu_seqlens): thread walk (few channels), block walk (N * D of 8192), varlen with an empty sequence,
 # one step (the single-step kernels, forward and backward).
 CASES = ((2, 150, 72, None), (2, 200, 4096, None), (1, 300, 72, [0, 0, 100, 300]), (3, 1, 72, None))
+# The fused engine's launch variants (the tuner's; they run where the block walks do).
+FUSED_VARIANTS = tuple(v for v in VARIANTS if VARIANTS[v][0] == "fused_recurrent")
 
 
 def _err(a, ref):
@@ -64,9 +66,8 @@ def main():
                                                         reverse)
                     # the staged chunk forward everywhere; the fused variants where the block walks run
                     # (float64 has none)
-                    fused = tuple(v for v in VARIANTS if VARIANTS[v][0] == "fused_recurrent")
                     launchers = ("chunk", chunk.STAGED, "fused_recurrent") + (
-                        fused if D == 4096 and dtype != "float64" else ())
+                        FUSED_VARIANTS if D == 4096 and dtype != "float64" else ())
                     for engine in launchers:
                         name = f"{dtype} {B}x{T}x{D} cu={offsets} reverse={reverse} states={with_states} {engine}"
                         o, ht = plans.forward(engine, x, g, h0, True, cu, reverse)

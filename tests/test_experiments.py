@@ -75,9 +75,8 @@ def test_experiment_source_patches_match_the_kernels():
 
 def test_staged_chunk_forward_compiles():
     """chunk_stage's kernels (the staged forward; the backward with its words of o in shared memory, three
-    blocks a SM) compile with NVRTC for
-    sm_90 in every dtype the script times, vector and scalar, and its launcher stand-in answers every name
-    the chunk engine asks of ``hgrn_cupy.nvrtc``."""
+    blocks a SM) compile with NVRTC for sm_90 in every dtype the script times, vector and scalar, and its
+    launcher stand-in answers every name the chunk engine asks of ``hgrn_cupy.nvrtc``."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="cupy (with its NVRTC bindings) is not installed")
     sys.path.insert(0, EXPERIMENTS)
     try:

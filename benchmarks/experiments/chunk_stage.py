@@ -69,7 +69,8 @@ template <typename T, int VEC> struct StagedO {
 
 """
 
-BWD_HEAD = "template <typename TX, typename TG, bool VARLEN, int VEC>\n__global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_BLOCKS) chunk_bwd(\n"
+BWD_HEAD = ("template <typename TX, typename TG, bool VARLEN, int VEC>\n"
+            "__global__ void __launch_bounds__(32 * Shape<1, VEC>::WARPS, Shape<1, VEC>::MIN_BLOCKS) chunk_bwd(\n")
 PATCHES = [
     # the backward: the previous states h[u-1] (o), which only pass 2 reads, staged; launch bounds from
     # HC_STAGE_BLOCKS
@@ -118,11 +119,7 @@ class StagedLaunch:
         self._real.hold_shared(fn, self._staged[fn.ptr], self._blocks, runtime.getDevice())
 
     def blocks_at_once(self, fn, threads, device, dynamic=0):
-        if fn.ptr not in self._staged:
-            return self._real.blocks_at_once(fn, threads, device, dynamic)
-        from cupy_backends.cuda.api import driver, runtime
-        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, self._staged[fn.ptr])
-        return per_sm * runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device)
+        return self._real.blocks_at_once(fn, threads, device, self._staged.get(fn.ptr, dynamic))
 
     def bind(self, fn, grid, block, device, tail_words=1, shared=0, head_words=1):
         return self._real.bind(fn, grid, block, device, tail_words, self._staged.get(fn.ptr, shared), head_words)

@@ -104,9 +104,9 @@ def variants(N, T, D, x_dtype, g_dtype, direction):
     vec = staged_width(x_dtype, g_dtype) if direction == 0 else None
     if not vec:
         return ()
-    warps, rows, steps = SHAPES[0, True]
-    tiles = N * -(-D // (LANES // rows * vec))
-    return (STAGED,) if 0 < tiles <= STAGED_MAX_TILES and T > warps * rows * steps else ()
+    acc_itemsize = nvrtc.ITEMSIZE[nvrtc.accumulation_dtype(x_dtype, g_dtype)]
+    ntiles, nchunks = workspace_layout(N, T, D, False, acc_itemsize, direction, vec)[:2]
+    return (STAGED,) if 0 < ntiles <= STAGED_MAX_TILES and nchunks > 1 else ()
 
 
 def staged_bytes(threads):
