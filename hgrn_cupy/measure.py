@@ -1,16 +1,28 @@
-"""How the tuner times a candidate launch on the GPU (:mod:`hgrn_cupy.tuning`): the kernels alone.
+"""How the tuner times a candidate launch on the GPU (:mod:`hgrn_cupy.tuning`): the kernels alone, each
+call after L2 is flushed.
 
 A measurement calls ``fn`` (which queues one call of a candidate on the stream) once to warm up (compile,
-workspaces), then queues a wait on the GPU (``kernels/wait.cu``) and behind it ``calls`` calls of ``fn``
-between two events, and returns the events' interval over ``calls``.  The wait holds the stream while the
-host issues the calls, so the GPU runs them back to back, as in a busy training step, and the interval
-holds no host time.  Without it (each call between two events on an idle stream) the interval adds the
-host's time to issue the launches, which can exceed the difference between two engines' kernels and flip
-the choice (docs/performance.md, "The tuner's measurement").
+workspaces), then queues a wait on the GPU (``kernels/wait.cu``) and behind it ``calls`` calls of ``fn``,
+each after a write of a buffer twice the size of L2 and between two events, and returns the mean of the
+calls' intervals.
+
+- The wait holds the stream while the host issues the calls, so the GPU runs them back to back, as in a
+  busy training step, and the intervals hold no host time.  Without it (each call between two events on
+  an idle stream) the interval adds the host's time to issue the launches, which can exceed the
+  difference between two engines' kernels and flip the choice (docs/performance.md, "The tuner's
+  measurement").
+- The write leaves L2 holding none of the call's inputs and full of dirty lines, which the call writes
+  back as it evicts them: the condition ``python -m benchmarks`` times every call in (a flush by writing,
+  and inputs rotated through sets larger than L2), and the one a training step's call meets after the
+  kernels that wrote its inputs.  Timed with its inputs left in L2 by the call before, a small call ranks
+  launches differently (docs/performance.md, "The tuner's measurement").  The buffer is allocated for one
+  measurement and freed after it; where it cannot be allocated, the measurement warns and times the calls
+  without the flush.
 """
 from __future__ import annotations
 
 import time
+import warnings
 
 from . import nvrtc
 
@@ -18,6 +30,7 @@ SOURCE = "wait.cu"
 NAMES = ("hc::wait_ns",)
 WAIT_US = 500.0          # the first wait; doubled while the host takes more than half of it to issue
 MAX_WAIT_US = 64000.0    # past this the interval is kept as it is (a host that slow is what the call gets)
+FLUSH_L2_TIMES = 2       # the flush writes this many times the L2's bytes
 
 _waits: dict = {}
 
@@ -30,10 +43,28 @@ def _wait(device):
     return kernel
 
 
+def flush_bytes(device):
+    """Bytes the flush writes on ``device``."""
+    import cupy
+
+    rt = cupy.cuda.runtime
+    return FLUSH_L2_TIMES * rt.deviceGetAttribute(rt.cudaDevAttrL2CacheSize, device)
+
+
+def _buffer(rt, nbytes):
+    """A buffer of ``nbytes`` for the flush, or None (with a warning) where it cannot be allocated."""
+    try:
+        return rt.malloc(nbytes)
+    except rt.CUDARuntimeError as e:
+        warnings.warn(f"hgrn_cupy: the tuner could not allocate {nbytes >> 20} MiB to flush L2 between the "
+                      f"calls it times ({e}); it times them with whatever L2 holds", RuntimeWarning, stacklevel=4)
+        return None
+
+
 def queued(device, stream_ptr=None, calls=5):
     """A measurement function ``measure(fn) -> seconds per call`` for launches on ``device`` (index) on
     the stream ``stream_ptr`` (a ``cudaStream_t`` as int; None: CuPy's current stream on ``device``),
-    ``calls`` calls queued behind the wait (module docstring)."""
+    ``calls`` calls queued behind the wait, each after the flush of L2 (module docstring)."""
     def measure(fn):
         import cupy
 
@@ -41,24 +72,32 @@ def queued(device, stream_ptr=None, calls=5):
         with cupy.cuda.Device(device):
             stream = cupy.cuda.get_current_stream().ptr if stream_ptr is None else stream_ptr
             wait = _wait(device)
-            fn()
-            rt.streamSynchronize(stream)
-            start, end = rt.eventCreate(), rt.eventCreate()
+            nbytes = flush_bytes(device)
+            buffer = _buffer(rt, nbytes) if nbytes else None
+            events = [rt.eventCreate() for _ in range(2 * calls)]
             try:
+                fn()
+                rt.streamSynchronize(stream)
                 us = WAIT_US
                 while True:
                     wait(stream, int(us * 1e3))
                     t0 = time.perf_counter()
-                    rt.eventRecord(start, stream)
-                    for _ in range(calls):
+                    for i in range(calls):
+                        if buffer is not None:
+                            rt.memsetAsync(buffer, 0, nbytes, stream)
+                        rt.eventRecord(events[2 * i], stream)
                         fn()
-                    rt.eventRecord(end, stream)
+                        rt.eventRecord(events[2 * i + 1], stream)
                     issued_us = (time.perf_counter() - t0) * 1e6
-                    rt.eventSynchronize(end)
+                    rt.eventSynchronize(events[-1])
                     if issued_us < 0.5 * us or us >= MAX_WAIT_US:
-                        return rt.eventElapsedTime(start, end) / 1e3 / calls
+                        ms = sum(rt.eventElapsedTime(events[2 * i], events[2 * i + 1]) for i in range(calls))
+                        return ms / 1e3 / calls
                     us *= 2
             finally:
-                rt.eventDestroy(start)
-                rt.eventDestroy(end)
+                for event in events:
+                    rt.eventDestroy(event)
+                if buffer is not None:
+                    rt.streamSynchronize(stream)
+                    rt.free(buffer)
     return measure
