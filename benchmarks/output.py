@@ -1,7 +1,7 @@
 """What a run leaves behind: DIR/results.md (the header, then every table), DIR/results.json (every
-number, the device, the date and the versions) and the sweep plots, rewritten after every shape so a
-run cut short keeps what it measured; and the tables printed at the end of the log, the headline
-summary last, then where the time went."""
+number, the device, the date, the versions and the launches the tuner stored) and the sweep plots,
+rewritten after every shape so a run cut short keeps what it measured; and the tables printed at the end
+of the log, the headline summary last, then where the time went."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from .context import log
 from .plan import CHANNELS_MAX_D, CHANNELS_T, TSWEEP_BD
 from .plots import plot_sweep
 from .report import (compact_table, decode_table, fmt_ms, hoststep_table, jax_fwdbwd_table, jax_step_table,
-                     options_table, section_table, used_impls)
+                     options_table, section_table, tuner_table, used_impls)
 
 TITLES = {"headline": "Headline shapes", "tsweep": f"T sweep (B={TSWEEP_BD[0]}, D={TSWEEP_BD[1]})",
           "channels": f"Channel sweep (T={CHANNELS_T}, D=min(channels, {CHANNELS_MAX_D}))"}
@@ -96,6 +96,13 @@ def render_md(ctx):
                 "Host us: steps queued back to back, one `block_until_ready` at the end. Device us: the "
                 "step run on every input set per iteration of one jitted `lax.fori_loop`, over the steps.",
                 "", jax_step_table(jx["step"])]
+    tuned = R.get("tuning")
+    if tuned and tuned["decisions"]:
+        out += ["", "## Launches the tuner stored", "",
+                f"What `hgrn()` runs on {tuned['device']} at the end of the run (`hgrn_cupy.tuning.stored`): "
+                "one launch a shape class (pass, dtypes, varlen, and T and N x D by powers of two), measured "
+                "by the class's first call in the run or read from the tuning cache.", "",
+                tuner_table(tuned["decisions"])]
     if R["sections"].get("headline"):
         out += ["", "## Summary (headline)", "", compact_table(R["sections"]["headline"])]
     return "\n".join(out) + "\n"
@@ -114,11 +121,24 @@ def json_safe(v):
     return str(v)
 
 
+def tuner_decisions(ctx):
+    """``{"device": key, "decisions": [[*shape class, launch], ...]}`` of hgrn_cupy's tuner on the GPU the
+    run times, or None where hgrn_cupy was not loaded or no GPU runs."""
+    if ctx.hc is None or not ctx.torch.cuda.is_available():
+        return None
+    from hgrn_cupy import tuning
+
+    device = ctx.torch.cuda.current_device()
+    return {"device": tuning.device_key(device),
+            "decisions": [list(cls) + [name] for cls, name in tuning.stored(device).items()]}
+
+
 def save(ctx, plot=None):
     """Rewrite results.json and results.md; ``plot``: a sweep section whose plot to draw (once, when
     the section is done)."""
     out = Path(ctx.args.out)
     out.mkdir(parents=True, exist_ok=True)
+    ctx.results["tuning"] = tuner_decisions(ctx)
     ctx.results["elapsed_s"] = ctx.elapsed()
     ctx.results["not_run"] = ctx.missing
     (out / "results.json").write_text(json.dumps(json_safe(ctx.results), indent=1))

@@ -1,5 +1,6 @@
 """The tables, as Markdown text from the results' plain dicts (no torch): the pass tables and their
-summary, decode, host time per training step (and its options), and the two JAX tables.
+summary, decode, host time per training step (and its options), the two JAX tables and the launches the
+tuner stored.
 
 Every time is shown with its ratio to the practical floor (``torch.add(x, g, out=o)`` with the
 forward's traffic, timed the same way, scaled by bytes), and every table shows the practical floor's
@@ -278,4 +279,17 @@ def jax_step_table(rows):
         else:
             cells = [c.get("status", "?").upper(), "-", "-", "-", f"{c['err']:.1e}" if "err" in c else "-"]
         body.append([shape_text(r)] + floor_cells(r, "us") + cells)
+    return md_table(headers, body)
+
+
+def bucket_text(b):
+    """The counts a power-of-two bucket of ``hgrn_cupy.tuning.shape_class`` holds (its bit length ``b``)."""
+    return "0" if b == 0 else str(1 << (b - 1)) if b == 1 else f"{1 << (b - 1)}-{(1 << b) - 1}"
+
+
+def tuner_table(decisions):
+    """The tuner's decisions, rows of ``[direction, x dtype, g dtype, varlen, T bucket, N*D bucket, launch]``."""
+    headers = ["pass", "dtypes (x / g)", "varlen", "T", "channels (N x D)", "launch"]
+    body = [[("fwd", "bwd")[d], f"{xd} / {gd}", "yes" if varlen else "no", bucket_text(tb), bucket_text(nb), name]
+            for d, xd, gd, varlen, tb, nb, name in sorted(decisions, key=lambda r: tuple(r[:6]))]
     return md_table(headers, body)

@@ -12,6 +12,7 @@ Cache file (``cache_path()``)::
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.metadata
 import json
@@ -252,6 +253,20 @@ def _store(dev, cls, engine, keep):
             return current
         _memory[dev, cls] = engine
     return engine
+
+
+def stored(device) -> dict:
+    """The decisions in memory for ``device`` (an index or a :func:`device_key`), taken here or read from the
+    file: ``{shape class (:func:`shape_class`'s tuple): launch}``, less file classes no call can match."""
+    dev, out = _device(device), {}
+    with _lock:
+        items = [(cls, name) for (d, cls), name in _memory.items() if d == dev]
+    for cls, name in items:
+        with contextlib.suppress(ValueError, SyntaxError, TypeError):
+            key = ast.literal_eval(cls)
+            if isinstance(key, tuple):
+                out[key] = name
+    return out
 
 
 def forget():
