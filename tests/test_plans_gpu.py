@@ -363,4 +363,3 @@ def test_tuned_variants(case, fresh_plans, poison, monkeypatch, tmp_path, reques
         if direction == 0:
             call = checks.check_forward(x, g, h0, None, True, False)
         assert dispatch.choose("auto", call, direction, False, x.data.device_id) == name, what
-
