@@ -4,7 +4,7 @@ call after L2 is flushed.
 A measurement calls ``fn`` (which queues one call of a candidate on the stream) once to warm up (compile,
 workspaces), then queues a wait on the GPU (``kernels/wait.cu``) and behind it ``calls`` calls of ``fn``,
 each after a write of a buffer twice the size of L2 and between two events, and returns the mean of the
-calls' intervals.
+calls' intervals (:func:`behind_wait`).
 
 - The wait holds the stream while the host issues the calls, so the GPU runs them back to back, as in a
   busy training step, and the intervals hold no host time.  Without it (each call between two events on
@@ -15,12 +15,13 @@ calls' intervals.
   back as it evicts them: the condition ``python -m benchmarks`` times every call in (a flush by writing,
   and inputs rotated through sets larger than L2), and the one a training step's call meets after the
   kernels that wrote its inputs.  Timed with its inputs left in L2 by the call before, a small call ranks
-  launches differently (docs/performance.md, "The tuner's measurement").  The buffer is allocated for one
-  measurement and freed after it; where it cannot be allocated, the measurement warns and times the calls
-  without the flush.
+  launches differently (docs/performance.md, "The tuner's measurement").  The buffer is allocated once per
+  decision (:func:`queued` is a context around the candidates' measurements) and freed after it; where it
+  cannot be allocated, the measurement warns and times the calls without the flush.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 
@@ -57,47 +58,62 @@ def _buffer(rt, nbytes):
         return rt.malloc(nbytes)
     except rt.CUDARuntimeError as e:
         warnings.warn(f"hgrn_cupy: the tuner could not allocate {nbytes >> 20} MiB to flush L2 between the "
-                      f"calls it times ({e}); it times them with whatever L2 holds", RuntimeWarning, stacklevel=4)
+                      f"calls it times ({e}); it times them with whatever L2 holds", RuntimeWarning, stacklevel=5)
         return None
 
 
-def queued(device, stream_ptr=None, calls=5):
-    """A measurement function ``measure(fn) -> seconds per call`` for launches on ``device`` (index) on
-    the stream ``stream_ptr`` (a ``cudaStream_t`` as int; None: CuPy's current stream on ``device``),
-    ``calls`` calls queued behind the wait, each after the flush of L2 (module docstring)."""
-    def measure(fn):
-        import cupy
+def behind_wait(device, stream, fns, calls, before=None):
+    """Seconds per call of ``fns[i % len(fns)]()`` for ``i < calls``, each call queued on ``stream`` (a
+    ``cudaStream_t`` as int) of ``device`` (index) behind the wait, after ``before()`` where given and
+    between its own two events; one warm-up call of each ``fns`` first."""
+    import cupy
 
-        rt = cupy.cuda.runtime
-        with cupy.cuda.Device(device):
-            stream = cupy.cuda.get_current_stream().ptr if stream_ptr is None else stream_ptr
-            wait = _wait(device)
-            nbytes = flush_bytes(device)
-            buffer = _buffer(rt, nbytes) if nbytes else None
-            events = [rt.eventCreate() for _ in range(2 * calls)]
-            try:
-                fn()
+    rt = cupy.cuda.runtime
+    wait = _wait(device)
+    for fn in fns:
+        fn()
+    rt.streamSynchronize(stream)
+    events = [rt.eventCreate() for _ in range(2 * calls)]
+    try:
+        us = WAIT_US
+        while True:
+            wait(stream, int(us * 1e3))
+            t0 = time.perf_counter()
+            for i in range(calls):
+                if before is not None:
+                    before()
+                rt.eventRecord(events[2 * i], stream)
+                fns[i % len(fns)]()
+                rt.eventRecord(events[2 * i + 1], stream)
+            issued_us = (time.perf_counter() - t0) * 1e6
+            rt.eventSynchronize(events[-1])
+            if issued_us < 0.5 * us or us >= MAX_WAIT_US:
+                return sum(rt.eventElapsedTime(events[2 * i], events[2 * i + 1]) for i in range(calls)) / 1e3 / calls
+            us *= 2
+    finally:
+        for event in events:
+            rt.eventDestroy(event)
+
+
+@contextlib.contextmanager
+def queued(device=None, stream_ptr=None, calls=5):
+    """Context yielding a measurement function ``measure(fn) -> seconds per call`` for launches on
+    ``device`` (index; None: the current one) on the stream ``stream_ptr`` (a ``cudaStream_t`` as int;
+    None: CuPy's current stream on ``device``): ``calls`` calls queued behind the wait, each after the
+    flush of L2 (module docstring).  The flush's buffer lives as long as the context: one per decision,
+    however many candidates it measures."""
+    import cupy
+
+    rt = cupy.cuda.runtime
+    device = rt.getDevice() if device is None else device
+    with cupy.cuda.Device(device):
+        stream = cupy.cuda.get_current_stream().ptr if stream_ptr is None else stream_ptr
+        nbytes = flush_bytes(device)
+        buffer = _buffer(rt, nbytes) if nbytes else None
+        before = None if buffer is None else (lambda: rt.memsetAsync(buffer, 0, nbytes, stream))
+        try:
+            yield lambda fn: behind_wait(device, stream, [fn], calls, before)
+        finally:
+            if buffer is not None:
                 rt.streamSynchronize(stream)
-                us = WAIT_US
-                while True:
-                    wait(stream, int(us * 1e3))
-                    t0 = time.perf_counter()
-                    for i in range(calls):
-                        if buffer is not None:
-                            rt.memsetAsync(buffer, 0, nbytes, stream)
-                        rt.eventRecord(events[2 * i], stream)
-                        fn()
-                        rt.eventRecord(events[2 * i + 1], stream)
-                    issued_us = (time.perf_counter() - t0) * 1e6
-                    rt.eventSynchronize(events[-1])
-                    if issued_us < 0.5 * us or us >= MAX_WAIT_US:
-                        ms = sum(rt.eventElapsedTime(events[2 * i], events[2 * i + 1]) for i in range(calls))
-                        return ms / 1e3 / calls
-                    us *= 2
-            finally:
-                for event in events:
-                    rt.eventDestroy(event)
-                if buffer is not None:
-                    rt.streamSynchronize(stream)
-                    rt.free(buffer)
-    return measure
+                rt.free(buffer)

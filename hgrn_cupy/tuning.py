@@ -286,11 +286,8 @@ def _time_all(candidates, run, measure, device=None, stream_ptr=None):
     """({engine: seconds}, the fastest; ties go to the earliest in ``candidates``).  ``measure`` None: the
     queued measurement on ``device`` (None: the current one) and ``stream_ptr`` (None: CuPy's current)."""
     if measure is None:
-        if device is None:
-            import cupy
-
-            device = cupy.cuda.runtime.getDevice()
-        measure = queued(device, stream_ptr, settings.repeats)
+        with queued(device, stream_ptr, settings.repeats) as measure:  # one flush buffer for all candidates
+            return _time_all(candidates, run, measure)
     times = {name: float(measure(lambda name=name: run(name))) for name in candidates}
     best = min(candidates, key=lambda name: (times[name], candidates.index(name)))
     return times, best

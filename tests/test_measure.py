@@ -1,6 +1,7 @@
 """The tuner's measurement (``hgrn_cupy.measure``; GPU-marked): it times the kernels a candidate queues,
-not the host's time to issue them nor the flush of L2 before each call, on the stream it is given; without
-memory for the flush it warns and still times."""
+not the host's time to issue them nor the flush of L2 before each call, on the stream it is given; one
+flush buffer serves every measurement of a decision; without memory for the flush it warns and still
+times."""
 import time
 
 import pytest
@@ -14,8 +15,8 @@ HOST_MS = 2.0     # per call: five calls outlast the first wait twenty times ove
 
 
 def _timed_wait(cupy, stream):
-    """``(measure, fn, issued)``: a measurement on ``stream`` ("current" or "own") of a slow host issuing
-    a known kernel time, and the list of calls issued."""
+    """``(queued, fn, issued)``: the measurement's context on ``stream`` ("current" or "own"), a slow host
+    issuing a known kernel time, and the list of calls issued."""
     device = cupy.cuda.Device().id
     wait = measure._wait(device)
     s = cupy.cuda.Stream(non_blocking=True) if stream == "own" else None
@@ -34,13 +35,28 @@ def _timed_wait(cupy, stream):
 def test_the_interval_holds_the_kernels_not_the_host_nor_the_flush(stream):
     cupy = pytest.importorskip("cupy")
     timed, fn, issued = _timed_wait(cupy, stream)
-    per_call = timed(fn)
+    with timed as time_calls:
+        per_call = time_calls(fn)
     assert len(issued) >= 6  # the warm-up, then five calls at least once
     assert KERNEL_US * 0.95e-6 <= per_call <= KERNEL_US * 1.25e-6, per_call
     assert per_call < HOST_MS / 1e3 / 2  # an interval holding the host's time would read 2.05 ms a call
 
 
-def test_without_memory_for_the_read_it_warns_and_still_times(monkeypatch):
+def test_one_flush_buffer_serves_every_measurement_of_a_decision(monkeypatch):
+    cupy = pytest.importorskip("cupy")
+    rt = cupy.cuda.runtime
+    allocated, freed, malloc, free = [], [], rt.malloc, rt.free
+    monkeypatch.setattr(rt, "malloc", lambda nbytes: allocated.append(malloc(nbytes)) or allocated[-1])
+    monkeypatch.setattr(rt, "free", lambda ptr: (freed.append(ptr), free(ptr)))
+    timed, fn, _ = _timed_wait(cupy, "current")
+    with timed as time_calls:
+        times = [time_calls(fn) for _ in range(3)]  # three candidates of one decision
+        assert len(allocated) == 1 and not freed
+    assert freed == allocated
+    assert all(KERNEL_US * 0.95e-6 <= t <= KERNEL_US * 1.25e-6 for t in times), times
+
+
+def test_without_memory_for_the_flush_it_warns_and_still_times(monkeypatch):
     cupy = pytest.importorskip("cupy")
     rt = cupy.cuda.runtime
 
@@ -49,6 +65,6 @@ def test_without_memory_for_the_read_it_warns_and_still_times(monkeypatch):
 
     monkeypatch.setattr(rt, "malloc", no_memory)
     timed, fn, _ = _timed_wait(cupy, "current")
-    with pytest.warns(RuntimeWarning, match="could not allocate"):
-        per_call = timed(fn)
+    with pytest.warns(RuntimeWarning, match="could not allocate"), timed as time_calls:
+        per_call = time_calls(fn)
     assert KERNEL_US * 0.95e-6 <= per_call <= KERNEL_US * 1.25e-6, per_call

@@ -28,9 +28,9 @@ Prints, per case, direction and measurement, how often each candidate won and it
 maximum time across trials (us).  Inputs as ``python -m hgrn_cupy tune`` makes them (``tuning._random``).
 """
 import argparse
+import contextlib
 import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -63,39 +63,6 @@ def events_one_call(cupy, calls=5):
     return measure
 
 
-def behind_wait(cupy, fns, calls, before=None):
-    """Seconds per call of ``fns[i % len(fns)]()`` for i < ``calls``, queued behind the tuner's wait, each
-    after ``before()`` (where given) and between its own two events, after one warm-up call of each."""
-    from hgrn_cupy import measure
-
-    rt = cupy.cuda.runtime
-    stream = cupy.cuda.get_current_stream().ptr
-    wait = measure._wait(cupy.cuda.Device().id)
-    for fn in fns:
-        fn()
-    rt.streamSynchronize(stream)
-    events = [rt.eventCreate() for _ in range(2 * calls)]
-    try:
-        us = measure.WAIT_US
-        while True:
-            wait(stream, int(us * 1e3))
-            t0 = time.perf_counter()
-            for i in range(calls):
-                if before is not None:
-                    before()
-                rt.eventRecord(events[2 * i], stream)
-                fns[i % len(fns)]()
-                rt.eventRecord(events[2 * i + 1], stream)
-            issued_us = (time.perf_counter() - t0) * 1e6
-            rt.eventSynchronize(events[-1])
-            if issued_us < 0.5 * us or us >= measure.MAX_WAIT_US:
-                return sum(rt.eventElapsedTime(events[2 * i], events[2 * i + 1]) for i in range(calls)) / 1e3 / calls
-            us *= 2
-    finally:
-        for event in events:
-            rt.eventDestroy(event)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=lambda t: [c.Case(s) for s in t.split(",") if s],
@@ -114,11 +81,12 @@ def main():
     import cupy
 
     from hgrn_cupy import dispatch, plans, tuning
-    from hgrn_cupy.measure import flush_bytes, queued
+    from hgrn_cupy.measure import behind_wait, flush_bytes, queued
 
     print(f"## Tuning measurement, {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, "
           f"commit {c.commit()}, {args.trials} trials\n")
-    flush = cupy.zeros(flush_bytes(cupy.cuda.Device().id), dtype=cupy.int8)
+    device, stream = cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr
+    flush = cupy.zeros(flush_bytes(device), dtype=cupy.int8)
     befores = {"read": flush.sum, "bench": lambda: flush.fill(0)}
     rows = []
     rng = cupy.random.default_rng(0)
@@ -138,15 +106,16 @@ def main():
                 wins, times = Counter(), {n: [] for n in names}
                 for _ in range(args.trials):
                     if key in ("rotated", "bench"):
-                        got = {n: behind_wait(cupy, [lambda r=r, n=n: r(n) for r in runs], 10, befores.get(key))
-                               for n in names}
+                        got = {n: behind_wait(device, stream, [lambda r=r, n=n: r(n) for r in runs], 10,
+                                              befores.get(key)) for n in names}
                         best = min(names, key=lambda n: (got[n], names.index(n)))
                     else:
-                        measure = {"events": events_one_call(cupy),
-                                   "warm": lambda fn: behind_wait(cupy, [fn], 5),
-                                   "read": lambda fn: behind_wait(cupy, [fn], 5, befores["read"]),
-                                   "shipped": queued(cupy.cuda.Device().id)}[key]
-                        got, best = tuning._time_all(names, runs[0], measure)
+                        with queued(device) if key == "shipped" else contextlib.nullcontext() as shipped:
+                            measure = {"events": events_one_call(cupy),
+                                       "warm": lambda fn: behind_wait(device, stream, [fn], 5),
+                                       "read": lambda fn: behind_wait(device, stream, [fn], 5, befores["read"]),
+                                       "shipped": shipped}[key]
+                            got, best = tuning._time_all(names, runs[0], measure)
                     wins[best] += 1
                     for n, t in got.items():
                         times[n].append(t * 1e6)
