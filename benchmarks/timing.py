@@ -110,10 +110,9 @@ class Timer:
 
     def queued(self, fn, calls=20, rounds=3):
         """Milliseconds per call of ``fn`` timed as this timer times it, with the host queued ahead: for
-        do_bench, its L2 flush then CUDA events around one call, up to ``calls`` times behind one spin (at
-        most 50 ms) long enough for the host to queue them all, ``rounds`` times, the median; the events
-        timer queues ahead already, and its figure is its own.  What a cell reads above this figure is the
-        host's time (``report.host_bound``)."""
+        do_bench, :func:`queued_ms` (its L2 flush, then CUDA events around each call, behind a wait); the
+        events timer queues ahead already, and its figure is its own.  What a cell reads above this figure
+        is the host's time (``report.host_bound``)."""
         if self.kind != "do_bench":
             return self(fn)
         torch = self.ctx.torch
@@ -134,39 +133,18 @@ class Timer:
 
 
 def queued_ms(torch, flush, fn, calls=20, rounds=3):
-    """Milliseconds per call of ``fn`` with the host queued ahead: an L2 flush (``flush.zero_()``) then
-    CUDA events around one call, up to ``calls`` times behind one ``torch.cuda._sleep`` spin (at most 50
-    ms) long enough for the host to queue them all, ``rounds`` times, the median.  The kernels' time as
-    do_bench would read it if the host cost nothing."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        flush.zero_()
-        fn()
-    host_ms = max((time.perf_counter() - t0) * 1e3 / 3, 1e-3)
-    torch.cuda.synchronize()
-    sleep = getattr(torch.cuda, "_sleep", None)
-    calls = max(1, min(calls, int(50.0 / (1.5 * host_ms))))  # a spin of at most 50 ms covers the batch
-    spin = int(calls * host_ms * 1.5 * Timer.CYCLES_PER_MS)
-    events = []
+    """Milliseconds per call of ``fn`` with the host queued ahead: ``calls`` calls, each after an L2 flush
+    (``flush.zero_()``) and between its own CUDA events, queued on torch's current stream behind a wait
+    long enough for the host to queue them all, ``rounds`` times, the median.  The kernels' time as
+    do_bench would read it if the host cost nothing.  The loop is the tuner's
+    (``hgrn_cupy.measure.behind_wait``), so the two read one condition."""
+    from hgrn_cupy.measure import behind_wait
+
+    device, stream = torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream
+    seconds = []
     for _ in range(rounds):
-        if sleep is not None:
-            sleep(spin)
-        flushed_calls(torch, flush, fn, calls, events)
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
-def flushed_calls(torch, flush, fn, calls, events):
-    """Queue ``calls`` calls of ``fn``, each after an L2 flush (``flush.zero_()``) and between two CUDA
-    events, as do_bench times a call; the (start, end) pairs go to ``events``."""
-    for _ in range(calls):
-        flush.zero_()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        events.append((s, e))
+        seconds += behind_wait(device, stream, [fn], calls, flush.zero_)
+    return statistics.median(seconds) * 1e3
 
 
 def host_ms(ctx, fn, calls=20):

@@ -4,7 +4,8 @@ call after L2 is flushed.
 A measurement calls ``fn`` (which queues one call of a candidate on the stream) once to warm up (compile,
 workspaces), then queues a wait on the GPU (``kernels/wait.cu``) and behind it ``calls`` calls of ``fn``,
 each after a write of a buffer twice the size of L2 and between two events, and returns the mean of the
-calls' intervals (:func:`behind_wait`).
+calls' intervals (:func:`behind_wait`; ``python -m benchmarks`` times its cells' ``dev`` figure with the same
+loop).
 
 - The wait holds the stream while the host issues the calls, so the GPU runs them back to back, as in a
   busy training step, and the intervals hold no host time.  Without it (each call between two events on
@@ -22,6 +23,7 @@ calls' intervals (:func:`behind_wait`).
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 import warnings
 
@@ -30,7 +32,7 @@ from . import nvrtc
 SOURCE = "wait.cu"
 NAMES = ("hc::wait_ns",)
 WAIT_US = 500.0          # the first wait; doubled while the host takes more than half of it to issue
-MAX_WAIT_US = 64000.0    # past this the interval is kept as it is (a host that slow is what the call gets)
+MAX_WAIT_US = 64000.0    # past this, fewer calls a batch (behind_wait)
 FLUSH_L2_TIMES = 2       # the flush writes this many times the L2's bytes
 
 _waits: dict = {}
@@ -63,9 +65,13 @@ def _buffer(rt, nbytes):
 
 
 def behind_wait(device, stream, fns, calls, before=None):
-    """Seconds per call of ``fns[i % len(fns)]()`` for ``i < calls``, each call queued on ``stream`` (a
-    ``cudaStream_t`` as int) of ``device`` (index) behind the wait, after ``before()`` where given and
-    between its own two events; one warm-up call of each ``fns`` first."""
+    """Seconds of each call of ``fns[i % len(fns)]()`` for ``i < calls`` (a list of ``calls``), each call
+    queued on ``stream`` (a ``cudaStream_t`` as int) of ``device`` (index) behind the wait, after
+    ``before()`` where given and between its own two events; one warm-up call of each ``fns`` first.
+
+    The wait doubles while the host takes more than half of it to queue a batch; past ``MAX_WAIT_US`` the
+    batch halves instead, down to one call, whose interval is kept as it is (a host that slow is what the
+    call gets)."""
     import cupy
 
     rt = cupy.cuda.runtime
@@ -75,21 +81,26 @@ def behind_wait(device, stream, fns, calls, before=None):
     rt.streamSynchronize(stream)
     events = [rt.eventCreate() for _ in range(2 * calls)]
     try:
-        us = WAIT_US
-        while True:
+        us, batch, seconds = WAIT_US, calls, []
+        while len(seconds) < calls:
+            n, done = min(batch, calls - len(seconds)), len(seconds)
             wait(stream, int(us * 1e3))
             t0 = time.perf_counter()
-            for i in range(calls):
+            for i in range(n):
                 if before is not None:
                     before()
                 rt.eventRecord(events[2 * i], stream)
-                fns[i % len(fns)]()
+                fns[(done + i) % len(fns)]()
                 rt.eventRecord(events[2 * i + 1], stream)
             issued_us = (time.perf_counter() - t0) * 1e6
-            rt.eventSynchronize(events[-1])
-            if issued_us < 0.5 * us or us >= MAX_WAIT_US:
-                return sum(rt.eventElapsedTime(events[2 * i], events[2 * i + 1]) for i in range(calls)) / 1e3 / calls
-            us *= 2
+            rt.eventSynchronize(events[2 * n - 1])
+            if issued_us < 0.5 * us or (batch == 1 and us >= MAX_WAIT_US):
+                seconds += [rt.eventElapsedTime(events[2 * i], events[2 * i + 1]) / 1e3 for i in range(n)]
+            elif us < MAX_WAIT_US:
+                us *= 2
+            else:
+                batch //= 2
+        return seconds
     finally:
         for event in events:
             rt.eventDestroy(event)
@@ -112,7 +123,7 @@ def queued(device=None, stream_ptr=None, calls=5):
         buffer = _buffer(rt, nbytes) if nbytes else None
         before = None if buffer is None else (lambda: rt.memsetAsync(buffer, 0, nbytes, stream))
         try:
-            yield lambda fn: behind_wait(device, stream, [fn], calls, before)
+            yield lambda fn: statistics.fmean(behind_wait(device, stream, [fn], calls, before))
         finally:
             if buffer is not None:
                 rt.streamSynchronize(stream)

@@ -101,7 +101,8 @@ def test_host_ms_is_the_queueing_time_of_one_call(monkeypatch):
 class _FakeGpu:
     """One stream on a fake clock: the host pays each call's host cost as it queues it; the device runs
     what is queued in order, each op from when it is queued or the device is free, whichever is later.
-    Events read the device's clock when it reaches them; ``_sleep`` spins the device."""
+    Events read the device's clock when it reaches them; CuPy's runtime (``_FakeRuntime``) and the tuner's
+    wait kernel (``hgrn_cupy.measure._wait``, which spins the device) act on the same stream."""
 
     def __init__(self, monkeypatch, timing):
         self.host = self.free = 0.0  # seconds
@@ -124,9 +125,14 @@ class _FakeGpu:
 
         self.torch = types.SimpleNamespace(
             int8="int8", empty=lambda *a, **k: Buffer(),
-            cuda=types.SimpleNamespace(Event=Event, _sleep=lambda cycles: gpu.op(0.0, cycles / 2.0e9),
-                                       synchronize=lambda: gpu.sync()))
+            cuda=types.SimpleNamespace(Event=Event, synchronize=lambda: gpu.sync(), current_device=lambda: 0,
+                                       current_stream=lambda: types.SimpleNamespace(cuda_stream=0)))
         self.ctx = types.SimpleNamespace(torch=self.torch, device="cuda", sync=self.sync)
+        from hgrn_cupy import measure
+
+        monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+            cuda=types.SimpleNamespace(runtime=_FakeRuntime(self))))
+        monkeypatch.setattr(measure, "_wait", lambda device: lambda stream, ns: gpu.op(0.0, ns * 1e-9))
 
     def op(self, host_s, device_s):
         """Queue one op; the device time at which it starts."""
@@ -142,21 +148,51 @@ class _FakeGpu:
         return lambda: self.op(host_us * 1e-6, device_us * 1e-6)
 
 
-@pytest.mark.parametrize("host_us", [30.0, 150.0, 900.0, 10000.0])
+class _FakeRuntime:
+    """The CUDA runtime calls ``hgrn_cupy.measure.behind_wait`` makes, on the fake GPU's one stream."""
+
+    def __init__(self, gpu):
+        self.gpu = gpu
+
+    def eventCreate(self):
+        return {}
+
+    def eventRecord(self, event, stream):
+        event["at"] = self.gpu.op(0.0, 0.0)
+
+    def eventElapsedTime(self, start, end):
+        return (end["at"] - start["at"]) * 1e3
+
+    def eventSynchronize(self, event):
+        self.gpu.sync()
+
+    def streamSynchronize(self, stream):
+        self.gpu.sync()
+
+    def eventDestroy(self, event):
+        pass
+
+
+@pytest.mark.parametrize("host_us", [30.0, 150.0, 900.0, 10000.0, 40000.0])
 def test_queued_reads_the_device_whatever_the_host(monkeypatch, host_us):
-    """A 5 us kernel whose call takes the host 30 us (hidden by the flush), 150 us, 900 us or 10 ms (not
-    hidden; past 1.6 ms fewer calls a batch, so that the spin still covers them): timed with the host queued
-    ahead it reads 5 us each time.  Without the spin (no ``_sleep``), the same
-    calls read the host's excess over the flush."""
+    """A 5 us kernel whose call takes the host 30 us (hidden by the flush) up to 40 ms: timed with the host
+    queued ahead (``hgrn_cupy.measure.behind_wait``: the wait doubles up to 64 ms, then the batch halves)
+    it reads 5 us each time, the flush's 80 us left out."""
     from benchmarks import timing
 
     gpu = _FakeGpu(monkeypatch, timing)
     timer = timing.Timer(gpu.ctx, "events", 1.0, 1.0)
     timer.kind = "do_bench"
     assert timer.queued(gpu.call(host_us, 5.0)) == pytest.approx(5e-3)
-    monkeypatch.setattr(gpu.torch.cuda, "_sleep", None)
-    late = timer.queued(gpu.call(host_us, 5.0))
-    if host_us + 5.0 > 80.0:  # the host queues a flush and a call more slowly than the device runs them
-        assert late == pytest.approx((host_us + 5.0 - 80.0) * 1e-3), late
-    else:
-        assert late == pytest.approx(5e-3)
+
+
+def test_queued_keeps_a_call_that_outlasts_the_longest_wait(monkeypatch):
+    """A call that takes the host 100 ms, longer than the longest wait: one call a batch, and the interval
+    holds what the host made the device wait (a host that slow is what the call gets)."""
+    from benchmarks import timing
+    from hgrn_cupy import measure
+
+    gpu = _FakeGpu(monkeypatch, timing)
+    # the 64 ms wait and the 80 us flush end 64.08 ms into a batch; the call reaches the GPU at 100.005 ms
+    assert measure.behind_wait(0, 0, [gpu.call(1e5, 5.0)], 3, lambda: gpu.op(5e-6, 80e-6)) == [
+        pytest.approx(36.0e-3 - 80e-6 + 10e-6)] * 3

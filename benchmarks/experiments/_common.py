@@ -6,7 +6,7 @@ one way and another (an A/B), and prints one Markdown table that names the GPU. 
 
 - timer: ``triton.testing.do_bench`` median (L2 flushed by a 256 MB memset before every call); without
   triton, CUDA events around single calls after the same flush, median; with ``--queued``, the same
-  events with the host queued ahead behind a spin (``benchmarks.timing.queued_ms``), which leaves the
+  events with the host queued ahead behind a wait (``benchmarks.timing.queued_ms``), which leaves the
   host's time out, as the benchmark's ``dev`` does;
 - inputs: x ~ randn, g = logsigmoid(randn), do ~ randn, in as many sets as it takes for the working set
   to exceed ``ROTATE_MB`` (three at least); calls run on the sets in turn, so none finds its inputs in L2;
@@ -191,10 +191,13 @@ class Timer:
         each = max(start.elapsed_time(end) / 5, 1e-3)
         for _ in range(max(1, int(self.warmup_ms / each))):
             fn()
-        from benchmarks.timing import flushed_calls
-
         pairs = []
-        flushed_calls(torch, self._flush, fn, max(5, int(self.rep_ms / each)), pairs)
+        for _ in range(max(5, int(self.rep_ms / each))):  # each call after a flush, between its own events
+            self._flush.zero_()
+            pairs.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            pairs[-1][0].record()
+            fn()
+            pairs[-1][1].record()
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in pairs)
 

@@ -106,14 +106,15 @@ def main():
                 wins, times = Counter(), {n: [] for n in names}
                 for _ in range(args.trials):
                     if key in ("rotated", "bench"):
-                        got = {n: behind_wait(device, stream, [lambda r=r, n=n: r(n) for r in runs], 10,
-                                              befores.get(key)) for n in names}
+                        got = {n: statistics.fmean(behind_wait(device, stream, [lambda r=r, n=n: r(n) for r in runs],
+                                                                  10, befores.get(key))) for n in names}
                         best = min(names, key=lambda n: (got[n], names.index(n)))
                     else:
                         with queued(device) if key == "shipped" else contextlib.nullcontext() as shipped:
                             measure = {"events": events_one_call(cupy),
-                                       "warm": lambda fn: behind_wait(device, stream, [fn], 5),
-                                       "read": lambda fn: behind_wait(device, stream, [fn], 5, befores["read"]),
+                                       "warm": lambda fn: statistics.fmean(behind_wait(device, stream, [fn], 5)),
+                                       "read": lambda fn: statistics.fmean(behind_wait(device, stream, [fn], 5,
+                                                                                        befores["read"])),
                                        "shipped": shipped}[key]
                             got, best = tuning._time_all(names, runs[0], measure)
                     wins[best] += 1
