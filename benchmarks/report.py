@@ -7,6 +7,8 @@ forward's traffic, timed the same way, scaled by bytes), and every table shows t
 own ratio to the copy floor (minimal bytes over the measured copy bandwidth) next to ours."""
 from __future__ import annotations
 
+from hgrn_cupy.tuning import bucket_counts
+
 from .plan import ENGINES, IMPLS, OURS
 
 PROBE_MARGIN_US = 5.0  # how far ours-auto may sit above the minimal probe's host time per step
@@ -284,7 +286,8 @@ def jax_step_table(rows):
 
 def bucket_text(b):
     """The counts a power-of-two bucket of ``hgrn_cupy.tuning.shape_class`` holds (its bit length ``b``)."""
-    return "0" if b == 0 else str(1 << (b - 1)) if b == 1 else f"{1 << (b - 1)}-{(1 << b) - 1}"
+    lo, hi = bucket_counts(b)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 def tuner_table(decisions):

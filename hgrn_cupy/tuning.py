@@ -60,6 +60,11 @@ def _bucket(n):
     return int(n).bit_length()
 
 
+def bucket_counts(b):
+    """The counts ``(lo, hi)``, both included, that bucket ``b`` of :func:`_bucket` holds."""
+    return (0, 0) if b == 0 else (1 << (b - 1), (1 << b) - 1)
+
+
 def shape_class(direction, dtypes, N, T, D, varlen, reverse=False):
     """The bucket of a call that one engine decision covers.
 
@@ -121,11 +126,8 @@ def _device(device):
 def cache_path() -> str:
     """``$HGRN_CUPY_CACHE_DIR/tuning.json``, else ``$XDG_CACHE_HOME/hgrn_cupy/tuning.json``, else
     ``~/.cache/hgrn_cupy/tuning.json``."""
-    folder = os.environ.get("HGRN_CUPY_CACHE_DIR")
-    if not folder:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        folder = os.path.join(base, "hgrn_cupy")
-    return os.path.join(folder, "tuning.json")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.environ.get("HGRN_CUPY_CACHE_DIR") or os.path.join(base, "hgrn_cupy"), "tuning.json")
 
 
 def _on_disk():

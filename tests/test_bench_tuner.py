@@ -53,6 +53,13 @@ def test_a_bucket_reads_as_the_counts_it_holds(bits, text):
         assert int(lo).bit_length() == bits and int(hi or lo).bit_length() == bits
 
 
+def test_a_bucket_holds_exactly_the_counts_whose_bucket_it_is():
+    for b in range(40):
+        lo, hi = tuning.bucket_counts(b)
+        assert tuning._bucket(lo) == tuning._bucket(hi) == b, (b, lo, hi)
+        assert (lo == 0 or tuning._bucket(lo - 1) == b - 1) and tuning._bucket(hi + 1) == b + 1, (b, lo, hi)
+
+
 def test_the_table_lists_each_class_in_order():
     rows = [[1, "bfloat16", "bfloat16", False, 12, 12, "chunk"],
             [0, "float32", "float32", True, 9, 10, "fused_recurrent"],
