@@ -1,7 +1,7 @@
-"""The chunk engine's staged forward on a GPU (GPU-marked): stored as a shape class's tuned decision, it is
-the launch ``hgrn`` runs, with the dynamic shared memory and the split of L1 and shared memory it asks of
-the driver.  Its values across dtypes, layouts, states, varlen and reverse are in test_gpu_kernels.py (the
-``chunk_staged`` cases)."""
+"""The chunk engine's launch variants on a GPU (GPU-marked): stored as a shape class's tuned decision, each
+is the launch ``hgrn`` runs; the staged forward with the dynamic shared memory and the split of L1 and shared
+memory it asks of the driver (its values across dtypes, layouts, states, varlen and reverse are in
+test_gpu_kernels.py, the ``chunk_staged`` cases), the far prefetch with its prefetch distance."""
 import zlib
 
 import numpy as np
@@ -55,3 +55,40 @@ def test_tuned_staged_chunk_forward(dtype, fresh_plans, poison, monkeypatch, tmp
     split = nvrtc.shared_split(fn, dynamic, chunk.STAGED_BLOCKS, x.data.device_id)
     assert driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, fn.ptr) == split
     assert nvrtc.blocks_at_once(fn, 32 * chunk.SHAPES[0, True][0], x.data.device_id, dynamic) >= 1
+
+
+@pytest.mark.gpu
+def test_tuned_far_prefetch_forward(fresh_plans, poison, monkeypatch, tmp_path, request):
+    """The far-prefetch variant stored as a float32 forward's decision is what ``hgrn`` then runs: the
+    forward's vector kernel over a grid that takes the L2 prefetch, asked FAR_AHEAD tickets ahead, with
+    the states in and out, within tolerance of the float64 reference (outputs poisoned)."""
+    cupy = pytest.importorskip("cupy")
+    from hgrn_cupy import nvrtc
+    from hgrn_cupy.engines import chunk
+
+    B, T, D = 2, 2000, 2048  # 64 tiles of 64 channels, 16 chunks of 128 steps: 1024 blocks
+    seed = zlib.crc32(request.node.nodeid.encode())
+    rng = cupy.random.default_rng(seed)
+    x, g = (tuning._random(cupy, (B, T, D), "float32", rng, gate=k == 1) for k in range(2))
+    h0 = tuning._random(cupy, (B, D), "float32", rng)
+    refs = hc.naive_recurrent_hgrn(*[cupy.asnumpy(a).astype(np.float64) for a in (x, g, h0)], True)
+    assert chunk.FAR in dispatch.candidates(B, T, D, ("float32", "float32"), 0)
+    monkeypatch.setenv("HGRN_CUPY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hc.config, "engine", "auto")
+    monkeypatch.setattr(hc.config, "tune", True)
+    monkeypatch.setattr(tuning.settings, "on_disk", False)
+    request.addfinalizer(tuning.forget)
+    tuning.forget()
+    key = tuning.shape_class(0, ("float32", "float32"), B, T, D, False)
+    assert tuning._store(tuning.device_key(x.data.device_id), repr(key), chunk.FAR, keep=()) == chunk.FAR
+    grids, bind = [], nvrtc.bind  # each launch's last five words: tiles, chunks, prefetch distance, peek, stagger
+
+    def recording_bind(fn, grid, block, device, **kw):
+        kernel = bind(fn, grid, block, device, **kw)
+        return lambda stream_ptr, *args: (grids.append(args[-5:]), kernel(stream_ptr, *args))[1]
+    monkeypatch.setattr(nvrtc, "bind", recording_bind)
+    outs = hc.hgrn(x, g, h0, True)
+    what = f"seed {seed}"
+    assert [a[:3] for a in grids] == [(64, 16, chunk.FAR_AHEAD)], (what, grids)
+    for k, (a, ref) in enumerate(zip(outs, refs)):
+        assert rel_err(a, ref) <= TOL["float32"], (what, k)

@@ -209,8 +209,9 @@ def test_tuning_candidates(N, T, D, x_dtype, g_dtype, direction, narrow_below):
     none), the block walk with short windows, and for a 16-bit forward whose D divides into the lane
     width the rule does not take, that width with either window, and where D divides into 8-byte lanes,
     the staged forward; for a forward whose inputs share an itemsize of 2 or 4, the bulk walk at each lane
-    width (4 and 8 bytes) D divides into; and for a forward whose gate is the wider input, 16 or 32 bits,
-    on a grid of one to 16 chunk tiles and more than one chunk, the chunk engine's staged forward."""
+    width (4 and 8 bytes) D divides into; for a forward whose gate is the wider input, 16 or 32 bits,
+    on a grid of one to 16 chunk tiles and more than one chunk, the chunk engine's staged forward; and for a
+    float32 forward whose chunk grid takes the L2 prefetch, the chunk engine with the prefetch further ahead."""
     from hgrn_cupy.engines import fused_recurrent as fr
 
     dtypes = (x_dtype, g_dtype)
@@ -240,11 +241,14 @@ def test_tuning_candidates(N, T, D, x_dtype, g_dtype, direction, narrow_below):
         tiles = N * -(-D // (256 // gsize))  # a chunk tile: 16 lanes of 16 bytes of g
         if direction == 0 and gsize == wide and gsize < 8 and T > 128 and 0 < tiles <= 16:
             expect += ("chunk, staged gate words",)
+        ftiles, fchunks = N * -(-D // 64), -(-T // 128)  # float32: tiles of 64 channels, chunks of 128 steps
+        if direction == 0 and dtypes == ("float32",) * 2 and ftiles * fchunks >= 1024 and not 8 < ftiles < 16:
+            expect += ("chunk, L2 prefetch 192 ahead",)
         assert sorted(got[2:]) == sorted(expect)
         for name in got[2:]:
             engine, options = engines.VARIANTS[name]
             if engine == "chunk":
-                assert options == {"staged": True}
+                assert options == ({"ahead": 192} if name.endswith("192 ahead") else {"staged": True})
                 continue
             assert engine == "fused_recurrent" and options["steps"] in (None, fr.SHORT_STEPS)
             assert options.get("staged", False) == name.startswith("fused_recurrent, staged")

@@ -13,7 +13,7 @@ from conftest import TOL, force_block_walks, rel_err, to_numpy
 from recording import CASES, POINTERS, _torch_case, fake_cuda, fresh_plans  # noqa: F401  (fixtures)
 
 import hgrn_cupy as hc
-from hgrn_cupy import arrays, nvrtc, plans, workspace
+from hgrn_cupy import arrays, dispatch, nvrtc, plans, workspace
 from hgrn_cupy.engines import chunk, fused_recurrent, fused_variants
 from hgrn_cupy.engines.layout import vector_width
 
@@ -360,3 +360,28 @@ def test_fake_cuda_narrow_backward(fake_cuda, fresh_plans, monkeypatch):
         assert (launch["ntiles"], launch["nchunks"]) == (B * -(-64 // tile), -(-T // length))
         options = asked[-1][1]
         assert (options == chunk.NARROW_BWD_OPTIONS) == narrow and f"-DHC_BWD_ROWS_V={rows}" in options
+
+
+def test_fake_cuda_far_prefetch(fake_cuda, fresh_plans, monkeypatch):
+    """The far-prefetch variant (``chunk.FAR``), a candidate of the float32 forwards whose grid takes the L2
+    prefetch, launches the forward's vector kernel with the prefetch FAR_AHEAD tickets ahead where the
+    engine's rule asks L2_AHEAD, and computes the reference; its backward is the engine's own."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(chunk, "L2_MIN_BLOCKS", 2)  # a grid of one tile and three chunks takes the prefetch
+    gen = torch.Generator().manual_seed(11)
+    x, g, do = torch.randn(3, 1, 300, 64, generator=gen)
+    g = torch.nn.functional.logsigmoid(g)
+    assert chunk.FAR in dispatch.candidates(1, 300, 64, ("float32", "float32"), 0)
+    assert chunk.FAR not in dispatch.candidates(1, 300, 64, ("float32", "float32"), 1)
+    assert chunk.FAR not in dispatch.candidates(1, 300, 64, ("bfloat16", "bfloat16"), 0)
+    ref_o = hc.naive_recurrent_hgrn(to_numpy(x), to_numpy(g))[0]
+    refs = hc.naive_recurrent_hgrn_bwd(to_numpy(g), ref_o, to_numpy(do))
+    for name in ("chunk", chunk.FAR):
+        o = plans.forward(name, x, g, None, False, None, False)[0]
+        dx, dg, _ = plans.backward(name, g, o, do, None, None, None, False)
+        assert rel_err(o, ref_o) <= TOL["float32"], name
+        assert rel_err(dx, refs[0]) <= TOL["float32"] and rel_err(dg, refs[1]) <= TOL["float32"], name
+    got = [(ln["kernel"], ln["vec"], ln["l2_ahead"]) for ln in fake_cuda.launches]
+    assert got == [("chunk_fwd", 4, chunk.L2_AHEAD), ("chunk_bwd", 4, chunk.L2_AHEAD),
+                   ("chunk_fwd", 4, chunk.FAR_AHEAD), ("chunk_bwd", 4, chunk.L2_AHEAD)], got
+    assert chunk.FAR_AHEAD != chunk.L2_AHEAD

@@ -46,7 +46,14 @@ STAGED_BLOCKS = 3
 STAGED_MAX_TILES = 16
 STAGED_ITEMSIZES = (2, 4)
 STAGED = "chunk, staged gate words"
-VARIANTS = {STAGED: {"staged": True}}  # by name (internal, stored in the tuning cache), prepare's options
+# The float32 forward with the L2 prefetch FAR_AHEAD tickets ahead instead of L2_AHEAD, where the grid takes the
+# prefetch: on the H200 it read 2-4% faster on 4 and 16 tiles in two runs, the 16-bit forwards and the backward
+# equal or slower (docs/performance.md, "L2 prefetch for a later block").  A launch variant the tuner times.
+FAR_AHEAD = 192
+FAR = f"chunk, L2 prefetch {FAR_AHEAD} ahead"
+FAR_DTYPES = ("float32",)
+# By name (internal, stored in the tuning cache), prepare's options.
+VARIANTS = {STAGED: {"staged": True}, FAR: {"ahead": FAR_AHEAD}}
 
 
 def _options(shapes):
@@ -99,14 +106,18 @@ def names(x_dtype, g_dtype):
 
 
 def variants(N, T, D, x_dtype, g_dtype, direction):
-    """The names (of VARIANTS) of the chunk launches a call's tuning measures besides the engines: the
-    staged forward, where the pair has one and the grid has at most STAGED_MAX_TILES tiles."""
-    vec = staged_width(x_dtype, g_dtype) if direction == 0 else None
-    if not vec:
+    """The names (of VARIANTS) of the chunk launches a call's tuning measures besides the engines, for a
+    forward only: the staged forward, where the pair has one and the grid has at most STAGED_MAX_TILES
+    tiles of more than one chunk; the far prefetch, where x and g are in FAR_DTYPES and the dense grid of
+    the vector kernels takes the prefetch."""
+    vec = vector_width(x_dtype, g_dtype)
+    if direction != 0 or vec == 1:
         return ()
     acc_itemsize = nvrtc.ITEMSIZE[nvrtc.accumulation_dtype(x_dtype, g_dtype)]
     ntiles, nchunks = workspace_layout(N, T, D, False, acc_itemsize, direction, vec)[:2]
-    return (STAGED,) if 0 < ntiles <= STAGED_MAX_TILES and nchunks > 1 else ()
+    staged = staged_width(x_dtype, g_dtype) and 0 < ntiles <= STAGED_MAX_TILES and nchunks > 1
+    far = x_dtype in FAR_DTYPES and g_dtype in FAR_DTYPES and l2_ahead(ntiles, nchunks, False) > 0
+    return (STAGED,) * bool(staged) + (FAR,) * far
 
 
 def staged_bytes(threads):
@@ -132,11 +143,11 @@ def block_shape(direction, vec, N, D, varlen):
     return shape
 
 
-def l2_ahead(ntiles, nchunks, varlen):
-    """The prefetch distance in tickets the kernels take (0: none)."""
+def l2_ahead(ntiles, nchunks, varlen, ahead=L2_AHEAD):
+    """The prefetch distance in tickets the kernels take (0: none): ``ahead`` where the grid takes it."""
     if varlen or not (ntiles >= L2_MIN_TILES or ntiles <= FEW_TILES) or ntiles * nchunks < L2_MIN_BLOCKS:
         return 0
-    return L2_AHEAD
+    return ahead
 
 
 def peek(ntiles):
@@ -175,9 +186,10 @@ def workspace_bytes(N, T, D, varlen, acc_itemsize, x_dtype, g_dtype):
     return max(workspace_layout(N, T, D, varlen, acc_itemsize, d, v)[3] for d in (0, 1) for v in vecs)
 
 
-def _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec, staged=False):
+def _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec, staged=False, ahead=L2_AHEAD):
     """One kernel's launch for one layout and access width, as ``run(stream_ptr, pointers, states, cu,
-    workspace)``; None when there is nothing to compute.  ``staged``: the staged forward, where it applies."""
+    workspace)``; None when there is nothing to compute.  ``staged``: the staged forward, where it applies;
+    ``ahead``: the prefetch distance where the grid takes one."""
     acc_itemsize = nvrtc.ITEMSIZE[nvrtc.accumulation_dtype(*dtypes)]
     ntiles, nchunks, _, total, off_slots = workspace_layout(N, T, D, varlen, acc_itemsize, direction, vec)
     if ntiles * nchunks == 0:
@@ -200,7 +212,7 @@ def _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device,
                         shared=dynamic)
     strides = tuple(s for a in tensors for s in a.strides[:2])
     shape = (N, T, D, int(bool(reverse)))
-    grid = (ntiles, nchunks, l2_ahead(ntiles, nchunks, varlen), peek(ntiles),
+    grid = (ntiles, nchunks, l2_ahead(ntiles, nchunks, varlen, ahead), peek(ntiles),
             stagger(ntiles * nchunks, nvrtc.blocks_at_once(fn, threads, device, dynamic)))
     memset = cupy.cuda.runtime.memsetAsync
 
@@ -215,7 +227,7 @@ def _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device,
     return run
 
 
-def prepare(direction, tensors, N, reverse, device, varlen=False, staged=False):
+def prepare(direction, tensors, N, reverse, device, varlen=False, staged=False, ahead=L2_AHEAD):
     """The launch of one direction for one layout, as ``launch(stream_ptr, pointers, states, cu,
     workspace)``, or None when there is nothing to compute.
 
@@ -226,7 +238,8 @@ def prepare(direction, tensors, N, reverse, device, varlen=False, staged=False):
     filled, size)``: device memory valid until the kernel has run, ``filled`` where it is ready for a
     launch (fresh memory is filled here first).  Each call takes VEC-wide accesses where its pointers
     allow them.  ``staged``: the forward's vector kernel is the staged one, where the pair has one (the
-    option changes nothing elsewhere: backward, VEC = 1)."""
+    option changes nothing elsewhere: backward, VEC = 1); ``ahead``: the forward's vector kernel's L2
+    prefetch distance, where the grid takes the prefetch (likewise)."""
     B, T, D = tensors[0].shape
     if N == 0:  # no sequence (varlen offsets of one entry): steps of T > 0 belong to none
         return None
@@ -237,7 +250,8 @@ def prepare(direction, tensors, N, reverse, device, varlen=False, staged=False):
     vec = layout_vector_width(D, tensors)
     if vec == 1:
         return narrow
-    wide = _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec, staged)
+    wide = _prepare_width(direction, tensors, dtypes, varlen, N, T, D, reverse, device, vec, staged,
+                          ahead if direction == 0 else L2_AHEAD)
     masks = alignment_masks(vec, tensors)
 
     def launch(stream_ptr, pointers, states, cu, workspace):
