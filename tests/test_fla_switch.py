@@ -75,6 +75,7 @@ def test_without_fla_it_says_so(monkeypatch):
 def test_fla_layer_trains_alike_on_both_kernels():
     if importlib.util.find_spec("fla") is None:
         pytest.skip("fla is not installed (carry fla-core and flash-linear-attention wheels)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))  # this tree's
     run = subprocess.run([sys.executable, os.path.join(REPO, "examples", "fla_hgrn.py")], capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
