@@ -13,10 +13,11 @@ from .plan import ENGINES, IMPLS, OURS
 
 PROBE_MARGIN_US = 5.0  # how far ours-auto may sit above the minimal probe's host time per step
 # A cell is host-bound where it reads more than HOST_EDGE times the same timing with the host queued ahead
-# (``timing.Timer.queued``, measured where the host is busy for half the cell or more): what it adds is the
-# host's.  Such a cell times the host (torch's autograd, Python, launches), not the kernels, and its order
-# between implementations follows the lent machine's CPU.  Such cells are marked, with the queued figure.
-# (A host slower than the device alone does not make one: do_bench queues each call behind its L2 flush.)
+# (``timing.Timer.queued``, measured where the host takes half the L2 flush's time or more to queue a call):
+# what it adds is the host's.  Such a cell times the host (torch's autograd, Python, launches), not the
+# kernels, and its order between implementations follows the lent machine's CPU.  Such cells are marked,
+# with the queued figure.  (A host quicker than the flush does not make one: do_bench queues each call
+# behind its L2 flush.)
 HOST_EDGE = 1.05
 HOST_NOTE = (f"`*` host-bound: the cell read over {HOST_EDGE:.2f}x its own timing with the host queued ahead (`dev`: the "
              "same flushed calls, CUDA events, queued behind a wait), so it times the host (torch's autograd "

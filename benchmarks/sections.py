@@ -12,7 +12,7 @@ from .context import log, one_line
 from .checks import Checker
 from .plan import BUDGET_NOTE, OURS, min_bytes, plan_skip_reason, practical_scale
 from .report import fmt_ms, summarize_row
-from .timing import host_ms, rotating, rotation_count
+from .timing import flush_ms, host_ms, rotating, rotation_count
 
 
 def make_sets(ctx, B, T, D, dtype, count, with_do):
@@ -72,10 +72,11 @@ def run_cell(ctx, impl, pazz, section, case, sets, checker):
         ms = ctx.timer(fn)
         if ctx.device != "cpu":  # on the CPU every call is synchronous: its host time is its time
             host = host_ms(ctx, fn)
-            # A host-bound cell reads at most the host's time plus the device's (which is less), so a host
-            # time under half the cell rules it out; else the cell timed with the host queued ahead decides
-            # (report.host_bound).
-            if host >= 0.5 * ms:
+            # do_bench queues each call behind its L2 flush, so a host quicker than the flush is hidden; a
+            # slower one can add all of its time to the cell (the GPU idles between the start event and the
+            # call's kernels), also where it is quicker than the kernels.  So past half the flush's time the
+            # cell timed with the host queued ahead decides (report.host_bound).
+            if host >= 0.5 * flush_ms(ctx.results["copy"]["gbps"]):
                 device = ctx.timer.queued(fn)
     except Exception as e:
         fns = fn = None  # the inputs' references go before after_error frees memory

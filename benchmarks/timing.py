@@ -147,6 +147,11 @@ def queued_ms(torch, flush, fn, calls=20, rounds=3):
     return statistics.median(seconds) * 1e3
 
 
+def flush_ms(copy_gbps):
+    """Milliseconds do_bench's L2 flush (a write of ``Timer.FLUSH_BYTES``) takes at the copy bandwidth."""
+    return Timer.FLUSH_BYTES / (copy_gbps * 1e9) * 1e3
+
+
 def host_ms(ctx, fn, calls=20):
     """Host milliseconds to queue one call of ``fn``: ``calls`` calls back to back, the clock read before
     the synchronisation at the end (a call that waits for the GPU reads the wait).  Under half a cell's

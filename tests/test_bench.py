@@ -355,7 +355,7 @@ def test_host_bound_cells_are_marked_and_explained():
     """A cell reads ``*`` and its queued figure (``dev``) in the pass table and the summary, with the
     footnote, where it reads over HOST_EDGE times its timing with the host queued ahead; not within that,
     a host slower than the device included (the flush hides it), nor without a queued figure (not
-    measured: the host was under half the cell, or a CPU run)."""
+    measured: the host was under half the flush's time, or a CPU run)."""
     def ok(ms, host, device):
         return dict(status="ok", ms=ms, host_ms=host, device_ms=device)
 

@@ -196,3 +196,31 @@ def test_queued_keeps_a_call_that_outlasts_the_longest_wait(monkeypatch):
     # the 64 ms wait and the 80 us flush end 64.08 ms into a batch; the call reaches the GPU at 100.005 ms
     assert measure.behind_wait(0, 0, [gpu.call(1e5, 5.0)], 3, lambda: gpu.op(5e-6, 80e-6)) == [
         pytest.approx(36.0e-3 - 80e-6 + 10e-6)] * 3
+
+
+@pytest.mark.parametrize("host, queued", [(0.01, False), (0.05, True), (0.3, True)])
+def test_a_cell_is_timed_again_where_its_host_outlasts_half_the_flush(monkeypatch, host, queued):
+    """``sections.run_cell`` times a cell again with the host queued ahead where queuing one call takes the
+    host half the L2 flush's time or more (256 MiB at 3200 GB/s: 0.084 ms): a host of 0.05 ms against a
+    cell of 0.2 ms too, which the flush does not hide, not one of 0.01 ms."""
+    from benchmarks import sections
+
+    asked = []
+
+    class Timer:
+        def __call__(self, fn):
+            return 0.2
+
+        def queued(self, fn):
+            asked.append(fn)
+            return 0.15
+
+    monkeypatch.setattr(sections, "skip_reason", lambda *a: None)
+    monkeypatch.setattr(sections, "host_ms", lambda ctx, fn: host)
+    ctx = types.SimpleNamespace(device="cuda", timer=Timer(), results={"copy": {"gbps": 3200.0}},
+                                account=lambda *a, **k: None)
+    impl = types.SimpleNamespace(name="ours-auto", make=lambda pazz, s: lambda: None)
+    checker = types.SimpleNamespace(cell=lambda impl, kinds: None, errs={}, first=1.0)
+    cell = sections.run_cell(ctx, impl, "bwd", "tsweep", dict(B=1, T=2, D=3, dtype="bfloat16"), [{}], checker)
+    assert cell["ms"] == 0.2 and cell["host_ms"] == host
+    assert (len(asked), cell["device_ms"]) == ((1, 0.15) if queued else (0, None))
