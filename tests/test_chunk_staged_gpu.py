@@ -13,6 +13,28 @@ import hgrn_cupy as hc
 from hgrn_cupy import dispatch, tuning
 
 
+def _stored(cupy, name, shape, dtype, monkeypatch, tmp_path, request):
+    """Seeded inputs (x, g, h0) of ``shape`` and ``dtype``, their float64 reference (o, ht) and the seed,
+    with the variant ``name`` stored as the decision of their forward's shape class (a candidate there),
+    in memory only and forgotten after the test."""
+    B, T, D = shape
+    seed = zlib.crc32(request.node.nodeid.encode())
+    rng = cupy.random.default_rng(seed)
+    x, g = (tuning._random(cupy, (B, T, D), dtype, rng, gate=k == 1) for k in range(2))
+    h0 = tuning._random(cupy, (B, D), "float32", rng)
+    refs = hc.naive_recurrent_hgrn(*[cupy.asnumpy(a).astype(np.float64) for a in (x, g, h0)], True)
+    assert name in dispatch.candidates(B, T, D, (dtype, dtype), 0)
+    monkeypatch.setenv("HGRN_CUPY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hc.config, "engine", "auto")
+    monkeypatch.setattr(hc.config, "tune", True)
+    monkeypatch.setattr(tuning.settings, "on_disk", False)
+    request.addfinalizer(tuning.forget)
+    tuning.forget()
+    key = tuning.shape_class(0, (dtype, dtype), B, T, D, False)
+    assert tuning._store(tuning.device_key(x.data.device_id), repr(key), name, keep=()) == name
+    return (x, g, h0), refs, seed
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_tuned_staged_chunk_forward(dtype, fresh_plans, poison, monkeypatch, tmp_path, request):
@@ -27,21 +49,8 @@ def test_tuned_staged_chunk_forward(dtype, fresh_plans, poison, monkeypatch, tmp
     from hgrn_cupy import nvrtc
     from hgrn_cupy.engines import chunk
 
-    B, T, D = 2, 777, 200  # 4 tiles (bfloat16) or 8 (float32) of 7 chunks; D a multiple of 8
-    seed = zlib.crc32(request.node.nodeid.encode())
-    rng = cupy.random.default_rng(seed)
-    x, g = (tuning._random(cupy, (B, T, D), dtype, rng, gate=k == 1) for k in range(2))
-    h0 = tuning._random(cupy, (B, D), "float32", rng)
-    refs = hc.naive_recurrent_hgrn(*[cupy.asnumpy(a).astype(np.float64) for a in (x, g, h0)], True)
-    assert chunk.STAGED in dispatch.candidates(B, T, D, (dtype, dtype), 0)
-    monkeypatch.setenv("HGRN_CUPY_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(hc.config, "engine", "auto")
-    monkeypatch.setattr(hc.config, "tune", True)
-    monkeypatch.setattr(tuning.settings, "on_disk", False)
-    request.addfinalizer(tuning.forget)
-    tuning.forget()
-    key = tuning.shape_class(0, (dtype, dtype), B, T, D, False)
-    assert tuning._store(tuning.device_key(x.data.device_id), repr(key), chunk.STAGED, keep=()) == chunk.STAGED
+    # 4 tiles (bfloat16) or 8 (float32) of 7 chunks; D a multiple of 8
+    (x, g, h0), refs, seed = _stored(cupy, chunk.STAGED, (2, 777, 200), dtype, monkeypatch, tmp_path, request)
     launched = launched_kernels(monkeypatch)
     outs = hc.hgrn(x, g, h0, True)
     what = f"seed {seed}, {dtype}"
@@ -66,21 +75,8 @@ def test_tuned_far_prefetch_forward(fresh_plans, poison, monkeypatch, tmp_path, 
     from hgrn_cupy import nvrtc
     from hgrn_cupy.engines import chunk
 
-    B, T, D = 2, 2000, 2048  # 64 tiles of 64 channels, 16 chunks of 128 steps: 1024 blocks
-    seed = zlib.crc32(request.node.nodeid.encode())
-    rng = cupy.random.default_rng(seed)
-    x, g = (tuning._random(cupy, (B, T, D), "float32", rng, gate=k == 1) for k in range(2))
-    h0 = tuning._random(cupy, (B, D), "float32", rng)
-    refs = hc.naive_recurrent_hgrn(*[cupy.asnumpy(a).astype(np.float64) for a in (x, g, h0)], True)
-    assert chunk.FAR in dispatch.candidates(B, T, D, ("float32", "float32"), 0)
-    monkeypatch.setenv("HGRN_CUPY_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(hc.config, "engine", "auto")
-    monkeypatch.setattr(hc.config, "tune", True)
-    monkeypatch.setattr(tuning.settings, "on_disk", False)
-    request.addfinalizer(tuning.forget)
-    tuning.forget()
-    key = tuning.shape_class(0, ("float32", "float32"), B, T, D, False)
-    assert tuning._store(tuning.device_key(x.data.device_id), repr(key), chunk.FAR, keep=()) == chunk.FAR
+    # 64 tiles of 64 channels, 16 chunks of 128 steps: 1024 blocks
+    (x, g, h0), refs, seed = _stored(cupy, chunk.FAR, (2, 2000, 2048), "float32", monkeypatch, tmp_path, request)
     grids, bind = [], nvrtc.bind  # each launch's last five words: tiles, chunks, prefetch distance, peek, stagger
 
     def recording_bind(fn, grid, block, device, **kw):
