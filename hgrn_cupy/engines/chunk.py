@@ -48,7 +48,8 @@ STAGED_ITEMSIZES = (2, 4)
 STAGED = "chunk, staged gate words"
 # The float32 forward with the L2 prefetch FAR_AHEAD tickets ahead instead of L2_AHEAD, where the grid takes the
 # prefetch: on the H200 it read 2-4% faster on 4 and 16 tiles in two runs, the 16-bit forwards and the backward
-# equal or slower (docs/performance.md, "L2 prefetch for a later block").  A launch variant the tuner times.
+# equal or slower; on an H100 the tuner read it 3-8% faster on 16 tiles, under 1% on 4 (docs/performance.md,
+# "L2 prefetch for a later block").  A launch variant the tuner times.
 FAR_AHEAD = 192
 FAR = f"chunk, L2 prefetch {FAR_AHEAD} ahead"
 FAR_DTYPES = ("float32",)
