@@ -101,23 +101,13 @@ def test_host_ms_is_the_queueing_time_of_one_call(monkeypatch):
 class _FakeGpu:
     """One stream on a fake clock: the host pays each call's host cost as it queues it; the device runs
     what is queued in order, each op from when it is queued or the device is free, whichever is later.
-    Events read the device's clock when it reaches them; CuPy's runtime (``_FakeRuntime``) and the tuner's
-    wait kernel (``hgrn_cupy.measure._wait``, which spins the device) act on the same stream."""
+    Events (CuPy's runtime, ``_FakeRuntime``) read the device's clock when it reaches them; the tuner's wait
+    kernel (``hgrn_cupy.measure._wait``) spins the device.  Both act on the same stream."""
 
     def __init__(self, monkeypatch, timing):
         self.host = self.free = 0.0  # seconds
         monkeypatch.setattr(timing.time, "perf_counter", lambda: self.host)
         gpu = self
-
-        class Event:
-            def __init__(self, enable_timing=False):
-                self.at = None
-
-            def record(self):
-                self.at = gpu.op(0.0, 0.0)
-
-            def elapsed_time(self, end):
-                return (end.at - self.at) * 1e3
 
         class Buffer:
             def zero_(self):  # do_bench's L2 flush: 80 us on the device, 5 us to queue
@@ -125,7 +115,7 @@ class _FakeGpu:
 
         self.torch = types.SimpleNamespace(
             int8="int8", empty=lambda *a, **k: Buffer(),
-            cuda=types.SimpleNamespace(Event=Event, synchronize=lambda: gpu.sync(), current_device=lambda: 0,
+            cuda=types.SimpleNamespace(synchronize=lambda: gpu.sync(), current_device=lambda: 0,
                                        current_stream=lambda: types.SimpleNamespace(cuda_stream=0)))
         self.ctx = types.SimpleNamespace(torch=self.torch, device="cuda", sync=self.sync)
         from hgrn_cupy import measure

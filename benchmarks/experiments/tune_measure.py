@@ -86,6 +86,10 @@ def main():
     print(f"## Tuning measurement, {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, "
           f"commit {c.commit()}, {args.trials} trials\n")
     device, stream = cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr
+
+    def mean_behind_wait(fns, calls, before=None):
+        return statistics.fmean(behind_wait(device, stream, fns, calls, before))
+
     flush = cupy.zeros(flush_bytes(device), dtype=cupy.int8)
     befores = {"read": flush.sum, "bench": lambda: flush.fill(0)}
     rows = []
@@ -106,15 +110,14 @@ def main():
                 wins, times = Counter(), {n: [] for n in names}
                 for _ in range(args.trials):
                     if key in ("rotated", "bench"):
-                        got = {n: statistics.fmean(behind_wait(device, stream, [lambda r=r, n=n: r(n) for r in runs],
-                                                                  10, befores.get(key))) for n in names}
+                        got = {n: mean_behind_wait([lambda r=r, n=n: r(n) for r in runs], 10, befores.get(key))
+                               for n in names}
                         best = min(names, key=lambda n: (got[n], names.index(n)))
                     else:
                         with queued(device) if key == "shipped" else contextlib.nullcontext() as shipped:
                             measure = {"events": events_one_call(cupy),
-                                       "warm": lambda fn: statistics.fmean(behind_wait(device, stream, [fn], 5)),
-                                       "read": lambda fn: statistics.fmean(behind_wait(device, stream, [fn], 5,
-                                                                                        befores["read"])),
+                                       "warm": lambda fn: mean_behind_wait([fn], 5),
+                                       "read": lambda fn: mean_behind_wait([fn], 5, befores["read"]),
                                        "shipped": shipped}[key]
                             got, best = tuning._time_all(names, runs[0], measure)
                     wins[best] += 1
