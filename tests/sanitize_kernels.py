@@ -1,9 +1,9 @@
-"""Every kernel family on small shapes, for compute-sanitizer (not a pytest module): the chunk engine (its
-staged forward too), the fused engine's thread walk, block walk (and the tuner's launch variants: the other
-lane width, short windows, the staged and bulk forwards) and single step, forward and backward, dense and
-varlen (an empty sequence included), with and without states, both directions of time; the state-only passes
-and the composition of their maps (fold_maps on the GPU); the tuner's wait, with the candidates it times
-queued behind it.
+"""Every kernel family on small shapes, for compute-sanitizer (not a pytest module): the chunk engine (its staged
+forward and far prefetch too), the fused engine's thread walk, block walk (and the tuner's launch variants:
+the other lane width, short windows, the staged and bulk forwards) and single step, forward and backward,
+dense and varlen (an empty sequence included), with and without states, both directions of time; the
+state-only passes and the composition of their maps (fold_maps on the GPU); the tuner's wait, with the
+candidates it times queued behind it.
 
     compute-sanitizer --tool memcheck python tests/sanitize_kernels.py
     compute-sanitizer --tool racecheck python tests/sanitize_kernels.py
@@ -28,6 +28,8 @@ DTYPES = ("float32", "float16", "float64")
 # (B, T, D, cu_seqlens): thread walk (few channels), block walk (N * D of 8192), varlen with an empty sequence,
 # one step (the single-step kernels, forward and backward).
 CASES = ((2, 150, 72, None), (2, 200, 4096, None), (1, 300, 72, [0, 0, 100, 300]), (3, 1, 72, None))
+# A float32 grid of L2_MIN_BLOCKS blocks (128 tiles, 8 chunks, the last one short): the far prefetch runs.
+FAR_CASE = (2, 1001, 4096)
 # The fused engine's launch variants (the tuner's; they run where the block walks do).
 FUSED_VARIANTS = tuple(v for v in VARIANTS if VARIANTS[v][0] == "fused_recurrent")
 
@@ -99,6 +101,18 @@ def main():
                         e = _err(got, ref)
                         if not e < TOL[dtype]:
                             failures.append(f"states {dtype} {B}x{T}x{D} reverse={reverse} {what}: {e}")
+    B, T, D = FAR_CASE
+    assert chunk.FAR in chunk.variants(B, T, D, "float32", "float32", 0), "FAR_CASE no longer takes the prefetch"
+    x, g = cupy.asarray(rng.standard_normal((B, T, D)), cupy.float32), cupy.asarray(
+        -np.logaddexp(0, -rng.standard_normal((B, T, D))), cupy.float32)
+    for reverse in (False, True):
+        ref_o, ref_ht = hc.naive_recurrent_hgrn(*(cupy.asnumpy(a).astype(np.float64) for a in (x, g)), None, True,
+                                                None, reverse)
+        o, ht = plans.forward(chunk.FAR, x, g, None, True, None, reverse)
+        launches += 1
+        errs = {"o": _err(o, ref_o), "ht": _err(ht, ref_ht)}
+        if not all(e < TOL["float32"] for e in errs.values()):
+            failures.append(f"float32 {B}x{T}x{D} reverse={reverse} {chunk.FAR}: {errs}")
     tuning.settings.on_disk = False  # the tuner's wait kernel (hgrn_cupy.measure), decisions in memory only
     tuning.tune([(2, 200, 4096)], ("float32",))
     launches += 1
