@@ -39,6 +39,24 @@ def _err(a, ref):
     return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-300))
 
 
+def _far_prefetch(rng, failures):
+    """The chunk forward with the far L2 prefetch on FAR_CASE, both directions of time; appends what fails
+    to ``failures`` and returns the launches."""
+    B, T, D = FAR_CASE
+    if chunk.FAR not in chunk.variants(B, T, D, "float32", "float32", 0):
+        raise SystemExit(f"{B}x{T}x{D} no longer takes the far prefetch: choose another FAR_CASE")
+    x = cupy.asarray(rng.standard_normal((B, T, D)), cupy.float32)
+    g = cupy.asarray(-np.logaddexp(0, -rng.standard_normal((B, T, D))), cupy.float32)
+    xr, gr = (cupy.asnumpy(a).astype(np.float64) for a in (x, g))
+    for reverse in (False, True):
+        ref_o, ref_ht = hc.naive_recurrent_hgrn(xr, gr, None, True, None, reverse)
+        o, ht = plans.forward(chunk.FAR, x, g, None, True, None, reverse)
+        errs = {"o": _err(o, ref_o), "ht": _err(ht, ref_ht)}
+        if not all(e < TOL["float32"] for e in errs.values()):
+            failures.append(f"float32 {B}x{T}x{D} reverse={reverse} {chunk.FAR}: {errs}")
+    return 2
+
+
 def main():
     cupy.cuda.set_allocator(None)
     seed = 20261204
@@ -101,18 +119,7 @@ def main():
                         e = _err(got, ref)
                         if not e < TOL[dtype]:
                             failures.append(f"states {dtype} {B}x{T}x{D} reverse={reverse} {what}: {e}")
-    B, T, D = FAR_CASE
-    assert chunk.FAR in chunk.variants(B, T, D, "float32", "float32", 0), "FAR_CASE no longer takes the prefetch"
-    x, g = cupy.asarray(rng.standard_normal((B, T, D)), cupy.float32), cupy.asarray(
-        -np.logaddexp(0, -rng.standard_normal((B, T, D))), cupy.float32)
-    for reverse in (False, True):
-        ref_o, ref_ht = hc.naive_recurrent_hgrn(*(cupy.asnumpy(a).astype(np.float64) for a in (x, g)), None, True,
-                                                None, reverse)
-        o, ht = plans.forward(chunk.FAR, x, g, None, True, None, reverse)
-        launches += 1
-        errs = {"o": _err(o, ref_o), "ht": _err(ht, ref_ht)}
-        if not all(e < TOL["float32"] for e in errs.values()):
-            failures.append(f"float32 {B}x{T}x{D} reverse={reverse} {chunk.FAR}: {errs}")
+    launches += _far_prefetch(rng, failures)
     tuning.settings.on_disk = False  # the tuner's wait kernel (hgrn_cupy.measure), decisions in memory only
     tuning.tune([(2, 200, 4096)], ("float32",))
     launches += 1
