@@ -56,6 +56,12 @@ POINTERS = ("x", "g", "o", "do", "dx", "dg", "h0", "ht", "dht", "dh0", "hdr", "s
 C_NAMES = {c: d for d, c in nvrtc.C_TYPES.items()}
 
 
+def launch_args(ln, leave_out=()):
+    """A recorded launch without the tensors' addresses (POINTERS) nor the keys in ``leave_out``: what two
+    launches of the same plan share."""
+    return {k: v for k, v in ln.items() if k not in POINTERS and k not in leave_out}
+
+
 def _view(ptr, shape, strides, dtype):
     """A NumPy view of device memory that is really host memory (strides in elements)."""
     st_ = NP_STORAGE[dtype]

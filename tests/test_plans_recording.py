@@ -10,7 +10,7 @@ with kept or fresh scratch; poisoned outputs are filled before the launch.  Kept
 import numpy as np
 import pytest
 from conftest import TOL, force_block_walks, rel_err, to_numpy
-from recording import CASES, POINTERS, _torch_case, fake_cuda, fresh_plans  # noqa: F401  (fixtures)
+from recording import CASES, _torch_case, fake_cuda, fresh_plans, launch_args  # noqa: F401  (fixtures)
 
 import hgrn_cupy as hc
 from hgrn_cupy import arrays, dispatch, nvrtc, plans, workspace
@@ -60,8 +60,7 @@ def test_fake_cuda_forward_matches_reference(case, final, reverse, fake_cuda, fr
         assert len(launches) == len(runs)
         assert [ln["stream"] for ln in launches] == [77, 77, 78, 78]
         for ln, (o, ht) in zip(launches, runs):
-            same = {k: v for k, v in ln.items() if k not in POINTERS + ("stream",)}
-            assert same == {k: v for k, v in launches[0].items() if k not in POINTERS + ("stream",)}
+            assert launch_args(ln, ("stream",)) == launch_args(launches[0], ("stream",))
             assert (ln["x"], ln["g"], ln["o"]) == (x.data_ptr(), g.data_ptr(), o.data_ptr())
             assert ln["ht"] == (ht.data_ptr() if final else 0) and (ln["h0"] != 0) == (h0 is not None)
             if h0 is not None and h0.dtype == acc and h0.is_contiguous():
@@ -234,8 +233,7 @@ def test_fake_cuda_chunk_launches(offset, kept, fake_cuda, fresh_plans, monkeypa
         # the shared-memory split is asked for before the occupancy query that sets the stagger
         assert first["carveout"] == first["carveout_seen"] == chunk.CARVEOUT
         for k in group[1:]:
-            assert {n: v for n, v in k.items() if n not in POINTERS} == \
-                   {n: v for n, v in first.items() if n not in POINTERS}
+            assert launch_args(k) == launch_args(first)
     if kept:  # one buffer (MIN_BYTES at least), filled with ones before the first launch, then used as it is
         (_, p, v, n, s), = fills
         assert fake_cuda.events[0][0] == "fill" and v == 0xFF and s == fake_cuda.stream and n == workspace.MIN_BYTES
@@ -286,8 +284,7 @@ def test_fake_cuda_fused_backward(shape, offset, fake_cuda, fresh_plans):
         first = group[0]
         for c, (dx, dg, dh0) in zip(group, out):
             assert c["stream"] == fake_cuda.stream
-            assert {n: v for n, v in c.items() if n not in POINTERS} == \
-                   {n: v for n, v in first.items() if n not in POINTERS}
+            assert launch_args(c) == launch_args(first)
             assert (c["g"], c.get("o", o.data_ptr()), c["do"]) == (g.data_ptr(), o.data_ptr(), do.data_ptr())
             assert ("o" in c) != step  # the step reads no o
             assert (c["dx"], c["dg"]) == (dx.data_ptr(), dg.data_ptr())

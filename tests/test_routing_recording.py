@@ -8,7 +8,7 @@ order, once the call's plans and kept scratch exist.  Only the addresses of the 
 """
 
 import pytest
-from recording import POINTERS, fake_cuda, fresh_plans  # noqa: F401  (fixtures)
+from recording import fake_cuda, fresh_plans, launch_args  # noqa: F401  (fixtures)
 
 import hgrn_cupy as hc
 from hgrn_cupy import dispatch
@@ -19,7 +19,7 @@ def _device_work(rec):
     out = []
     for event in rec.events:
         if event[0] == "kernel":
-            out.append(("kernel", {k: v for k, v in event[1].items() if k not in POINTERS}))
+            out.append(("kernel", launch_args(event[1])))
         elif event[0] == "fill":
             out.append(("fill",) + event[2:])  # value, bytes, stream
         else:
