@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from hgrn_cupy.tuning import bucket_counts
 
-from .plan import ENGINES, IMPLS, OURS
+from .plan import IMPLS, OURS, OURS_BEST
 
 PROBE_MARGIN_US = 5.0  # how far ours-auto may sit above the minimal probe's host time per step
 # A cell is host-bound where it reads more than HOST_EDGE times the same timing with the host queued ahead
@@ -61,7 +61,7 @@ def summarize_row(row):
     """Best of ours, best peer, and the speed-up of one over the other, by what the cells say of the
     kernels (``kernel_ms``): a host-bound cell would rank the lent machine's CPU."""
     ok = {n: kernel_ms(c) for n, c in row["results"].items() if c.get("status") == "ok"}
-    ours = {n: ms for n, ms in ok.items() if n in ENGINES}
+    ours = {n: ms for n, ms in ok.items() if n in OURS_BEST}
     peers = {n: ms for n, ms in ok.items() if n not in OURS}
     row["ours_best"] = min(ours, key=ours.get) if ours else None
     row["peer_best"] = min(peers, key=peers.get) if peers else None
@@ -138,7 +138,7 @@ def section_table(rows, impl_names):
 
 def compact_table(rows):
     headers = ["shape", "dtype", "pass", "copy floor ms", "practical floor ms (x copy)", "ours best (x practical)",
-               "engine", "auto (x best)", "direct (x auto)", "best peer (x practical)", "peer", "speed-up"]
+               "column", "auto (x best)", "direct (x auto)", "best peer (x practical)", "peer", "speed-up"]
     body, shown = [], []
     for r in rows:
         res, prac = r["results"], r.get("practical_ms")
