@@ -1,9 +1,12 @@
 """Shared test plumbing: the ``gpu`` marker, NaN-poisoned outputs, and the per-dtype tolerances.
 
 Tests import the helpers directly (``from conftest import TOL, rel_err``): tests/ has no
-``__init__.py``, so pytest puts this folder on ``sys.path`` before collecting.
+``__init__.py``, so pytest puts this folder on ``sys.path`` before collecting.  The repository's root goes
+there too, once, for the tests of the ``benchmarks`` package, however pytest is started.
 """
 import functools
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,10 @@ import pytest
 # Largest accepted ||out - ref|| / ||ref||, by the dtype of the output under test; the reference is
 # computed in float64 from the same (already rounded) inputs.  The one place tolerances live.
 TOL = {"float32": 2e-5, "float16": 3e-3, "bfloat16": 1.5e-2, "float64": 1e-12}
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
 
 NO_GPU_REASON = "no CUDA GPU available (cupy cannot see a device)"
 

@@ -14,12 +14,11 @@ import types
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from conftest import REPO
 
-from benchmarks import cli, plan as P, precompile, report  # noqa: E402
-from benchmarks.impls.ascan import ASCAN_TRITON_BLOCK, Ascan  # noqa: E402
-from benchmarks.impls.base import Impl  # noqa: E402
+from benchmarks import cli, plan as P, precompile, report
+from benchmarks.impls.ascan import ASCAN_TRITON_BLOCK, Ascan
+from benchmarks.impls.base import Impl
 
 
 def plan_of(*argv):

@@ -13,11 +13,10 @@ import types
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from conftest import REPO
 
-from benchmarks.extbuild import last_error  # noqa: E402
-from benchmarks.impls import fpscan  # noqa: E402
+from benchmarks.extbuild import last_error
+from benchmarks.impls import fpscan
 
 SCAN_BDT = '''
 import torch

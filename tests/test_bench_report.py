@@ -1,12 +1,6 @@
 """The pass tables' text without a GPU: the summary's picks of ours best, the best peer and the speed-up,
 and the marks of host-bound cells."""
-import os
-import sys
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from benchmarks import report  # noqa: E402
+from benchmarks import report
 
 
 def test_best_cells_and_speed_up_go_by_the_kernels():

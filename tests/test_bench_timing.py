@@ -1,14 +1,10 @@
 """The benchmark's host-time measurements without a GPU (``benchmarks/timing.py``): a fake clock stands in
 for the host, so what each measurement cancels (drift, busy spells) and what it reads is checked exactly."""
-import os
 import sys
 import types
 
 import numpy as np
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def _paired_on_fake_host(monkeypatch, extra_us):

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
+
 EXPERIMENTS = os.path.join(REPO, "benchmarks", "experiments")
 
 

@@ -11,11 +11,10 @@ import sys
 import types
 
 import pytest
+from conftest import REPO
 
 torch = pytest.importorskip("torch")
 import hgrn_cupy.torch as htorch  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture

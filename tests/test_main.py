@@ -1,11 +1,10 @@
 """``python -m hgrn_cupy``: the self-check runs (GPU kernels where a GPU is visible, the CPU path
 otherwise), prints its table and exits 0; ``--help`` says what it does, and arguments it does not
 know are refused."""
-import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 def test_python_m_hgrn_cupy():

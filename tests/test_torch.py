@@ -7,13 +7,12 @@ agreeing with the op, and the top-level ``hgrn_cupy`` functions on tensors that 
 Inputs are fresh random numbers each run (the seed is printed).
 """
 import inspect
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import TOL, rel_err, to_numpy
+from conftest import REPO, TOL, rel_err, to_numpy
 
 torch = pytest.importorskip("torch")
 import hgrn_cupy as hc  # noqa: E402
@@ -23,7 +22,6 @@ from torch_helpers import gen  # noqa: E402, F401  (a fixture)
 
 F = torch.nn.functional
 DTYPES = ["float32", "float16", "bfloat16", "float64"]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------------------------
