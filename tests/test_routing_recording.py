@@ -1,10 +1,10 @@
 """``hgrn()`` adds nothing on the device to the engine it chooses (CPU, on the recording driver).
 
 The automatic entry points (``hgrn_cupy.hgrn`` / ``hgrn_backward(engine="auto")`` and ``hgrn_cupy.torch.hgrn``
-through autograd) choose an engine and then must launch exactly what that engine's own function launches:
-the same kernels, grids, blocks, shared memory, options and arguments, and the same fills, in the same
-order, once the call's plans and kept scratch exist.  Only the addresses of the tensors may differ.  The choice is forced through the built-in rule
-(the recording driver has no device index, so nothing is tuned).
+through autograd) choose an engine and then must launch exactly what that engine's own function launches: the
+same kernels, grids, blocks, shared memory, options and arguments, and the same fills, in the same order, once
+the call's plans and kept scratch exist.  Only the addresses of the tensors may differ.  The choice is forced
+through the built-in rule (the recording driver has no device index, so nothing is tuned).
 """
 
 import pytest
