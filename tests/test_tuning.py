@@ -182,12 +182,12 @@ def test_the_rule_run_untuned_warns_once_per_class(cache, monkeypatch):
 
     monkeypatch.setattr(dispatch.config, "engine", "auto")
 
-    def run(N, T, D, varlen=False, device=DEV, tune=True):
+    def run(N, T, D, varlen=False, device=DEV, tune=True, traced=False):
         call = checks.Call(None, 1 if varlen else N, T, D, N, ("bfloat16", "bfloat16"), "float32", varlen, True)
         monkeypatch.setattr(dispatch.config, "tune", tune)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            engine = dispatch.choose("auto", call, 0, False, device, None, False)
+            engine = dispatch.choose("auto", call, 0, False, device, None, False, traced=traced)
         assert engine == dispatch.rule(N, T, D, call.dtypes, 0)
         return [str(w.message) for w in caught if w.category is dispatch.UntunedWarning]
 
@@ -198,6 +198,9 @@ def test_the_rule_run_untuned_warns_once_per_class(cache, monkeypatch):
     assert len(run(8, 4096, 2048, device=DEV + " other")) == 1
     (msg,) = run(3, 9000, 256, varlen=True)
     assert "3 sequences packed in 9000 steps x 256" in msg and "tune" not in msg.split("Run ")[1].split(",")[0]
+    (msg,) = run(5, 613, 37, varlen=True, traced=True)  # packed, under JAX tracing: no tune command, one eager call
+    assert "JAX tracing" in msg and "Run " not in msg, msg
+    assert "Call hgrn_cupy.hgrn (the top level, which runs eagerly) once on such arrays first, to store" in msg
     assert run(2, 512, 64, tune=False) == []
     tuning.choose(DEV, tuning.shape_class(0, ("bfloat16", "bfloat16"), 2, 512, 64, False), ENGINES, None,
                   "chunk", True, measure=lambda fn: 1.0)  # stored (the run is never called: measure stands in)
