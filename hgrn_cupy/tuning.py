@@ -394,5 +394,5 @@ def tune(shapes, dtypes=("bfloat16",), directions=(0, 1), device=None, measure=N
                 times, best = _time_all(names, run, measure)
                 cls = repr(shape_class(direction, (dtype, dtype), B, T, D, False))
                 results.append(((B, T, D), dtype, direction, _store(dev, cls, best, keep=()), times))
-            del x, g, do, o
+            x = g = do = o = None  # this shape's arrays go before the next shape's come
     return results
