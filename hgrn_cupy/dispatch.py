@@ -8,8 +8,7 @@ CUDA-graph capture or JAX tracing (with an :class:`UntunedWarning`) or with ``co
 """
 from __future__ import annotations
 
-import warnings
-
+from . import notices
 from .engines import VARIANTS
 from .engines import chunk as _chunk
 from .engines import fused_recurrent as _fused
@@ -46,12 +45,12 @@ def _untuned(call, direction, engine, traced):
     first = (f"call hgrn_cupy.{('hgrn', 'hgrn_backward')[direction]} (the top level, which runs eagerly) once "
              f"on such arrays" if traced else "one such call outside capture")
     advice = f"Run {tune}{first}" if tune or not traced else first[0].upper() + first[1:]
-    warnings.warn(
+    notices.warn(
         f"hgrn_cupy: no measured engine is stored for a {('forward', 'backward')[direction]} like this one "
         f"({x_dtype}/{g_dtype} {shape}) on this GPU, and nothing is timed under "
         f"{'JAX tracing' if traced else 'CUDA-graph capture'}, so the built-in rule runs {engine!r}, which can "
         f"be slower than the measured choice. {advice} first, to store the measured choice; "
-        f"hgrn_cupy.config.tune = False times nothing and gives no warning.", UntunedWarning, stacklevel=2)
+        f"hgrn_cupy.config.tune = False times nothing and gives no warning.", UntunedWarning)
 
 
 def rule(N, T, D, dtypes, direction):

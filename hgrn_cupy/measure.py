@@ -25,9 +25,8 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-import warnings
 
-from . import nvrtc
+from . import notices, nvrtc
 
 SOURCE = "wait.cu"
 NAMES = ("hc::wait_ns",)
@@ -59,8 +58,8 @@ def _buffer(rt, nbytes):
     try:
         return rt.malloc(nbytes)
     except rt.CUDARuntimeError as e:
-        warnings.warn(f"hgrn_cupy: the tuner could not allocate {nbytes >> 20} MiB to flush L2 between the "
-                      f"calls it times ({e}); it times them with whatever L2 holds", RuntimeWarning, stacklevel=5)
+        notices.warn(f"hgrn_cupy: the tuner could not allocate {nbytes >> 20} MiB to flush L2 between the "
+                     f"calls it times ({e}); it times them with whatever L2 holds", RuntimeWarning)
         return None
 
 

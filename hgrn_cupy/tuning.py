@@ -19,8 +19,8 @@ import json
 import os
 import tempfile
 import threading
-import warnings
 
+from . import notices
 from .measure import queued
 
 try:
@@ -150,7 +150,7 @@ def _first(what, kind):
 
 def _warn_once(path, kind, message):
     if _first(path, kind):
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        notices.warn(message, RuntimeWarning)
 
 
 def _read(path):

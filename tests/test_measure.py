@@ -2,6 +2,7 @@
 not the host's time to issue them nor the flush of L2 before each call, on the stream it is given; one
 flush buffer serves every measurement of a decision; without memory for the flush it warns and still
 times."""
+import os
 import time
 
 import pytest
@@ -65,6 +66,7 @@ def test_without_memory_for_the_flush_it_warns_and_still_times(monkeypatch):
 
     monkeypatch.setattr(rt, "malloc", no_memory)
     timed, fn, _ = _timed_wait(cupy, "current")
-    with pytest.warns(RuntimeWarning, match="could not allocate"), timed as time_calls:
+    with pytest.warns(RuntimeWarning, match="could not allocate") as said, timed as time_calls:
         per_call = time_calls(fn)
+    assert os.path.samefile(said[0].filename, __file__), said[0].filename  # the caller's line, not the library's
     assert KERNEL_US * 0.95e-6 <= per_call <= KERNEL_US * 1.25e-6, per_call
