@@ -14,8 +14,8 @@ INNER = frozenset({__name__.split(".")[0], "torch", "jax", "jaxlib", "contextlib
 
 
 def warn(message: str, category: type) -> None:
-    """``warnings.warn(message, category)`` at the first frame outside INNER (the whole stack, where every
-    frame is inside)."""
+    """``warnings.warn(message, category)`` at the first frame outside INNER; where every frame is inside
+    (a framework's own thread calling back), past the stack's end, which Python reports as ``sys``."""
     frame, level = sys._getframe(1), 2  # level 2: warn's caller
     while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in INNER:
         frame, level = frame.f_back, level + 1

@@ -31,6 +31,7 @@ def here(offset):
 
 
 def test_library_and_framework_frames_are_skipped():
+    """The library's front end, torch's machinery, the library again: the test's own line is named."""
     inner = framed("hgrn_cupy.engines.fake", "def inner():\n    notices.warn('from inside', RuntimeWarning)\n")
     autograd = framed("torch.autograd.fake", "def apply(fn):\n    fn()\n")
     entry = framed("hgrn_cupy.fake_front", "def entry(relay, fn):\n    relay(fn)\n")
