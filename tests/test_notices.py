@@ -12,7 +12,7 @@ from hgrn_cupy import checks, dispatch, notices
 
 def framed(module, source):
     """The function defined by ``source``, its frames reporting ``module`` as theirs."""
-    space = {"__name__": module, "notices": notices, "warnings": warnings}
+    space = {"__name__": module, "notices": notices}
     exec(compile(source, f"<{module}>", "exec"), space)
     return space[source.split("def ", 1)[1].split("(", 1)[0]]
 
